@@ -1,0 +1,294 @@
+"""Reading a site's nnU-Net raw dataset and clinical table, read-only.
+
+A site folder follows nnU-Net v2's raw layout plus ``clinical.csv``::
+
+    DatasetNNN_<Site>/
+      dataset.json
+      imagesTr/<case>_0000.nii.gz   T2W
+      imagesTr/<case>_0001.nii.gz   ADC (same grid as T2W)
+      labelsTr/<case>.nii.gz        tumour mask {0, 1}
+      clinical.csv
+
+The functions here only read. :mod:`client.checks` turns what they find into a
+report; :mod:`client.data` builds training samples from a checked site.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared_model.clinical import CLINICAL_COLUMNS, ClinicalRecord, parse_clinical_row
+from shared_model.errors import DataError
+
+CHANNELS: dict[str, str] = {"0": "T2", "1": "ADC"}
+LABELS: dict[str, int] = {"background": 0, "tumour": 1}
+FILE_ENDINGS = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A problem in site data: a finding code, where it is, what and how to fix."""
+
+    code: str
+    where: str
+    message: str
+    fix: str
+    severity: str = "error"
+
+
+@dataclass
+class DatasetScan:
+    """Files found in ``imagesTr`` and ``labelsTr``, grouped by case id."""
+
+    channels: dict[str, dict[int, Path]] = field(default_factory=dict)
+    labels: dict[str, Path] = field(default_factory=dict)
+    stray: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case's files and clinical record."""
+
+    case_id: str
+    t2: Path
+    adc: Path
+    label: Path | None
+    clinical: ClinicalRecord
+
+
+def read_dataset_json(
+    dataset_dir: Path,
+) -> tuple[dict[str, object] | None, list[Problem]]:
+    """Read and verify ``dataset.json`` (channels, labels, file ending, count)."""
+    path = dataset_dir / "dataset.json"
+    rel = "dataset.json"
+    if not path.is_file():
+        return None, [
+            Problem(
+                "dataset-json-missing",
+                rel,
+                "dataset.json is missing",
+                "write it as in the site data format (site_configs/README.md)",
+            )
+        ]
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, [
+            Problem(
+                "dataset-json-invalid",
+                rel,
+                f"not valid JSON ({e})",
+                "fix the JSON syntax",
+            )
+        ]
+    if not isinstance(data, dict):
+        return None, [
+            Problem(
+                "dataset-json-invalid",
+                rel,
+                "must be a JSON object",
+                "see the site data format",
+            )
+        ]
+    problems: list[Problem] = []
+    expect = {"channel_names": CHANNELS, "labels": LABELS}
+    for key, value in expect.items():
+        if key not in data:
+            problems.append(
+                Problem(
+                    "dataset-json-field",
+                    f"{rel}:{key}",
+                    f"`{key}` is missing",
+                    f'add "{key}": {json.dumps(value)}',
+                )
+            )
+        elif data[key] != value:
+            problems.append(
+                Problem(
+                    "dataset-json-field",
+                    f"{rel}:{key}",
+                    f"`{key}` is {json.dumps(data[key])}; expected {json.dumps(value)}",
+                    f'set "{key}": {json.dumps(value)} (channel 0 = T2W, channel 1 = ADC)',
+                )
+            )
+    ending = data.get("file_ending")
+    if ending not in FILE_ENDINGS:
+        problems.append(
+            Problem(
+                "dataset-json-field",
+                f"{rel}:file_ending",
+                f"`file_ending` is {ending!r}; expected one of {FILE_ENDINGS}",
+                'store NIfTI files and set "file_ending": ".nii.gz"',
+            )
+        )
+    n = data.get("numTraining")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        problems.append(
+            Problem(
+                "dataset-json-field",
+                f"{rel}:numTraining",
+                f"`numTraining` is {n!r}; expected a whole number",
+                "set it to the number of cases in imagesTr",
+            )
+        )
+    return data, problems
+
+
+def scan_dataset(dataset_dir: Path, file_ending: str) -> DatasetScan:
+    """Group the files of ``imagesTr``/``labelsTr`` by case id and channel."""
+    scan = DatasetScan()
+    pattern = re.compile(rf"^(?P<case>.+)_(?P<ch>\d{{4}}){re.escape(file_ending)}$")
+    images = dataset_dir / "imagesTr"
+    if images.is_dir():
+        for p in sorted(images.iterdir()):
+            m = pattern.match(p.name)
+            if m is None or not p.is_file():
+                scan.stray.append(p)
+                continue
+            scan.channels.setdefault(m["case"], {})[int(m["ch"])] = p
+    labels = dataset_dir / "labelsTr"
+    if labels.is_dir():
+        for p in sorted(labels.iterdir()):
+            if p.is_file() and p.name.endswith(file_ending):
+                scan.labels[p.name[: -len(file_ending)]] = p
+            else:
+                scan.stray.append(p)
+    return scan
+
+
+def read_clinical_table(
+    path: Path, *, require_outcome: bool
+) -> tuple[dict[str, ClinicalRecord], list[Problem]]:
+    """Read ``clinical.csv`` and validate every row; collect all problems.
+
+    Args:
+        path: the table.
+        require_outcome: training sites need ``pCR`` for every case.
+    """
+    rel = path.name
+    problems: list[Problem] = []
+    records: dict[str, ClinicalRecord] = {}
+    if not path.is_file():
+        return records, [
+            Problem(
+                "clinical-missing",
+                rel,
+                "clinical.csv is missing",
+                f"write one row per case with columns {list(CLINICAL_COLUMNS)}",
+            )
+        ]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in CLINICAL_COLUMNS if c not in header]
+            if missing:
+                return records, [
+                    Problem(
+                        "clinical-columns",
+                        rel,
+                        f"columns {missing} are missing (found {header})",
+                        f"use exactly these column names: {list(CLINICAL_COLUMNS)}",
+                    )
+                ]
+            extra = [c for c in header if c not in CLINICAL_COLUMNS]
+            if extra:
+                problems.append(
+                    Problem(
+                        "clinical-extra-columns",
+                        rel,
+                        f"columns {extra} are not used",
+                        "remove them, or keep them knowing moefl ignores them",
+                        "warning",
+                    )
+                )
+            seen_rows: dict[str, int] = {}
+            for line, row in enumerate(reader, start=2):
+                where = f"{rel}:{line}"
+                try:
+                    record = parse_clinical_row(row)
+                except DataError as e:
+                    problems.append(
+                        Problem(
+                            "clinical-value",
+                            where,
+                            str(e),
+                            "correct the value (allowed values: "
+                            "site_configs/README.md)",
+                        )
+                    )
+                    continue
+                if record.case_id in seen_rows:
+                    problems.append(
+                        Problem(
+                            "clinical-duplicate",
+                            where,
+                            f"case {record.case_id} appears again (first on line "
+                            f"{seen_rows[record.case_id]})",
+                            "keep one row per case",
+                        )
+                    )
+                    continue
+                seen_rows[record.case_id] = line
+                if require_outcome and record.pcr is None:
+                    problems.append(
+                        Problem(
+                            "clinical-no-outcome",
+                            where,
+                            f"case {record.case_id} has an empty pCR; a training site needs the "
+                            "outcome of every case",
+                            "fill pCR (0/1) or move the case to an evaluate-role site",
+                        )
+                    )
+                records[record.case_id] = record
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        problems.append(
+            Problem(
+                "clinical-unreadable",
+                rel,
+                f"cannot read the table ({e})",
+                "save it as UTF-8 CSV with a header row",
+            )
+        )
+    return records, problems
+
+
+def list_cases(dataset_dir: Path, *, require_outcome: bool) -> list[CaseFiles]:
+    """The cases of a site that has passed ``moefl check``, sorted by case id.
+
+    Raises:
+        DataError: the folder is inconsistent; run ``moefl check`` for a full report.
+    """
+    data, problems = read_dataset_json(dataset_dir)
+    if data is None or problems:
+        raise DataError(
+            f"{dataset_dir}: {problems[0].where}: {problems[0].message}; "
+            "run `moefl check` on the site YAML for a full report"
+        )
+    scan = scan_dataset(dataset_dir, str(data["file_ending"]))
+    records, problems = read_clinical_table(
+        dataset_dir / "clinical.csv", require_outcome=require_outcome
+    )
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise DataError(
+            f"{dataset_dir}: {errors[0].where}: {errors[0].message}; "
+            "run `moefl check` on the site YAML for a full report"
+        )
+    cases = []
+    for case_id in sorted(records):
+        ch = scan.channels.get(case_id, {})
+        if 0 not in ch or 1 not in ch:
+            raise DataError(
+                f"{dataset_dir}: case {case_id} lacks its T2W or ADC image; "
+                "run `moefl check` for a full report"
+            )
+        cases.append(
+            CaseFiles(case_id, ch[0], ch[1], scan.labels.get(case_id), records[case_id])
+        )
+    return cases

@@ -1,0 +1,21 @@
+"""The project's one exception root.
+
+Every error that a user can act on derives from :class:`MoeflError`, so a
+command line can catch it, print the message and exit non-zero without a
+traceback. Messages say what is wrong, where (file, case, key), what was
+expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class MoeflError(Exception):
+    """Base class of every user-facing error raised by moefl."""
+
+
+class ConfigError(MoeflError, ValueError):
+    """A configuration file or value is invalid (names the file and key)."""
+
+
+class DataError(MoeflError, ValueError):
+    """Site data cannot be read or does not follow the site data format."""

@@ -1,0 +1,458 @@
+"""Write a synthetic multi-centre cohort to disk (``moefl synth``).
+
+Layout written under ``OUT``::
+
+    sites/DatasetNNN_<Site>/            nnU-Net raw dataset + clinical.csv, per site
+    site_configs/<site>.yaml            a ready site YAML per retrospective site
+    prospective/sites/...               the prospective cohort, same format
+    prospective/site_configs/<site>.yaml
+    oracle/potential_outcomes.csv       true pCR probability and outcome per regimen
+    oracle/latents.csv                  hidden tumour latents (never read by training)
+    cohort.json                         counts, rates, geometry, AUCs
+
+The oracle folder sits apart from the site folders: nothing a site or the
+federation reads points into it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+from shared_model.clinical import (
+    CLINICAL_COLUMNS,
+    CLINICAL_FEATURES,
+    REGIMENS,
+    encode_clinical,
+)
+from shared_model.errors import MoeflError
+from shared_model.plan import PRESET_PLANS
+from simulations.cohort import (
+    NCT_SITE,
+    PRESETS,
+    SITES,
+    Geometry,
+    Patient,
+    Scanner,
+    build_cohort,
+)
+from simulations.phantom import generate_case, scanner_grids
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+OUTPUT_ENTRIES = (
+    "sites",
+    "site_configs",
+    "prospective",
+    "oracle",
+    "cohort.json",
+    "plan.json",
+)
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    """What :func:`synthesize` wrote and measured."""
+
+    out: Path
+    summary: dict[str, object]
+    seconds: float
+
+
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def _write_case(args: tuple[Patient, Scanner, Geometry, str]) -> tuple[str, float]:
+    patient, scanner, geometry, dataset_dir = args
+    case = generate_case(patient, scanner, geometry)
+    root = Path(dataset_dir)
+    _save_nifti(
+        case.t2, case.affine, root / "imagesTr" / f"{patient.case_id}_0000.nii.gz"
+    )
+    _save_nifti(
+        case.adc, case.affine, root / "imagesTr" / f"{patient.case_id}_0001.nii.gz"
+    )
+    _save_nifti(
+        case.label, case.affine, root / "labelsTr" / f"{patient.case_id}.nii.gz"
+    )
+    return patient.case_id, case.tumour_volume_ml
+
+
+def _write_clinical(patients: list[Patient], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CLINICAL_COLUMNS)
+        for p in patients:
+            writer.writerow(
+                [
+                    p.case_id,
+                    *(p.clinical[c] for c in CLINICAL_FEATURES),
+                    p.regimen,
+                    p.pcr,
+                ]
+            )
+
+
+def _dataset_json(n: int, name: str) -> dict[str, object]:
+    return {
+        "name": name,
+        "description": "moefl synthetic rectal MRI cohort (T2W + ADC on the T2W grid)",
+        "channel_names": {"0": "T2", "1": "ADC"},
+        "labels": {"background": 0, "tumour": 1},
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+    }
+
+
+def _site_yaml(
+    site: str,
+    role: str,
+    dataset_rel: str,
+    run_rel: str,
+    adc_unit: str,
+    min_cases: int,
+    cohort: str,
+) -> str:
+    return (
+        f"# Site config written by `moefl synth` ({cohort} cohort). Paths are relative\n"
+        f"# to this file. Schema: site_configs/README.md in the moefl repository.\n"
+        f"site_name: {site}\n"
+        f"role: {role}\n"
+        f"dataset_dir: {dataset_rel}\n"
+        f'adc_unit: "{adc_unit}"\n'
+        f"run_dir: {run_rel}\n"
+        f"min_cases: {min_cases}\n"
+    )
+
+
+def _geometry_summary(scanner: Scanner, geometry: Geometry) -> dict[str, object]:
+    t2, adc = scanner_grids(scanner, geometry, np.zeros(3))
+    t2_sp = np.sqrt((t2.affine[:3, :3] ** 2).sum(0))
+    adc_sp = np.sqrt((adc.affine[:3, :3] ** 2).sum(0))
+    return {
+        "field_strength_t": scanner.field_t,
+        "t2w_shape": list(t2.shape),
+        "t2w_spacing_mm": [round(float(s), 3) for s in t2_sp],
+        "adc_acquired_spacing_mm": [round(float(s), 3) for s in adc_sp],
+        "adc_stored_on": "t2w grid (trilinear)",
+        "adc_unit": scanner.adc_unit,
+        "axcodes": scanner.axcodes,
+        "oblique_deg": scanner.oblique_deg,
+        "t2w_gain": scanner.t2_gain,
+        "t2w_noise": scanner.noise,
+        "bias_amplitude": scanner.bias,
+    }
+
+
+def _features(patients: list[Patient]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.stack(
+        [
+            np.concatenate(
+                [encode_clinical(p.clinical), np.eye(3)[REGIMENS.index(p.regimen)]]
+            )
+            for p in patients
+        ]
+    )
+    y = np.array([p.pcr for p in patients])
+    return x, y
+
+
+def compute_signal_aucs(
+    retro: list[Patient], prosp: list[Patient], seed: int
+) -> dict[str, float | None]:
+    """AUCs that show how much signal the clinical table and the truth carry.
+
+    * ``clinical_logreg_auc_cv``: 5-fold cross-validated AUC of a logistic
+      regression on the clinical one-hot plus the received regimen
+      (retrospective cohort).
+    * ``clinical_logreg_auc_prospective``: the same model fitted on the whole
+      retrospective cohort, scored on the prospective one.
+    * ``oracle_auc`` / ``oracle_auc_prospective``: AUC of the true pCR
+      probability under the received regimen: the ceiling any model can reach.
+    """
+    x, y = _features(retro)
+    out: dict[str, float | None] = {}
+    folds = min(5, int(min(y.sum(), len(y) - y.sum())))
+    if folds >= 2:
+        cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        scores = cross_val_predict(
+            LogisticRegression(max_iter=2000), x, y, cv=cv, method="predict_proba"
+        )[:, 1]
+        out["clinical_logreg_auc_cv"] = round(float(roc_auc_score(y, scores)), 4)
+    else:
+        out["clinical_logreg_auc_cv"] = None
+    oracle = np.array([p.prob[REGIMENS.index(p.regimen)] for p in retro])
+    out["oracle_auc"] = (
+        round(float(roc_auc_score(y, oracle)), 4) if 0 < y.sum() < len(y) else None
+    )
+    xp, yp = _features(prosp)
+    if 0 < yp.sum() < len(yp) and 0 < y.sum() < len(y):
+        model = LogisticRegression(max_iter=2000).fit(x, y)
+        out["clinical_logreg_auc_prospective"] = round(
+            float(roc_auc_score(yp, model.predict_proba(xp)[:, 1])), 4
+        )
+        oracle_p = np.array([p.prob[REGIMENS.index(p.regimen)] for p in prosp])
+        out["oracle_auc_prospective"] = round(float(roc_auc_score(yp, oracle_p)), 4)
+    else:
+        out["clinical_logreg_auc_prospective"] = None
+        out["oracle_auc_prospective"] = None
+    return out
+
+
+def _rates(patients: list[Patient]) -> dict[str, dict[str, float | int]]:
+    out: dict[str, dict[str, float | int]] = {}
+    for r in REGIMENS:
+        group = [p.pcr for p in patients if p.regimen == r]
+        if group:
+            out[r] = {
+                "n": len(group),
+                "pcr": int(sum(group)),
+                "pcr_rate": round(float(np.mean(group)), 4),
+            }
+    return out
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        ours = [e for e in OUTPUT_ENTRIES if (out / e).exists()]
+        others = [p.name for p in out.iterdir() if p.name not in OUTPUT_ENTRIES]
+        if not force:
+            raise MoeflError(
+                f"{out} is not empty; pass --force to replace a previous `moefl synth` "
+                f"output there, or choose an empty folder"
+            )
+        if others:
+            raise MoeflError(
+                f"{out} holds files that `moefl synth` did not write ({sorted(others)[:5]}); "
+                "refusing to replace it even with --force: choose another folder"
+            )
+        for e in ours:
+            target = out / e
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def synthesize(
+    out: Path,
+    *,
+    preset: str = "demo",
+    seed: int = 0,
+    tables_only: bool = False,
+    workers: int | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> SynthResult:
+    """Generate the cohort of ``preset`` under ``out``.
+
+    Args:
+        out: output folder; must be empty unless ``force`` (then only a previous
+            synth output there is replaced).
+        preset: "tiny", "demo" or "paper".
+        seed: the cohort (tables and images) is a deterministic function of it.
+        tables_only: write clinical tables, oracle and cohort.json only.
+        workers: image-writing processes (default: the machine's cores).
+        force: replace a previous synth output in ``out``.
+        progress: called as ``progress(done, total)`` after each case.
+
+    Returns:
+        The summary that was written to ``cohort.json``.
+    """
+    import time
+
+    if preset not in PRESETS:
+        raise MoeflError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    start = time.perf_counter()
+    cfg = PRESETS[preset]
+    out = Path(out)
+    _prepare_out(out, force)
+    retro, prosp, intercepts = build_cohort(cfg, seed)
+    PRESET_PLANS[preset].save(out / "plan.json")
+
+    jobs: list[tuple[Patient, Scanner, Geometry, str]] = []
+    site_summaries: dict[str, dict[str, object]] = {}
+    for cohort, patients, counts in (
+        ("retrospective", retro, cfg.retrospective),
+        ("prospective", prosp, cfg.prospective),
+    ):
+        base = out if cohort == "retrospective" else out / "prospective"
+        for site_name in counts:
+            spec = SITES[site_name]
+            folder = spec.dataset_folder(cohort)
+            dataset_dir = base / "sites" / folder
+            (dataset_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
+            (dataset_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
+            members = [p for p in patients if p.site == site_name]
+            _write_clinical(members, dataset_dir / "clinical.csv")
+            key = site_name if cohort == "retrospective" else f"{site_name}/prospective"
+            site_summaries[key] = {
+                "cohort": cohort,
+                "dataset": folder,
+                "n": len(members),
+                "by_regimen": _rates(members),
+                "geometry": _geometry_summary(spec.scanner, cfg.geometry),
+            }
+            if tables_only:
+                shutil.rmtree(dataset_dir / "imagesTr")
+                shutil.rmtree(dataset_dir / "labelsTr")
+                continue
+            (dataset_dir / "dataset.json").write_text(
+                json.dumps(_dataset_json(len(members), folder), indent=2) + "\n"
+            )
+            cfg_dir = base / "site_configs"
+            cfg_dir.mkdir(parents=True, exist_ok=True)
+            role = "train" if cohort == "retrospective" else "evaluate"
+            run_rel = (
+                f"../runs/{site_name}"
+                if cohort == "retrospective"
+                else f"../runs/{site_name}_prospective"
+            )
+            (cfg_dir / f"{site_name}.yaml").write_text(
+                _site_yaml(
+                    site_name,
+                    role,
+                    f"../sites/{folder}",
+                    run_rel,
+                    spec.scanner.adc_unit,
+                    cfg.min_cases if role == "train" else 1,
+                    cohort,
+                )
+            )
+            jobs.extend(
+                (p, spec.scanner, cfg.geometry, str(dataset_dir)) for p in members
+            )
+
+    volumes: dict[str, float] = {}
+    if jobs:
+        n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+        if progress:
+            progress(0, len(jobs))
+        if n_workers == 1:
+            results = map(_write_case, jobs)
+            for i, (case_id, vol) in enumerate(results, 1):
+                volumes[case_id] = vol
+                if progress:
+                    progress(i, len(jobs))
+        else:
+            with ProcessPoolExecutor(n_workers) as pool:
+                for i, (case_id, vol) in enumerate(
+                    pool.map(_write_case, jobs, chunksize=2), 1
+                ):
+                    volumes[case_id] = vol
+                    if progress:
+                        progress(i, len(jobs))
+
+    _write_oracle(out / "oracle", retro + prosp, volumes)
+    summary: dict[str, object] = {
+        "preset": preset,
+        "seed": seed,
+        "tables_only": tables_only,
+        "n_retrospective": len(retro),
+        "n_prospective": len(prosp),
+        "nct_site": NCT_SITE,
+        "retrospective_by_regimen": _rates(retro),
+        "prospective_by_regimen": _rates(prosp),
+        "sites": site_summaries,
+        "clinical_prevalence": {
+            f"{k}={v}": round(float(np.mean([p.clinical[k] == v for p in retro])), 3)
+            for k, values in CLINICAL_FEATURES.items()
+            for v in values
+        },
+        "aucs": compute_signal_aucs(retro, prosp, seed),
+        "response_model": {
+            "intercepts": {
+                r: round(float(a), 4) for r, a in zip(REGIMENS, intercepts, strict=True)
+            }
+        },
+    }
+    if volumes:
+        vol = np.array(list(volumes.values()))
+        summary["tumour_volume_ml"] = {
+            "median": round(float(np.median(vol)), 2),
+            "p10": round(float(np.percentile(vol, 10)), 2),
+            "p90": round(float(np.percentile(vol, 90)), 2),
+        }
+    seconds = time.perf_counter() - start
+    summary["generation_seconds"] = round(seconds, 1)
+    (out / "cohort.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("synthetic cohort %s written to %s in %.1f s", preset, out, seconds)
+    return SynthResult(out=out, summary=summary, seconds=seconds)
+
+
+def _write_oracle(
+    folder: Path, patients: list[Patient], volumes: dict[str, float]
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "potential_outcomes.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "case_id",
+                "site",
+                "cohort",
+                "received",
+                *(f"p_{r}" for r in REGIMENS),
+                *(f"pCR_{r}" for r in REGIMENS),
+            ]
+        )
+        for p in patients:
+            w.writerow(
+                [
+                    p.case_id,
+                    p.site,
+                    p.cohort,
+                    p.regimen,
+                    *(f"{v:.6f}" for v in p.prob),
+                    *(int(v) for v in p.outcomes),
+                ]
+            )
+    with (folder / "latents.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "case_id",
+                "site",
+                "cohort",
+                "biology",
+                "size",
+                "clinical_risk",
+                "tumour_adc_mean",
+                "heterogeneity",
+                "target_volume_ml",
+                "mask_volume_ml",
+            ]
+        )
+        for p in patients:
+            vol = volumes.get(p.case_id)
+            w.writerow(
+                [
+                    p.case_id,
+                    p.site,
+                    p.cohort,
+                    f"{p.biology:.5f}",
+                    f"{p.size:.5f}",
+                    f"{p.risk:.3f}",
+                    f"{p.adc_mean:.4f}",
+                    f"{p.heterogeneity:.4f}",
+                    f"{np.exp(p.log_volume_ml):.3f}",
+                    "" if vol is None else f"{vol:.3f}",
+                ]
+            )

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny synthetic cohort made once per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `tiny` preset (seed 0) with images. Treat as read-only."""
+    from simulations.synth import synthesize
+
+    out = tmp_path_factory.mktemp("tiny") / "cohort"
+    synthesize(out, preset="tiny", seed=0, workers=2)
+    return out
+
+
+@pytest.fixture()
+def tiny_copy(tiny_cohort: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the tiny cohort (sites and site configs)."""
+    dst = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, dst, ignore=shutil.ignore_patterns("runs"))
+    return dst

@@ -1,0 +1,298 @@
+"""The preflight check: clean sites pass, each corruption gets its own finding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from client.checks import run_check
+
+SITE = "west_china"
+DATASET = "sites/Dataset101_WestChina"
+CASE = "WCH_R0003"
+
+
+def _yaml(root: Path, site: str = SITE) -> Path:
+    return root / "site_configs" / f"{site}.yaml"
+
+
+def test_every_generated_site_passes(tiny_cohort: Path) -> None:
+    yamls = sorted(tiny_cohort.rglob("site_configs/*.yaml"))
+    assert len(yamls) == 6
+    for path in yamls:
+        report = run_check(path)
+        assert report.ok, [f.message for f in report.errors]
+        assert report.summary["usable_cases"] >= 4
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.stat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        out[str(p.relative_to(root))] = (digest, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def test_check_leaves_site_data_byte_identical(tiny_copy: Path) -> None:
+    site_dir = tiny_copy / DATASET
+    (site_dir / "labelsTr" / f"{CASE}.nii.gz").write_bytes(
+        b"broken"
+    )  # a failing site too
+    before = _snapshot(tiny_copy)
+    report = run_check(_yaml(tiny_copy))
+    assert not report.ok
+    assert _snapshot(tiny_copy) == before
+
+
+def test_summary_carries_no_identifiers(tiny_cohort: Path) -> None:
+    report = run_check(_yaml(tiny_cohort))
+    text = json.dumps(report.summary)
+    assert "WCH_" not in text
+    assert report.summary["by_regimen"]["nCT"]["n"] == 4
+
+
+# --- corruptions -----------------------------------------------------------------
+
+
+def _img(root: Path, name: str) -> Path:
+    folder = "labelsTr" if not name.endswith(("_0000", "_0001")) else "imagesTr"
+    return root / DATASET / folder / f"{name}.nii.gz"
+
+
+def _rewrite(
+    path: Path, fn: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+) -> None:
+    img = nib.load(str(path))
+    data, affine = fn(np.asarray(img.dataobj), img.affine.copy())
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+
+def _edit_text(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def c_yaml_unknown_key(root: Path) -> None:
+    _edit_text(_yaml(root), "role: train", "role: train\nbatchsize: 2")
+
+
+def c_yaml_missing_key(root: Path) -> None:
+    _edit_text(_yaml(root), "dataset_dir:", "# dataset_dir:")
+
+
+def c_yaml_bad_path(root: Path) -> None:
+    _edit_text(_yaml(root), "Dataset101_WestChina", "Dataset999_Missing")
+
+
+def c_dataset_json(root: Path) -> None:
+    _edit_text(root / DATASET / "dataset.json", '"1": "ADC"', '"1": "DWI"')
+
+
+def c_missing_channel(root: Path) -> None:
+    _img(root, f"{CASE}_0001").unlink()
+
+
+def c_missing_label(root: Path) -> None:
+    _img(root, CASE).unlink()
+
+
+def c_truncated(root: Path) -> None:
+    p = _img(root, f"{CASE}_0000")
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+
+
+def c_not_gzip(root: Path) -> None:
+    _img(root, f"{CASE}_0000").write_bytes(b"this is not an image")
+
+
+def c_four_d(root: Path) -> None:
+    _rewrite(_img(root, f"{CASE}_0001"), lambda d, a: (np.stack([d, d], -1), a))
+
+
+def c_two_d(root: Path) -> None:
+    _rewrite(_img(root, f"{CASE}_0000"), lambda d, a: (d[:, :, 0], a))
+
+
+def c_grid_shape(root: Path) -> None:
+    _rewrite(_img(root, f"{CASE}_0001"), lambda d, a: (d[:-2], a))
+
+
+def c_grid_affine(root: Path) -> None:
+    def shift(d: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a[:3, 3] += 4.0
+        return d, a
+
+    _rewrite(_img(root, CASE), shift)
+
+
+def c_nan(root: Path) -> None:
+    def nan(d: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = d.astype(np.float32)
+        d[3, 3, 3] = np.nan
+        return d, a
+
+    _rewrite(_img(root, f"{CASE}_0001"), nan)
+
+
+def c_label_values(root: Path) -> None:
+    _rewrite(_img(root, CASE), lambda d, a: (d * 2, a))
+
+
+def c_empty_mask(root: Path) -> None:
+    _rewrite(_img(root, CASE), lambda d, a: (np.zeros_like(d), a))
+
+
+def c_adc_unit(root: Path) -> None:
+    _edit_text(_yaml(root), 'adc_unit: "1e-3"', 'adc_unit: "1e-6"')
+
+
+def c_clinical_column(root: Path) -> None:
+    _edit_text(root / DATASET / "clinical.csv", ",EMVI,", ",emvi,")
+
+
+def c_clinical_value(root: Path) -> None:
+    p = root / DATASET / "clinical.csv"
+    lines = p.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(CASE))
+    lines[i] = (
+        lines[i]
+        .replace(",T3,", ",T3a,")
+        .replace(",T4,", ",T3a,")
+        .replace(",T2,", ",T3a,")
+    )
+    p.write_text("\n".join(lines) + "\n")
+
+
+def c_clinical_duplicate(root: Path) -> None:
+    p = root / DATASET / "clinical.csv"
+    lines = p.read_text().splitlines()
+    p.write_text("\n".join([*lines, lines[3]]) + "\n")
+
+
+def c_missing_outcome(root: Path) -> None:
+    p = root / DATASET / "clinical.csv"
+    lines = p.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(CASE))
+    lines[i] = lines[i][: lines[i].rindex(",") + 1]
+    p.write_text("\n".join(lines) + "\n")
+
+
+def c_case_not_in_table(root: Path) -> None:
+    p = root / DATASET / "clinical.csv"
+    p.write_text(
+        "\n".join(x for x in p.read_text().splitlines() if not x.startswith(CASE))
+        + "\n"
+    )
+
+
+def c_case_without_images(root: Path) -> None:
+    for p in (_img(root, f"{CASE}_0000"), _img(root, f"{CASE}_0001"), _img(root, CASE)):
+        p.unlink()
+
+
+def c_too_few(root: Path) -> None:
+    _edit_text(_yaml(root), "min_cases: 4", "min_cases: 40")
+
+
+def c_yaml_syntax(root: Path) -> None:
+    _edit_text(_yaml(root), "role: train", "role: [train")
+
+
+def c_dataset_json_invalid(root: Path) -> None:
+    (root / DATASET / "dataset.json").write_text("{not json")
+
+
+CORRUPTIONS = [
+    # (corruption, finding code, text that `where` must contain)
+    (c_yaml_unknown_key, "yaml", "batchsize"),
+    (c_yaml_missing_key, "yaml", "dataset_dir"),
+    (c_yaml_bad_path, "yaml", "dataset_dir"),
+    (c_yaml_syntax, "yaml", "(syntax)"),
+    (c_dataset_json, "dataset-json-field", "dataset.json:channel_names"),
+    (c_dataset_json_invalid, "dataset-json-invalid", "dataset.json"),
+    (c_missing_channel, "channel-missing", f"{CASE}_0001"),
+    (c_missing_label, "label-missing", CASE),
+    (c_truncated, "unreadable", f"{CASE}_0000.nii.gz"),
+    (c_not_gzip, "unreadable", f"{CASE}_0000.nii.gz"),
+    (c_four_d, "dims", f"{CASE}_0001.nii.gz"),
+    (c_two_d, "dims", f"{CASE}_0000.nii.gz"),
+    (c_grid_shape, "grid-mismatch", f"{CASE}_0001.nii.gz"),
+    (c_grid_affine, "grid-mismatch", f"labelsTr/{CASE}.nii.gz"),
+    (c_nan, "non-finite", f"{CASE}_0001.nii.gz"),
+    (c_label_values, "label-values", f"labelsTr/{CASE}.nii.gz"),
+    (c_empty_mask, "label-empty", f"labelsTr/{CASE}.nii.gz"),
+    (c_adc_unit, "adc-unit", "_0001.nii.gz"),
+    (c_clinical_column, "clinical-columns", "clinical.csv"),
+    (c_clinical_value, "clinical-value", "clinical.csv:"),
+    (c_clinical_duplicate, "clinical-duplicate", "clinical.csv:"),
+    (c_missing_outcome, "clinical-no-outcome", "clinical.csv:"),
+    (c_case_not_in_table, "case-not-in-table", CASE),
+    (c_case_without_images, "case-without-images", CASE),
+    (c_too_few, "too-few-cases", "Dataset101_WestChina"),
+]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "code", "where"),
+    CORRUPTIONS,
+    ids=[c[0].__name__[2:] for c in CORRUPTIONS],
+)
+def test_corruption_gets_its_own_finding(
+    tiny_copy: Path, corrupt: Callable[[Path], None], code: str, where: str
+) -> None:
+    corrupt(tiny_copy)
+    report = run_check(_yaml(tiny_copy))
+    assert not report.ok
+    matching = [f for f in report.errors if f.code == code and where in f.where]
+    assert matching, [(f.code, f.where) for f in report.findings]
+    f = matching[0]
+    assert f.message and f.fix
+
+
+def test_corruption_codes_are_distinct_enough() -> None:
+    assert len({code for _, code, _ in CORRUPTIONS}) >= 12
+
+
+def test_a_broken_case_does_not_hide_others(tiny_copy: Path) -> None:
+    c_truncated(tiny_copy)
+    other = "WCH_R0005"
+    _rewrite(_img(tiny_copy, f"{other}_0001"), lambda d, a: (d[:-1], a))
+    report = run_check(_yaml(tiny_copy))
+    codes = {(f.code, f.where.split("/")[-1]) for f in report.errors}
+    assert ("unreadable", f"{CASE}_0000.nii.gz") in codes
+    assert ("grid-mismatch", f"{other}_0001.nii.gz") in codes
+    assert report.summary["usable_cases"] == 11
+
+
+def test_warnings_do_not_fail_the_check(tiny_copy: Path) -> None:
+    def sagittal(d: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a[:3, :3] = a[:3, [2, 1, 0]] * np.array([1, 1, 1])
+        return d, a
+
+    for name in (f"{CASE}_0000", f"{CASE}_0001", CASE):
+        _rewrite(_img(tiny_copy, name), sagittal)
+    report = run_check(_yaml(tiny_copy))
+    assert report.ok
+    assert "orientation-unusual" in {f.code for f in report.warnings}
+
+
+def test_thick_slices_are_a_warning_naming_the_file(tiny_copy: Path) -> None:
+    def thick(d: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a[:3, 2] *= 3.0
+        return d, a
+
+    for name in (f"{CASE}_0000", f"{CASE}_0001", CASE):
+        _rewrite(_img(tiny_copy, name), thick)
+    report = run_check(_yaml(tiny_copy))
+    assert report.ok
+    spacing = [f for f in report.warnings if f.code == "spacing-unusual"]
+    assert spacing and f"{CASE}_0000.nii.gz" in spacing[0].where
+    assert "9.00 mm" in spacing[0].message
