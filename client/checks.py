@@ -15,6 +15,7 @@ import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -57,7 +58,7 @@ class CheckReport:
     site: str | None = None
     role: str | None = None
     findings: list[Finding] = field(default_factory=list)
-    summary: dict[str, object] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Finding]:
@@ -82,7 +83,7 @@ class CheckReport:
             )
         )
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "yaml": self.yaml,
             "site": self.site,
@@ -95,12 +96,14 @@ class CheckReport:
         }
 
 
-def _load_volume(
-    path: Path, rel: str
-) -> tuple[nib.Nifti1Image | None, np.ndarray | None, Problem | None]:
+def _load_volume(path: Path, rel: str) -> tuple[nib.Nifti1Image, np.ndarray] | Problem:
     """Load a NIfTI fully (a truncated file fails here, not at training time)."""
     try:
         img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            return Problem(
+                "unreadable", rel, "not a NIfTI image", "convert it to NIfTI (.nii.gz)"
+            )
         data = np.asanyarray(img.dataobj)
     except (
         OSError,
@@ -110,25 +113,13 @@ def _load_volume(
         gzip.BadGzipFile,
         nib.filebasedimages.ImageFileError,
     ) as e:
-        return (
-            None,
-            None,
-            Problem(
-                "unreadable",
-                rel,
-                f"cannot read the NIfTI file ({e})",
-                "re-export the file from the scanner or PACS",
-            ),
+        return Problem(
+            "unreadable",
+            rel,
+            f"cannot read the NIfTI file ({e})",
+            "re-export the file from the scanner or PACS",
         )
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        return (
-            None,
-            None,
-            Problem(
-                "unreadable", rel, "not a NIfTI image", "convert it to NIfTI (.nii.gz)"
-            ),
-        )
-    return img, data, None
+    return img, data
 
 
 def _dims_problem(data: np.ndarray, rel: str) -> Problem | None:
@@ -271,28 +262,29 @@ def _check_case(
     if not usable:
         return False
 
-    t2_img, t2, prob = _load_volume(channels[0], rel(channels[0]))
-    if prob is not None:
-        report.add(prob)
+    t2_loaded = _load_volume(channels[0], rel(channels[0]))
+    if isinstance(t2_loaded, Problem):
+        report.add(t2_loaded)
         usable = False
-    loaded = []
+    loaded: list[tuple[Path, str, nib.Nifti1Image, np.ndarray]] = []
     for path, what in ((channels[1], "ADC"), (label, "label")):
         if path is None:
             continue
-        img, data, prob = _load_volume(path, rel(path))
-        if prob is not None:
-            report.add(prob)
+        result = _load_volume(path, rel(path))
+        if isinstance(result, Problem):
+            report.add(result)
             usable = False
         else:
-            loaded.append((path, what, img, data))
-    if t2_img is None or t2 is None:
+            loaded.append((path, what, *result))
+    if isinstance(t2_loaded, Problem):
         return False
-    if (p := _dims_problem(t2, rel(channels[0]))) is not None:
-        report.add(p)
+    t2_img, t2 = t2_loaded
+    if (dims := _dims_problem(t2, rel(channels[0]))) is not None:
+        report.add(dims)
         return False
     for path, _what, _img, data in loaded:
-        if (p := _dims_problem(data, rel(path))) is not None:
-            report.add(p)
+        if (dims := _dims_problem(data, rel(path))) is not None:
+            report.add(dims)
             usable = False
     if not usable:
         return False
@@ -326,10 +318,9 @@ def _check_case(
         usable = False
 
     for path, what, img, data in loaded:
-        if (
-            p := _grid_problem(t2_img, img, rel(channels[0]), rel(path), what)
-        ) is not None:
-            report.add(p)
+        grid = _grid_problem(t2_img, img, rel(channels[0]), rel(path), what)
+        if grid is not None:
+            report.add(grid)
             usable = False
             continue
         values = np.asarray(data, dtype=np.float64)
@@ -468,9 +459,9 @@ def run_check(yaml_path: Path) -> CheckReport:
     report.site, report.role = config.site_name, config.role
     dataset_dir = config.dataset_dir
 
-    meta, problems = read_dataset_json(dataset_dir)
-    for p in problems:
-        report.add(p)
+    meta, meta_problems = read_dataset_json(dataset_dir)
+    for problem in meta_problems:
+        report.add(problem)
     ending = (
         str(meta.get("file_ending"))
         if meta and meta.get("file_ending") in (".nii.gz", ".nii")
@@ -487,26 +478,26 @@ def run_check(yaml_path: Path) -> CheckReport:
                 )
             )
     scan = scan_dataset(dataset_dir, ending)
-    for p in scan.stray:
+    for stray in scan.stray:
         report.add(
             Problem(
                 "stray-file",
-                str(p.relative_to(dataset_dir)),
+                str(stray.relative_to(dataset_dir)),
                 f"file name does not follow <case>_XXXX{ending} / <case>{ending}",
                 "rename or move it; moefl ignores it",
                 "warning",
             )
         )
 
-    records, problems = read_clinical_table(
+    records, table_problems = read_clinical_table(
         dataset_dir / "clinical.csv", require_outcome=config.role == "train"
     )
-    for p in problems:
-        report.add(p)
+    for problem in table_problems:
+        report.add(problem)
 
     image_ids = set(scan.channels) | set(scan.labels)
     for case_id in sorted(image_ids - set(records)):
-        if records or not problems:
+        if records or not table_problems:
             report.add(
                 Problem(
                     "case-not-in-table",
@@ -631,13 +622,13 @@ def _merge_repeated_warnings(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-def _summary(usable: list, stats: dict[str, list[float]]) -> dict[str, object]:
-    out: dict[str, object] = {"usable_cases": len(usable), "by_regimen": {}}
+def _summary(usable: list, stats: dict[str, list[float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"usable_cases": len(usable), "by_regimen": {}}
     for regimen in REGIMENS:
         group = [r for r in usable if r.regimen == regimen]
         if group:
             known = [r.pcr for r in group if r.pcr is not None]
-            out["by_regimen"][regimen] = {  # type: ignore[index]
+            out["by_regimen"][regimen] = {
                 "n": len(group),
                 "pcr_rate": round(float(np.mean(known)), 3) if known else None,
             }
@@ -667,7 +658,8 @@ def format_report(report: CheckReport) -> str:
     s = report.summary
     if s:
         lines.append(f"usable cases: {s.get('usable_cases')}")
-        for regimen, v in s.get("by_regimen", {}).items():  # type: ignore[union-attr]
+        by_regimen: dict[str, dict[str, float | None]] = s.get("by_regimen", {})
+        for regimen, v in by_regimen.items():
             rate = "unknown" if v["pcr_rate"] is None else f"{v['pcr_rate']:.0%}"
             lines.append(f"  {regimen}: {v['n']} cases, pCR {rate}")
     verdict = "PASSED" if report.ok else "FAILED"

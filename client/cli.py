@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -96,13 +95,13 @@ def synth(
         f"wrote {s['n_retrospective']} retrospective + {s['n_prospective']} "
         f"prospective cases to {out} in {result.seconds:.1f} s"
     )
-    for regimen, v in s["retrospective_by_regimen"].items():  # type: ignore[union-attr]
+    for regimen, v in s["retrospective_by_regimen"].items():
         typer.echo(f"  {regimen:5s} n={v['n']:4d}  pCR {v['pcr_rate']:.1%}")
     aucs = s["aucs"]
     typer.echo(
-        f"  clinical-only logistic AUC (5-fold CV) {aucs['clinical_logreg_auc_cv']}, "  # type: ignore[index]
+        f"  clinical-only logistic AUC (5-fold CV) {aucs['clinical_logreg_auc_cv']}, "
         f"oracle AUC {aucs['oracle_auc']}"
-    )  # type: ignore[index]
+    )
 
 
 @app.command()
@@ -141,9 +140,5 @@ def demo(
     raise typer.Exit(code=0 if ok else 1)
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    app()

@@ -35,7 +35,12 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
     RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotated,
+    RandZoomd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialCrop,
@@ -183,33 +188,54 @@ class CropAroundLabeld(MapTransform):
         return d
 
 
-def build_transforms(
-    plan: Plan, *, adc_scale: float, train: bool, has_label: bool = True
+def build_preprocess(
+    plan: Plan, *, adc_scale: float, has_label: bool = True
 ) -> Compose:
-    """The MONAI pipeline from file paths to a cropped ``(C, D, H, W)`` sample.
+    """Deterministic part: file paths to whole volumes on the plan's grid.
 
-    Args:
-        plan: target spacing and patch, ``(D, H, W)``.
-        adc_scale: converts stored ADC to 10^-3 mm^2/s (1 or 1e-3).
-        train: random tumour-weighted crop (train) or tumour-centred crop.
-        has_label: cases without a mask get a centre crop.
+    Loads T2W, ADC (and the mask), reorients to RAS, resamples to the plan's
+    spacing, converts ADC to 10^-3 mm^2/s and clips it, z-scores T2W over its
+    non-zero voxels, transposes to ``(C, D, H, W)`` and pads to the patch.
+    Its output can be cached: nothing in it is random.
     """
     keys = ["t2", "adc"] + (["label"] if has_label else [])
     d, h, w = plan.spacing
     lo, hi = plan.adc_clip
     modes = ["bilinear", "bilinear"] + (["nearest"] if has_label else [])
-    steps: list[Any] = [
-        LoadImaged(
-            keys, image_only=True, ensure_channel_first=True, reader="NibabelReader"
-        ),
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys, pixdim=(w, h, d), mode=modes),
-        Lambdad("adc", partial(_scale, factor=adc_scale)),
-        ScaleIntensityRanged("adc", a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
-        NormalizeIntensityd("t2", nonzero=True),
-        Transposed(keys, indices=(0, 3, 2, 1)),
-        SpatialPadd(keys, spatial_size=plan.patch_size),
-    ]
+    return Compose(
+        [
+            LoadImaged(
+                keys, image_only=True, ensure_channel_first=True, reader="NibabelReader"
+            ),
+            Orientationd(
+                keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))
+            ),
+            Spacingd(keys, pixdim=(w, h, d), mode=modes),
+            Lambdad("adc", partial(_scale, factor=adc_scale)),
+            ScaleIntensityRanged(
+                "adc", a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True
+            ),
+            NormalizeIntensityd("t2", nonzero=True),
+            Transposed(keys, indices=(0, 3, 2, 1)),
+            SpatialPadd(keys, spatial_size=plan.patch_size),
+        ]
+    )
+
+
+def build_sampling(
+    plan: Plan, *, train: bool, augment: bool = False, has_label: bool = True
+) -> Compose:
+    """Random part: crop to the patch, augment, stack the channels.
+
+    Training crops are centred on tumour voxels two times in three (nnU-Net's
+    foreground oversampling); validation crops are centred on the tumour;
+    cases without a mask get a centre crop. Augmentation (training only):
+    in-plane rotation up to 15 degrees, scaling 0.9-1.1, left-right flips,
+    Gaussian noise and T2W gamma.
+    """
+    keys = ["t2", "adc"] + (["label"] if has_label else [])
+    image_keys = ["t2", "adc"]
+    steps: list[Any] = []
     if has_label and train:
         steps.append(
             RandCropByPosNegLabeld(
@@ -227,12 +253,39 @@ def build_transforms(
         )
     else:
         steps.append(CenterSpatialCropd(keys, roi_size=plan.patch_size))
-    steps += [ConcatItemsd(["t2", "adc"], "image"), DeleteItemsd(["t2", "adc"])]
+    if train and augment:
+        modes = ["bilinear", "bilinear"] + (["nearest"] if has_label else [])
+        steps += [
+            RandRotated(keys, range_x=0.26, prob=0.3, mode=modes, padding_mode="zeros"),
+            RandZoomd(
+                keys,
+                min_zoom=0.9,
+                max_zoom=1.1,
+                prob=0.3,
+                mode=["trilinear", "trilinear"] + (["nearest"] if has_label else []),
+                keep_size=True,
+            ),
+            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            RandGaussianNoised(image_keys, prob=0.15, std=0.05),
+            RandAdjustContrastd("t2", prob=0.15, gamma=(0.8, 1.25)),
+        ]
+    steps += [ConcatItemsd(image_keys, "image"), DeleteItemsd(image_keys)]
     return Compose(steps)
 
 
 class SiteDataset(torch.utils.data.Dataset):
-    """One sample per patient per epoch, built lazily from the site's files."""
+    """One sample per patient per epoch, built from the site's files.
+
+    Args:
+        cases: the patients.
+        plan: spacing and patch.
+        adc_scale: stored ADC to 10^-3 mm^2/s.
+        train: random crops (and augmentation when ``augment``).
+        augment: MONAI augmentation on training crops.
+        cache: keep each patient's preprocessed volume in memory after its
+            first use (fast epochs; memory grows with the cohort).
+        seed: seeds crops and augmentation.
+    """
 
     def __init__(
         self,
@@ -241,25 +294,44 @@ class SiteDataset(torch.utils.data.Dataset):
         *,
         adc_scale: float,
         train: bool,
+        augment: bool = False,
+        cache: bool = False,
         seed: int = 0,
     ) -> None:
         self.cases = list(cases)
         self.has_label = all(c.label is not None for c in self.cases)
-        self.transform = build_transforms(
-            plan, adc_scale=adc_scale, train=train, has_label=self.has_label
+        self.preprocess = build_preprocess(
+            plan, adc_scale=adc_scale, has_label=self.has_label
+        )
+        self.transform = build_sampling(
+            plan, train=train, augment=augment, has_label=self.has_label
         )
         self.transform.set_random_state(seed=seed)
+        self.cache = cache
+        self._cache: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.cases)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def regimen_indices(self) -> list[int]:
+        return [c.clinical.regimen_index for c in self.cases]
+
+    def _volume(self, index: int) -> dict[str, Any]:
+        if index in self._cache:
+            return dict(self._cache[index])
         case = self.cases[index]
         item: dict[str, Any] = {"t2": str(case.t2), "adc": str(case.adc)}
         if self.has_label:
             item["label"] = str(case.label)
+        out = self.preprocess(item)
+        if self.cache:
+            self._cache[index] = out
+        return dict(out)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case = self.cases[index]
         try:
-            out = self.transform(item)
+            out = self.transform(self._volume(index))
         except Exception as e:  # MONAI wraps reader errors; name the case
             raise DataError(
                 f"case {case.case_id}: cannot build the sample ({e}); run "
@@ -283,7 +355,12 @@ class SiteDataset(torch.utils.data.Dataset):
 
 
 def build_site_datasets(
-    config: SiteConfig, plan: Plan, *, seed: int = 0
+    config: SiteConfig,
+    plan: Plan,
+    *,
+    seed: int = 0,
+    augment: bool = False,
+    cache: bool = False,
 ) -> tuple[SiteDataset, SiteDataset, Split]:
     """Train and validation datasets of a checked site, with its persistent split."""
     cases = list_cases(config.dataset_dir, require_outcome=config.role == "train")
@@ -294,6 +371,8 @@ def build_site_datasets(
         plan,
         adc_scale=config.adc_scale,
         train=True,
+        augment=augment,
+        cache=cache,
         seed=seed,
     )
     val = SiteDataset(
@@ -301,6 +380,7 @@ def build_site_datasets(
         plan,
         adc_scale=config.adc_scale,
         train=False,
+        cache=cache,
         seed=seed,
     )
     return train, val, split

@@ -335,12 +335,13 @@ def _parse_privacy(raw: Any, problems: list[YamlProblem]) -> PrivacyConfig | Non
                     f"allowed: {', '.join(PRIVACY_KEYS)}",
                 )
             )
-    values = {}
-    for key, kwargs in (
+    values: dict[str, float] = {}
+    bounds: tuple[tuple[str, dict[str, Any]], ...] = (
         ("target_epsilon", {"low": 0.0, "low_open": True}),
         ("delta", {"low": 0.0, "high": 1.0, "low_open": True, "high_open": True}),
         ("max_grad_norm", {"low": 0.0, "low_open": True}),
-    ):
+    )
+    for key, kwargs in bounds:
         if key not in raw:
             problems.append(
                 YamlProblem(

@@ -214,6 +214,55 @@ def _smooth_noise(
     return field / (field.std() + 1e-6)
 
 
+def _from_centre_line(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, anat: Anatomy
+) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane offsets from the curving rectal centre line."""
+    cx = anat.curve_amp * np.sin(z / 25.0 + anat.curve_phase)
+    cy = 0.5 * anat.curve_amp * np.cos(z / 30.0 + anat.curve_phase)
+    return x - cx, y - cy
+
+
+def tumour_mask(
+    dx: np.ndarray, dy: np.ndarray, z: np.ndarray, r: np.ndarray, anat: Anatomy
+) -> np.ndarray:
+    """Boolean tumour mask from coordinates relative to the rectal centre line.
+
+    A tapered sector of the wall, protruding into the lumen and extending outward
+    by the stage-dependent extension, plus an EMVI vein. Only points in the
+    tumour's bounding cylinder are evaluated in detail.
+    """
+    reach = anat.wall_r + max(anat.extension, 0.0) + (9.0 if anat.emvi else 0.0)
+    half_len = anat.tumour_len / 2.0
+    tumour = np.zeros(r.shape, dtype=bool)
+    near = (np.abs(z - anat.tumour_z0) < max(half_len, 2.5)) & (r <= reach)
+    ndx, ndy, nz, nr = dx[near], dy[near], z[near], r[near]
+    theta = np.arctan2(ndy, ndx)
+    dtheta = (theta - anat.tumour_theta0 + np.pi) % (2 * np.pi) - np.pi
+    dz = (nz - anat.tumour_z0) / half_len
+    taper = 1.0 - (dtheta / anat.tumour_halfwidth) ** 2 - dz**2
+    f = np.sqrt(np.clip(taper, 0.0, None))
+    inside = (
+        (taper > 0)
+        & (nr >= anat.lumen_r - anat.protrusion * f)
+        & (nr <= anat.wall_r + anat.extension * f)
+    )
+    if anat.emvi:
+        # A tumour-filled vein leaving the tumour edge into the mesorectal fat.
+        ang = anat.tumour_theta0 + anat.emvi_theta
+        ux, uy = np.cos(ang), np.sin(ang)
+        along = ndx * ux + ndy * uy
+        across = np.abs(-ndx * uy + ndy * ux)
+        inside |= (
+            (along > anat.wall_r)
+            & (along < reach)
+            & (across < 1.6)
+            & (np.abs(nz - anat.tumour_z0) < 2.5)
+        )
+    tumour[near] = inside
+    return tumour
+
+
 def tissue_maps(
     xyz: np.ndarray,
     anat: Anatomy,
@@ -232,11 +281,8 @@ def tissue_maps(
         boolean tumour mask, each shaped like ``xyz[0]``.
     """
     x, y, z = xyz[0], xyz[1], xyz[2]
-    cx = anat.curve_amp * np.sin(z / 25.0 + anat.curve_phase)
-    cy = 0.5 * anat.curve_amp * np.cos(z / 30.0 + anat.curve_phase)
-    dx, dy = x - cx, y - cy
+    dx, dy = _from_centre_line(x, y, z, anat)
     r = np.hypot(dx, dy)
-    theta = np.arctan2(dy, dx)
 
     t2 = np.full(x.shape, AIR[0], dtype=np.float32)
     adc = np.full(x.shape, AIR[1], dtype=np.float32)
@@ -260,30 +306,7 @@ def tissue_maps(
     paint(r <= anat.wall_r, WALL)
     paint(r <= anat.lumen_r, FLUID if anat.lumen_fluid else GAS)
 
-    # Tumour: a tapered sector of the wall, protruding into the lumen and
-    # extending outward by the stage-dependent extension.
-    dtheta = (theta - anat.tumour_theta0 + np.pi) % (2 * np.pi) - np.pi
-    dz = (z - anat.tumour_z0) / (anat.tumour_len / 2.0)
-    taper = 1.0 - (dtheta / anat.tumour_halfwidth) ** 2 - dz**2
-    inside = taper > 0
-    f = np.sqrt(np.clip(taper, 0.0, None))
-    r_in = anat.lumen_r - anat.protrusion * f
-    r_out = anat.wall_r + anat.extension * f
-    tumour = inside & (r >= r_in) & (r <= r_out)
-    if anat.emvi:
-        # A tumour-filled vein leaving the tumour edge into the mesorectal fat.
-        ang = anat.tumour_theta0 + anat.emvi_theta
-        ux, uy = np.cos(ang), np.sin(ang)
-        along = dx * ux + dy * uy
-        across = np.abs(-dx * uy + dy * ux)
-        reach = anat.wall_r + max(anat.extension, 0.0) + 9.0
-        vein = (
-            (along > anat.wall_r)
-            & (along < reach)
-            & (across < 1.6)
-            & (np.abs(z - anat.tumour_z0) < 2.5)
-        )
-        tumour |= vein
+    tumour = tumour_mask(dx, dy, z, r, anat)
     tex = texture(xyz[:, tumour]) if texture is not None else 0.0
     t2[tumour] = TUMOUR_T2 * (1.0 + heterogeneity * tex)
     adc[tumour] = np.clip(adc_tumour * (1.0 + 0.8 * heterogeneity * tex), 0.3, 2.5)
@@ -372,15 +395,16 @@ def generate_case(patient: Patient, scanner: Scanner, geometry: Geometry) -> Cas
     # T2W: integrate the slice profile with sub-slice samples, then blur
     # slightly in-plane (point-spread function) and add a bias field + Rician noise.
     t2_acc = np.zeros(t2_grid.shape, dtype=np.float32)
-    offsets = (-0.33, 0.0, 0.33)
+    offsets = (-0.25, 0.25)
     for off in offsets:
         w = t2_grid.world(np.array(off))
-        t2_rel, _, mask = tissue_maps(
+        t2_rel, _, _ = tissue_maps(
             w, anat, patient.adc_mean, texture_at, patient.heterogeneity
         )
         t2_acc += t2_rel
-        if off == 0.0:
-            world, tumour = w, mask
+    world = t2_grid.world()
+    dx, dy = _from_centre_line(world[0], world[1], world[2], anat)
+    tumour = tumour_mask(dx, dy, world[2], np.hypot(dx, dy), anat)
     t2_rel = ndimage.gaussian_filter(t2_acc / len(offsets), (0.6, 0.6, 0.0))
     gain = scanner.t2_gain * float(rng.uniform(0.9, 1.1))
     signal = gain * t2_rel * bias_field(world, scanner.bias, rng)
@@ -392,7 +416,7 @@ def generate_case(patient: Patient, scanner: Scanner, geometry: Geometry) -> Cas
 
     # ADC on its own coarse grid, then trilinear resampling onto the T2W grid.
     adc_acc = np.zeros(adc_grid.shape, dtype=np.float32)
-    adc_offsets = (-0.3, 0.0, 0.3)
+    adc_offsets = (-0.25, 0.25)
     for off in adc_offsets:
         w = adc_grid.world(np.array(off))
         _, a, _ = tissue_maps(

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -69,7 +70,7 @@ class SynthResult:
     """What :func:`synthesize` wrote and measured."""
 
     out: Path
-    summary: dict[str, object]
+    summary: dict[str, Any]
     seconds: float
 
 
@@ -112,7 +113,7 @@ def _write_clinical(patients: list[Patient], path: Path) -> None:
             )
 
 
-def _dataset_json(n: int, name: str) -> dict[str, object]:
+def _dataset_json(n: int, name: str) -> dict[str, Any]:
     return {
         "name": name,
         "description": "moefl synthetic rectal MRI cohort (T2W + ADC on the T2W grid)",
@@ -144,7 +145,7 @@ def _site_yaml(
     )
 
 
-def _geometry_summary(scanner: Scanner, geometry: Geometry) -> dict[str, object]:
+def _geometry_summary(scanner: Scanner, geometry: Geometry) -> dict[str, Any]:
     t2, adc = scanner_grids(scanner, geometry, np.zeros(3))
     t2_sp = np.sqrt((t2.affine[:3, :3] ** 2).sum(0))
     adc_sp = np.sqrt((adc.affine[:3, :3] ** 2).sum(0))
@@ -288,7 +289,7 @@ def synthesize(
     PRESET_PLANS[preset].save(out / "plan.json")
 
     jobs: list[tuple[Patient, Scanner, Geometry, str]] = []
-    site_summaries: dict[str, dict[str, object]] = {}
+    site_summaries: dict[str, dict[str, Any]] = {}
     for cohort, patients, counts in (
         ("retrospective", retro, cfg.retrospective),
         ("prospective", prosp, cfg.prospective),
@@ -361,7 +362,7 @@ def synthesize(
                         progress(i, len(jobs))
 
     _write_oracle(out / "oracle", retro + prosp, volumes)
-    summary: dict[str, object] = {
+    summary: dict[str, Any] = {
         "preset": preset,
         "seed": seed,
         "tables_only": tables_only,
@@ -384,11 +385,11 @@ def synthesize(
         },
     }
     if volumes:
-        vol = np.array(list(volumes.values()))
+        all_vol = np.array(list(volumes.values()))
         summary["tumour_volume_ml"] = {
-            "median": round(float(np.median(vol)), 2),
-            "p10": round(float(np.percentile(vol, 10)), 2),
-            "p90": round(float(np.percentile(vol, 90)), 2),
+            "median": round(float(np.median(all_vol)), 2),
+            "p10": round(float(np.percentile(all_vol, 10)), 2),
+            "p90": round(float(np.percentile(all_vol, 90)), 2),
         }
     seconds = time.perf_counter() - start
     summary["generation_seconds"] = round(seconds, 1)

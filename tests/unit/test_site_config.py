@@ -108,7 +108,11 @@ def test_example_site_configs_follow_the_schema() -> None:
     """The examples are schema-valid; only their data paths are missing here."""
     folder = Path(__file__).resolve().parents[2] / "site_configs"
     examples = sorted(folder.glob("*.yaml"))
-    assert {p.stem for p in examples} == {"training_site", "nct_site", "prospective_site"}
+    assert {p.stem for p in examples} == {
+        "training_site",
+        "nct_site",
+        "prospective_site",
+    }
     for path in examples:
         _, problems = parse_site_yaml(path)
         assert [p.key for p in problems] == ["dataset_dir"], problems

@@ -1,0 +1,272 @@
+"""``moefl train``: local-only and pooled (centralised) training with comparators.
+
+One site YAML trains that site alone (the local-only baseline); several pool
+their training splits into one (the centralised upper bound a federation is
+measured against). Each site keeps its own persistent split, so the pooled
+validation set is the union of the sites' validation splits.
+
+A run folder holds ``model.safetensors``, ``plan.json``, ``config.json`` and
+``metrics.json`` (per epoch: losses, Dice, AUC overall and per regimen; plus
+the comparators trained on the same split: clinical-only logistic regression
+and gradient boosting, and the image-only network).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from torch.utils.data import ConcatDataset
+
+from client.data import SiteDataset, build_site_datasets
+from client.engine import (
+    CasePrediction,
+    EvalResult,
+    TrainConfig,
+    evaluate,
+    resolve_device,
+    safe_auc,
+    train_local,
+)
+from client.site_config import SiteConfig, load_site_config
+from shared_model.clinical import REGIMENS, encode_clinical
+from shared_model.errors import ConfigError
+from shared_model.model import ModelConfig, UNetMoECli, build_model
+from shared_model.plan import Plan
+
+log = logging.getLogger(__name__)
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class TrainRun:
+    """What :func:`run_training` wrote."""
+
+    out: Path
+    metrics: dict[str, Any]
+    model: UNetMoECli
+
+
+def find_plan(site_yamls: Sequence[Path], plan_path: Path | None) -> Plan:
+    """The plan to use: ``plan_path`` if given, else ``plan.json`` of a synthetic
+    cohort next to the first YAML's folder, else the default (demo) plan."""
+    if plan_path is not None:
+        return Plan.load(plan_path)
+    candidate = Path(site_yamls[0]).resolve().parent.parent / "plan.json"
+    if candidate.is_file():
+        return Plan.load(candidate)
+    log.warning("no --plan given and no plan.json beside the site configs; "
+                "using the default plan %s", Plan())
+    return Plan()
+
+
+def save_checkpoint(model: UNetMoECli, out: Path, *, plan: Plan,
+                    extra_config: dict[str, Any] | None = None) -> None:
+    """Write ``model.safetensors``, ``plan.json`` and ``config.json`` to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    plan.save(out / "plan.json")
+    config = {"model": model.config.to_dict(), **(extra_config or {})}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_checkpoint(folder: Path) -> tuple[UNetMoECli, Plan]:
+    """Rebuild a model from a checkpoint folder (safetensors only, no pickle)."""
+    folder = Path(folder)
+    for name in ("model.safetensors", "config.json", "plan.json"):
+        if not (folder / name).is_file():
+            raise ConfigError(f"{folder}: {name} is missing; a checkpoint folder holds "
+                              "model.safetensors, config.json and plan.json")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        model_cfg = ModelConfig.from_dict(config["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{folder / 'config.json'}: invalid ({e})") from e
+    plan = Plan.load(folder / "plan.json")
+    model = build_model(model_cfg)
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{folder / 'model.safetensors'}: weights do not match the "
+                          f"model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, plan
+
+
+def _clinical_features(ds: SiteDataset | ConcatDataset[Any]) -> tuple[np.ndarray, np.ndarray,
+                                                                    np.ndarray]:
+    cases = ds.cases if isinstance(ds, SiteDataset) else [
+        c for d in ds.datasets for c in d.cases]  # type: ignore[attr-defined]
+    x = np.stack([np.concatenate([encode_clinical(c.clinical.features),
+                                  np.eye(3)[c.clinical.regimen_index]]) for c in cases])
+    y = np.array([c.clinical.pcr for c in cases], dtype=float)
+    reg = np.array([c.clinical.regimen_index for c in cases])
+    return x, y, reg
+
+
+def clinical_comparators(train: Any, val: Any, *, seed: int) -> dict[str, Any]:
+    """Clinical-only logistic regression and gradient boosting on the same split.
+
+    Features: the 15-value clinical one-hot plus the received regimen.
+    """
+    x_tr, y_tr, _ = _clinical_features(train)
+    x_va, y_va, r_va = _clinical_features(val)
+    out: dict[str, Any] = {}
+    models = {
+        "clinical_logreg": LogisticRegression(max_iter=2000),
+        "clinical_gbm": HistGradientBoostingClassifier(max_iter=100, learning_rate=0.05,
+                                                       max_depth=3, random_state=seed),
+    }
+    for name, model in models.items():
+        if len(np.unique(y_tr)) < 2:
+            out[name] = {"auc": None, "auc_by_regimen": {}}
+            continue
+        score = model.fit(x_tr, y_tr).predict_proba(x_va)[:, 1]
+        out[name] = {
+            "auc": safe_auc(y_va, score),
+            "auc_by_regimen": {r: safe_auc(y_va[r_va == j], score[r_va == j])
+                               for j, r in enumerate(REGIMENS) if (r_va == j).any()},
+        }
+    return out
+
+
+def _epoch_record(epoch: int, train_res: Any, ev: EvalResult, seconds: float
+                  ) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "train_loss": round(train_res.loss, 5),
+        "seg_loss": round(train_res.seg_loss, 5),
+        "pcr_loss": round(train_res.pcr_loss, 5),
+        "val_loss": ev.metrics["loss"],
+        "dice": ev.metrics["dice"],
+        "auc": ev.metrics["auc"],
+        "auc_by_regimen": ev.metrics["auc_by_regimen"],
+        "lr": train_res.final_lr,
+        "seconds": round(seconds, 2),
+    }
+
+
+def fit(model: UNetMoECli, train: Any, val: Any, cfg: TrainConfig, *,
+        device: torch.device, echo: Echo, label: str) -> tuple[list[dict[str, Any]],
+                                                              EvalResult]:
+    """Train epoch by epoch on one poly schedule, evaluating after each epoch."""
+    steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    history: list[dict[str, Any]] = []
+    ev = evaluate(model, val, device=device, loss_cfg=cfg.loss)
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        epoch_cfg = TrainConfig(**{**cfg.__dict__, "epochs": 1, "max_steps": None,
+                                   "seed": cfg.seed + epoch})
+        res = train_local(model, train, epoch_cfg, device=device,
+                          schedule=((epoch - 1) * steps_per_epoch, total))
+        ev = evaluate(model, val, device=device, loss_cfg=cfg.loss)
+        rec = _epoch_record(epoch, res, ev, time.perf_counter() - t0)
+        history.append(rec)
+        auc = "n/a" if rec["auc"] is None else f"{rec['auc']:.3f}"
+        dice = "n/a" if rec["dice"] is None else f"{rec['dice']:.3f}"
+        echo(f"[{label}] epoch {epoch}/{cfg.epochs}: loss {rec['train_loss']:.3f} "
+             f"(seg {rec['seg_loss']:.3f}, pcr {rec['pcr_loss']:.3f}), val Dice {dice}, "
+             f"val AUC {auc}, {rec['seconds']:.0f} s")
+    return history, ev
+
+
+def run_training(
+    site_yamls: Sequence[Path],
+    out: Path,
+    *,
+    cfg: TrainConfig,
+    plan: Plan,
+    model_overrides: dict[str, Any] | None = None,
+    image_only: bool = True,
+    device: str | None = None,
+    echo: Echo = lambda s: None,
+) -> TrainRun:
+    """Train on one site (local-only) or several pooled (centralised).
+
+    Args:
+        site_yamls: one or more site YAMLs (checked with ``moefl check``).
+        out: run folder (created; an existing model there is replaced).
+        cfg: optimisation settings (epochs, batch size, ...).
+        plan: spacing and patch.
+        model_overrides: :class:`ModelConfig` fields to change (filters, ...).
+        image_only: also train the image-only comparator (no clinical input).
+        device: overrides the first site's ``device``.
+        echo: progress lines.
+    """
+    configs: list[SiteConfig] = [load_site_config(Path(p)) for p in site_yamls]
+    if any(c.role != "train" for c in configs):
+        raise ConfigError("every site passed to `moefl train` needs role: train")
+    names = [c.site_name for c in configs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"site names repeat: {names}")
+    torch.manual_seed(cfg.seed)
+    dev = resolve_device(device or configs[0].device)
+    trains, vals = [], []
+    for c in configs:
+        tr, va, _ = build_site_datasets(c, plan, seed=cfg.seed, augment=cfg.augment,
+                                        cache=True)
+        trains.append(tr)
+        vals.append(va)
+    train: Any = trains[0] if len(trains) == 1 else ConcatDataset(trains)
+    val: Any = vals[0] if len(vals) == 1 else ConcatDataset(vals)
+    mode = "local" if len(configs) == 1 else "pooled"
+    echo(f"{mode} training on {', '.join(names)}: {len(train)} train / {len(val)} "
+         f"validation patients, device {dev}")
+
+    model_cfg = ModelConfig.from_plan(plan, **(model_overrides or {}))
+    model = build_model(model_cfg)
+    t0 = time.perf_counter()
+    history, final = fit(model, train, val, cfg, device=dev, echo=echo, label=mode)
+    seconds = time.perf_counter() - t0
+    out = Path(out)
+    save_checkpoint(model, out, plan=plan, extra_config={
+        "train": cfg.to_dict(), "sites": names, "mode": mode})
+
+    comparators = clinical_comparators(train, val, seed=cfg.seed)
+    if image_only:
+        torch.manual_seed(cfg.seed)
+        img_model = build_model(ModelConfig.from_plan(
+            plan, **{**(model_overrides or {}), "use_clinical": False}))
+        _, img_final = fit(img_model, train, val, cfg, device=dev, echo=echo,
+                           label="image-only")
+        comparators["image_only"] = {k: img_final.metrics[k]
+                                     for k in ("auc", "auc_by_regimen", "dice")}
+    n_params = sum(p.numel() for p in model.parameters())
+    metrics = {
+        "mode": mode,
+        "sites": names,
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_parameters": n_params,
+        "device": str(dev),
+        "train_seconds": round(seconds, 1),
+        "epochs": history,
+        "final": final.metrics,
+        "comparators": comparators,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_predictions(out / "val_predictions.csv", final.cases)
+    return TrainRun(out=out, metrics=metrics, model=model)
+
+
+def _write_predictions(path: Path, cases: list[CasePrediction]) -> None:
+    """Per-case validation predictions: local runs only (never sent anywhere)."""
+    lines = ["case_id,regimen,pCR,p_nCRT,p_TNT,p_nCT,dice"]
+    for c in cases:
+        pcr = "" if np.isnan(c.pcr) else str(int(c.pcr))
+        dice = "" if c.dice is None else f"{c.dice:.4f}"
+        lines.append(f"{c.case_id},{REGIMENS[c.regimen]},{pcr},"
+                     + ",".join(f"{p:.5f}" for p in c.probs) + f",{dice}")
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,370 @@
+"""UNet-MoE-Cli: an nnU-Net-style segmenter with regimen-specific pCR experts.
+
+Architecture (tensor shapes in ``(B, C, D, H, W)``):
+
+1. **Backbone**: MONAI ``DynUNet`` with the nnU-Net kernel/stride rule for the
+   plan's patch and spacing, InstanceNorm (affine), LeakyReLU, deep
+   supervision. It segments the tumour (2 classes) from T2W + ADC.
+2. **Shared tumour features**: the predicted tumour probability map (from the
+   main segmentation head, detached so the pCR loss does not pull the
+   segmentation), the log tumour volume it implies, and the global average of
+   the bottleneck features (which see both channels).
+3. **Modality embeddings**: T2W and ADC each pass through their own small
+   convolutional stem, whose features are pooled twice (inside the predicted
+   tumour, and over the whole patch) and mapped by the modality's own MLP,
+   together with the shared features, to a 64-D embedding. The modality-specific
+   part of each embedding (the stem and its pooled features) depends only on
+   its own channel and the shared tumour probability map.
+4. **Experts**: the clinical one-hot (15) is concatenated with both embeddings
+   and fed to three expert MLPs, one per regimen (nCRT, TNT, nCT). All three run
+   on every sample ("dense" gating); the received regimen's logit is selected
+   with a one-hot mask. So every forward is counterfactual-ready, and opacus sees
+   every expert in every step.
+
+Privacy-compatible by construction: no BatchNorm, no in-place activation or
+add, and every module reachable once (``DynUNet`` registers its blocks twice,
+as attributes and inside ``skip_layers``; :func:`_dealias_dynunet` removes the
+attribute copies, since a module hooked twice gets per-sample gradients twice
+too large under opacus).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DynUNet
+from torch import nn
+
+from shared_model.clinical import CLINICAL_DIM, REGIMENS
+from shared_model.errors import ConfigError
+from shared_model.plan import Plan
+
+ACT = ("leakyrelu", {"inplace": False, "negative_slope": 0.01})
+NORM = ("instance", {"affine": True})
+GROUPS: tuple[str, ...] = ("shared", *(f"expert/{r}" for r in REGIMENS))
+
+
+def compute_kernels_strides(
+    patch_size: Sequence[int], spacing: Sequence[float], *, max_levels: int = 6
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The nnU-Net rule for kernels and strides of a 3-D U-Net.
+
+    An axis is halved at a level while its current spacing is at most twice the
+    finest current spacing and its feature map still has at least 8 voxels; a
+    thick-slice axis gets kernel 1 (no mixing across slices) until the in-plane
+    axes have caught up with its spacing.
+
+    Returns:
+        ``(kernels, strides)``, one entry per level; the first stride is 1.
+
+    Raises:
+        ConfigError: the patch is not divisible by the strides it implies.
+    """
+    sizes = [float(s) for s in patch_size]
+    spacings = [float(s) for s in spacing]
+    kernels: list[list[int]] = []
+    strides: list[list[int]] = [[1, 1, 1]]
+    while len(strides) < max_levels:
+        finest = min(spacings)
+        ratio = [s / finest for s in spacings]
+        stride = [
+            2 if r <= 2 and n >= 8 else 1 for r, n in zip(ratio, sizes, strict=True)
+        ]
+        if all(s == 1 for s in stride):
+            break
+        for n, s, p in zip(sizes, stride, patch_size, strict=True):
+            if n % s:
+                raise ConfigError(
+                    f"patch size {tuple(patch_size)} is not divisible by the strides the "
+                    f"nnU-Net rule gives (axis of size {p}); use multiples of 16"
+                )
+        kernels.append([3 if r <= 2 else 1 for r in ratio])
+        sizes = [n / s for n, s in zip(sizes, stride, strict=True)]
+        spacings = [sp * s for sp, s in zip(spacings, stride, strict=True)]
+        strides.append(stride)
+    kernels.append([3, 3, 3])
+    return kernels, strides
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the network's shape.
+
+    Attributes:
+        patch_size: input patch ``(D, H, W)``.
+        spacing: voxel spacing ``(D, H, W)`` in mm (drives kernels and strides).
+        base_filters: filters of the first level; doubled per level.
+        max_filters: cap on filters (nnU-Net: 32 and 320; the CPU default is
+            16 and 256).
+        deep_supr_num: extra deep-supervision heads.
+        stem_channels: channels of each modality stem.
+        embed_dim: size of each modality embedding.
+        expert_hidden: hidden units of each expert MLP.
+        use_clinical: False builds the image-only comparator (no clinical input).
+        in_channels, out_channels: fixed by the data format (T2W, ADC; bg, tumour).
+    """
+
+    patch_size: tuple[int, int, int] = (16, 64, 64)
+    spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)
+    base_filters: int = 16
+    max_filters: int = 256
+    deep_supr_num: int = 2
+    stem_channels: int = 16
+    embed_dim: int = 64
+    expert_hidden: int = 64
+    use_clinical: bool = True
+    in_channels: int = 2
+    out_channels: int = 2
+    kernels: list[list[int]] = field(init=False, compare=False, repr=False)
+    strides: list[list[int]] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "base_filters",
+            "max_filters",
+            "stem_channels",
+            "embed_dim",
+            "expert_hidden",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"model `{name}` must be a positive integer")
+        if self.in_channels != 2 or self.out_channels != 2:
+            raise ConfigError(
+                "the model reads 2 channels (T2W, ADC) and predicts 2 classes"
+            )
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        kernels, strides = compute_kernels_strides(self.patch_size, self.spacing)
+        if len(strides) < 3:
+            raise ConfigError(f"patch {self.patch_size} is too small for a U-Net")
+        if not 0 <= self.deep_supr_num < len(strides) - 1:
+            raise ConfigError(
+                f"model `deep_supr_num` must be in 0..{len(strides) - 2} for this patch"
+            )
+        object.__setattr__(self, "kernels", kernels)
+        object.__setattr__(self, "strides", strides)
+
+    @property
+    def filters(self) -> list[int]:
+        return [
+            min(self.base_filters * 2**i, self.max_filters)
+            for i in range(len(self.strides))
+        ]
+
+    @classmethod
+    def from_plan(cls, plan: Plan, **overrides: Any) -> ModelConfig:
+        return cls(patch_size=plan.patch_size, spacing=plan.spacing, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("kernels")
+        d.pop("strides")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f for f in cls.__dataclass_fields__ if f not in ("kernels", "strides")}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**data)
+
+
+class ModelOutput(NamedTuple):
+    """Output of :class:`UNetMoECli`.
+
+    Attributes:
+        seg_logits: train mode ``(B, 1 + deep_supr_num, 2, D, H, W)`` (all
+            deep-supervision heads, main head first); eval mode ``(B, 2, D, H, W)``.
+        pcr_logits: ``(B, 3)``, every expert's pCR logit (nCRT, TNT, nCT).
+        gated_logit: ``(B,)``, the received regimen's expert.
+    """
+
+    seg_logits: torch.Tensor
+    pcr_logits: torch.Tensor
+    gated_logit: torch.Tensor
+
+
+def _conv_block(
+    cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int]
+) -> nn.Sequential:
+    pad = [k // 2 for k in kernel]
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, tuple(kernel), tuple(stride), tuple(pad)),
+        nn.InstanceNorm3d(cout, affine=True),
+        nn.LeakyReLU(0.01, inplace=False),
+    )
+
+
+class ModalityEncoder(nn.Module):
+    """One modality's own stem and MLP: ``(B, 1, D, H, W)`` -> ``(B, embed_dim)``.
+
+    The stem's features are pooled inside the (shared) tumour probability map
+    and over the whole patch; the MLP also reads the shared features.
+    """
+
+    def __init__(self, cfg: ModelConfig, shared_dim: int) -> None:
+        super().__init__()
+        c = cfg.stem_channels
+        k, s = cfg.kernels, cfg.strides
+        self.stem = nn.Sequential(
+            _conv_block(1, c, k[0], s[0]),
+            _conv_block(c, c, k[1], s[1]),
+            _conv_block(c, 2 * c, k[2], s[2]),
+        )
+        self.mlp = nn.Sequential(
+            nn.Linear(4 * c + shared_dim, cfg.embed_dim),
+            nn.LeakyReLU(0.01, inplace=False),
+            nn.Linear(cfg.embed_dim, cfg.embed_dim),
+        )
+
+    def specific(self, x: torch.Tensor, tumour_prob: torch.Tensor) -> torch.Tensor:
+        """Modality-specific features ``(B, 4 * stem_channels)``."""
+        f = self.stem(x)
+        p = F.adaptive_avg_pool3d(tumour_prob, f.shape[2:])
+        inside = (f * p).sum(dim=(2, 3, 4)) / (p.sum(dim=(2, 3, 4)) + 1e-3)
+        return torch.cat([inside, f.mean(dim=(2, 3, 4))], dim=1)
+
+    def forward(
+        self, x: torch.Tensor, tumour_prob: torch.Tensor, shared: torch.Tensor
+    ) -> torch.Tensor:
+        return self.mlp(torch.cat([self.specific(x, tumour_prob), shared], dim=1))
+
+
+def _expert(in_dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden),
+        nn.LeakyReLU(0.01, inplace=False),
+        nn.Linear(hidden, 1),
+    )
+
+
+def _dealias_dynunet(net: DynUNet) -> nn.Module:
+    """Make every DynUNet block reachable once; return the bottleneck module.
+
+    ``forward`` only uses ``skip_layers``, ``output_block`` and the ``heads``
+    list, so the attribute copies can go. The heads stay reachable through the
+    skip layers (``super_head``).
+    """
+    bottleneck = net.bottleneck
+    for name in (
+        "input_block",
+        "downsamples",
+        "bottleneck",
+        "upsamples",
+        "deep_supervision_heads",
+    ):
+        net._modules.pop(name, None)
+    return bottleneck
+
+
+class UNetMoECli(nn.Module):
+    """The UNet-MoE-Cli network. Call as ``model(image, clinical, regimen)``.
+
+    Args of forward:
+        image: ``(B, 2, D, H, W)`` float, T2W then ADC.
+        clinical: ``(B, 15)`` one-hot (ignored when ``use_clinical`` is False).
+        regimen: ``(B,)`` int64 index into ``REGIMENS``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.backbone = DynUNet(
+            spatial_dims=3,
+            in_channels=cfg.in_channels,
+            out_channels=cfg.out_channels,
+            kernel_size=cfg.kernels,
+            strides=cfg.strides,
+            upsample_kernel_size=cfg.strides[1:],
+            filters=cfg.filters,
+            norm_name=NORM,
+            act_name=ACT,
+            deep_supervision=cfg.deep_supr_num > 0,
+            deep_supr_num=max(cfg.deep_supr_num, 1),
+            res_block=False,
+        )
+        bottleneck = _dealias_dynunet(self.backbone)
+        self._features: dict[str, torch.Tensor] = {}
+        bottleneck.register_forward_hook(self._keep_bottleneck)
+        shared_dim = cfg.filters[-1] + 1
+        self.encode_t2 = ModalityEncoder(cfg, shared_dim)
+        self.encode_adc = ModalityEncoder(cfg, shared_dim)
+        expert_in = 2 * cfg.embed_dim + (CLINICAL_DIM if cfg.use_clinical else 0)
+        self.experts = nn.ModuleDict(
+            {r: _expert(expert_in, cfg.expert_hidden) for r in REGIMENS}
+        )
+        self._voxel_ml = math.prod(cfg.spacing) / 1000.0
+
+    def _keep_bottleneck(
+        self, _module: nn.Module, _inp: Any, out: torch.Tensor
+    ) -> None:
+        self._features["bottleneck"] = out
+
+    def segment(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone pass: ``(seg_logits, bottleneck_features)``.
+
+        ``seg_logits`` is ``(B, heads, 2, D, H, W)`` in train mode and
+        ``(B, 2, D, H, W)`` in eval mode.
+        """
+        seg = self.backbone(image)
+        if self.training and seg.ndim == 5:
+            seg = seg.unsqueeze(1)  # no deep supervision: one head
+        bottleneck = self._features.pop("bottleneck")
+        return seg, bottleneck
+
+    def shared_features(
+        self, seg: torch.Tensor, bottleneck: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tumour probability map and the shared vector (bottleneck GAP, log volume)."""
+        main = seg[:, 0] if seg.ndim == 6 else seg
+        prob = torch.softmax(main, dim=1)[:, 1:2].detach()
+        log_volume = torch.log1p(prob.sum(dim=(2, 3, 4)) * self._voxel_ml)
+        shared = torch.cat([bottleneck.mean(dim=(2, 3, 4)), log_volume], dim=1)
+        return prob, shared
+
+    def forward(
+        self, image: torch.Tensor, clinical: torch.Tensor, regimen: torch.Tensor
+    ) -> ModelOutput:
+        seg, bottleneck = self.segment(image)
+        prob, shared = self.shared_features(seg, bottleneck)
+        parts = [
+            self.encode_t2(image[:, 0:1], prob, shared),
+            self.encode_adc(image[:, 1:2], prob, shared),
+        ]
+        if self.config.use_clinical:
+            parts.append(clinical)
+        z = torch.cat(parts, dim=1)
+        pcr_logits = torch.cat([self.experts[r](z) for r in REGIMENS], dim=1)
+        gate = F.one_hot(regimen, num_classes=len(REGIMENS)).to(pcr_logits.dtype)
+        return ModelOutput(seg, pcr_logits, (gate * pcr_logits).sum(dim=1))
+
+
+def build_model(cfg: ModelConfig) -> UNetMoECli:
+    """Build UNet-MoE-Cli for a model config (see :class:`ModelConfig`)."""
+    return UNetMoECli(cfg)
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Map each aggregation group to its parameter names.
+
+    ``expert/<regimen>`` holds the parameters of that regimen's expert MLP;
+    ``shared`` everything else (backbone, modality encoders). Every parameter
+    is in exactly one group. Works on a model wrapped by opacus too (the
+    ``_module.`` prefix is ignored when classifying).
+    """
+    groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+    for name, _ in model.named_parameters():
+        bare = name.removeprefix("_module.")
+        for r in REGIMENS:
+            if bare.startswith(f"experts.{r}."):
+                groups[f"expert/{r}"].append(name)
+                break
+        else:
+            groups["shared"].append(name)
+    return groups

@@ -1,0 +1,65 @@
+"""The moefl command line, driven as a user would."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from client.cli import app
+
+runner = CliRunner()
+
+
+def test_synth_tables_only_prints_counts(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["synth", str(tmp_path / "c"), "--preset", "paper", "--tables-only"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "760 retrospective + 95 prospective" in result.output
+    assert "nCT   n=  88" in result.output
+    summary = json.loads((tmp_path / "c" / "cohort.json").read_text())
+    assert summary["tables_only"] is True
+
+
+def test_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("x")
+    result = runner.invoke(app, ["synth", str(tmp_path), "--preset", "tiny"])
+    assert result.exit_code == 2
+    assert "not empty" in result.output
+
+
+def test_check_exit_codes_and_json(tiny_copy: Path) -> None:
+    yaml_path = tiny_copy / "site_configs" / "sah_sysu.yaml"
+    ok = runner.invoke(app, ["check", str(yaml_path)])
+    assert ok.exit_code == 0, ok.output
+    assert "PASSED: 0 errors" in ok.output
+    label = next((tiny_copy / "sites" / "Dataset103_SAHSYSU" / "labelsTr").iterdir())
+    label.write_bytes(b"\x1f\x8b broken")
+    bad = runner.invoke(app, ["check", str(yaml_path), "--json"])
+    assert bad.exit_code == 1
+    report = json.loads(bad.output)
+    assert report["ok"] is False and report["site"] == "sah_sysu"
+    assert any(
+        f["code"] == "unreadable" and label.name in f["where"]
+        for f in report["findings"]
+    )
+
+
+def test_check_of_a_missing_yaml_is_a_finding(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["check", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1
+    assert "cannot read the site YAML" in result.output
+
+
+def test_demo_reuses_an_existing_cohort(tiny_cohort: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(tiny_cohort, tmp_path / "run" / "cohort")
+    result = runner.invoke(
+        app, ["demo", "--out", str(tmp_path / "run"), "--preset", "tiny"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "reusing the tiny cohort" in result.output
+    assert result.output.count(": ok (") == 6
