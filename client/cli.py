@@ -122,6 +122,133 @@ def check(
     raise typer.Exit(code=0 if report.ok else 1)
 
 
+@app.command(context_settings={"allow_extra_args": True})
+def train(
+    ctx: typer.Context,
+    sites: Annotated[
+        list[Path],
+        typer.Option(
+            "--sites", help="Site YAML(s): one = local-only, several = pooled."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Run folder.")],
+    epochs: Annotated[int, typer.Option(help="Passes over the training patients.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Patients per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Initial learning rate.")] = 0.01,
+    optimizer: Annotated[str, typer.Option(help="sgd (nnU-Net) | adamw")] = "sgd",
+    pos_weight: Annotated[
+        float, typer.Option(help="BCE weight of pCR=1 cases (>1 favours sensitivity).")
+    ] = 1.0,
+    base_filters: Annotated[
+        int, typer.Option(help="First-level filters (nnU-Net: 32).")
+    ] = 8,
+    max_filters: Annotated[int, typer.Option(help="Filter cap (nnU-Net: 320).")] = 256,
+    plan: Annotated[
+        Path | None,
+        typer.Option(
+            help="plan.json (default: the synthetic cohort's, else the demo plan)."
+        ),
+    ] = None,
+    image_only: Annotated[
+        bool,
+        typer.Option(
+            "--image-only/--no-image-only", help="Also train the image-only comparator."
+        ),
+    ] = True,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment")] = True,
+    device: Annotated[
+        str | None, typer.Option(help="Override the site's device.")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Local-only (one site) or pooled (several sites) training with comparators.
+
+    Several sites may follow one --sites: `--sites a.yaml b.yaml c.yaml`.
+    """
+    from client.engine import TrainConfig
+    from client.train import find_plan, run_training
+    from shared_model.loss import LossConfig
+
+    extra = [Path(a) for a in ctx.args]
+    if any(a.suffix not in (".yaml", ".yml") for a in extra):
+        _fail(MoeflError(f"unexpected arguments {ctx.args}; site configs end in .yaml"))
+    sites = [*sites, *extra]
+    try:
+        cfg = TrainConfig(
+            optimizer=optimizer,
+            lr=lr,
+            batch_size=batch_size,
+            epochs=epochs,
+            augment=augment,
+            seed=seed,
+            loss=LossConfig(pos_weight=pos_weight),
+        )
+        run = run_training(
+            sites,
+            out,
+            cfg=cfg,
+            plan=find_plan(sites, plan),
+            model_overrides={"base_filters": base_filters, "max_filters": max_filters},
+            image_only=image_only,
+            device=device,
+            echo=typer.echo,
+        )
+    except MoeflError as e:
+        _fail(e)
+    m = run.metrics
+    typer.echo(
+        f"model: val AUC {_fmt(m['final']['auc'])}, Dice {_fmt(m['final']['dice'])}; "
+        + ", ".join(f"{k} AUC {_fmt(v['auc'])}" for k, v in m["comparators"].items())
+    )
+    typer.echo(f"wrote {run.out}/model.safetensors and metrics.json")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="Folder with model.safetensors, config.json, plan.json."),
+    ],
+    t2w: Annotated[Path, typer.Option("--t2w", help="T2-weighted NIfTI.")],
+    adc: Annotated[Path, typer.Option("--adc", help="ADC NIfTI on the T2W grid.")],
+    clinical: Annotated[
+        list[str],
+        typer.Option(
+            "--clinical", help="KEY=VALUE, repeat for cT, cN, EMVI, CRM, LLN, location."
+        ),
+    ],
+    adc_unit: Annotated[
+        str, typer.Option(help="Unit of the stored ADC: 1e-3 or 1e-6.")
+    ] = "1e-3",
+    mask_out: Annotated[
+        Path | None, typer.Option(help="Write the predicted mask here (input grid).")
+    ] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Segment one patient and print pCR probability under each regimen as JSON."""
+    from client.predict import parse_clinical_args, predict_case, save_mask
+
+    try:
+        values = parse_clinical_args(clinical)
+        result = predict_case(
+            checkpoint,
+            t2=t2w,
+            adc=adc,
+            clinical=values,
+            adc_unit=adc_unit,
+            device=device,
+        )
+        if mask_out is not None:
+            save_mask(result.mask, t2w, mask_out)
+    except MoeflError as e:
+        _fail(e)
+    typer.echo(json.dumps(result.to_dict(), indent=2))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder of the demo run.")] = Path(

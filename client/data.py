@@ -189,37 +189,37 @@ class CropAroundLabeld(MapTransform):
 
 
 def build_preprocess(
-    plan: Plan, *, adc_scale: float, has_label: bool = True
+    plan: Plan, *, adc_scale: float, has_label: bool = True, to_patch: bool = True
 ) -> Compose:
     """Deterministic part: file paths to whole volumes on the plan's grid.
 
     Loads T2W, ADC (and the mask), reorients to RAS, resamples to the plan's
     spacing, converts ADC to 10^-3 mm^2/s and clips it, z-scores T2W over its
     non-zero voxels, transposes to ``(C, D, H, W)`` and pads to the patch.
-    Its output can be cached: nothing in it is random.
+    Its output can be cached: nothing in it is random. With ``to_patch`` False
+    the volumes stay in ``(C, X, Y, Z)`` RAS order, unpadded, with their
+    affines intact (inference maps masks back through them).
     """
     keys = ["t2", "adc"] + (["label"] if has_label else [])
     d, h, w = plan.spacing
     lo, hi = plan.adc_clip
     modes = ["bilinear", "bilinear"] + (["nearest"] if has_label else [])
-    return Compose(
-        [
-            LoadImaged(
-                keys, image_only=True, ensure_channel_first=True, reader="NibabelReader"
-            ),
-            Orientationd(
-                keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))
-            ),
-            Spacingd(keys, pixdim=(w, h, d), mode=modes),
-            Lambdad("adc", partial(_scale, factor=adc_scale)),
-            ScaleIntensityRanged(
-                "adc", a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True
-            ),
-            NormalizeIntensityd("t2", nonzero=True),
+    steps: list[Any] = [
+        LoadImaged(
+            keys, image_only=True, ensure_channel_first=True, reader="NibabelReader"
+        ),
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys, pixdim=(w, h, d), mode=modes),
+        Lambdad("adc", partial(_scale, factor=adc_scale)),
+        ScaleIntensityRanged("adc", a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
+        NormalizeIntensityd("t2", nonzero=True),
+    ]
+    if to_patch:
+        steps += [
             Transposed(keys, indices=(0, 3, 2, 1)),
             SpatialPadd(keys, spatial_size=plan.patch_size),
         ]
-    )
+    return Compose(steps)
 
 
 def build_sampling(

@@ -136,7 +136,7 @@ def build_optimizer(
 
 def train_local(
     model: UNetMoECli,
-    dataset: Dataset[dict[str, Any]],
+    dataset: Any,
     cfg: TrainConfig,
     *,
     device: torch.device,
@@ -181,7 +181,9 @@ def train_local(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     t0 = time.perf_counter()
-    step, sums, seen = 0, Counter[str](), Counter[str]()
+    step = 0
+    sums: dict[str, float] = {"loss": 0.0, "seg": 0.0, "pcr": 0.0}
+    seen: Counter[str] = Counter()
     lr = cfg.lr
     while step < n_steps:
         for batch in loader:
@@ -217,7 +219,7 @@ def train_local(
                 on_step(step, float(loss.detach()))
     for p in model.parameters():
         p.requires_grad_(True)
-    n_cases = len(dataset)  # type: ignore[arg-type]
+    n_cases = len(dataset)
     regimens = Counter(REGIMENS[int(r)] for r in _regimens_of(dataset))
     return TrainResult(
         steps=step,

@@ -66,13 +66,21 @@ def find_plan(site_yamls: Sequence[Path], plan_path: Path | None) -> Plan:
     candidate = Path(site_yamls[0]).resolve().parent.parent / "plan.json"
     if candidate.is_file():
         return Plan.load(candidate)
-    log.warning("no --plan given and no plan.json beside the site configs; "
-                "using the default plan %s", Plan())
+    log.warning(
+        "no --plan given and no plan.json beside the site configs; "
+        "using the default plan %s",
+        Plan(),
+    )
     return Plan()
 
 
-def save_checkpoint(model: UNetMoECli, out: Path, *, plan: Plan,
-                    extra_config: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    model: UNetMoECli,
+    out: Path,
+    *,
+    plan: Plan,
+    extra_config: dict[str, Any] | None = None,
+) -> None:
     """Write ``model.safetensors``, ``plan.json`` and ``config.json`` to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -87,8 +95,10 @@ def load_checkpoint(folder: Path) -> tuple[UNetMoECli, Plan]:
     folder = Path(folder)
     for name in ("model.safetensors", "config.json", "plan.json"):
         if not (folder / name).is_file():
-            raise ConfigError(f"{folder}: {name} is missing; a checkpoint folder holds "
-                              "model.safetensors, config.json and plan.json")
+            raise ConfigError(
+                f"{folder}: {name} is missing; a checkpoint folder holds "
+                "model.safetensors, config.json and plan.json"
+            )
     try:
         config = json.loads((folder / "config.json").read_text())
         model_cfg = ModelConfig.from_dict(config["model"])
@@ -99,17 +109,29 @@ def load_checkpoint(folder: Path) -> tuple[UNetMoECli, Plan]:
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"{folder / 'model.safetensors'}: weights do not match the "
-                          f"model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(
+            f"{folder / 'model.safetensors'}: weights do not match the "
+            f"model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model, plan
 
 
-def _clinical_features(ds: SiteDataset | ConcatDataset[Any]) -> tuple[np.ndarray, np.ndarray,
-                                                                    np.ndarray]:
-    cases = ds.cases if isinstance(ds, SiteDataset) else [
-        c for d in ds.datasets for c in d.cases]  # type: ignore[attr-defined]
-    x = np.stack([np.concatenate([encode_clinical(c.clinical.features),
-                                  np.eye(3)[c.clinical.regimen_index]]) for c in cases])
+def _clinical_features(
+    ds: SiteDataset | ConcatDataset[Any],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    parts: list[Any] = [ds] if isinstance(ds, SiteDataset) else list(ds.datasets)
+    cases = [c for d in parts for c in d.cases]
+    x = np.stack(
+        [
+            np.concatenate(
+                [
+                    encode_clinical(c.clinical.features),
+                    np.eye(3)[c.clinical.regimen_index],
+                ]
+            )
+            for c in cases
+        ]
+    )
     y = np.array([c.clinical.pcr for c in cases], dtype=float)
     reg = np.array([c.clinical.regimen_index for c in cases])
     return x, y, reg
@@ -125,8 +147,9 @@ def clinical_comparators(train: Any, val: Any, *, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     models = {
         "clinical_logreg": LogisticRegression(max_iter=2000),
-        "clinical_gbm": HistGradientBoostingClassifier(max_iter=100, learning_rate=0.05,
-                                                       max_depth=3, random_state=seed),
+        "clinical_gbm": HistGradientBoostingClassifier(
+            max_iter=100, learning_rate=0.05, max_depth=3, random_state=seed
+        ),
     }
     for name, model in models.items():
         if len(np.unique(y_tr)) < 2:
@@ -135,14 +158,18 @@ def clinical_comparators(train: Any, val: Any, *, seed: int) -> dict[str, Any]:
         score = model.fit(x_tr, y_tr).predict_proba(x_va)[:, 1]
         out[name] = {
             "auc": safe_auc(y_va, score),
-            "auc_by_regimen": {r: safe_auc(y_va[r_va == j], score[r_va == j])
-                               for j, r in enumerate(REGIMENS) if (r_va == j).any()},
+            "auc_by_regimen": {
+                r: safe_auc(y_va[r_va == j], score[r_va == j])
+                for j, r in enumerate(REGIMENS)
+                if (r_va == j).any()
+            },
         }
     return out
 
 
-def _epoch_record(epoch: int, train_res: Any, ev: EvalResult, seconds: float
-                  ) -> dict[str, Any]:
+def _epoch_record(
+    epoch: int, train_res: Any, ev: EvalResult, seconds: float
+) -> dict[str, Any]:
     return {
         "epoch": epoch,
         "train_loss": round(train_res.loss, 5),
@@ -157,9 +184,16 @@ def _epoch_record(epoch: int, train_res: Any, ev: EvalResult, seconds: float
     }
 
 
-def fit(model: UNetMoECli, train: Any, val: Any, cfg: TrainConfig, *,
-        device: torch.device, echo: Echo, label: str) -> tuple[list[dict[str, Any]],
-                                                              EvalResult]:
+def fit(
+    model: UNetMoECli,
+    train: Any,
+    val: Any,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    echo: Echo,
+    label: str,
+) -> tuple[list[dict[str, Any]], EvalResult]:
     """Train epoch by epoch on one poly schedule, evaluating after each epoch."""
     steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
@@ -167,18 +201,26 @@ def fit(model: UNetMoECli, train: Any, val: Any, cfg: TrainConfig, *,
     ev = evaluate(model, val, device=device, loss_cfg=cfg.loss)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        epoch_cfg = TrainConfig(**{**cfg.__dict__, "epochs": 1, "max_steps": None,
-                                   "seed": cfg.seed + epoch})
-        res = train_local(model, train, epoch_cfg, device=device,
-                          schedule=((epoch - 1) * steps_per_epoch, total))
+        epoch_cfg = TrainConfig(
+            **{**cfg.__dict__, "epochs": 1, "max_steps": None, "seed": cfg.seed + epoch}
+        )
+        res = train_local(
+            model,
+            train,
+            epoch_cfg,
+            device=device,
+            schedule=((epoch - 1) * steps_per_epoch, total),
+        )
         ev = evaluate(model, val, device=device, loss_cfg=cfg.loss)
         rec = _epoch_record(epoch, res, ev, time.perf_counter() - t0)
         history.append(rec)
         auc = "n/a" if rec["auc"] is None else f"{rec['auc']:.3f}"
         dice = "n/a" if rec["dice"] is None else f"{rec['dice']:.3f}"
-        echo(f"[{label}] epoch {epoch}/{cfg.epochs}: loss {rec['train_loss']:.3f} "
-             f"(seg {rec['seg_loss']:.3f}, pcr {rec['pcr_loss']:.3f}), val Dice {dice}, "
-             f"val AUC {auc}, {rec['seconds']:.0f} s")
+        echo(
+            f"[{label}] epoch {epoch}/{cfg.epochs}: loss {rec['train_loss']:.3f} "
+            f"(seg {rec['seg_loss']:.3f}, pcr {rec['pcr_loss']:.3f}), val Dice {dice}, "
+            f"val AUC {auc}, {rec['seconds']:.0f} s"
+        )
     return history, ev
 
 
@@ -215,15 +257,18 @@ def run_training(
     dev = resolve_device(device or configs[0].device)
     trains, vals = [], []
     for c in configs:
-        tr, va, _ = build_site_datasets(c, plan, seed=cfg.seed, augment=cfg.augment,
-                                        cache=True)
+        tr, va, _ = build_site_datasets(
+            c, plan, seed=cfg.seed, augment=cfg.augment, cache=True
+        )
         trains.append(tr)
         vals.append(va)
     train: Any = trains[0] if len(trains) == 1 else ConcatDataset(trains)
     val: Any = vals[0] if len(vals) == 1 else ConcatDataset(vals)
     mode = "local" if len(configs) == 1 else "pooled"
-    echo(f"{mode} training on {', '.join(names)}: {len(train)} train / {len(val)} "
-         f"validation patients, device {dev}")
+    echo(
+        f"{mode} training on {', '.join(names)}: {len(train)} train / {len(val)} "
+        f"validation patients, device {dev}"
+    )
 
     model_cfg = ModelConfig.from_plan(plan, **(model_overrides or {}))
     model = build_model(model_cfg)
@@ -231,18 +276,27 @@ def run_training(
     history, final = fit(model, train, val, cfg, device=dev, echo=echo, label=mode)
     seconds = time.perf_counter() - t0
     out = Path(out)
-    save_checkpoint(model, out, plan=plan, extra_config={
-        "train": cfg.to_dict(), "sites": names, "mode": mode})
+    save_checkpoint(
+        model,
+        out,
+        plan=plan,
+        extra_config={"train": cfg.to_dict(), "sites": names, "mode": mode},
+    )
 
     comparators = clinical_comparators(train, val, seed=cfg.seed)
     if image_only:
         torch.manual_seed(cfg.seed)
-        img_model = build_model(ModelConfig.from_plan(
-            plan, **{**(model_overrides or {}), "use_clinical": False}))
-        _, img_final = fit(img_model, train, val, cfg, device=dev, echo=echo,
-                           label="image-only")
-        comparators["image_only"] = {k: img_final.metrics[k]
-                                     for k in ("auc", "auc_by_regimen", "dice")}
+        img_model = build_model(
+            ModelConfig.from_plan(
+                plan, **{**(model_overrides or {}), "use_clinical": False}
+            )
+        )
+        _, img_final = fit(
+            img_model, train, val, cfg, device=dev, echo=echo, label="image-only"
+        )
+        comparators["image_only"] = {
+            k: img_final.metrics[k] for k in ("auc", "auc_by_regimen", "dice")
+        }
     n_params = sum(p.numel() for p in model.parameters())
     metrics = {
         "mode": mode,
@@ -267,6 +321,9 @@ def _write_predictions(path: Path, cases: list[CasePrediction]) -> None:
     for c in cases:
         pcr = "" if np.isnan(c.pcr) else str(int(c.pcr))
         dice = "" if c.dice is None else f"{c.dice:.4f}"
-        lines.append(f"{c.case_id},{REGIMENS[c.regimen]},{pcr},"
-                     + ",".join(f"{p:.5f}" for p in c.probs) + f",{dice}")
+        lines.append(
+            f"{c.case_id},{REGIMENS[c.regimen]},{pcr},"
+            + ",".join(f"{p:.5f}" for p in c.probs)
+            + f",{dice}"
+        )
     path.write_text("\n".join(lines) + "\n")

@@ -100,7 +100,7 @@ class ModelConfig:
         spacing: voxel spacing ``(D, H, W)`` in mm (drives kernels and strides).
         base_filters: filters of the first level; doubled per level.
         max_filters: cap on filters (nnU-Net: 32 and 320; the CPU default is
-            16 and 256).
+            8 and 256, about 1.5 M parameters at the demo patch).
         deep_supr_num: extra deep-supervision heads.
         stem_channels: channels of each modality stem.
         embed_dim: size of each modality embedding.
@@ -111,7 +111,7 @@ class ModelConfig:
 
     patch_size: tuple[int, int, int] = (16, 64, 64)
     spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)
-    base_filters: int = 16
+    base_filters: int = 8
     max_filters: int = 256
     deep_supr_num: int = 2
     stem_channels: int = 16
@@ -193,9 +193,10 @@ class ModelOutput(NamedTuple):
 def _conv_block(
     cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int]
 ) -> nn.Sequential:
-    pad = [k // 2 for k in kernel]
+    k = (int(kernel[0]), int(kernel[1]), int(kernel[2]))
+    s = (int(stride[0]), int(stride[1]), int(stride[2]))
     return nn.Sequential(
-        nn.Conv3d(cin, cout, tuple(kernel), tuple(stride), tuple(pad)),
+        nn.Conv3d(cin, cout, k, s, (k[0] // 2, k[1] // 2, k[2] // 2)),
         nn.InstanceNorm3d(cout, affine=True),
         nn.LeakyReLU(0.01, inplace=False),
     )

@@ -29,3 +29,17 @@ def tiny_copy(tiny_cohort: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "cohort"
     shutil.copytree(tiny_cohort, dst, ignore=shutil.ignore_patterns("runs"))
     return dst
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Skip `gpu` tests where no CUDA device is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,210 @@
+"""``moefl predict``: one patient's tumour mask and pCR probability per regimen.
+
+The volume is preprocessed exactly as in training (RAS, the plan's spacing,
+T2W z-score, ADC in 10^-3 mm^2/s), segmented with a sliding window when it is
+larger than the patch, and the pCR experts read a patch centred on the
+predicted tumour. The mask can be written back on the input grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from client.checks import _grid_problem, _load_volume
+from client.data import build_preprocess
+from client.engine import resolve_device
+from client.site_data import Problem
+from client.train import load_checkpoint
+from shared_model.clinical import CLINICAL_FEATURES, REGIMENS, encode_clinical
+from shared_model.errors import DataError
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Result of :func:`predict_case`."""
+
+    pcr_probability: dict[str, float]
+    tumour_volume_ml: float
+    mask: np.ndarray  # on the input T2W grid, uint8
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pcr_probability": self.pcr_probability,
+            "tumour_volume_ml": round(self.tumour_volume_ml, 3),
+        }
+
+
+def parse_clinical_args(pairs: list[str]) -> dict[str, str]:
+    """``["cT=T3", "cN=N1", ...]`` -> validated clinical mapping.
+
+    Raises:
+        DataError: malformed pair, unknown variable, missing variable or value
+            outside its allowed set (the message lists what is allowed).
+    """
+    values: dict[str, str] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise DataError(f"--clinical {pair!r}: expected KEY=VALUE, e.g. cT=T3")
+        key, value = (s.strip() for s in pair.split("=", 1))
+        if key not in CLINICAL_FEATURES:
+            raise DataError(
+                f"--clinical {key}: unknown variable; expected one of "
+                f"{list(CLINICAL_FEATURES)}"
+            )
+        values[key] = value
+    missing = [k for k in CLINICAL_FEATURES if k not in values]
+    if missing:
+        raise DataError(
+            f"--clinical is missing {missing}; give every one of "
+            f"{list(CLINICAL_FEATURES)}"
+        )
+    encode_clinical(values)  # raises with the allowed values
+    return values
+
+
+def _check_inputs(t2: Path, adc: Path) -> nib.Nifti1Image:
+    for path in (t2, adc):
+        if not Path(path).is_file():
+            raise DataError(f"{path}: file not found")
+    loaded = []
+    for path in (t2, adc):
+        result = _load_volume(Path(path), str(path))
+        if isinstance(result, Problem):
+            raise DataError(f"{result.where}: {result.message}; {result.fix}")
+        img, data = result
+        if data.ndim != 3:
+            raise DataError(f"{path}: image is {data.ndim}-D; expected a 3-D volume")
+        if not np.isfinite(np.asarray(data, dtype=np.float64)).all():
+            raise DataError(f"{path}: contains NaN or infinite voxels")
+        loaded.append(img)
+    grid = _grid_problem(loaded[0], loaded[1], str(t2), str(adc), "ADC")
+    if grid is not None:
+        raise DataError(f"{grid.where}: {grid.message}; {grid.fix}")
+    return loaded[0]
+
+
+def _centred_patch(
+    volume: torch.Tensor, mask: torch.Tensor, patch: tuple[int, ...]
+) -> torch.Tensor:
+    """Patch of ``volume`` (C, D, H, W) centred on ``mask``'s bounding box."""
+    idx = torch.nonzero(mask)
+    shape = volume.shape[1:]
+    if len(idx) == 0:
+        centre = [n // 2 for n in shape]
+    else:
+        centre = [int((idx[:, i].min() + idx[:, i].max()) // 2) for i in range(3)]
+    lo = [
+        min(max(c - p // 2, 0), max(n - p, 0))
+        for c, p, n in zip(centre, patch, shape, strict=True)
+    ]
+    crop = volume[
+        :, lo[0] : lo[0] + patch[0], lo[1] : lo[1] + patch[1], lo[2] : lo[2] + patch[2]
+    ]
+    pad = []
+    for n, p in zip(reversed(crop.shape[1:]), reversed(patch), strict=True):
+        pad += [0, p - n]
+    return torch.nn.functional.pad(crop, pad)
+
+
+@torch.no_grad()
+def predict_case(
+    checkpoint: Path,
+    *,
+    t2: Path,
+    adc: Path,
+    clinical: Mapping[str, str],
+    adc_unit: str = "1e-3",
+    device: str = "auto",
+) -> Prediction:
+    """Segment one patient and predict pCR under every regimen.
+
+    Raises:
+        DataError: missing file, unreadable NIfTI, grid mismatch, bad clinical value.
+        ConfigError: the checkpoint folder is incomplete or inconsistent.
+    """
+    if adc_unit not in ("1e-3", "1e-6"):
+        raise DataError(f"--adc-unit {adc_unit!r}: expected 1e-3 or 1e-6")
+    ref = _check_inputs(Path(t2), Path(adc))
+    model, plan = load_checkpoint(Path(checkpoint))
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    prep = build_preprocess(
+        plan,
+        adc_scale=1.0 if adc_unit == "1e-3" else 1e-3,
+        has_label=False,
+        to_patch=False,
+    )
+    data = prep({"t2": str(t2), "adc": str(adc)})
+    processed_affine = np.asarray(data["t2"].affine, dtype=np.float64)
+    # (C, X, Y, Z) in RAS order -> (C, D, H, W)
+    image = (
+        torch.cat(
+            [
+                torch.as_tensor(np.asarray(data["t2"])),
+                torch.as_tensor(np.asarray(data["adc"])),
+            ]
+        )
+        .float()
+        .permute(0, 3, 2, 1)
+    )
+
+    def seg_only(x: torch.Tensor) -> torch.Tensor:
+        return model.backbone(x)
+
+    logits = sliding_window_inference(
+        image[None].to(dev),
+        roi_size=plan.patch_size,
+        sw_batch_size=2,
+        predictor=seg_only,
+        overlap=0.5,
+        mode="gaussian",
+    )
+    assert isinstance(logits, torch.Tensor)  # a tensor predictor gives a tensor
+    mask = logits.argmax(dim=1)[0].cpu()
+    patch = _centred_patch(image, mask, plan.patch_size)
+    clin = torch.from_numpy(encode_clinical(clinical))[None].to(dev)
+    out = model(patch[None].to(dev), clin, torch.zeros(1, dtype=torch.long, device=dev))
+    probs = torch.sigmoid(out.pcr_logits[0].float()).cpu().tolist()
+    volume_ml = float(mask.sum()) * math.prod(plan.spacing) / 1000.0
+    mask_in = _to_input_grid(mask.numpy(), processed_affine, ref)
+    return Prediction(
+        pcr_probability={r: round(p, 4) for r, p in zip(REGIMENS, probs, strict=True)},
+        tumour_volume_ml=volume_ml,
+        mask=mask_in,
+    )
+
+
+def _to_input_grid(
+    mask_dhw: np.ndarray, processed_affine: np.ndarray, ref: nib.Nifti1Image
+) -> np.ndarray:
+    """Nearest-neighbour resample of a ``(D, H, W)`` mask back onto ``ref``'s grid.
+
+    ``processed_affine`` maps the processed volume's ``(X, Y, Z)`` voxel indices
+    (before the transpose to ``(D, H, W)``) to world coordinates.
+    """
+    xyz = np.transpose(mask_dhw, (2, 1, 0)).astype(np.float32)
+    idx = np.indices(ref.shape[:3]).reshape(3, -1).astype(np.float64)
+    to_proc = np.linalg.inv(processed_affine) @ ref.affine
+    coords = to_proc[:3, :3] @ idx + to_proc[:3, 3:4]
+    out = ndimage.map_coordinates(xyz, coords, order=0, mode="constant", cval=0.0)
+    return out.reshape(ref.shape[:3]).astype(np.uint8)
+
+
+def save_mask(mask: np.ndarray, reference: Path, path: Path) -> None:
+    """Write ``mask`` as NIfTI with the reference image's header geometry."""
+    ref = nib.load(str(reference))
+    assert isinstance(ref, nib.Nifti1Image | nib.Nifti2Image)  # checked on input
+    img = nib.Nifti1Image(mask.astype(np.uint8), ref.affine)
+    img.set_qform(ref.affine, code=1)
+    img.set_sform(ref.affine, code=1)
+    nib.save(img, str(path))

@@ -1,0 +1,194 @@
+"""`moefl train` and `moefl predict` end to end on the tiny cohort."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from client.cli import app
+from client.predict import parse_clinical_args, predict_case
+from client.train import load_checkpoint
+from shared_model.errors import ConfigError, DataError
+
+runner = CliRunner()
+CLINICAL = ["cT=T3", "cN=N1", "EMVI=0", "CRM=1", "LLN=0", "location=mid"]
+
+
+@pytest.fixture(scope="module")
+def pooled_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import shutil
+
+    root = tmp_path_factory.mktemp("train") / "cohort"
+    shutil.copytree(tiny_cohort, root)
+    out = root.parent / "run"
+    yamls = [str(root / "site_configs" / f"{s}.yaml") for s in ("west_china", "sysucc")]
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--sites",
+            *yamls,
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--base-filters",
+            "4",
+            "--max-filters",
+            "32",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "pooled training on west_china, sysucc" in result.output
+    return out
+
+
+def test_run_folder_holds_the_documented_files(pooled_run: Path) -> None:
+    for name in ("model.safetensors", "plan.json", "config.json", "metrics.json"):
+        assert (pooled_run / name).is_file()
+    m = json.loads((pooled_run / "metrics.json").read_text())
+    assert m["mode"] == "pooled" and m["sites"] == ["west_china", "sysucc"]
+    assert m["n_train"] + m["n_val"] == 23
+    epoch = m["epochs"][0]
+    assert {"train_loss", "val_loss", "dice", "auc", "auc_by_regimen"} <= set(epoch)
+    assert set(m["comparators"]) == {"clinical_logreg", "clinical_gbm", "image_only"}
+    assert m["n_parameters"] > 10_000
+
+
+def test_checkpoint_round_trips_without_pickle(pooled_run: Path) -> None:
+    raw = (pooled_run / "model.safetensors").read_bytes()
+    assert not raw.startswith(b"\x80")  # not a pickle stream
+    model, plan = load_checkpoint(pooled_run)
+    model.eval()
+    x = torch.randn(1, 2, *plan.patch_size)
+    c = torch.zeros(1, 15)
+    again, _ = load_checkpoint(pooled_run)
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(
+            model(x, c, torch.tensor([1])).pcr_logits,
+            again(x, c, torch.tensor([1])).pcr_logits,
+        )
+
+
+def test_broken_checkpoint_is_a_clear_error(pooled_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(pooled_run, broken)
+    (broken / "plan.json").unlink()
+    with pytest.raises(ConfigError, match="plan.json is missing"):
+        load_checkpoint(broken)
+
+
+def test_predict_prints_json_and_writes_mask_on_the_input_grid(
+    pooled_run: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    images = tiny_cohort / "sites" / "Dataset102_SYSUCC" / "imagesTr"
+    t2, adc = images / "SYC_R0001_0000.nii.gz", images / "SYC_R0001_0001.nii.gz"
+    mask_path = tmp_path / "mask.nii.gz"
+    args = [
+        "predict",
+        str(pooled_run),
+        "--t2w",
+        str(t2),
+        "--adc",
+        str(adc),
+        "--adc-unit",
+        "1e-6",
+        "--mask-out",
+        str(mask_path),
+    ]
+    for c in CLINICAL:
+        args += ["--clinical", c]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert set(out["pcr_probability"]) == {"nCRT", "TNT", "nCT"}
+    assert all(0 <= p <= 1 for p in out["pcr_probability"].values())
+    assert out["tumour_volume_ml"] >= 0
+    ref, mask = nib.load(str(t2)), nib.load(str(mask_path))
+    assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+
+def test_mask_maps_back_through_the_resampling(
+    pooled_run: Path, tiny_cohort: Path
+) -> None:
+    """A known label, pushed through the same preprocessing and back, lands where
+    it was: checks the inverse mapping independently of model quality."""
+    from client.data import build_preprocess
+    from client.predict import _to_input_grid
+
+    _, plan = load_checkpoint(pooled_run)
+    folder = tiny_cohort / "sites" / "Dataset101_WestChina"
+    label = folder / "labelsTr" / "WCH_R0002.nii.gz"
+    prep = build_preprocess(plan, adc_scale=1.0, has_label=True, to_patch=False)
+    data = prep(
+        {
+            "t2": str(folder / "imagesTr" / "WCH_R0002_0000.nii.gz"),
+            "adc": str(folder / "imagesTr" / "WCH_R0002_0001.nii.gz"),
+            "label": str(label),
+        }
+    )
+    lab_dhw = np.transpose(np.asarray(data["label"])[0], (2, 1, 0)) > 0.5
+    back = _to_input_grid(
+        lab_dhw.astype(np.uint8), np.asarray(data["label"].affine), nib.load(str(label))
+    )
+    truth = np.asarray(nib.load(str(label)).dataobj) > 0
+    dice = 2 * (back.astype(bool) & truth).sum() / (back.sum() + truth.sum())
+    assert dice > 0.8
+
+
+@pytest.mark.parametrize(
+    ("pairs", "match"),
+    [
+        (["cT=T3"], "missing"),
+        ([*CLINICAL[:-1], "location=distal"], "`location` has value 'distal'"),
+        ([*CLINICAL, "age=60"], "unknown variable"),
+        (["cT:T3"], "KEY=VALUE"),
+    ],
+)
+def test_bad_clinical_input_is_named(pairs: list[str], match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        parse_clinical_args(pairs)
+
+
+def test_bad_image_input_is_named(
+    pooled_run: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    images = tiny_cohort / "sites" / "Dataset101_WestChina" / "imagesTr"
+    t2 = images / "WCH_R0001_0000.nii.gz"
+    other = (
+        tiny_cohort
+        / "sites"
+        / "Dataset102_SYSUCC"
+        / "imagesTr"
+        / "SYC_R0001_0001.nii.gz"
+    )
+    clinical = parse_clinical_args(CLINICAL)
+    with pytest.raises(DataError, match="file not found"):
+        predict_case(pooled_run, t2=t2, adc=tmp_path / "none.nii.gz", clinical=clinical)
+    with pytest.raises(DataError, match="grid"):
+        predict_case(pooled_run, t2=t2, adc=other, clinical=clinical)
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(pooled_run),
+            "--t2w",
+            str(t2),
+            "--adc",
+            str(other),
+            *sum((["--clinical", c] for c in CLINICAL), []),
+        ],
+    )
+    assert result.exit_code == 2 and "error:" in result.output
