@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -249,6 +249,102 @@ def predict(
     typer.echo(json.dumps(result.to_dict(), indent=2))
 
 
+def parse_run_config(text: str) -> dict[str, Any]:
+    """Flower-style ``"key=value key2='text'"`` into a dict (numbers, booleans, text)."""
+    import shlex
+
+    out: dict[str, Any] = {}
+    for item in shlex.split(text):
+        if "=" not in item:
+            raise MoeflError(f"--run-config item {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        parsed: Any = value
+        if value.lower() in ("true", "false"):
+            parsed = value.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    parsed = kind(value)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = parsed
+    return out
+
+
+@app.command()
+def simulate(
+    preset: Annotated[
+        str, typer.Option(help="Synthetic cohort preset (made if missing).")
+    ] = "demo",
+    out: Annotated[
+        Path, typer.Option(help="Folder for cohort/ and federated/.")
+    ] = Path("runs/simulation"),
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    run_config: Annotated[
+        str,
+        typer.Option(
+            help="Flower-style overrides: \"strategy='fedprox' local-epochs=2\"."
+        ),
+    ] = "",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Run the whole federation on this machine with Flower's simulation runtime."""
+    from simulations.simulate import run_simulated_federation
+
+    try:
+        overrides = parse_run_config(run_config)
+        if rounds is not None:
+            overrides["num-server-rounds"] = rounds
+        record = run_simulated_federation(
+            out, preset=preset, seed=seed, overrides=overrides, echo=typer.echo
+        )
+    except MoeflError as e:
+        _fail(e)
+    from simulations.simulate import format_run_summary
+
+    typer.echo(format_run_summary(record))
+
+
+@app.command()
+def certs(
+    out: Annotated[
+        Path, typer.Argument(help="Folder for ca.crt, ca.key, server.pem, server.key.")
+    ],
+    host: Annotated[
+        list[str],
+        typer.Option("--host", help="IP or DNS name of the SuperLink (repeat)."),
+    ] = ["127.0.0.1", "localhost"],  # noqa: B006
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+) -> None:
+    """Coordinator: a CA and the SuperLink's TLS certificate."""
+    from server.deploy import make_certificates
+
+    try:
+        paths = make_certificates(out, hosts=host, days=days)
+    except MoeflError as e:
+        _fail(e)
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+    typer.echo(f"give {paths['ca_cert']} to every site; keep {paths['ca_key']} offline")
+
+
+@app.command()
+def site_key(
+    out: Annotated[Path, typer.Argument(help="Folder for <site>.key and <site>.pub.")],
+    site: Annotated[str, typer.Argument(help="The site's name (as in its YAML).")],
+) -> None:
+    """Site: an authentication key pair (send only the .pub to the coordinator)."""
+    from server.deploy import make_site_key
+
+    try:
+        private, public = make_site_key(out, site)
+    except MoeflError as e:
+        _fail(e)
+    typer.echo(
+        f"wrote {private} (keep it on this site) and {public} (send to the coordinator)"
+    )
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder of the demo run.")] = Path(
@@ -256,12 +352,15 @@ def demo(
     ),
     preset: Annotated[str, typer.Option(help="Cohort preset.")] = "demo",
     seed: Annotated[int, typer.Option()] = 0,
+    rounds: Annotated[
+        int, typer.Option(help="Federated rounds (0: cohort and checks only).")
+    ] = 8,
 ) -> None:
-    """The main job on the built-in synthetic default: cohort, then site checks."""
+    """The main job on the built-in synthetic default: cohort, site checks, federation."""
     from client.demo import run_demo
 
     try:
-        ok = run_demo(out, preset=preset, seed=seed, echo=typer.echo)
+        ok = run_demo(out, preset=preset, seed=seed, rounds=rounds, echo=typer.echo)
     except MoeflError as e:
         _fail(e)
     raise typer.Exit(code=0 if ok else 1)

@@ -1,7 +1,8 @@
 """The demo job behind ``make demo``: a synthetic federation, end to end.
 
-Today it makes the ``demo`` cohort (reused when already there with the same
-preset and seed) and runs the preflight check on every site.
+Makes the ``demo`` cohort (reused when already there with the same preset and
+seed), runs the preflight check on every site, then a simulated federation of
+the three retrospective sites.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ def run_demo(
     *,
     preset: str = "demo",
     seed: int = 0,
+    rounds: int = 8,
     echo: Callable[[str], None] = lambda s: None,
 ) -> bool:
-    """Make (or reuse) the cohort under ``out/cohort`` and check every site.
+    """Make (or reuse) the cohort under ``out/cohort``, check every site, then run
+    ``rounds`` federated rounds in simulation under ``out/federated``.
 
     Returns:
-        True when every site passes its check.
+        True when every site passes its check (and the federation finished).
     """
     cohort_dir = Path(out) / "cohort"
     summary_path = cohort_dir / "cohort.json"
@@ -64,4 +67,22 @@ def run_demo(
             f"({n} usable cases, {len(report.errors)} errors, "
             f"{len(report.warnings)} warnings)"
         )
-    return all_ok
+    if not all_ok or rounds == 0:
+        return all_ok
+    from simulations.simulate import format_run_summary, run_simulated_federation
+
+    federated = Path(out) / "federated"
+    if federated.exists():
+        import shutil
+
+        shutil.rmtree(federated)
+    record = run_simulated_federation(
+        Path(out),
+        preset=preset,
+        seed=seed,
+        overrides={"num-server-rounds": rounds},
+        echo=echo,
+    )
+    echo(format_run_summary(record))
+    echo(f"run folder: {federated} (metrics.json, checkpoints/, model.safetensors)")
+    return True

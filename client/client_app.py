@@ -1,0 +1,237 @@
+"""Flower ClientApp: a hospital's node. Thin adapter over the training engine.
+
+The site YAML path arrives as node config ``site-config`` (deployment). In
+simulation, node config ``partition-id`` selects one of the synthetic cohort's
+site YAMLs (sorted by name) under run config ``cohort-dir``.
+
+Train: the site receives the global weights, trains the shared group and the
+experts of the regimens present in its training split (the others are frozen,
+so they never change here and are not uploaded), and replies with the trained
+arrays, the counts ``n-shared``, ``n-nCRT``, ``n-TNT``, ``n-nCT``, the loss and
+the wall time, plus its site name. Evaluate: the site scores its validation
+split and replies with counts only (score histograms per class and regimen,
+Dice and loss sums), never per-patient scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+
+from client.data import SiteDataset, build_site_datasets
+from client.engine import TrainConfig, evaluate, resolve_device, train_local
+from client.site_config import SiteConfig, load_site_config
+from shared_model.clinical import REGIMENS
+from shared_model.errors import ConfigError
+from shared_model.federated_metrics import score_histograms
+from shared_model.federation_config import FederationConfig
+from shared_model.loss import LossConfig
+from shared_model.model import ModelConfig, UNetMoECli, build_model, parameter_groups
+from shared_model.plan import Plan
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@dataclass
+class SiteState:
+    """A site's loaded data, kept for the life of the process (across rounds)."""
+
+    config: SiteConfig
+    plan: Plan
+    train: SiteDataset
+    val: SiteDataset
+    counts: dict[str, int]
+
+
+_SITES: dict[tuple[str, str], SiteState] = {}
+
+
+def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def site_yaml_for(node_config: dict[str, Any], fed: FederationConfig) -> Path:
+    """The node's site YAML: ``site-config``, else the partition's cohort site."""
+    if "site-config" in node_config:
+        return Path(str(node_config["site-config"]))
+    if "partition-id" not in node_config:
+        raise ConfigError("node config needs `site-config` (the site YAML path)")
+    if not fed.cohort_dir:
+        raise ConfigError(
+            "simulation needs run config `cohort-dir` (a synthetic cohort)"
+        )
+    yamls = sorted((Path(fed.cohort_dir) / "site_configs").glob("*.yaml"))
+    pid = int(node_config["partition-id"])
+    if not 0 <= pid < len(yamls):
+        raise ConfigError(
+            f"partition {pid} has no site YAML in {fed.cohort_dir}/site_configs "
+            f"({len(yamls)} found)"
+        )
+    return yamls[pid]
+
+
+def load_site(
+    node_config: dict[str, Any], fed: FederationConfig, plan: Plan
+) -> SiteState:
+    path = site_yaml_for(node_config, fed)
+    key = (str(path.resolve()), json.dumps(plan.to_dict(), sort_keys=True))
+    if key not in _SITES:
+        config = load_site_config(path)
+        train, val, _ = build_site_datasets(
+            config, plan, seed=fed.seed, augment=fed.augment, cache=True
+        )
+        regimens = train.regimen_indices()
+        counts = {
+            "n-shared": len(train),
+            **{f"n-{r}": regimens.count(j) for j, r in enumerate(REGIMENS)},
+        }
+        _SITES[key] = SiteState(config, plan, train, val, counts)
+    return _SITES[key]
+
+
+def _setup(
+    msg: Message, context: Context
+) -> tuple[FederationConfig, SiteState, UNetMoECli, torch.device]:
+    cfg: dict[str, Any] = dict(msg.content.config_records["config"])
+    fed = FederationConfig.from_run_config(json.loads(str(cfg["run-config"])))
+    plan = Plan.from_dict(json.loads(str(cfg["plan"])))
+    site = load_site(dict(context.node_config), fed, plan)
+    model = build_model(ModelConfig.from_dict(json.loads(str(cfg["model-config"]))))
+    arrays = record_to_arrays(msg.content.array_records["arrays"])
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+    torch.manual_seed(fed.seed + int(cfg["server-round"]))
+    return fed, site, model, resolve_device(site.config.device)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training on the site's split; upload only the groups it trained."""
+    t0 = time.perf_counter()
+    fed, site, model, device = _setup(msg, context)
+    rnd = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+    groups = parameter_groups(model)
+    trained_groups = ["shared"] + [
+        f"expert/{r}" for r in REGIMENS if site.counts[f"n-{r}"]
+    ]
+    trainable = {n for g in trained_groups for n in groups[g]}
+    steps = fed.local_steps or fed.local_epochs * -(-len(site.train) // fed.batch_size)
+    schedule = (
+        ((rnd - 1) * steps, fed.num_server_rounds * steps)
+        if fed.lr_schedule == "poly"
+        else (0, 10**12)
+    )
+    # Seed this round's crops and augmentation from (seed, round) alone, so a
+    # resumed run draws what an uninterrupted one would have drawn.
+    site.train.transform.set_random_state(seed=fed.seed * 1000 + rnd)
+    global_weights = {
+        n: p.detach().clone() for n, p in model.named_parameters() if n in trainable
+    }
+    extra = None
+    if fed.strategy == "fedprox" and fed.proximal_mu > 0:
+
+        def extra(m: UNetMoECli) -> torch.Tensor:
+            terms = [
+                (p - global_weights[n].to(p.device)).pow(2).sum()
+                for n, p in m.named_parameters()
+                if n in global_weights
+            ]
+            return 0.5 * fed.proximal_mu * torch.stack(terms).sum()
+
+    result = train_local(
+        model,
+        site.train,
+        TrainConfig(
+            optimizer=fed.optimizer,
+            lr=fed.lr,
+            batch_size=fed.batch_size,
+            max_steps=steps,
+            augment=fed.augment,
+            seed=fed.seed * 1000 + rnd,
+            loss=LossConfig(),
+        ),
+        device=device,
+        trainable=trainable,
+        schedule=schedule,
+        extra_loss=extra,
+    )
+    upload = {
+        n: p.detach().cpu().numpy()
+        for n, p in model.named_parameters()
+        if n in trainable
+    }
+    metrics = MetricRecord(
+        {
+            **site.counts,
+            "train-loss": result.loss,
+            "seg-loss": result.seg_loss,
+            "pcr-loss": result.pcr_loss,
+            "steps": result.steps,
+            "seconds": time.perf_counter() - t0,
+        }
+    )
+    log.info(
+        "site %s round %d: %d steps, loss %.4f",
+        site.config.site_name,
+        rnd,
+        result.steps,
+        result.loss,
+    )
+    content = RecordDict(
+        {
+            "arrays": arrays_to_record(upload),
+            "metrics": metrics,
+            "info": ConfigRecord({"site": site.config.site_name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Score the validation split; reply with counts only."""
+    t0 = time.perf_counter()
+    _, site, model, device = _setup(msg, context)
+    result = evaluate(model, site.val, device=device)
+    values: dict[str, Any] = {"n": len(result.cases)}
+    for j, r in enumerate(REGIMENS):
+        cases = [c for c in result.cases if c.regimen == j]
+        pos, neg = score_histograms([c.probs[j] for c in cases], [c.pcr for c in cases])
+        values[f"hist-pos-{r}"] = pos
+        values[f"hist-neg-{r}"] = neg
+    dice = [c.dice for c in result.cases if c.dice is not None]
+    values["dice-sum"] = float(sum(dice))
+    values["dice-n"] = len(dice)
+    losses = [c.loss for c in result.cases if not np.isnan(c.loss)]
+    values["loss-sum"] = float(sum(losses))
+    values["loss-n"] = len(losses)
+    values["seconds"] = time.perf_counter() - t0
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(values),
+            "info": ConfigRecord({"site": site.config.site_name}),
+        }
+    )
+    return Message(content, reply_to=msg)

@@ -1,0 +1,211 @@
+"""Grouped aggregation strategy on Flower's Message API.
+
+Sampling and message construction come from Flower's ``FedAvg``; aggregation
+is ours: replies are checked one by one (an error reply, NaN/Inf, a wrong
+shape, an unknown key or a bad count excludes that site and is logged, the
+round goes on), sorted by site name, and folded with
+:func:`shared_model.aggregation.grouped_mean`; FedAdam optionally moves the
+trained groups with server-side Adam. Sites are named by the ``site`` entry of
+their reply, never by Flower node id (random per run).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp.strategy import FedAvg
+
+from client.client_app import record_to_arrays
+from shared_model.aggregation import (
+    GROUP_COUNT_KEYS,
+    AdamState,
+    GroupResult,
+    SiteUpdate,
+    fedadam_step,
+    grouped_mean,
+    verify_update,
+)
+from shared_model.clinical import REGIMENS
+from shared_model.federated_metrics import AUC_BINS, auc_from_histograms
+from shared_model.federation_config import FederationConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundOutcome:
+    """What aggregation did in one round."""
+
+    arrays: dict[str, np.ndarray]
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    groups: dict[str, GroupResult] = field(default_factory=dict)
+    excluded: dict[str, list[str]] = field(default_factory=dict)
+    updated: bool = False
+
+
+def _site_name(msg: Message, fallback: str) -> str:
+    try:
+        return str(msg.content["info"]["site"])
+    except (KeyError, TypeError):
+        return fallback
+
+
+class GroupedStrategy(FedAvg):
+    """FedAvg sampling with grouped, fault-tolerant, ordered aggregation."""
+
+    def __init__(self, fed: FederationConfig, groups: dict[str, list[str]]) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=fed.min_sites,
+            min_evaluate_nodes=fed.min_sites,
+            min_available_nodes=fed.min_sites,
+        )
+        self.fed = fed
+        self.groups = groups
+        self.adam = AdamState()
+
+    def aggregate_round(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        current: dict[str, np.ndarray],
+    ) -> RoundOutcome:
+        """Verify every reply, then aggregate the valid ones by group."""
+        outcome = RoundOutcome(arrays=current)
+        updates: list[SiteUpdate] = []
+        for i, msg in enumerate(replies):
+            name = _site_name(msg, f"node-{i}")
+            if msg.has_error():
+                outcome.excluded[name] = [f"site reported an error: {msg.error.reason}"]
+                continue
+            try:
+                arrays = record_to_arrays(msg.content.array_records["arrays"])
+                metrics: dict[str, Any] = dict(msg.content.metric_records["metrics"])
+                counts = {g: metrics[key] for g, key in GROUP_COUNT_KEYS.items()}
+            except (KeyError, TypeError, ValueError) as e:
+                outcome.excluded[name] = [f"malformed reply ({e!r})"]
+                continue
+            if name in outcome.sites:
+                outcome.excluded[name] = ["a second reply under the same site name"]
+                continue
+            problems = verify_update(
+                SiteUpdate(name, arrays, counts), current, self.groups
+            )
+            if problems:
+                outcome.excluded[name] = problems
+                continue
+            updates.append(SiteUpdate(name, arrays, counts))
+            outcome.sites[name] = {
+                **{k: metrics[k] for k in GROUP_COUNT_KEYS.values()},
+                "train_loss": float(metrics.get("train-loss", float("nan"))),
+                "seconds": float(metrics.get("seconds", float("nan"))),
+                "bytes_up": int(sum(a.nbytes for a in arrays.values())),
+            }
+        for name, problems in outcome.excluded.items():
+            log.warning(
+                "round %d: excluded site %s: %s",
+                server_round,
+                name,
+                "; ".join(problems),
+            )
+        if len(updates) < self.fed.min_sites:
+            log.warning(
+                "round %d: %d valid replies, fewer than min-sites=%d; the model "
+                "is not updated this round",
+                server_round,
+                len(updates),
+                self.fed.min_sites,
+            )
+            return outcome
+        min_sites = {
+            g: (1 if g == "shared" else self.fed.min_sites_per_expert)
+            for g in self.groups
+        }
+        mean, outcome.groups = grouped_mean(
+            current, updates, self.groups, min_sites=min_sites
+        )
+        if self.fed.strategy == "fedadam":
+            moved = [
+                n
+                for g, res in outcome.groups.items()
+                if res.updated
+                for n in self.groups[g]
+            ]
+            mean = fedadam_step(
+                current,
+                mean,
+                moved,
+                self.adam,
+                lr=self.fed.server_lr,
+                beta1=self.fed.server_beta1,
+                beta2=self.fed.server_beta2,
+                tau=self.fed.server_tau,
+            )
+        outcome.arrays = mean
+        outcome.updated = True
+        return outcome
+
+    @staticmethod
+    def aggregate_evaluation(replies: Iterable[Message]) -> dict[str, Any]:
+        """Federated validation metrics from the sites' counts."""
+        pos = {r: np.zeros(AUC_BINS, dtype=np.int64) for r in REGIMENS}
+        neg = {r: np.zeros(AUC_BINS, dtype=np.int64) for r in REGIMENS}
+        dice_sum = loss_sum = 0.0
+        dice_n = loss_n = n = 0
+        per_site: dict[str, Any] = {}
+        for i, msg in enumerate(replies):
+            name = _site_name(msg, f"node-{i}")
+            if msg.has_error():
+                log.warning(
+                    "evaluation: site %s reported an error: %s", name, msg.error.reason
+                )
+                continue
+            m: dict[str, Any] = dict(msg.content["metrics"])
+            site_pos = np.zeros(AUC_BINS, np.int64)
+            site_neg = np.zeros(AUC_BINS, np.int64)
+            try:
+                for r in REGIMENS:
+                    p = np.asarray(m[f"hist-pos-{r}"], np.int64)
+                    q = np.asarray(m[f"hist-neg-{r}"], np.int64)
+                    if (
+                        p.shape != (AUC_BINS,)
+                        or q.shape != (AUC_BINS,)
+                        or (p < 0).any()
+                        or (q < 0).any()
+                    ):
+                        raise ValueError(f"bad histogram for {r}")
+                    pos[r] += p
+                    neg[r] += q
+                    site_pos += p
+                    site_neg += q
+                dice_sum += float(m["dice-sum"])
+                dice_n += int(m["dice-n"])
+                loss_sum += float(m["loss-sum"])
+                loss_n += int(m["loss-n"])
+                n += int(m["n"])
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("evaluation: excluded site %s: %r", name, e)
+                continue
+            per_site[name] = {
+                "n": int(m["n"]),
+                "auc": auc_from_histograms(site_pos, site_neg),
+                "dice": float(m["dice-sum"]) / max(int(m["dice-n"]), 1),
+            }
+        total_pos = np.sum(list(pos.values()), axis=0)
+        total_neg = np.sum(list(neg.values()), axis=0)
+        return {
+            "n": n,
+            "auc": auc_from_histograms(total_pos, total_neg),
+            "auc_by_regimen": {
+                r: auc_from_histograms(pos[r], neg[r]) for r in REGIMENS
+            },
+            "dice": dice_sum / dice_n if dice_n else None,
+            "loss": loss_sum / loss_n if loss_n else None,
+            "sites": per_site,
+        }

@@ -1,0 +1,175 @@
+"""Grouped aggregation maths, written as sums (no Flower here).
+
+Each site uploads the parameter groups it trained: always ``shared``, and the
+expert of each regimen present in its training data, with a count per group
+(``n-shared``, ``n-nCRT``, ...). For every group the new global value is
+
+    w_g = sum_s n_{s,g} * w_{s,g} / sum_s n_{s,g}
+
+over the sites that uploaded it with a positive count; a group nobody trained
+keeps its previous value exactly. Because only the two sums are needed, the
+same rule can run under secure summation. Updates are folded in a fixed order
+(by site name), so the floating-point result does not depend on arrival order.
+
+An optional server optimiser (FedAdam) is applied to the grouped mean per
+group: ``delta = mean - current``, Adam moments per parameter, and only the
+groups that were trained this round move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared_model.clinical import REGIMENS
+
+GROUP_COUNT_KEYS: dict[str, str] = {
+    "shared": "n-shared",
+    **{f"expert/{r}": f"n-{r}" for r in REGIMENS},
+}
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """One site's reply: the arrays it trained and its counts per group."""
+
+    site: str
+    arrays: Mapping[str, np.ndarray]
+    counts: Mapping[str, int]  # group -> number of patients that trained it
+
+
+def verify_update(
+    update: SiteUpdate,
+    reference: Mapping[str, np.ndarray],
+    groups: Mapping[str, Sequence[str]],
+) -> list[str]:
+    """Problems that make an update unusable (empty list: usable).
+
+    Checks: every array name is known and has the reference shape, values are
+    finite, counts are non-negative integers for known groups, and a group
+    with a positive count is uploaded whole.
+    """
+    problems = []
+    for name, value in update.arrays.items():
+        if name not in reference:
+            problems.append(f"unknown array `{name}`")
+        elif tuple(value.shape) != tuple(reference[name].shape):
+            problems.append(
+                f"`{name}` has shape {tuple(value.shape)}, expected "
+                f"{tuple(reference[name].shape)}"
+            )
+        elif not np.isfinite(value).all():
+            problems.append(f"`{name}` holds NaN or infinite values")
+    for group, n in update.counts.items():
+        if group not in groups:
+            problems.append(f"unknown group `{group}`")
+        elif not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            problems.append(
+                f"count of `{group}` is {n!r}; expected a whole number >= 0"
+            )
+        elif n > 0:
+            missing = [k for k in groups[group] if k not in update.arrays]
+            if missing:
+                problems.append(
+                    f"group `{group}` has count {n} but {len(missing)} of its "
+                    f"arrays are missing (e.g. `{missing[0]}`)"
+                )
+    return problems
+
+
+@dataclass
+class GroupResult:
+    """Which sites updated a group, with how many patients."""
+
+    sites: list[str] = field(default_factory=list)
+    n: int = 0
+    updated: bool = False
+
+
+def grouped_mean(
+    current: Mapping[str, np.ndarray],
+    updates: Sequence[SiteUpdate],
+    groups: Mapping[str, Sequence[str]],
+    *,
+    min_sites: Mapping[str, int] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, GroupResult]]:
+    """Count-weighted mean per group over the sites that trained it.
+
+    Args:
+        current: the global arrays before the round.
+        updates: verified site updates (any order; folded sorted by site).
+        groups: group -> parameter names.
+        min_sites: group -> minimum number of sites that must have trained it
+            for it to change this round (default 1).
+
+    Returns:
+        The new arrays (unchanged groups are the exact previous values) and,
+        per group, the contributing sites and patient count.
+    """
+    out = {k: v for k, v in current.items()}
+    info: dict[str, GroupResult] = {}
+    ordered = sorted(updates, key=lambda u: u.site)
+    for group, names in groups.items():
+        contributors = [u for u in ordered if u.counts.get(group, 0) > 0]
+        res = GroupResult(
+            sites=[u.site for u in contributors],
+            n=int(sum(u.counts[group] for u in contributors)),
+        )
+        info[group] = res
+        need = (min_sites or {}).get(group, 1)
+        if not contributors or len(contributors) < need:
+            continue
+        total = float(res.n)
+        for name in names:
+            acc = np.zeros(current[name].shape, dtype=np.float64)
+            for u in contributors:
+                acc += float(u.counts[group]) * np.asarray(
+                    u.arrays[name], dtype=np.float64
+                )
+            out[name] = (acc / total).astype(current[name].dtype)
+        res.updated = True
+    return out, info
+
+
+@dataclass
+class AdamState:
+    """Server-side Adam moments (FedAdam), per parameter, plus the step count."""
+
+    m: dict[str, np.ndarray] = field(default_factory=dict)
+    v: dict[str, np.ndarray] = field(default_factory=dict)
+    t: int = 0
+
+
+def fedadam_step(
+    current: Mapping[str, np.ndarray],
+    mean: Mapping[str, np.ndarray],
+    updated_names: Sequence[str],
+    state: AdamState,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+) -> dict[str, np.ndarray]:
+    """Apply FedAdam (Reddi et al. 2021) to the grouped mean, in place on ``state``.
+
+    Only ``updated_names`` move; others keep their exact previous value.
+    """
+    out = dict(current)
+    state.t += 1
+    for name in updated_names:
+        delta = np.asarray(mean[name], np.float64) - np.asarray(
+            current[name], np.float64
+        )
+        m = state.m.get(name, np.zeros_like(delta))
+        v = state.v.get(name, np.zeros_like(delta))
+        m = beta1 * m + (1 - beta1) * delta
+        v = beta2 * v + (1 - beta2) * delta**2
+        state.m[name], state.v[name] = m, v
+        step = lr * m / (np.sqrt(v) + tau)
+        out[name] = (np.asarray(current[name], np.float64) + step).astype(
+            current[name].dtype
+        )
+    return out

@@ -1,0 +1,157 @@
+"""``moefl simulate``: the whole federation on one machine (Flower simulation).
+
+Makes the synthetic cohort if it is missing, runs one simulated SuperNode per
+retrospective site with Flower's simulation runtime (Ray), and checks the run's
+own status afterwards: Flower may log a failure and carry on, so success is
+read from ``metrics.json``, never assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from shared_model.errors import MoeflError
+from shared_model.federation_config import FederationConfig
+
+log = logging.getLogger(__name__)
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def quiet_flower() -> None:
+    """No outbound calls from Flower: telemetry, update check, dependency install.
+
+    Also keeps Flower's and Ray's console output to warnings.
+    """
+    os.environ.update(FLOWER_ENV)
+    os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def run_simulated_federation(
+    out: Path,
+    *,
+    preset: str = "demo",
+    seed: int = 0,
+    overrides: Mapping[str, Any] | None = None,
+    echo: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Run a simulated federation; return its run record.
+
+    Args:
+        out: folder holding ``cohort/`` (made if missing) and ``federated/`` (the run).
+        preset: synthetic cohort preset when the cohort must be made.
+        seed: cohort seed and federation seed (unless overridden).
+        overrides: run config keys (kebab-case), e.g. ``{"num-server-rounds": 5}``.
+        echo: progress lines.
+
+    Raises:
+        MoeflError: the run did not finish (the reason is in metrics.json).
+    """
+    quiet_flower()
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.server_app import make_server_app
+    from simulations.synth import synthesize
+
+    out = Path(out)
+    cohort = out / "cohort"
+    summary_path = cohort / "cohort.json"
+    if not summary_path.is_file():
+        echo(f"making the {preset} cohort in {cohort} ...")
+        synthesize(cohort, preset=preset, seed=seed, force=True)
+    yamls = sorted((cohort / "site_configs").glob("*.yaml"))
+    if not yamls:
+        raise MoeflError(
+            f"{cohort}/site_configs holds no site YAML; remove {cohort} to "
+            "regenerate the cohort"
+        )
+    config = {
+        "cohort-dir": str(cohort.resolve()),
+        "run-dir": str((out / "federated").resolve()),
+        "seed": seed,
+        "min-sites": len(yamls),
+        **dict(overrides or {}),
+    }
+    fed = FederationConfig.from_run_config(config)  # fail early on a bad key
+    echo(
+        f"simulating {len(yamls)} sites ({', '.join(p.stem for p in yamls)}), "
+        f"{fed.num_server_rounds} rounds, strategy {fed.strategy}; run folder {fed.run_dir}"
+    )
+    logging.getLogger("flwr").propagate = False  # Flower has its own console handler
+    server_logger = logging.getLogger("server")
+    server_logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    server_logger.addHandler(handler)
+    propagate, server_logger.propagate = server_logger.propagate, False
+    try:
+        run_simulation(
+            server_app=make_server_app(config),
+            client_app=client_app,
+            num_supernodes=len(yamls),
+            backend_config={
+                "client_resources": {
+                    "num_cpus": max(1, os.cpu_count() or 1),
+                    "num_gpus": 0.0,
+                },
+                "init_args": {
+                    "logging_level": logging.ERROR,
+                    "log_to_driver": False,
+                    "include_dashboard": False,
+                },
+            },
+        )
+    finally:
+        server_logger.removeHandler(handler)
+        server_logger.propagate = propagate
+    metrics = Path(fed.run_dir) / "metrics.json"
+    if not metrics.is_file():
+        raise MoeflError(f"the simulation wrote no {metrics}; see the log above")
+    record: dict[str, Any] = json.loads(metrics.read_text())
+    if record.get("status") != "finished":
+        raise MoeflError(
+            f"the federated run did not finish (status "
+            f"{record.get('status')!r}: {record.get('error', 'no error recorded')}); "
+            f"see {metrics}"
+        )
+    return record
+
+
+def format_run_summary(record: dict[str, Any]) -> str:
+    """Final summary of a federated run record."""
+    rounds = record["rounds"]
+    last = rounds[-1] if rounds else {}
+    ev: dict[str, Any] = next(
+        (r["evaluate"] for r in reversed(rounds) if "evaluate" in r), {}
+    )
+    lines = [f"federated run {record['status']}: {len(rounds)} rounds"]
+    if ev:
+        by = ", ".join(
+            f"{k} {_fmt(v)}" for k, v in ev.get("auc_by_regimen", {}).items()
+        )
+        lines.append(
+            f"  validation ({ev.get('n')} patients): AUC {_fmt(ev.get('auc'))} "
+            f"({by}), Dice {_fmt(ev.get('dice'))}"
+        )
+    for site, m in sorted(last.get("sites", {}).items()):
+        lines.append(
+            f"  {site}: n-shared {m['n-shared']}, n-nCRT {m['n-nCRT']}, "
+            f"n-TNT {m['n-TNT']}, n-nCT {m['n-nCT']}, up {m['bytes_up'] / 1e6:.1f} MB"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

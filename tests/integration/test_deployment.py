@@ -1,0 +1,160 @@
+"""A real deployment on 127.0.0.1: SuperLink with TLS and node authentication,
+three SuperNodes with registered keys, a two-round run through `flwr run`; and a
+SuperNode whose key was never registered is refused. Every process started here
+is stopped here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.deploy import make_certificates, make_site_key
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SITES = ("sah_sysu", "sysucc", "west_china")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Federation:
+    """Processes of a local TLS deployment; `stop()` ends them all."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.port = free_port()
+        self.env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "FLWR_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT),
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.certs = make_certificates(root / "certs")
+        self.cli_home = root / "home_cli"
+        self.cli_home.mkdir()
+        (self.cli_home / "config.toml").write_text(
+            '[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+            f'address = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs["ca_cert"]}"\n')
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        home = self.root / f"home_{name}"
+        home.mkdir(exist_ok=True)
+        log = (self.root / f"{name}.log").open("wb")
+        proc = subprocess.Popen(args, env={**self.env, "FLWR_HOME": str(home)},
+                                stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        self.procs.append(proc)
+        return proc
+
+    def superlink(self) -> None:
+        c = self.certs
+        self.start("superlink", [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c["ca_cert"]),
+            "--ssl-certfile", str(c["server_cert"]), "--ssl-keyfile", str(c["server_key"]),
+            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.root / "link.db"),
+            "--disable-runtime-dependency-installation"])
+        wait_for_port(self.port)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "flwr"), *args], env={**self.env,
+                              "FLWR_HOME": str(self.cli_home)}, cwd=ROOT, text=True,
+                              capture_output=True, timeout=timeout, check=False)
+
+    def supernode(self, name: str, key: Path, site_yaml: Path) -> subprocess.Popen[bytes]:
+        return self.start(name, [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(self.certs["ca_cert"]),
+            "--auth-supernode-private-key", str(key), "--port", str(free_port()),
+            "--max-retries", "3", "--max-wait-time", "20",
+            "--node-config", f"site-config='{site_yaml}'"])
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture()
+def federation(tiny_cohort: Path, tmp_path: Path) -> Iterator[Federation]:
+    shutil.copytree(tiny_cohort, tmp_path / "cohort")
+    fed = Federation(tmp_path)
+    try:
+        fed.superlink()
+        yield fed
+    finally:
+        fed.stop()
+
+
+def test_tls_authenticated_federation_completes_two_rounds(federation: Federation,
+                                                           tmp_path: Path) -> None:
+    for site in SITES:
+        _, pub = make_site_key(tmp_path / "keys", site)
+        reg = federation.flwr("supernode", "register", str(pub), "test", "--name", site)
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        federation.supernode(site, tmp_path / "keys" / f"{site}.key",
+                             tmp_path / "cohort" / "site_configs" / f"{site}.yaml")
+    run_dir = tmp_path / "run"
+    config = (f"num-server-rounds=2 min-sites=3 base-filters=4 max-filters=32 "
+              f"round-timeout=600 run-dir='{run_dir}'")
+    result = federation.flwr("run", str(ROOT), "test", "--run-config", config, "--stream",
+                             timeout=900)
+    output = result.stdout + result.stderr
+    record = json.loads((run_dir / "metrics.json").read_text()) \
+        if (run_dir / "metrics.json").exists() else {}
+    assert record.get("status") == "finished", output[-3000:] + federation.log("superlink")[-3000:]
+    assert [r["round"] for r in record["rounds"]] == [1, 2]
+    assert sorted(record["rounds"][-1]["sites"]) == sorted(SITES)
+    assert record["rounds"][-1]["groups"]["expert/nCT"]["sites"] == ["west_china"]
+    listing = federation.flwr("list", "test", "--format", "json")
+    assert "finished:completed" in listing.stdout, listing.stdout + listing.stderr
+
+
+def test_unregistered_key_is_refused(federation: Federation, tmp_path: Path) -> None:
+    key, _ = make_site_key(tmp_path / "keys", "rogue")
+    proc = federation.supernode("rogue", key,
+                                tmp_path / "cohort" / "site_configs" / "sysucc.yaml")
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a SuperNode with an unregistered key stayed up:\n"
+                    + federation.log("rogue")[-2000:])
+    assert proc.returncode != 0
+    assert "Failed to activate SuperNode" in federation.log("rogue") or \
+        "authenticat" in federation.log("rogue").lower(), federation.log("rogue")[-2000:]

@@ -1,0 +1,110 @@
+"""Flower simulation of the tiny cohort: grouped experts, records, resume."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from shared_model.errors import MoeflError
+from simulations.simulate import run_simulated_federation
+
+pytestmark = pytest.mark.integration
+SMALL = {"base-filters": 4, "max-filters": 32}
+
+
+@pytest.fixture()
+def sim_dir(tiny_cohort: Path, tmp_path: Path) -> Path:
+    shutil.copytree(tiny_cohort, tmp_path / "cohort")
+    return tmp_path
+
+
+def _weights(run: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_federation_trains_experts_only_where_their_patients_are(sim_dir: Path) -> None:
+    record = run_simulated_federation(
+        sim_dir, preset="tiny", overrides={"num-server-rounds": 2, **SMALL}
+    )
+    run = sim_dir / "federated"
+    assert record["status"] == "finished" and len(record["rounds"]) == 2
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "plan.json",
+        "run_config.json",
+        "checkpoints/round_001.safetensors",
+        "checkpoints/round_002.safetensors",
+    ):
+        assert (run / name).is_file(), name
+    r2 = record["rounds"][1]
+    assert sorted(r2["sites"]) == ["sah_sysu", "sysucc", "west_china"]
+    assert r2["groups"]["expert/nCT"]["sites"] == ["west_china"]
+    assert r2["groups"]["shared"]["n"] == sum(
+        s["n-shared"] for s in r2["sites"].values()
+    )
+    # sites without nCT patients do not upload the nCT expert
+    assert r2["sites"]["sysucc"]["bytes_up"] < r2["sites"]["west_china"]["bytes_up"]
+    assert r2["sites"]["sysucc"]["n-nCT"] == 0
+    ev = r2["evaluate"]
+    assert (
+        ev["n"] == 7 and 0 <= ev["dice"] <= 1 and set(ev["sites"]) == set(r2["sites"])
+    )
+    # the model moved, and `moefl predict` can read the run folder
+    from client.train import load_checkpoint
+
+    model, _ = load_checkpoint(run)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    first = load_file(str(run / "checkpoints" / "round_001.safetensors"))
+    assert any(not np.array_equal(first[k], v) for k, v in _weights(run).items())
+
+
+def test_resume_continues_as_if_never_stopped(sim_dir: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    shutil.copytree(sim_dir / "cohort", straight / "cohort")
+    run_simulated_federation(
+        straight,
+        preset="tiny",
+        overrides={
+            "num-server-rounds": 3,
+            "strategy": "fedadam",
+            "server-lr": 0.01,
+            **SMALL,
+        },
+    )
+    run_simulated_federation(
+        sim_dir,
+        preset="tiny",
+        overrides={
+            "num-server-rounds": 2,
+            "strategy": "fedadam",
+            "server-lr": 0.01,
+            **SMALL,
+        },
+    )
+    record = run_simulated_federation(
+        sim_dir,
+        preset="tiny",
+        overrides={
+            "num-server-rounds": 3,
+            "strategy": "fedadam",
+            "server-lr": 0.01,
+            **SMALL,
+        },
+    )
+    assert [r["round"] for r in record["rounds"]] == [1, 2, 3]
+    assert (
+        sim_dir / "federated" / "checkpoints" / "round_002.adam.safetensors"
+    ).is_file()
+    a, b = _weights(straight / "federated"), _weights(sim_dir / "federated")
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert worst < 1e-5, worst
+
+
+def test_bad_run_config_fails_before_starting(sim_dir: Path) -> None:
+    with pytest.raises(MoeflError, match="unknown run config key"):
+        run_simulated_federation(sim_dir, preset="tiny", overrides={"num-rounds": 2})

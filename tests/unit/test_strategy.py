@@ -1,0 +1,215 @@
+"""The grouped strategy: fault tolerance, ordering and count-based evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from client.client_app import arrays_to_record
+from server.strategy import GroupedStrategy
+from shared_model.errors import ConfigError
+from shared_model.federated_metrics import score_histograms
+from shared_model.federation_config import FederationConfig
+
+GROUPS = {
+    "shared": ["enc"],
+    "expert/nCRT": ["e0"],
+    "expert/TNT": ["e1"],
+    "expert/nCT": ["e2"],
+}
+CURRENT = {k: np.zeros(3, np.float32) for k in ("enc", "e0", "e1", "e2")}
+
+
+@dataclass
+class Err:
+    reason: str
+
+
+class FakeReply:
+    """Duck-typed stand-in for a Flower reply Message."""
+
+    def __init__(self, content: RecordDict | None, error: str | None = None) -> None:
+        self.content = content
+        self.error = Err(error) if error else None
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+def reply(
+    site: str,
+    value: float,
+    *,
+    n_ct: int = 0,
+    arrays: dict | None = None,
+    **metrics: Any,
+) -> FakeReply:
+    arr = (
+        arrays
+        if arrays is not None
+        else {
+            "enc": np.full(3, value, np.float32),
+            "e0": np.full(3, value, np.float32),
+            **({"e2": np.full(3, value, np.float32)} if n_ct else {}),
+        }
+    )
+    m = {
+        "n-shared": 10,
+        "n-nCRT": 10,
+        "n-TNT": 0,
+        "n-nCT": n_ct,
+        "train-loss": 1.0,
+        "seconds": 1.0,
+        **metrics,
+    }
+    return FakeReply(
+        RecordDict(
+            {
+                "arrays": arrays_to_record(arr),
+                "metrics": MetricRecord(m),
+                "info": ConfigRecord({"site": site}),
+            }
+        )
+    )
+
+
+def strategy(**kw: Any) -> GroupedStrategy:
+    return GroupedStrategy(FederationConfig(min_sites=2, **kw), GROUPS)
+
+
+def test_bad_replies_are_excluded_and_the_round_goes_on() -> None:
+    replies = [
+        reply("a", 1.0),
+        reply("b", 3.0, n_ct=5),
+        reply(
+            "nan",
+            0.0,
+            arrays={
+                "enc": np.full(3, np.nan, np.float32),
+                "e0": np.zeros(3, np.float32),
+            },
+        ),
+        reply(
+            "shape",
+            0.0,
+            arrays={"enc": np.zeros(4, np.float32), "e0": np.zeros(3, np.float32)},
+        ),
+        reply(
+            "unknown",
+            0.0,
+            arrays={
+                "enc": np.zeros(3, np.float32),
+                "e0": np.zeros(3, np.float32),
+                "bogus": np.zeros(3, np.float32),
+            },
+        ),
+        FakeReply(None, error="ClientApp raised RuntimeError"),
+    ]
+    out = strategy().aggregate_round(1, replies, CURRENT)
+    assert out.updated and sorted(out.sites) == ["a", "b"]
+    assert set(out.excluded) == {"nan", "shape", "unknown", "node-5"}
+    assert "NaN" in out.excluded["nan"][0] and "shape" in out.excluded["shape"][0]
+    assert np.allclose(out.arrays["enc"], 2.0)  # (10*1 + 10*3) / 20
+    assert np.allclose(out.arrays["e2"], 3.0)  # only b trained nCT
+    assert np.array_equal(out.arrays["e1"], CURRENT["e1"])  # nobody trained TNT
+    assert out.groups["expert/nCT"].sites == ["b"] and out.groups["expert/nCT"].n == 5
+
+
+def test_below_min_sites_keeps_the_model() -> None:
+    out = strategy().aggregate_round(1, [reply("a", 1.0)], CURRENT)
+    assert not out.updated and all(
+        np.array_equal(out.arrays[k], CURRENT[k]) for k in CURRENT
+    )
+
+
+def test_min_sites_per_expert() -> None:
+    out = strategy(min_sites_per_expert=2).aggregate_round(
+        1, [reply("a", 1.0), reply("b", 3.0, n_ct=5)], CURRENT
+    )
+    assert np.array_equal(out.arrays["e2"], CURRENT["e2"])
+    assert np.allclose(out.arrays["e0"], 2.0)
+
+
+def test_duplicate_site_name_is_excluded() -> None:
+    out = strategy().aggregate_round(
+        1, [reply("a", 1.0), reply("a", 5.0), reply("b", 3.0)], CURRENT
+    )
+    assert out.excluded["a"] == ["a second reply under the same site name"]
+    assert np.allclose(out.arrays["enc"], 2.0)
+
+
+def test_fedadam_strategy_moves_trained_groups_only() -> None:
+    s = strategy(strategy="fedadam", server_lr=0.1)
+    out = s.aggregate_round(1, [reply("a", 1.0), reply("b", 3.0)], CURRENT)
+    assert s.adam.t == 1 and not np.allclose(out.arrays["enc"], 2.0)
+    assert np.array_equal(out.arrays["e1"], CURRENT["e1"])
+
+
+def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    replies, all_y, all_s = [], [], []
+    for site in ("a", "b", "c"):
+        metrics: dict[str, Any] = {
+            "n": 0,
+            "dice-sum": 1.6,
+            "dice-n": 2,
+            "loss-sum": 1.0,
+            "loss-n": 2,
+        }
+        for r in ("nCRT", "TNT", "nCT"):
+            y = (rng.random(30) < 0.3).astype(float)
+            s = 1 / (1 + np.exp(-(rng.normal(size=30) + y)))
+            pos, neg = score_histograms(s, y)
+            metrics[f"hist-pos-{r}"], metrics[f"hist-neg-{r}"] = pos, neg
+            metrics["n"] += 30
+            all_y.append(y)
+            all_s.append(s)
+        replies.append(
+            FakeReply(
+                RecordDict(
+                    {
+                        "metrics": MetricRecord(metrics),
+                        "info": ConfigRecord({"site": site}),
+                    }
+                )
+            )
+        )
+    ev = GroupedStrategy.aggregate_evaluation(replies)
+    y, s = np.concatenate(all_y), np.concatenate(all_s)
+    assert ev["n"] == 270 and abs(ev["auc"] - roc_auc_score(y, s)) < 0.002
+    assert ev["dice"] == pytest.approx(0.8) and set(ev["sites"]) == {"a", "b", "c"}
+
+
+def test_run_config_parsing() -> None:
+    fed = FederationConfig.from_run_config(
+        {"num-server-rounds": 5, "strategy": "fedprox", "resume": "false", "lr": "0.02"}
+    )
+    assert (fed.num_server_rounds, fed.strategy, fed.resume, fed.lr) == (
+        5,
+        "fedprox",
+        False,
+        0.02,
+    )
+    assert FederationConfig.from_run_config({}) == FederationConfig()
+    with pytest.raises(ConfigError, match="unknown run config key `num-rounds`"):
+        FederationConfig.from_run_config({"num-rounds": 3})
+    with pytest.raises(ConfigError, match="strategy"):
+        FederationConfig.from_run_config({"strategy": "scaffold"})
+    with pytest.raises(ConfigError, match="local-epochs"):
+        FederationConfig.from_run_config({"local-epochs": 1.5})
+
+
+def test_pyproject_app_config_matches_the_typed_defaults() -> None:
+    """`flwr run` only accepts keys declared in pyproject: keep both in step."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == FederationConfig().to_run_config()
