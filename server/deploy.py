@@ -30,20 +30,27 @@ from shared_model.errors import MoeflError
 
 def _write_private(path: Path, data: bytes) -> None:
     if path.exists():
-        raise MoeflError(f"{path} exists; refusing to overwrite a private key "
-                         "(move it away first if you mean to replace it)")
+        raise MoeflError(
+            f"{path} exists; refusing to overwrite a private key "
+            "(move it away first if you mean to replace it)"
+        )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "moefl federation"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "moefl federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
-def make_certificates(out: Path, *, hosts: Sequence[str] = ("127.0.0.1", "localhost"),
-                      days: int = 365) -> dict[str, Path]:
+def make_certificates(
+    out: Path, *, hosts: Sequence[str] = ("127.0.0.1", "localhost"), days: int = 365
+) -> dict[str, Path]:
     """Write ``ca.crt``, ``ca.key``, ``server.pem``, ``server.key`` under ``out``.
 
     Args:
@@ -57,15 +64,27 @@ def make_certificates(out: Path, *, hosts: Sequence[str] = ("127.0.0.1", "localh
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("moefl federation CA")).issuer_name(_name("moefl federation CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .subject_name(_name("moefl federation CA"))
+        .issuer_name(_name("moefl federation CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA384())
     )
     alt: list[x509.GeneralName] = []
@@ -77,25 +96,43 @@ def make_certificates(out: Path, *, hosts: Sequence[str] = ("127.0.0.1", "localh
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
         .sign(ca_key, hashes.SHA384())
     )
     pem = serialization.Encoding.PEM
-    paths = {"ca_cert": out / "ca.crt", "ca_key": out / "ca.key",
-             "server_cert": out / "server.pem", "server_key": out / "server.key"}
+    paths = {
+        "ca_cert": out / "ca.crt",
+        "ca_key": out / "ca.key",
+        "server_cert": out / "server.pem",
+        "server_key": out / "server.key",
+    }
     for key in ("ca_key", "server_key"):
         if paths[key].exists():
-            raise MoeflError(f"{paths[key]} exists; refusing to overwrite a private key")
-    _write_private(paths["ca_key"], ca_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    _write_private(paths["server_key"], server_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            raise MoeflError(
+                f"{paths[key]} exists; refusing to overwrite a private key"
+            )
+    _write_private(
+        paths["ca_key"],
+        ca_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
+    _write_private(
+        paths["server_key"],
+        server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
     paths["ca_cert"].write_bytes(ca_cert.public_bytes(pem))
     paths["server_cert"].write_bytes(server_cert.public_bytes(pem))
     return paths
@@ -107,10 +144,18 @@ def make_site_key(out: Path, site: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = out / f"{site}.key", out / f"{site}.pub"
-    _write_private(private, key.private_bytes(serialization.Encoding.PEM,
-                                              serialization.PrivateFormat.OpenSSH,
-                                              serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH)
-                       + f" {site}\n".encode())
+    _write_private(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + f" {site}\n".encode()
+    )
     return private, public

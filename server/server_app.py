@@ -138,13 +138,22 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         }
     )
     bytes_down = int(sum(a.nbytes for a in arrays.values()))
+    node_sites: dict[int, str] = {}  # Flower node id -> site name, learnt from replies
     try:
         for rnd in range(start + 1, fed.num_server_rounds + 1):
             t0 = time.perf_counter()
-            messages = strategy.configure_train(
-                rnd, arrays_to_record(arrays), config, grid
+            messages = list(
+                strategy.configure_train(rnd, arrays_to_record(arrays), config, grid)
             )
             replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+            missing = _learn_sites(node_sites, messages, replies)
+            if missing:
+                log.warning(
+                    "round %d: no reply within %.0f s from %s",
+                    rnd,
+                    fed.round_timeout,
+                    ", ".join(missing),
+                )
             outcome = strategy.aggregate_round(rnd, replies, arrays)
             arrays = outcome.arrays
             for site in outcome.sites.values():
@@ -154,6 +163,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                 "updated": outcome.updated,
                 "sites": outcome.sites,
                 "excluded": outcome.excluded,
+                "missing": missing,
                 "groups": {
                     g: {"sites": r.sites, "n": r.n, "updated": r.updated}
                     for g, r in outcome.groups.items()
@@ -188,6 +198,29 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     record["status"] = "finished"
     _write_metrics(run_dir, record)
     return record
+
+
+def _learn_sites(
+    node_sites: dict[int, str], sent: list[Any], replies: list[Any]
+) -> list[str]:
+    """Remember which node is which site; name the nodes that did not reply.
+
+    Node ids are random per run, so they only map replies within this run; a
+    node never heard from is reported by id.
+    """
+    answered = set()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        answered.add(node)
+        if not msg.has_error():
+            info = msg.content.config_records.get("info")
+            if info is not None and "site" in info:
+                node_sites[node] = str(info["site"])
+    return sorted(
+        node_sites.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}")
+        for m in sent
+        if m.metadata.dst_node_id not in answered
+    )
 
 
 def _fmt(value: float | None) -> str:

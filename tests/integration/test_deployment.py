@@ -6,9 +6,11 @@ is stopped here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,64 +52,117 @@ class Federation:
         self.root = root
         self.procs: list[subprocess.Popen[bytes]] = []
         self.port = free_port()
-        self.env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1",
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "FLWR_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT),
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env = {
+            **os.environ,
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_LOG_LEVEL": "INFO",
+            "PYTHONPATH": str(ROOT),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
         self.certs = make_certificates(root / "certs")
         self.cli_home = root / "home_cli"
         self.cli_home.mkdir()
         (self.cli_home / "config.toml").write_text(
             '[superlink]\ndefault = "test"\n\n[superlink.test]\n'
             f'address = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.certs["ca_cert"]}"\n')
+            f'root-certificates = "{self.certs["ca_cert"]}"\n'
+        )
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         home = self.root / f"home_{name}"
         home.mkdir(exist_ok=True)
         log = (self.root / f"{name}.log").open("wb")
-        proc = subprocess.Popen(args, env={**self.env, "FLWR_HOME": str(home)},
-                                stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        proc = subprocess.Popen(
+            args,
+            env={**self.env, "FLWR_HOME": str(home)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+        )
         self.procs.append(proc)
         return proc
 
     def superlink(self) -> None:
         c = self.certs
-        self.start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c["ca_cert"]),
-            "--ssl-certfile", str(c["server_cert"]), "--ssl-keyfile", str(c["server_key"]),
-            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.root / "link.db"),
-            "--disable-runtime-dependency-installation"])
+        self.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile",
+                str(c["ca_cert"]),
+                "--ssl-certfile",
+                str(c["server_cert"]),
+                "--ssl-keyfile",
+                str(c["server_key"]),
+                "--enable-supernode-auth",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.root / "link.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         wait_for_port(self.port)
 
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "flwr"), *args], env={**self.env,
-                              "FLWR_HOME": str(self.cli_home)}, cwd=ROOT, text=True,
-                              capture_output=True, timeout=timeout, check=False)
+    def flwr(
+        self, *args: str, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env={**self.env, "FLWR_HOME": str(self.cli_home)},
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
 
-    def supernode(self, name: str, key: Path, site_yaml: Path) -> subprocess.Popen[bytes]:
-        return self.start(name, [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(self.certs["ca_cert"]),
-            "--auth-supernode-private-key", str(key), "--port", str(free_port()),
-            "--max-retries", "3", "--max-wait-time", "20",
-            "--node-config", f"site-config='{site_yaml}'"])
+    def supernode(
+        self, name: str, key: Path, site_yaml: Path
+    ) -> subprocess.Popen[bytes]:
+        return self.start(
+            name,
+            [
+                str(BIN / "flower-supernode"),
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--root-certificates",
+                str(self.certs["ca_cert"]),
+                "--auth-supernode-private-key",
+                str(key),
+                "--port",
+                str(free_port()),
+                "--max-retries",
+                "3",
+                "--max-wait-time",
+                "20",
+                "--node-config",
+                f"site-config='{site_yaml}'",
+            ],
+        )
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    @staticmethod
+    def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        """Signal a process and everything it started (its own session)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
+            self.kill(proc)
         for proc in self.procs:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                self.kill(proc, signal.SIGKILL)
                 proc.wait()
 
 
@@ -122,23 +177,35 @@ def federation(tiny_cohort: Path, tmp_path: Path) -> Iterator[Federation]:
         fed.stop()
 
 
-def test_tls_authenticated_federation_completes_two_rounds(federation: Federation,
-                                                           tmp_path: Path) -> None:
+def test_tls_authenticated_federation_completes_two_rounds(
+    federation: Federation, tmp_path: Path
+) -> None:
     for site in SITES:
         _, pub = make_site_key(tmp_path / "keys", site)
         reg = federation.flwr("supernode", "register", str(pub), "test", "--name", site)
         assert reg.returncode == 0, reg.stdout + reg.stderr
-        federation.supernode(site, tmp_path / "keys" / f"{site}.key",
-                             tmp_path / "cohort" / "site_configs" / f"{site}.yaml")
+        federation.supernode(
+            site,
+            tmp_path / "keys" / f"{site}.key",
+            tmp_path / "cohort" / "site_configs" / f"{site}.yaml",
+        )
     run_dir = tmp_path / "run"
-    config = (f"num-server-rounds=2 min-sites=3 base-filters=4 max-filters=32 "
-              f"round-timeout=600 run-dir='{run_dir}'")
-    result = federation.flwr("run", str(ROOT), "test", "--run-config", config, "--stream",
-                             timeout=900)
+    config = (
+        f"num-server-rounds=2 min-sites=3 base-filters=4 max-filters=32 "
+        f"round-timeout=600 run-dir='{run_dir}'"
+    )
+    result = federation.flwr(
+        "run", str(ROOT), "test", "--run-config", config, "--stream", timeout=900
+    )
     output = result.stdout + result.stderr
-    record = json.loads((run_dir / "metrics.json").read_text()) \
-        if (run_dir / "metrics.json").exists() else {}
-    assert record.get("status") == "finished", output[-3000:] + federation.log("superlink")[-3000:]
+    record = (
+        json.loads((run_dir / "metrics.json").read_text())
+        if (run_dir / "metrics.json").exists()
+        else {}
+    )
+    assert record.get("status") == "finished", (
+        output[-3000:] + federation.log("superlink")[-3000:]
+    )
     assert [r["round"] for r in record["rounds"]] == [1, 2]
     assert sorted(record["rounds"][-1]["sites"]) == sorted(SITES)
     assert record["rounds"][-1]["groups"]["expert/nCT"]["sites"] == ["west_china"]
@@ -146,15 +213,79 @@ def test_tls_authenticated_federation_completes_two_rounds(federation: Federatio
     assert "finished:completed" in listing.stdout, listing.stdout + listing.stderr
 
 
+def test_losing_a_site_mid_run_does_not_stop_the_federation(
+    federation: Federation, tmp_path: Path
+) -> None:
+    nodes = {}
+    for site in SITES:
+        _, pub = make_site_key(tmp_path / "keys", site)
+        assert (
+            federation.flwr(
+                "supernode", "register", str(pub), "test", "--name", site
+            ).returncode
+            == 0
+        )
+        nodes[site] = federation.supernode(
+            site,
+            tmp_path / "keys" / f"{site}.key",
+            tmp_path / "cohort" / "site_configs" / f"{site}.yaml",
+        )
+    run_dir = tmp_path / "run"
+    config = (
+        f"num-server-rounds=3 min-sites=2 base-filters=4 max-filters=32 "
+        f"round-timeout=30 evaluate-every=0 run-dir='{run_dir}'"
+    )
+    launcher = subprocess.Popen(
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(ROOT),
+            "test",
+            "--run-config",
+            config,
+            "--stream",
+        ],
+        env={**federation.env, "FLWR_HOME": str(federation.cli_home)},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    federation.procs.append(launcher)
+    metrics = run_dir / "metrics.json"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # wait for round 1, then lose a site
+        if metrics.exists() and json.loads(metrics.read_text())["rounds"]:
+            break
+        time.sleep(1)
+    federation.kill(nodes["sysucc"], signal.SIGKILL)
+    while time.monotonic() < deadline:
+        record = json.loads(metrics.read_text())
+        if record["status"] != "running":
+            break
+        time.sleep(2)
+    assert record["status"] == "finished", federation.log("superlink")[-3000:]
+    rounds = record["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert sorted(rounds[0]["sites"]) == sorted(SITES)
+    assert sorted(rounds[-1]["sites"]) == ["sah_sysu", "west_china"]
+    assert rounds[-1]["missing"] == ["sysucc"] and rounds[-1]["updated"]
+
+
 def test_unregistered_key_is_refused(federation: Federation, tmp_path: Path) -> None:
     key, _ = make_site_key(tmp_path / "keys", "rogue")
-    proc = federation.supernode("rogue", key,
-                                tmp_path / "cohort" / "site_configs" / "sysucc.yaml")
+    proc = federation.supernode(
+        "rogue", key, tmp_path / "cohort" / "site_configs" / "sysucc.yaml"
+    )
     try:
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
-        pytest.fail("a SuperNode with an unregistered key stayed up:\n"
-                    + federation.log("rogue")[-2000:])
+        pytest.fail(
+            "a SuperNode with an unregistered key stayed up:\n"
+            + federation.log("rogue")[-2000:]
+        )
     assert proc.returncode != 0
-    assert "Failed to activate SuperNode" in federation.log("rogue") or \
-        "authenticat" in federation.log("rogue").lower(), federation.log("rogue")[-2000:]
+    assert (
+        "Failed to activate SuperNode" in federation.log("rogue")
+        or "authenticat" in federation.log("rogue").lower()
+    ), federation.log("rogue")[-2000:]

@@ -62,6 +62,33 @@ def test_federation_trains_experts_only_where_their_patients_are(sim_dir: Path) 
     assert sum(p.numel() for p in model.parameters()) > 0
     first = load_file(str(run / "checkpoints" / "round_001.safetensors"))
     assert any(not np.array_equal(first[k], v) for k, v in _weights(run).items())
+    nct = [k for k in first if k.startswith("experts.nCT.")]
+    assert any(not np.array_equal(first[k], _weights(run)[k]) for k in nct)
+
+
+def test_nct_expert_changes_only_through_the_nct_site(sim_dir: Path) -> None:
+    """Without the nCT site the nCT expert stays bit-for-bit at its initial value
+    while everything else trains; with it (previous test) it changes."""
+    (sim_dir / "cohort" / "site_configs" / "west_china.yaml").unlink()
+    run_simulated_federation(
+        sim_dir, preset="tiny", overrides={"num-server-rounds": 2, **SMALL}
+    )
+    ckpt = sim_dir / "federated" / "checkpoints"
+    import torch
+
+    from client.train import load_checkpoint
+    from shared_model.model import ModelConfig, build_model
+
+    model, _ = load_checkpoint(sim_dir / "federated")
+    torch.manual_seed(0)  # the server seeds its initial model with the run seed
+    init = build_model(ModelConfig.from_dict(model.config.to_dict())).state_dict()
+    final = _weights(sim_dir / "federated")
+    r1 = load_file(str(ckpt / "round_001.safetensors"))
+    nct = [k for k in final if k.startswith("experts.nCT.")]
+    assert nct and all(np.array_equal(final[k], init[k].numpy()) for k in nct)
+    assert all(np.array_equal(r1[k], final[k]) for k in nct)
+    others = [k for k in final if k.startswith("experts.nCRT.")]
+    assert any(not np.array_equal(final[k], init[k].numpy()) for k in others)
 
 
 def test_resume_continues_as_if_never_stopped(sim_dir: Path, tmp_path: Path) -> None:
@@ -78,7 +105,9 @@ def test_resume_continues_as_if_never_stopped(sim_dir: Path, tmp_path: Path) -> 
     record = json.loads((crashed / "federated" / "metrics.json").read_text())
     record.update(status="running", rounds=record["rounds"][:2])
     (crashed / "federated" / "metrics.json").write_text(json.dumps(record))
-    assert (crashed / "federated" / "checkpoints" / "round_002.adam.safetensors").is_file()
+    assert (
+        crashed / "federated" / "checkpoints" / "round_002.adam.safetensors"
+    ).is_file()
 
     resumed = run_simulated_federation(crashed, preset="tiny", overrides=config)
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]

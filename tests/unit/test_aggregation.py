@@ -71,6 +71,17 @@ def test_result_does_not_depend_on_arrival_order(sites, rnd) -> None:
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@settings(max_examples=40, deadline=None)
+@given(counts, st.floats(-5, 5), st.integers(1, 4))
+def test_a_single_contributor_gives_exactly_its_upload(c, value, others) -> None:
+    c = {**c, "expert/nCT": max(c["expert/nCT"], 1)}
+    lone = _update("lone", c, value)
+    rest = [_update(f"o{i}", {**c, "expert/nCT": 0}, 9.0) for i in range(others)]
+    new, info = grouped_mean(CURRENT, [*rest, lone], GROUPS)
+    assert np.array_equal(new["e2.w"], lone.arrays["e2.w"])
+    assert info["expert/nCT"].sites == ["lone"]
+
+
 def test_min_sites_per_group_keeps_the_previous_value() -> None:
     c = {"shared": 10, "expert/nCRT": 5, "expert/TNT": 0, "expert/nCT": 3}
     updates = [_update("a", c, 1.0), _update("b", {**c, "expert/nCT": 0}, 2.0)]

@@ -20,17 +20,10 @@ from client.engine import (
     train_local,
 )
 from shared_model.errors import ConfigError
-from shared_model.model import ModelConfig, build_model
+from shared_model.model import build_model
+from tests.unit.test_model import SMALL
 
-CFG = ModelConfig(
-    patch_size=(8, 32, 32),
-    spacing=(3.0, 2.5, 2.5),
-    base_filters=4,
-    max_filters=32,
-    stem_channels=4,
-    embed_dim=8,
-    expert_hidden=8,
-)
+CFG = SMALL  # the small network of the model tests
 
 
 class Toy(torch.utils.data.Dataset):
