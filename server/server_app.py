@@ -212,7 +212,7 @@ def _learn_sites(
     for msg in replies:
         node = msg.metadata.src_node_id
         answered.add(node)
-        if not msg.has_error():
+        if msg.has_content():
             info = msg.content.config_records.get("info")
             if info is not None and "site" in info:
                 node_sites[node] = str(info["site"])

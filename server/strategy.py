@@ -49,10 +49,11 @@ class RoundOutcome:
 
 
 def _site_name(msg: Message, fallback: str) -> str:
-    try:
-        return str(msg.content["info"]["site"])
-    except (KeyError, TypeError):
+    """The site's own name from its reply; error replies carry no content."""
+    if not msg.has_content():
         return fallback
+    info = msg.content.config_records.get("info")
+    return str(info["site"]) if info is not None and "site" in info else fallback
 
 
 class GroupedStrategy(FedAvg):

@@ -39,6 +39,9 @@ class FakeReply:
     def has_error(self) -> bool:
         return self.error is not None
 
+    def has_content(self) -> bool:
+        return self.content is not None
+
 
 def reply(
     site: str,
