@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Coordinator side: the Flower ServerApp, grouped strategy, run records, deployment."""

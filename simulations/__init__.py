@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Synthetic multi-centre cohort, federation simulation and benchmarks."""

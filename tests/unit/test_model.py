@@ -199,3 +199,15 @@ def test_opacus_per_sample_gradients_equal_a_batch_of_one_loop() -> None:
         den += float(expected.pow(2).sum())
     assert (num / den) ** 0.5 < 1e-10
     gsm._close()
+
+
+def test_public_api_and_no_flower_in_the_core() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, shared_model\n"
+        "from shared_model import ModelConfig, build_model, parameter_groups\n"
+        "assert not any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
