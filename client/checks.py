@@ -96,7 +96,7 @@ class CheckReport:
         }
 
 
-def _load_volume(path: Path, rel: str) -> tuple[nib.Nifti1Image, np.ndarray] | Problem:
+def load_volume(path: Path, rel: str) -> tuple[nib.Nifti1Image, np.ndarray] | Problem:
     """Load a NIfTI fully (a truncated file fails here, not at training time)."""
     try:
         img = nib.load(str(path))
@@ -177,7 +177,7 @@ def _orientation_findings(img: nib.Nifti1Image, rel: str) -> list[Problem]:
     return out
 
 
-def _grid_problem(
+def grid_problem(
     ref: nib.Nifti1Image, other: nib.Nifti1Image, ref_rel: str, rel: str, what: str
 ) -> Problem | None:
     if ref.shape[:3] != other.shape[:3]:
@@ -262,7 +262,7 @@ def _check_case(
     if not usable:
         return False
 
-    t2_loaded = _load_volume(channels[0], rel(channels[0]))
+    t2_loaded = load_volume(channels[0], rel(channels[0]))
     if isinstance(t2_loaded, Problem):
         report.add(t2_loaded)
         usable = False
@@ -270,7 +270,7 @@ def _check_case(
     for path, what in ((channels[1], "ADC"), (label, "label")):
         if path is None:
             continue
-        result = _load_volume(path, rel(path))
+        result = load_volume(path, rel(path))
         if isinstance(result, Problem):
             report.add(result)
             usable = False
@@ -318,7 +318,7 @@ def _check_case(
         usable = False
 
     for path, what, img, data in loaded:
-        grid = _grid_problem(t2_img, img, rel(channels[0]), rel(path), what)
+        grid = grid_problem(t2_img, img, rel(channels[0]), rel(path), what)
         if grid is not None:
             report.add(grid)
             usable = False

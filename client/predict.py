@@ -20,7 +20,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from client.checks import _grid_problem, _load_volume
+from client.checks import grid_problem, load_volume
 from client.data import build_preprocess
 from client.engine import resolve_device
 from client.site_data import Problem
@@ -78,7 +78,7 @@ def _check_inputs(t2: Path, adc: Path) -> nib.Nifti1Image:
             raise DataError(f"{path}: file not found")
     loaded = []
     for path in (t2, adc):
-        result = _load_volume(Path(path), str(path))
+        result = load_volume(Path(path), str(path))
         if isinstance(result, Problem):
             raise DataError(f"{result.where}: {result.message}; {result.fix}")
         img, data = result
@@ -87,7 +87,7 @@ def _check_inputs(t2: Path, adc: Path) -> nib.Nifti1Image:
         if not np.isfinite(np.asarray(data, dtype=np.float64)).all():
             raise DataError(f"{path}: contains NaN or infinite voxels")
         loaded.append(img)
-    grid = _grid_problem(loaded[0], loaded[1], str(t2), str(adc), "ADC")
+    grid = grid_problem(loaded[0], loaded[1], str(t2), str(adc), "ADC")
     if grid is not None:
         raise DataError(f"{grid.where}: {grid.message}; {grid.fix}")
     return loaded[0]
