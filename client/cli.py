@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from shared_model.errors import MoeflError
+from shared_model.errors import ConfigError, MoeflError
 
 app = typer.Typer(
     help="Federated UNet-MoE-Cli: synthetic cohorts, site checks, training, simulation.",
@@ -288,6 +288,16 @@ def simulate(
         ),
     ] = "",
     seed: Annotated[int, typer.Option()] = 0,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            help="Every site trains with DP-SGD under this budget (target epsilon)."
+        ),
+    ] = None,
+    dp_delta: Annotated[float, typer.Option(help="Delta of that budget.")] = 1e-5,
+    dp_clip: Annotated[
+        float, typer.Option(help="Per-patient gradient clip (max_grad_norm).")
+    ] = 1.0,
 ) -> None:
     """Run the whole federation on this machine with Flower's simulation runtime."""
     from simulations.simulate import run_simulated_federation
@@ -296,14 +306,41 @@ def simulate(
         overrides = parse_run_config(run_config)
         if rounds is not None:
             overrides["num-server-rounds"] = rounds
+        privacy = None
+        if dp_epsilon is not None:
+            privacy = _privacy_option(dp_epsilon, dp_delta, dp_clip)
         record = run_simulated_federation(
-            out, preset=preset, seed=seed, overrides=overrides, echo=typer.echo
+            out,
+            preset=preset,
+            seed=seed,
+            overrides=overrides,
+            privacy=privacy,
+            echo=typer.echo,
         )
     except MoeflError as e:
         _fail(e)
     from simulations.simulate import format_run_summary
 
     typer.echo(format_run_summary(record))
+
+
+def _privacy_option(epsilon: float, delta: float, clip: float) -> dict[str, float]:
+    """The ``privacy`` section for ``--dp-*`` options, checked like a site YAML's."""
+    from client.site_config import parse_privacy
+
+    problems: list[Any] = []
+    raw = {"target_epsilon": epsilon, "delta": delta, "max_grad_norm": clip}
+    if parse_privacy(raw, problems) is None:
+        option = {
+            "privacy.target_epsilon": "--dp-epsilon",
+            "privacy.delta": "--dp-delta",
+        }
+        raise ConfigError(
+            "; ".join(
+                f"{option.get(p.key, '--dp-clip')}: {p.message}" for p in problems
+            )
+        )
+    return raw
 
 
 @app.command()

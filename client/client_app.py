@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,14 @@ from flwr.clientapp import ClientApp
 
 from client.data import SiteDataset, build_site_datasets
 from client.engine import TrainConfig, evaluate, resolve_device, train_local
+from client.privacy import (
+    PrivacyLedger,
+    RoundPlan,
+    check_delta,
+    describe,
+    dp_generator,
+    plan_round,
+)
 from client.site_config import SiteConfig, load_site_config
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
@@ -83,12 +92,12 @@ def site_yaml_for(node_config: dict[str, Any], fed: FederationConfig) -> Path:
         raise ConfigError(
             "simulation needs run config `cohort-dir` (a synthetic cohort)"
         )
-    yamls = sorted((Path(fed.cohort_dir) / "site_configs").glob("*.yaml"))
+    folder = Path(fed.sites_dir or Path(fed.cohort_dir) / "site_configs")
+    yamls = sorted(folder.glob("*.yaml"))
     pid = int(node_config["partition-id"])
     if not 0 <= pid < len(yamls):
         raise ConfigError(
-            f"partition {pid} has no site YAML in {fed.cohort_dir}/site_configs "
-            f"({len(yamls)} found)"
+            f"partition {pid} has no site YAML in {folder} ({len(yamls)} found)"
         )
     return yamls[pid]
 
@@ -103,6 +112,8 @@ def load_site(
         train, val, _ = build_site_datasets(
             config, plan, seed=fed.seed, augment=fed.augment, cache=True
         )
+        if config.privacy is not None:
+            check_delta(config.privacy, len(train), str(path))
         regimens = train.regimen_indices()
         counts = {
             "n-shared": len(train),
@@ -143,6 +154,32 @@ def train(msg: Message, context: Context) -> Message:
         if fed.lr_schedule == "poly"
         else (0, 10**12)
     )
+    privacy = site.config.privacy
+    plan: RoundPlan | None = None
+    if privacy is not None:
+        ledger = PrivacyLedger.for_site(site.config.run_dir)
+        plan = plan_round(
+            privacy,
+            ledger,
+            n_patients=len(site.train),
+            batch_size=fed.batch_size,
+            steps=steps,
+            rounds_left=fed.num_server_rounds - rnd + 1,
+            noise_multiplier=fed.dp_noise_multiplier,
+            accountant=fed.dp_accountant,
+        )
+        if plan.dp is None:
+            log.warning(
+                "site %s declines round %d: %s",
+                site.config.site_name,
+                rnd,
+                plan.declined,
+            )
+            return _declined(msg, site, plan, describe(plan, privacy))
+        # Spend before training: a crash can only over-count the budget.
+        ledger.record(
+            plan.dp, round=rnd, run=fed.run_dir, epsilon_after=plan.epsilon_after
+        )
     # Seed this round's crops and augmentation from (seed, round) alone, so a
     # resumed run draws what an uninterrupted one would have drawn.
     site.train.transform.set_random_state(seed=fed.seed * 1000 + rnd)
@@ -176,22 +213,31 @@ def train(msg: Message, context: Context) -> Message:
         trainable=trainable,
         schedule=schedule,
         extra_loss=extra,
+        dp=plan.dp if plan is not None else None,
+        dp_generator=_noise_source(context, fed, site, rnd) if plan else None,
     )
     upload = {
         n: p.detach().cpu().numpy()
         for n, p in model.named_parameters()
         if n in trainable
     }
-    metrics = MetricRecord(
-        {
-            **site.counts,
+    values: dict[str, Any] = {
+        **site.counts,
+        "steps": result.steps,
+        "seconds": time.perf_counter() - t0,
+    }
+    if plan is None:
+        values |= {
             "train-loss": result.loss,
             "seg-loss": result.seg_loss,
             "pcr-loss": result.pcr_loss,
-            "steps": result.steps,
-            "seconds": time.perf_counter() - t0,
         }
-    )
+    else:
+        # Under DP the training loss is not released: it is computed from the
+        # patients without noise. Only the privacy accounting goes back.
+        assert privacy is not None
+        values |= describe(plan, privacy)
+    metrics = MetricRecord(values)
     log.info(
         "site %s round %d: %d steps, loss %.4f",
         site.config.site_name,
@@ -204,6 +250,31 @@ def train(msg: Message, context: Context) -> Message:
             "arrays": arrays_to_record(upload),
             "metrics": metrics,
             "info": ConfigRecord({"site": site.config.site_name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _noise_source(
+    context: Context, fed: FederationConfig, site: SiteState, rnd: int
+) -> torch.Generator:
+    """DP randomness: reproducible for a simulated node, secret otherwise."""
+    if "partition-id" in context.node_config:
+        name = zlib.crc32(site.config.site_name.encode())
+        return dp_generator(fed.seed * 1_000_003 + rnd * 7919 + name)
+    return dp_generator(None)
+
+
+def _declined(
+    msg: Message, site: SiteState, plan: RoundPlan, values: dict[str, Any]
+) -> Message:
+    """A reply without weights: the site's budget does not allow this round."""
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({**site.counts, **values}),
+            "info": ConfigRecord(
+                {"site": site.config.site_name, "declined": plan.declined}
+            ),
         }
     )
     return Message(content, reply_to=msg)

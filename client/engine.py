@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.loss import LossConfig, MoELoss
 from shared_model.model import UNetMoECli
+
+if TYPE_CHECKING:
+    from client.privacy import DPRound
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,9 @@ class TrainResult:
     final_lr: float
 
 
-def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+def _collate(batch: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not batch:  # an empty Poisson batch under DP-SGD
+        return None
     out: dict[str, Any] = {}
     for key in batch[0]:
         values = [b[key] for b in batch]
@@ -144,6 +149,8 @@ def train_local(
     schedule: tuple[int, int] | None = None,
     extra_loss: Callable[[UNetMoECli], torch.Tensor] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    dp: DPRound | None = None,
+    dp_generator: torch.Generator | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``dataset``.
 
@@ -157,7 +164,15 @@ def train_local(
         schedule: ``(start_step, total_steps)`` of a poly schedule that spans
             several calls (federated rounds); default: this call alone.
         extra_loss: added to the loss each step (e.g. FedProx's proximal term).
+            Under DP it depends on no patient, so its gradient is added after
+            clipping and noise.
         on_step: called as ``on_step(step, loss)`` after each step.
+        dp: train with DP-SGD (:mod:`client.privacy`): ``dp.steps`` steps on
+            Poisson batches of patients, per-patient clipping and noise, fp32
+            (opacus's per-sample gradients do not run under autocast);
+            ``cfg.max_steps``, ``cfg.epochs`` and ``cfg.grad_clip`` are unused.
+        dp_generator: randomness of the noise and the sampling
+            (:func:`client.privacy.dp_generator`); required with ``dp``.
     """
     model.to(device).train()
     for name, p in model.named_parameters():
@@ -166,68 +181,109 @@ def train_local(
     optimizer = build_optimizer(params, cfg)
     loss_fn = MoELoss(cfg.loss)
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=generator,
-        collate_fn=_collate,
-        drop_last=False,
-    )
     steps_per_epoch = max(1, math.ceil(len(dataset) / cfg.batch_size))
-    n_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    private = None
+    if dp is None:
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=_collate,
+            drop_last=False,
+        )
+        n_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    else:
+        from client.privacy import PrivateTraining
+
+        if dp_generator is None:
+            raise ValueError("DP training needs `dp_generator`")
+        private = PrivateTraining(model, optimizer, dp, generator=dp_generator)
+        optimizer = private.optimizer
+        loader = DataLoader(
+            dataset,
+            batch_sampler=private.batch_sampler(len(dataset)),
+            collate_fn=_collate,
+        )
+        n_steps = dp.steps
+        if extra_loss is not None:
+            data_free = extra_loss
+
+            def add_data_free_gradient(opt: Any) -> None:
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(data_free(model), params)
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g if p.grad is None else p.grad + g
+
+            private.optimizer.attach_step_hook(add_data_free_gradient)
+            extra_loss = None
     start, total = schedule or (0, n_steps)
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp and device.type == "cuda" and dp is None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     t0 = time.perf_counter()
     step = 0
     sums: dict[str, float] = {"loss": 0.0, "seg": 0.0, "pcr": 0.0}
     seen: Counter[str] = Counter()
+    n_loss = 0  # steps with patients (an empty DP batch has no loss)
     lr = cfg.lr
-    while step < n_steps:
-        for batch in loader:
-            if step >= n_steps:
-                break
-            lr = poly_lr(cfg.lr, start + step, total, cfg.poly_power)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            image = batch["image"].to(device)
-            with torch.autocast(device.type, enabled=use_amp):
-                out = model(
-                    image, batch["clinical"].to(device), batch["regimen"].to(device)
-                )
-                loss, parts = loss_fn(
-                    out, batch["label"].to(device), batch["pcr"].to(device)
-                )
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model)
+    try:
+        while step < n_steps:
+            for batch in loader:
+                if step >= n_steps:
+                    break
+                lr = poly_lr(cfg.lr, start + step, total, cfg.poly_power)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step += 1
+                if batch is None:
+                    assert private is not None
+                    optimizer.zero_grad(set_to_none=True)
+                    private.empty_step()
+                    if on_step is not None:
+                        on_step(step, math.nan)
+                    continue
+                image = batch["image"].to(device)
+                with torch.autocast(device.type, enabled=use_amp):
+                    out = model(
+                        image, batch["clinical"].to(device), batch["regimen"].to(device)
+                    )
+                    loss, parts = loss_fn(
+                        out, batch["label"].to(device), batch["pcr"].to(device)
+                    )
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(model)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip > 0 and private is None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                n_loss += 1
+                sums["loss"] += float(loss.detach())
+                sums["seg"] += parts["seg"]
+                sums["pcr"] += parts["pcr"]
+                for r in batch["regimen"].tolist():
+                    seen[REGIMENS[r]] += 1
+                if on_step is not None:
+                    on_step(step, float(loss.detach()))
+    finally:
+        if private is not None:
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            sums["loss"] += float(loss.detach())
-            sums["seg"] += parts["seg"]
-            sums["pcr"] += parts["pcr"]
-            for r in batch["regimen"].tolist():
-                seen[REGIMENS[r]] += 1
-            if on_step is not None:
-                on_step(step, float(loss.detach()))
-    for p in model.parameters():
-        p.requires_grad_(True)
+            private.close()
+        for p in model.parameters():
+            p.requires_grad_(True)
     n_cases = len(dataset)
     regimens = Counter(REGIMENS[int(r)] for r in _regimens_of(dataset))
+    n_batches = max(n_loss, 1)
     return TrainResult(
         steps=step,
         epochs_done=step / steps_per_epoch,
         seconds=time.perf_counter() - t0,
-        loss=sums["loss"] / max(step, 1),
-        seg_loss=sums["seg"] / max(step, 1),
-        pcr_loss=sums["pcr"] / max(step, 1),
+        loss=sums["loss"] / n_batches,
+        seg_loss=sums["seg"] / n_batches,
+        pcr_loss=sums["pcr"] / n_batches,
         n_cases=n_cases,
         n_by_regimen={r: regimens.get(r, 0) for r in REGIMENS},
         final_lr=lr,

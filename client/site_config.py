@@ -295,7 +295,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
 
     privacy = None
     if raw.get("privacy") is not None:
-        privacy = _parse_privacy(raw["privacy"], problems)
+        privacy = parse_privacy(raw["privacy"], problems)
 
     if problems or dataset_dir is None:
         return None, problems
@@ -315,7 +315,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
     ), []
 
 
-def _parse_privacy(raw: Any, problems: list[YamlProblem]) -> PrivacyConfig | None:
+def parse_privacy(raw: Any, problems: list[YamlProblem]) -> PrivacyConfig | None:
     if not isinstance(raw, dict):
         problems.append(
             YamlProblem(

@@ -7,7 +7,11 @@ The run folder (``run-dir``, on the coordinator's machine) holds::
     checkpoints/round_NNN.adam.safetensors   ... and FedAdam moments, when used
     model.safetensors, config.json, plan.json   the latest model (moefl predict reads it)
     run_config.json                     the resolved federation config
-    metrics.json                        {"status", "rounds": [...]} one entry per round
+    metrics.json                        {"status", "rounds": [...]} one entry per round:
+                                        sites (counts, bytes, each site's DP-SGD
+                                        accounting under "privacy"), excluded,
+                                        declined (a site's budget refused the
+                                        round), missing, groups, client_dp, evaluate
 
 A run resumes from its last checkpoint (weights and strategy state) when
 ``resume`` is true and continues as if it had never stopped.
@@ -125,6 +129,9 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         arrays, strategy.adam = load_round(run_dir, start)
         old = json.loads((run_dir / "metrics.json").read_text())
         record["rounds"] = [r for r in old.get("rounds", []) if r["round"] <= start]
+        strategy.client_dp_releases = sum(
+            1 for r in record["rounds"] if r.get("client_dp")
+        )
         log.info("resuming %s after round %d", run_dir, start)
     else:
         arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
@@ -163,12 +170,15 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                 "updated": outcome.updated,
                 "sites": outcome.sites,
                 "excluded": outcome.excluded,
+                "declined": outcome.declined,
                 "missing": missing,
                 "groups": {
                     g: {"sites": r.sites, "n": r.n, "updated": r.updated}
                     for g, r in outcome.groups.items()
                 },
             }
+            if outcome.client_dp is not None:
+                entry["client_dp"] = outcome.client_dp
             if fed.evaluate_every and rnd % fed.evaluate_every == 0:
                 ev_msgs = strategy.configure_evaluate(
                     rnd, arrays_to_record(arrays), ConfigRecord(dict(config)), grid
@@ -181,14 +191,17 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             _write_metrics(run_dir, record)
             ev = entry.get("evaluate", {})
             log.info(
-                "round %d/%d: %d sites, excluded %s, val AUC %s, Dice %s, %.0f s",
+                "round %d/%d: %d sites, excluded %s, declined %s, val AUC %s, "
+                "Dice %s, %.0f s%s",
                 rnd,
                 fed.num_server_rounds,
                 len(outcome.sites),
                 sorted(outcome.excluded) or "none",
+                sorted(outcome.declined) or "none",
                 _fmt(ev.get("auc")),
                 _fmt(ev.get("dice")),
                 entry["seconds"],
+                _privacy_line(entry),
             )
     except Exception as e:
         record["status"] = "failed"
@@ -221,6 +234,18 @@ def _learn_sites(
         for m in sent
         if m.metadata.dst_node_id not in answered
     )
+
+
+def _privacy_line(entry: dict[str, Any]) -> str:
+    """``; epsilon site 1.23/8 ...`` for the sites that trained under DP."""
+    parts = [
+        f"{site} {p['epsilon']:.2f}/{p['target_epsilon']:g}"
+        for site, m in sorted({**entry["sites"], **entry["declined"]}.items())
+        if (p := m.get("privacy"))
+    ]
+    if entry.get("client_dp"):
+        parts.append(f"client-level {entry['client_dp']['epsilon']:.2f}")
+    return f"; epsilon {', '.join(parts)}" if parts else ""
 
 
 def _fmt(value: float | None) -> str:

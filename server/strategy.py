@@ -21,11 +21,13 @@ from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
 from client.client_app import record_to_arrays
+from client.privacy import epsilon_of
 from shared_model.aggregation import (
     GROUP_COUNT_KEYS,
     AdamState,
     GroupResult,
     SiteUpdate,
+    central_dp_mean,
     fedadam_step,
     grouped_mean,
     verify_update,
@@ -45,7 +47,19 @@ class RoundOutcome:
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     groups: dict[str, GroupResult] = field(default_factory=dict)
     excluded: dict[str, list[str]] = field(default_factory=dict)
+    declined: dict[str, dict[str, Any]] = field(default_factory=dict)
+    client_dp: dict[str, Any] | None = None
     updated: bool = False
+
+
+def _privacy_metrics(metrics: dict[str, Any]) -> dict[str, float] | None:
+    """A site's DP-SGD accounting from its reply (``dp-*`` keys), if any."""
+    out = {
+        k[3:].replace("-", "_"): float(v)
+        for k, v in metrics.items()
+        if k.startswith("dp-")
+    }
+    return out or None
 
 
 def _site_name(msg: Message, fallback: str) -> str:
@@ -70,6 +84,32 @@ class GroupedStrategy(FedAvg):
         self.fed = fed
         self.groups = groups
         self.adam = AdamState()
+        self.client_dp_releases = 0  # rounds released under client-level DP
+
+    def _central_rng(self, server_round: int) -> np.random.Generator:
+        """Client-level DP noise: from the OS's entropy, unless ``dp-reproducible``
+        (simulation) seeds it from the run's seed and the round."""
+        if self.fed.dp_reproducible:
+            return np.random.default_rng([self.fed.seed, server_round, 0xD9])
+        return np.random.default_rng()
+
+    def client_dp_epsilon(self) -> dict[str, float]:
+        """Client-level epsilon after the releases so far (every site takes part
+        in every round: sampling rate 1).
+
+        ``epsilon``: a neighbouring federation replaces one site's data, while
+        which sites take part stays public (they are named in the run record):
+        the clipped sum moves by up to ``2 * clip``, so the accountant sees half
+        the noise multiplier. ``epsilon_add_remove``: the DP-FedAvg convention
+        (one site added or removed, sensitivity ``clip``), for comparison with
+        other frameworks' figures.
+        """
+        sigma = self.fed.client_dp_noise_multiplier
+        n, delta, acc = self.client_dp_releases, self.fed.client_dp_delta, "rdp"
+        return {
+            "epsilon": epsilon_of([(sigma / 2, 1.0, n)], delta, acc),
+            "epsilon_add_remove": epsilon_of([(sigma, 1.0, n)], delta, acc),
+        }
 
     def aggregate_round(
         self,
@@ -84,6 +124,20 @@ class GroupedStrategy(FedAvg):
             name = _site_name(msg, f"node-{i}")
             if msg.has_error():
                 outcome.excluded[name] = [f"site reported an error: {msg.error.reason}"]
+                continue
+            info = msg.content.config_records.get("info")
+            if info is not None and "declined" in info:
+                m = msg.content.metric_records.get("metrics")
+                outcome.declined[name] = {
+                    "reason": str(info["declined"]),
+                    "privacy": _privacy_metrics(dict(m)) if m is not None else None,
+                }
+                log.warning(
+                    "round %d: site %s declined: %s",
+                    server_round,
+                    name,
+                    info["declined"],
+                )
                 continue
             try:
                 arrays = record_to_arrays(msg.content.array_records["arrays"])
@@ -102,11 +156,13 @@ class GroupedStrategy(FedAvg):
                 outcome.excluded[name] = problems
                 continue
             updates.append(SiteUpdate(name, arrays, counts))
+            loss = metrics.get("train-loss")  # not sent under DP
             outcome.sites[name] = {
                 **{k: metrics[k] for k in GROUP_COUNT_KEYS.values()},
-                "train_loss": float(metrics.get("train-loss", float("nan"))),
+                "train_loss": None if loss is None else float(loss),
                 "seconds": float(metrics.get("seconds", float("nan"))),
                 "bytes_up": int(sum(a.nbytes for a in arrays.values())),
+                "privacy": _privacy_metrics(metrics),
             }
         for name, problems in outcome.excluded.items():
             log.warning(
@@ -128,9 +184,31 @@ class GroupedStrategy(FedAvg):
             g: (1 if g == "shared" else self.fed.min_sites_per_expert)
             for g in self.groups
         }
-        mean, outcome.groups = grouped_mean(
-            current, updates, self.groups, min_sites=min_sites
-        )
+        if self.fed.client_dp_noise_multiplier > 0:
+            mean, outcome.groups, dp = central_dp_mean(
+                current,
+                updates,
+                self.groups,
+                clip=self.fed.client_dp_clip,
+                noise_multiplier=self.fed.client_dp_noise_multiplier,
+                rng=self._central_rng(server_round),
+                min_sites=min_sites,
+            )
+            self.client_dp_releases += 1
+            outcome.client_dp = {
+                "noise_multiplier": self.fed.client_dp_noise_multiplier,
+                "clip": self.fed.client_dp_clip,
+                "delta": self.fed.client_dp_delta,
+                "releases": self.client_dp_releases,
+                **self.client_dp_epsilon(),
+                "update_norms": dp.norms,
+                "clipped": dp.clipped,
+                "noise_std": dp.noise_std,
+            }
+        else:
+            mean, outcome.groups = grouped_mean(
+                current, updates, self.groups, min_sites=min_sites
+            )
         if self.fed.strategy == "fedadam":
             moved = [
                 n

@@ -173,3 +173,74 @@ def fedadam_step(
             current[name].dtype
         )
     return out
+
+
+@dataclass
+class CentralDPResult:
+    """What client-level DP did in one round."""
+
+    norms: dict[str, float] = field(default_factory=dict)  # before clipping
+    clipped: list[str] = field(default_factory=list)
+    noise_std: dict[str, float] = field(default_factory=dict)  # per updated group
+
+
+def central_dp_mean(
+    current: Mapping[str, np.ndarray],
+    updates: Sequence[SiteUpdate],
+    groups: Mapping[str, Sequence[str]],
+    *,
+    clip: float,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+    min_sites: Mapping[str, int] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, GroupResult], CentralDPResult]:
+    """Client-level DP aggregation (DP-FedAvg with fixed clipping).
+
+    Each site's whole update (all the groups it trained) is scaled to an L2
+    norm of at most ``clip``; every group is the *unweighted* mean of the
+    clipped updates of the sites that trained it, plus Gaussian noise of
+    standard deviation ``noise_multiplier * clip / k_g`` (``k_g``: those
+    sites). Equivalently, the per-group sums of clipped updates (one site
+    moves all of them together by at most ``clip``) get noise
+    ``noise_multiplier * clip``: the Gaussian mechanism on a sum with L2
+    sensitivity ``clip``; dividing by the public ``k_g`` is post-processing.
+    Patient counts are not used as weights: they would change the
+    sensitivity.
+    """
+    result = CentralDPResult()
+    clipped: list[SiteUpdate] = []
+    for u in sorted(updates, key=lambda u: u.site):
+        used = [
+            n
+            for g, n_g in u.counts.items()
+            if n_g > 0 and g in groups
+            for n in groups[g]
+        ]
+        diff = {
+            n: np.asarray(u.arrays[n], np.float64) - np.asarray(current[n], np.float64)
+            for n in used
+        }
+        norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in diff.values())))
+        scale = min(1.0, clip / norm) if norm > 0 else 1.0
+        result.norms[u.site] = norm
+        if scale < 1.0:
+            result.clipped.append(u.site)
+        arrays = {
+            n: np.asarray(current[n], np.float64) + scale * d for n, d in diff.items()
+        }
+        counts = {g: (1 if n_g > 0 else 0) for g, n_g in u.counts.items()}
+        clipped.append(SiteUpdate(u.site, arrays, counts))
+    mean, info = grouped_mean(current, clipped, groups, min_sites=min_sites)
+    by_site = {u.site: u for u in updates}
+    for group, res in info.items():
+        res.n = int(sum(by_site[s].counts[group] for s in res.sites))
+        if not res.updated:
+            continue
+        std = noise_multiplier * clip / len(res.sites)
+        result.noise_std[group] = std
+        for name in groups[group]:
+            noisy = np.asarray(mean[name], np.float64) + rng.normal(
+                0.0, std, size=current[name].shape
+            )
+            mean[name] = noisy.astype(current[name].dtype)
+    return mean, info, result

@@ -30,6 +30,17 @@ keys and out-of-range values are errors that name the key.
 | base-filters, max-filters | 8, 256 | network widths (nnU-Net: 32, 320) |
 | augment | true | MONAI augmentation at the sites |
 | seed | 0 | seeds the server and every site |
+| sites-dir | "" | simulation: folder of the site YAMLs (default: `<cohort-dir>/site_configs`) |
+| dp-noise-multiplier | 0.0 | sample-level DP at sites with a `privacy` section: the noise
+  multiplier; 0 lets each site derive it from its own budget over the planned rounds |
+| dp-accountant | rdp | opacus accountant for the sites' epsilon: rdp or prv |
+| client-dp-noise-multiplier | 0.0 | client-level (central) DP at the server: noise
+  multiplier on the clipped per-site updates; 0 disables it |
+| client-dp-clip | 0.0 | client-level DP: L2 clip of each site's whole update (needed
+  with noise) |
+| client-dp-delta | 0.001 | client-level DP: the delta its epsilon is reported at |
+| dp-reproducible | false | simulation only: seed the central DP noise from `seed`. Never in
+  deployment: whoever knows the seed could subtract the noise |
 """
 
 from __future__ import annotations
@@ -72,6 +83,13 @@ class FederationConfig:
     max_filters: int = 256
     augment: bool = True
     seed: int = 0
+    sites_dir: str = ""
+    dp_noise_multiplier: float = 0.0
+    dp_accountant: str = "rdp"
+    client_dp_noise_multiplier: float = 0.0
+    client_dp_clip: float = 0.0
+    client_dp_delta: float = 1e-3
+    dp_reproducible: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -104,6 +122,24 @@ class FederationConfig:
                 "base-filters/max-filters",
                 "1 <= base-filters <= max-filters",
             ),
+            (
+                0 <= self.dp_noise_multiplier <= 1000,
+                "dp-noise-multiplier",
+                "0 (derive from each site's budget) or a noise multiplier > 0",
+            ),
+            (self.dp_accountant in ("rdp", "prv"), "dp-accountant", "rdp or prv"),
+            (
+                self.client_dp_noise_multiplier >= 0,
+                "client-dp-noise-multiplier",
+                ">= 0 (0 disables client-level DP)",
+            ),
+            (
+                self.client_dp_clip >= 0
+                and (self.client_dp_noise_multiplier == 0 or self.client_dp_clip > 0),
+                "client-dp-clip",
+                "> 0 when client-dp-noise-multiplier is set",
+            ),
+            (0 < self.client_dp_delta < 1, "client-dp-delta", "in (0, 1)"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from shared_model.errors import MoeflError
 from shared_model.federation_config import FederationConfig
 
@@ -38,12 +40,33 @@ def quiet_flower() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def write_private_sites(
+    yamls: list[Path], folder: Path, privacy: Mapping[str, float]
+) -> Path:
+    """Copies of the cohort's site YAMLs with a ``privacy`` section.
+
+    Each copy keeps its dataset (absolute path) and gets its own ``run_dir``
+    under ``folder``, so the sites' privacy ledgers belong to this run: a
+    fresh run starts with the whole budget, a resumed one continues its
+    ledger. Returns ``folder``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in yamls:
+        raw = yaml.safe_load(path.read_text())
+        raw["dataset_dir"] = str((path.parent / raw["dataset_dir"]).resolve())
+        raw["run_dir"] = str((folder / raw["site_name"]).resolve())
+        raw["privacy"] = dict(privacy)
+        (folder / path.name).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return folder
+
+
 def run_simulated_federation(
     out: Path,
     *,
     preset: str = "demo",
     seed: int = 0,
     overrides: Mapping[str, Any] | None = None,
+    privacy: Mapping[str, float] | None = None,
     echo: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Run a simulated federation; return its run record.
@@ -53,6 +76,9 @@ def run_simulated_federation(
         preset: synthetic cohort preset when the cohort must be made.
         seed: cohort seed and federation seed (unless overridden).
         overrides: run config keys (kebab-case), e.g. ``{"num-server-rounds": 5}``.
+        privacy: ``{"target_epsilon", "delta", "max_grad_norm"}``: every site
+            trains with DP-SGD under that budget (site YAML copies under
+            ``federated/sites/``; see :func:`write_private_sites`).
         echo: progress lines.
 
     Raises:
@@ -77,13 +103,22 @@ def run_simulated_federation(
             f"{cohort}/site_configs holds no site YAML; remove {cohort} to "
             "regenerate the cohort"
         )
-    config = {
+    config: dict[str, Any] = {
         "cohort-dir": str(cohort.resolve()),
         "run-dir": str((out / "federated").resolve()),
         "seed": seed,
         "min-sites": len(yamls),
+        "dp-reproducible": True,
         **dict(overrides or {}),
     }
+    if privacy is not None:
+        sites = Path(str(config["run-dir"])) / "sites"
+        config["sites-dir"] = str(write_private_sites(yamls, sites, privacy))
+        echo(
+            f"every site trains with DP-SGD: target epsilon "
+            f"{privacy['target_epsilon']:g}, delta {privacy['delta']:g}, clip "
+            f"{privacy['max_grad_norm']:g} (site YAMLs and ledgers in {sites})"
+        )
     fed = FederationConfig.from_run_config(config)  # fail early on a bad key
     echo(
         f"simulating {len(yamls)} sites ({', '.join(p.stem for p in yamls)}), "
@@ -150,7 +185,42 @@ def format_run_summary(record: dict[str, Any]) -> str:
             f"  {site}: n-shared {m['n-shared']}, n-nCRT {m['n-nCRT']}, "
             f"n-TNT {m['n-TNT']}, n-nCT {m['n-nCT']}, up {m['bytes_up'] / 1e6:.1f} MB"
         )
+    spent = privacy_spent(record)
+    for site, p in sorted(spent.items()):
+        lines.append(
+            f"  {site}: DP-SGD epsilon {p['epsilon']:.3f} of {p['target_epsilon']:g} "
+            f"(delta {p['delta']:g}, noise {p.get('noise_multiplier', float('nan')):.3f},"
+            f" clip {p['max_grad_norm']:g}, rounds trained {p['rounds_trained']})"
+        )
+    central = next(
+        (r["client_dp"] for r in reversed(rounds) if r.get("client_dp")), None
+    )
+    if central:
+        lines.append(
+            f"  client-level DP: epsilon {central['epsilon']:.3f} at delta "
+            f"{central['delta']:g} (noise {central['noise_multiplier']:g}, clip "
+            f"{central['clip']:g}, {central['releases']} releases)"
+        )
     return "\n".join(lines)
+
+
+def privacy_spent(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each DP site's latest accounting in a run record, with its rounds trained."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in record.get("rounds", []):
+        for site, m in r.get("sites", {}).items():
+            if m.get("privacy"):
+                prev = out.get(site, {}).get("rounds_trained", 0)
+                out[site] = {**m["privacy"], "rounds_trained": prev + 1}
+        for site, d in r.get("declined", {}).items():
+            if d.get("privacy"):
+                prev = out.get(site, {}).get("rounds_trained", 0)
+                out[site] = {
+                    **out.get(site, {}),
+                    **d["privacy"],
+                    "rounds_trained": prev,
+                }
+    return out
 
 
 def _fmt(value: float | None) -> str:

@@ -1,0 +1,312 @@
+"""Sample-level differential privacy at a site: DP-SGD and a persistent budget.
+
+A site whose YAML has a ``privacy`` section trains every round with DP-SGD
+(opacus, functorch per-sample gradients, one crop per patient, Poisson
+sampling of patients, per-patient clipping at ``max_grad_norm``, Gaussian
+noise). What it has spent is kept in a ledger on the site's own disk
+(``<run_dir>/privacy/ledger.json``), one entry per round it trained, written
+*before* training starts, so a crash or a resumed federation can only
+over-count, never under-count. The server never holds it.
+
+Before each round the site plans the round against its budget:
+
+* federation key ``dp-noise-multiplier`` > 0: that noise; the site declines
+  when one more round would take it past ``target_epsilon``;
+* ``dp-noise-multiplier`` = 0 (default): the smallest noise with which the
+  rounds still planned (this one to ``num-server-rounds``) fit in what is
+  left of the budget; the site declines when even the largest noise
+  (:data:`MAX_NOISE`) would not fit.
+
+Epsilon is always computed by an opacus accountant (RDP by default) over the
+whole ledger, so the figure a site reports is its total spend on this data,
+across rounds, resumes and runs that used the same ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants.utils import create_accountant
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+from client.site_config import PrivacyConfig
+from shared_model.errors import ConfigError, DataError
+
+ACCOUNTANTS = ("rdp", "prv")
+MAX_NOISE = 50.0
+"""Largest noise multiplier a site plans with; beyond it a round is noise only."""
+
+LEDGER_VERSION = 1
+
+# opacus's hooks fire on module outputs; the image needs no gradient. Harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+@dataclass(frozen=True)
+class DPRound:
+    """The DP-SGD settings of one local round at one site."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    n_patients: int
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * self.n_patients
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the budget allows this round: ``dp`` to train, or a refusal."""
+
+    dp: DPRound | None
+    epsilon_spent: float  # before this round
+    epsilon_after: float  # after this round (== spent when declined)
+    declined: str = ""
+
+
+def sample_rate_for(batch_size: int, n_patients: int) -> float:
+    """Poisson sampling rate: each patient joins a step with this probability."""
+    return min(1.0, batch_size / n_patients)
+
+
+def check_delta(privacy: PrivacyConfig, n_patients: int, where: str) -> None:
+    """A delta of 1/N or more permits releasing a whole patient; refuse it."""
+    if privacy.delta >= 1.0 / n_patients:
+        raise ConfigError(
+            f"{where}: privacy.delta = {privacy.delta:g} is not below 1/N = "
+            f"1/{n_patients} (N = training patients at this site); set "
+            f"privacy.delta well below {1.0 / n_patients:.2g} (1e-5 is usual)"
+        )
+
+
+def epsilon_of(
+    history: Sequence[tuple[float, float, int]], delta: float, accountant: str
+) -> float:
+    """Epsilon of a DP-SGD history ``[(noise, sample_rate, steps), ...]``."""
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+class PrivacyLedger:
+    """The site's record of every DP round it ran (JSON, on the site's disk)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entries: list[dict[str, Any]] = []
+        if self.path.is_file():
+            self.entries = self._read()
+
+    @classmethod
+    def for_site(cls, run_dir: Path) -> PrivacyLedger:
+        return cls(Path(run_dir) / "privacy" / "ledger.json")
+
+    def _read(self) -> list[dict[str, Any]]:
+        hint = (
+            "restore it from a backup; deleting it would forget the privacy "
+            "budget already spent on this site's patients"
+        )
+        try:
+            raw = json.loads(self.path.read_text())
+            entries = raw["entries"]
+            for e in entries:
+                if not (
+                    float(e["noise_multiplier"]) > 0
+                    and 0 < float(e["sample_rate"]) <= 1
+                    and int(e["steps"]) >= 0
+                ):
+                    raise ValueError(f"bad entry {e}")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(
+                f"{self.path}: the privacy ledger is unreadable ({err}); {hint}"
+            ) from err
+        return list(entries)
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [
+            (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+            for e in self.entries
+        ]
+
+    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
+        return epsilon_of(self.history, delta, accountant)
+
+    def record(self, dp: DPRound, **info: Any) -> None:
+        """Append one round and write the file atomically (before training)."""
+        self.entries.append({**asdict(dp), "time": time.time(), **info})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(
+            json.dumps({"version": LEDGER_VERSION, "entries": self.entries}, indent=1)
+        )
+        os.replace(tmp, self.path)
+
+
+def plan_round(
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    *,
+    n_patients: int,
+    batch_size: int,
+    steps: int,
+    rounds_left: int,
+    noise_multiplier: float = 0.0,
+    accountant: str = "rdp",
+) -> RoundPlan:
+    """Plan one round's DP-SGD against the site's remaining budget.
+
+    Args:
+        privacy: the site's budget (target epsilon, delta, clip norm).
+        ledger: what the site has spent so far.
+        n_patients: training patients (the privacy unit).
+        batch_size: expected patients per step.
+        steps: local steps this round.
+        rounds_left: rounds still planned, this one included (auto noise).
+        noise_multiplier: fixed noise, or 0 to derive it from the budget.
+        accountant: opacus accountant, "rdp" or "prv".
+    """
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"run config `dp-accountant` must be one of {ACCOUNTANTS}")
+    q = sample_rate_for(batch_size, n_patients)
+    history = ledger.history
+    target, delta = privacy.target_epsilon, privacy.delta
+    spent = epsilon_of(history, delta, accountant)
+
+    def eps_with(sigma: float, n_steps: int) -> float:
+        return epsilon_of([*history, (sigma, q, n_steps)], delta, accountant)
+
+    def round_at(sigma: float) -> DPRound:
+        return DPRound(sigma, privacy.max_grad_norm, q, steps, n_patients)
+
+    if noise_multiplier > 0:
+        after = eps_with(noise_multiplier, steps)
+        if after > target:
+            return RoundPlan(
+                None,
+                spent,
+                spent,
+                f"privacy budget: epsilon {spent:.3f} of {target:g} spent (delta "
+                f"{delta:g}); a round of {steps} steps at noise {noise_multiplier:g} "
+                f"would reach {after:.3f}",
+            )
+        return RoundPlan(round_at(noise_multiplier), spent, after)
+
+    planned = steps * max(rounds_left, 1)
+    if eps_with(MAX_NOISE, planned) > target:
+        return RoundPlan(
+            None,
+            spent,
+            spent,
+            f"privacy budget: epsilon {spent:.3f} of {target:g} spent (delta "
+            f"{delta:g}); the {max(rounds_left, 1)} planned round(s) do not fit even "
+            f"at noise {MAX_NOISE:g}",
+        )
+    lo, hi = 0.0, MAX_NOISE  # eps(hi) <= target always holds
+    while hi - lo > 1e-3 * hi:
+        mid = 0.5 * (lo + hi)
+        if mid > 0 and eps_with(mid, planned) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return RoundPlan(round_at(hi), spent, eps_with(hi, steps))
+
+
+def dp_generator(seed: int | None) -> torch.Generator:
+    """Randomness for DP noise and Poisson sampling.
+
+    ``None`` (a real site): seeded from the operating system's entropy, so no
+    one who knows the run's seed can predict (and subtract) the noise or know
+    which patients were sampled. An integer: reproducible, for simulation only.
+    """
+    g = torch.Generator()
+    g.manual_seed(secrets.randbits(63) if seed is None else seed)
+    return g
+
+
+class PrivateTraining:
+    """opacus around a model and optimiser for one round of DP-SGD.
+
+    Per-sample gradients in functorch mode (the model is free of aliased
+    modules and in-place activations; tests check both), clipping and noise by
+    :class:`opacus.optimizers.DPOptimizer` over the *trainable* parameters
+    only (frozen experts get neither gradient nor noise), Poisson batches from
+    :class:`opacus.utils.uniform_sampler.UniformWithReplacementSampler`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dp: DPRound,
+        *,
+        generator: torch.Generator,
+    ) -> None:
+        self.dp = dp
+        self.generator = generator
+        self.module = GradSampleModule(
+            model, batch_first=True, loss_reduction="mean", force_functorch=True
+        )
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=dp.expected_batch_size,  # type: ignore[arg-type]
+            loss_reduction="mean",
+            generator=generator,
+        )
+
+    def batch_sampler(self, n_samples: int) -> UniformWithReplacementSampler:
+        if n_samples != self.dp.n_patients:
+            raise ValueError(
+                f"dataset has {n_samples} patients, the DP plan {self.dp.n_patients}"
+            )
+        return UniformWithReplacementSampler(
+            num_samples=n_samples,
+            sample_rate=self.dp.sample_rate,
+            generator=self.generator,
+            steps=self.dp.steps,
+        )
+
+    def empty_step(self) -> None:
+        """A step on an empty Poisson batch: noise only (the model cannot run on
+        zero samples; InstanceNorm fails), still counted by the accountant."""
+        for p in self.optimizer.params:
+            p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype, device=p.device)
+        self.optimizer.step()
+
+    def close(self) -> None:
+        """Remove opacus's hooks; the model is a plain module again."""
+        self.module._close()
+
+
+def describe(plan: RoundPlan, privacy: PrivacyConfig) -> dict[str, float]:
+    """The reply metrics of a DP round (epsilon is cumulative, after the round)."""
+    out: dict[str, float] = {
+        "dp-epsilon": plan.epsilon_after,
+        "dp-epsilon-before": plan.epsilon_spent,
+        "dp-target-epsilon": privacy.target_epsilon,
+        "dp-delta": privacy.delta,
+        "dp-max-grad-norm": privacy.max_grad_norm,
+    }
+    if plan.dp is not None:
+        out["dp-noise-multiplier"] = plan.dp.noise_multiplier
+        out["dp-sample-rate"] = plan.dp.sample_rate
+        out["dp-steps"] = plan.dp.steps
+    return out
