@@ -44,8 +44,10 @@ from client.site_config import PrivacyConfig
 from shared_model.errors import ConfigError, DataError
 
 ACCOUNTANTS = ("rdp", "prv")
-MAX_NOISE = 50.0
-"""Largest noise multiplier a site plans with; beyond it a round is noise only."""
+MAX_NOISE = 10.0
+"""Largest noise multiplier a site derives for itself. Beyond it a round is
+mostly noise (at 4 patients per step, noise of 2.5 clip norms per coordinate
+on the mean gradient), so the site declines instead of sending it."""
 
 LEDGER_VERSION = 1
 

@@ -63,3 +63,12 @@ def test_demo_reuses_an_existing_cohort(tiny_cohort: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert "reusing the tiny cohort" in result.output
     assert result.output.count(": ok (") == 6
+
+
+def test_simulate_rejects_an_invalid_privacy_budget(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["simulate", "--out", str(tmp_path), "--dp-epsilon", "-1"]
+    )
+    assert result.exit_code != 0
+    assert "--dp-epsilon" in result.output and "target_epsilon" in result.output
+    assert not any(tmp_path.iterdir())  # nothing made, nothing started

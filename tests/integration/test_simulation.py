@@ -119,3 +119,48 @@ def test_resume_continues_as_if_never_stopped(sim_dir: Path, tmp_path: Path) -> 
 def test_bad_run_config_fails_before_starting(sim_dir: Path) -> None:
     with pytest.raises(MoeflError, match="unknown run config key"):
         run_simulated_federation(sim_dir, preset="tiny", overrides={"num-rounds": 2})
+
+
+def test_dp_simulation_stays_within_every_sites_budget_across_a_resume(
+    sim_dir: Path,
+) -> None:
+    """Every site trains under DP-SGD and reports epsilon each round; the noise
+    is derived so the planned rounds spend the budget; when the coordinator
+    then adds a round, every site declines (its ledger survived the restart)
+    and the federation finishes without it."""
+    from client.privacy import PrivacyLedger
+
+    privacy = {"target_epsilon": 2.0, "delta": 1e-3, "max_grad_norm": 1.0}
+    config = {"num-server-rounds": 2, "local-steps": 2, **SMALL}
+    record = run_simulated_federation(
+        sim_dir, preset="tiny", overrides=config, privacy=privacy
+    )
+    sites = ["sah_sysu", "sysucc", "west_china"]
+    for r in record["rounds"]:
+        assert sorted(r["sites"]) == sites and r["updated"]
+        for m in r["sites"].values():
+            p = m["privacy"]
+            assert 0 < p["epsilon"] <= 2.0 and p["noise_multiplier"] > 0.3
+            assert p["steps"] == 2 and m["train_loss"] is None  # loss not released
+    last = record["rounds"][-1]["sites"]
+    assert all(m["privacy"]["epsilon"] >= 0.95 * 2.0 for m in last.values())
+    for site in sites:
+        ledger = PrivacyLedger.for_site(sim_dir / "federated" / "sites" / site)
+        assert len(ledger.entries) == 2
+        assert ledger.epsilon(1e-3) == pytest.approx(last[site]["privacy"]["epsilon"])
+
+    record = run_simulated_federation(
+        sim_dir,
+        preset="tiny",
+        overrides={**config, "num-server-rounds": 3},
+        privacy=privacy,
+    )
+    r3 = record["rounds"][2]
+    assert record["status"] == "finished" and not r3["updated"]
+    assert sorted(r3["declined"]) == sites and not r3["sites"]
+    for d in r3["declined"].values():
+        assert "privacy budget" in d["reason"] and d["privacy"]["epsilon"] <= 2.0
+    ckpt = sim_dir / "federated" / "checkpoints"
+    before = load_file(str(ckpt / "round_002.safetensors"))
+    after = load_file(str(ckpt / "round_003.safetensors"))
+    assert all(np.array_equal(before[k], after[k]) for k in before)

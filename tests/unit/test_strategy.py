@@ -152,6 +152,91 @@ def test_fedadam_strategy_moves_trained_groups_only() -> None:
     assert np.array_equal(out.arrays["e1"], CURRENT["e1"])
 
 
+def test_a_declined_site_is_recorded_not_aggregated() -> None:
+    declined = FakeReply(
+        RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {"n-shared": 10, "dp-epsilon": 7.9, "dp-target-epsilon": 8.0}
+                ),
+                "info": ConfigRecord({"site": "c", "declined": "privacy budget: ..."}),
+            }
+        )
+    )
+    dp = {"dp-epsilon": 2.5, "dp-target-epsilon": 8.0, "dp-noise-multiplier": 1.1}
+    out = strategy().aggregate_round(
+        1, [reply("a", 1.0, **dp), reply("b", 3.0), declined], CURRENT
+    )
+    assert out.updated and sorted(out.sites) == ["a", "b"] and not out.excluded
+    assert out.declined["c"]["reason"].startswith("privacy budget")
+    assert out.declined["c"]["privacy"]["epsilon"] == 7.9
+    assert out.sites["a"]["privacy"]["noise_multiplier"] == 1.1
+    assert out.sites["b"]["privacy"] is None
+    assert np.allclose(out.arrays["enc"], 2.0)
+    # two declines leave one valid reply: below min-sites, the model stays
+    out = strategy().aggregate_round(1, [reply("a", 1.0), declined], CURRENT)
+    assert not out.updated
+
+
+def test_client_level_dp_clips_each_site_and_adds_calibrated_noise() -> None:
+    """Noise 0: the unweighted mean of the clipped updates. Noise > 0: its
+    standard deviation is noise * clip / (sites in the group); epsilon is
+    opacus's RDP accountant at sampling rate 1."""
+    from opacus.accountants import RDPAccountant
+
+    big = {k: np.zeros(20000, np.float32) for k in ("enc", "e0", "e1", "e2")}
+
+    def site(name: str, value: float, n_ct: int = 0) -> FakeReply:
+        arrays = {"enc": np.full(20000, value, np.float32)}
+        arrays["e0"] = np.full(20000, value, np.float32)
+        if n_ct:
+            arrays["e2"] = np.full(20000, value, np.float32)
+        return reply(name, value, n_ct=n_ct, arrays=arrays)
+
+    replies = [site("a", 0.001), site("b", 0.1, n_ct=5), site("c", -0.002)]
+    clip = 1.0
+    s = strategy(client_dp_noise_multiplier=1e-9, client_dp_clip=clip, seed=3)
+    out = s.aggregate_round(1, replies, big)
+    norms = out.client_dp["update_norms"]
+    assert norms["a"] == pytest.approx(0.001 * np.sqrt(40000), rel=1e-5)
+    assert out.client_dp["clipped"] == ["b"]  # 0.1 * sqrt(60000) = 24.5 > 1
+    b_scale = clip / norms["b"]
+    expected_enc = (0.001 + 0.1 * b_scale - 0.002) / 3  # unweighted, not by count
+    assert np.allclose(out.arrays["enc"], expected_enc, atol=1e-6)
+    assert np.allclose(out.arrays["e2"], 0.1 * b_scale, atol=1e-6)
+    assert np.array_equal(out.arrays["e1"], big["e1"])
+
+    sigma = 2.0
+    noisy = strategy(client_dp_noise_multiplier=sigma, client_dp_clip=clip)
+    out = noisy.aggregate_round(1, replies, big)
+    assert out.client_dp["noise_std"]["shared"] == pytest.approx(sigma * clip / 3)
+    assert np.std(out.arrays["enc"] - expected_enc) == pytest.approx(
+        sigma * clip / 3, rel=0.05
+    )
+    assert np.std(out.arrays["e2"] - 0.1 * b_scale) == pytest.approx(
+        sigma * clip, rel=0.05
+    )
+    noisy.aggregate_round(2, replies, big)
+    eps = noisy.client_dp_epsilon()
+    for half, key in ((2.0, "epsilon"), (1.0, "epsilon_add_remove")):
+        acc = RDPAccountant()
+        for _ in range(2):
+            acc.step(noise_multiplier=sigma / half, sample_rate=1.0)
+        assert eps[key] == pytest.approx(acc.get_epsilon(delta=1e-3), rel=1e-9)
+    assert eps["epsilon"] > eps["epsilon_add_remove"]
+
+
+def test_client_level_dp_noise_is_secret_unless_reproducible() -> None:
+    replies = [reply("a", 1.0), reply("b", 3.0)]
+
+    def run(**kw: Any) -> np.ndarray:
+        s = strategy(client_dp_noise_multiplier=1.0, client_dp_clip=1.0, **kw)
+        return s.aggregate_round(1, replies, CURRENT).arrays["enc"]
+
+    assert np.array_equal(run(dp_reproducible=True), run(dp_reproducible=True))
+    assert not np.array_equal(run(), run())
+
+
 def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
     from sklearn.metrics import roc_auc_score
 

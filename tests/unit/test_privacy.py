@@ -1,0 +1,344 @@
+"""Sample-level DP-SGD at a site: accounting, budget stop, ledger, training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from client.engine import TrainConfig, train_local
+from client.privacy import (
+    DPRound,
+    PrivacyLedger,
+    PrivateTraining,
+    check_delta,
+    dp_generator,
+    epsilon_of,
+    plan_round,
+)
+from client.site_config import PrivacyConfig, parse_privacy
+from shared_model.errors import ConfigError, DataError
+from shared_model.federation_config import FederationConfig
+from shared_model.loss import MoELoss
+from shared_model.model import build_model, parameter_groups
+from tests.unit.test_engine import CFG, Toy
+
+BUDGET = PrivacyConfig(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0)
+CPU = torch.device("cpu")
+
+
+def _opacus_epsilon(
+    steps: list[tuple[float, float, int]], delta: float, kind: type = RDPAccountant
+) -> float:
+    """Epsilon the way opacus's training loop counts it: one ``step`` per step."""
+    acc = kind()
+    for sigma, q, n in steps:
+        for _ in range(n):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def test_reported_epsilon_equals_opacus_accountant(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    taken = []
+    for _ in range(3):
+        plan = plan_round(
+            BUDGET,
+            ledger,
+            n_patients=60,
+            batch_size=4,
+            steps=15,
+            rounds_left=8,
+            noise_multiplier=1.3,
+        )
+        assert plan.dp is not None
+        ledger.record(plan.dp)
+        taken.append((1.3, 4 / 60, 15))
+        assert plan.epsilon_after == pytest.approx(
+            _opacus_epsilon(taken, 1e-5), rel=1e-9
+        )
+    assert ledger.epsilon(1e-5, "prv") == pytest.approx(
+        _opacus_epsilon(taken, 1e-5, PRVAccountant), rel=1e-6
+    )
+
+
+def test_derived_noise_spends_the_budget_over_the_planned_rounds(
+    tmp_path: Path,
+) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    sigmas = []
+    for rnd in range(1, 6):
+        plan = plan_round(
+            BUDGET, ledger, n_patients=60, batch_size=4, steps=15, rounds_left=6 - rnd
+        )
+        assert plan.dp is not None and plan.epsilon_after <= BUDGET.target_epsilon
+        sigmas.append(plan.dp.noise_multiplier)
+        ledger.record(plan.dp)
+    final = ledger.epsilon(BUDGET.delta)
+    assert 0.97 * BUDGET.target_epsilon <= final <= BUDGET.target_epsilon
+    assert max(sigmas) - min(sigmas) < 0.01 * sigmas[0]  # one noise for the whole run
+    assert final == pytest.approx(
+        _opacus_epsilon([(s, 4 / 60, 15) for s in sigmas], BUDGET.delta), rel=1e-9
+    )
+    # the budget is spent: a sixth round declines, and declining spends nothing
+    plan = plan_round(
+        BUDGET, ledger, n_patients=60, batch_size=4, steps=15, rounds_left=1
+    )
+    assert plan.dp is None and "privacy budget" in plan.declined
+    assert ledger.epsilon(BUDGET.delta) == final
+
+
+def test_budget_stop_with_fixed_noise(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    trained = 0
+    while True:
+        plan = plan_round(
+            BUDGET,
+            ledger,
+            n_patients=60,
+            batch_size=4,
+            steps=15,
+            rounds_left=1,
+            noise_multiplier=1.0,
+        )
+        if plan.dp is None:
+            break
+        ledger.record(plan.dp)
+        trained += 1
+    spent = ledger.epsilon(BUDGET.delta)
+    assert trained >= 1 and spent <= BUDGET.target_epsilon
+    assert epsilon_of([*ledger.history, (1.0, 4 / 60, 15)], 1e-5, "rdp") > 4.0
+    assert f"{spent:.3f} of 4" in plan.declined
+
+
+def test_epsilon_survives_a_restart_and_a_broken_ledger_is_an_error(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "site_run"
+    first = PrivacyLedger.for_site(run_dir)
+    first.record(DPRound(1.1, 1.0, 0.1, 20, 40), round=1)
+    first.record(DPRound(1.1, 1.0, 0.1, 20, 40), round=2)
+    again = PrivacyLedger.for_site(run_dir)  # a new process after a restart
+    assert again.history == first.history and len(again.history) == 2
+    assert again.epsilon(1e-5) == pytest.approx(
+        _opacus_epsilon([(1.1, 0.1, 40)], 1e-5), rel=1e-9
+    )
+    path = run_dir / "privacy" / "ledger.json"
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(DataError, match="ledger.json.*unreadable.*budget"):
+        PrivacyLedger.for_site(run_dir)
+    path.write_text(json.dumps({"entries": [{"noise_multiplier": -1}]}))
+    with pytest.raises(DataError, match="unreadable"):
+        PrivacyLedger.for_site(run_dir)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (
+            {"target_epsilon": -1.0, "delta": 1e-5, "max_grad_norm": 1.0},
+            "target_epsilon",
+        ),
+        (
+            {"target_epsilon": 0.0, "delta": 1e-5, "max_grad_norm": 1.0},
+            "target_epsilon",
+        ),
+        ({"target_epsilon": 8.0, "delta": 1.0, "max_grad_norm": 1.0}, "delta"),
+        ({"target_epsilon": 8.0, "delta": 1e-5}, "max_grad_norm"),
+        ({"target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": "x"}, "max_grad_norm"),
+        (
+            {"target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1, "sigma": 1},
+            "sigma",
+        ),
+    ],
+)
+def test_invalid_privacy_parameters_are_rejected(raw: dict, key: str) -> None:
+    problems: list = []
+    assert parse_privacy(raw, problems) is None
+    assert any(p.key == f"privacy.{key}" for p in problems), problems
+
+
+def test_delta_must_be_below_one_over_n() -> None:
+    check_delta(BUDGET, 60, "site.yaml")
+    with pytest.raises(ConfigError, match=r"site.yaml: privacy.delta = 0.02 .*1/60"):
+        check_delta(PrivacyConfig(8.0, 0.02, 1.0), 60, "site.yaml")
+
+
+def test_federation_privacy_keys_are_checked() -> None:
+    with pytest.raises(ConfigError, match="client-dp-clip"):
+        FederationConfig(client_dp_noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="dp-accountant"):
+        FederationConfig(dp_accountant="gdp")
+    with pytest.raises(ConfigError, match="dp-noise-multiplier"):
+        FederationConfig(dp_noise_multiplier=-1.0)
+
+
+def _trainable_without_nct(model: torch.nn.Module) -> set[str]:
+    groups = parameter_groups(model)
+    return {n for g in ("shared", "expert/nCRT", "expert/TNT") for n in groups[g]}
+
+
+def test_dp_training_freezes_absent_experts_and_survives_empty_batches() -> None:
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses: list[float] = []
+    # 8 patients sampled at 0.1: about 43 % of the steps have no patient at all
+    dp = DPRound(1.0, 1.0, 0.1, 12, 8)
+    result = train_local(
+        model,
+        Toy(8),
+        TrainConfig(optimizer="adamw", lr=1e-3),
+        device=CPU,
+        trainable=_trainable_without_nct(model),
+        dp=dp,
+        dp_generator=dp_generator(3),
+        on_step=lambda step, loss: losses.append(loss),
+    )
+    assert result.steps == 12 and len(losses) == 12
+    empty = sum(np.isnan(v) for v in losses)
+    assert 1 <= empty < 12  # noise-only steps happened and were stepped through
+    groups = parameter_groups(model)
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (name not in groups["expert/nCT"]), name
+        assert getattr(p, "grad_sample", None) is None  # opacus detached
+
+
+def test_dp_noise_is_reproducible_only_when_seeded() -> None:
+    def run(seed: int | None) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = build_model(CFG)
+        train_local(
+            model,
+            Toy(8),
+            TrainConfig(optimizer="adamw", lr=1e-3),
+            device=CPU,
+            dp=DPRound(1.0, 1.0, 0.5, 2, 8),
+            dp_generator=dp_generator(seed),
+        )
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(None), run(None))
+
+
+def _double(items: list[dict]) -> list[dict]:
+    return [
+        {k: (v.double() if k in ("image", "clinical") else v) for k, v in x.items()}
+        for x in items
+    ]
+
+
+@pytest.mark.parametrize("proximal", [False, True])
+def test_without_noise_or_clipping_a_dp_step_is_the_plain_step(proximal: bool) -> None:
+    """Sampling rate 1 (every patient every step), noise 0, a clip no gradient
+    reaches: the DP step must equal the ordinary full-batch step, so opacus's
+    per-sample gradients, averaging and our batch wiring are the same maths.
+    With FedProx's proximal term, which under DP is added after the noise."""
+    data = _double(Toy(6).items)
+    cfg = TrainConfig(
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.5,
+        weight_decay=0.0,
+        batch_size=6,
+        max_steps=2,
+        grad_clip=0.0,
+    )
+
+    def run(dp: DPRound | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(CFG).double()
+        anchor = {n: p.detach() + 0.05 for n, p in model.named_parameters()}
+
+        def prox(m: torch.nn.Module) -> torch.Tensor:
+            return 0.5 * sum(
+                (p - anchor[n]).pow(2).sum() for n, p in m.named_parameters()
+            )
+
+        train_local(
+            model,
+            data,
+            cfg,
+            device=CPU,
+            extra_loss=prox if proximal else None,
+            dp=dp,
+            dp_generator=dp_generator(0) if dp else None,
+        )
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    plain = run(None)
+    private = run(DPRound(0.0, 1e6, 1.0, 2, 6))
+    for name in plain:
+        assert torch.allclose(plain[name], private[name], rtol=1e-9, atol=1e-12), name
+
+
+def test_clipping_bounds_each_patients_contribution() -> None:
+    """With noise 0, every patient in every step (rate 1), plain SGD and a
+    tiny clip c, one step moves the weights by at most lr * c."""
+    torch.manual_seed(0)
+    model = build_model(CFG).double()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    items = _double(Toy(6).items)
+    clip, lr = 1e-3, 0.5
+    train_local(
+        model,
+        items,
+        TrainConfig(optimizer="sgd", lr=lr, momentum=1e-12, weight_decay=0.0),
+        device=CPU,
+        dp=DPRound(0.0, clip, 1.0, 1, 6),
+        dp_generator=dp_generator(0),
+    )
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    moved = float((after - before).norm())
+    assert 0.1 * lr * clip < moved <= lr * clip * (1 + 1e-6)
+
+
+def test_private_training_hooks_only_the_trainable_parameters() -> None:
+    """Per-sample gradients through our wrapper (frozen nCT expert) equal a
+    batch-of-one loop in float64, and the frozen expert gets none."""
+    torch.manual_seed(0)
+    model = build_model(CFG).double().train()
+    trainable = _trainable_without_nct(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    batch = [Toy(3).items[i] for i in range(3)]
+    image = torch.stack([b["image"] for b in batch]).double()
+    label = torch.stack([b["label"] for b in batch])
+    clinical = torch.stack([b["clinical"] for b in batch]).double()
+    regimen = torch.tensor([0, 1, 2])
+    pcr = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    loss_fn = MoELoss()
+    reference: dict[str, list[torch.Tensor]] = {n: [] for n in trainable}
+    for i in range(3):
+        model.zero_grad()
+        out = model(image[i : i + 1], clinical[i : i + 1], regimen[i : i + 1])
+        loss_fn(out, label[i : i + 1], pcr[i : i + 1])[0].backward()
+        for n, p in model.named_parameters():
+            if n in trainable:
+                reference[n].append(p.grad.detach().clone())
+    params = [p for p in model.parameters() if p.requires_grad]
+    private = PrivateTraining(
+        model,
+        torch.optim.SGD(params, lr=0.1),
+        DPRound(1.0, 1.0, 0.5, 1, 3),
+        generator=dp_generator(0),
+    )
+    model.zero_grad()
+    out = private.module(image, clinical, regimen)
+    loss_fn(out, label, pcr)[0].backward()
+    num = den = 0.0
+    for n, p in model.named_parameters():
+        if n not in trainable:
+            assert getattr(p, "grad_sample", None) is None, n
+            continue
+        expected = torch.stack(reference[n])
+        num += float((p.grad_sample - expected).pow(2).sum())
+        den += float(expected.pow(2).sum())
+    assert (num / den) ** 0.5 < 1e-10
+    private.close()
