@@ -8,7 +8,11 @@ Train: the site receives the global weights, trains the shared group and the
 experts of the regimens present in its training split (the others are frozen,
 so they never change here and are not uploaded), and replies with the trained
 arrays, the counts ``n-shared``, ``n-nCRT``, ``n-TNT``, ``n-nCT``, the loss and
-the wall time, plus its site name. Evaluate: the site scores its validation
+the wall time, plus its site name. A site whose YAML has a ``privacy`` section
+trains with DP-SGD (:mod:`client.privacy`): it plans the round against its
+ledger, declines it (a reply without weights whose ``info`` says why) when the
+budget does not allow it, and otherwise sends its ``dp-*`` accounting instead
+of the losses. Evaluate: the site scores its validation
 split and replies with counts only (score histograms per class and regimen,
 Dice and loss sums), never per-patient scores.
 """
