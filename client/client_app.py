@@ -13,8 +13,9 @@ trains with DP-SGD (:mod:`client.privacy`): it plans the round against its
 ledger, declines it (a reply without weights whose ``info`` says why) when the
 budget does not allow it, and otherwise sends its ``dp-*`` accounting instead
 of the losses. Evaluate: the site scores its validation
-split and replies with counts only (score histograms per class and regimen,
-Dice and loss sums), never per-patient scores.
+split and replies with counts only (per regimen: score histograms per class,
+sums for the Brier score and calibration; Dice and loss sums), never
+per-patient scores.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from client.privacy import (
 from client.site_config import SiteConfig, load_site_config
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
-from shared_model.federated_metrics import score_histograms
+from shared_model.federated_metrics import ScoreCounts
 from shared_model.federation_config import FederationConfig
 from shared_model.loss import LossConfig
 from shared_model.model import ModelConfig, UNetMoECli, build_model, parameter_groups
@@ -293,9 +294,10 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     values: dict[str, Any] = {"n": len(result.cases)}
     for j, r in enumerate(REGIMENS):
         cases = [c for c in result.cases if c.regimen == j]
-        pos, neg = score_histograms([c.probs[j] for c in cases], [c.pcr for c in cases])
-        values[f"hist-pos-{r}"] = pos
-        values[f"hist-neg-{r}"] = neg
+        counts = ScoreCounts.from_scores(
+            [c.probs[j] for c in cases], [c.pcr for c in cases]
+        )
+        values |= counts.to_values(f"{r}-")
     dice = [c.dice for c in result.cases if c.dice is not None]
     values["dice-sum"] = float(sum(dice))
     values["dice-n"] = len(dice)

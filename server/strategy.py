@@ -33,7 +33,13 @@ from shared_model.aggregation import (
     verify_update,
 )
 from shared_model.clinical import REGIMENS
-from shared_model.federated_metrics import AUC_BINS, auc_from_histograms
+from shared_model.federated_metrics import (
+    ScoreCounts,
+    auc_from_histograms,
+    binary_report,
+    net_benefit,
+    threshold_for_sensitivity,
+)
 from shared_model.federation_config import FederationConfig
 
 log = logging.getLogger(__name__)
@@ -230,14 +236,19 @@ class GroupedStrategy(FedAvg):
         outcome.updated = True
         return outcome
 
-    @staticmethod
-    def aggregate_evaluation(replies: Iterable[Message]) -> dict[str, Any]:
-        """Federated validation metrics from the sites' counts."""
-        pos = {r: np.zeros(AUC_BINS, dtype=np.int64) for r in REGIMENS}
-        neg = {r: np.zeros(AUC_BINS, dtype=np.int64) for r in REGIMENS}
+    def aggregate_evaluation(self, replies: Iterable[Message]) -> dict[str, Any]:
+        """Federated validation metrics from the sites' counts.
+
+        Overall (each patient scored under the regimen received), per regimen
+        and per site: AUC with DeLong interval, Brier, calibration, and two
+        operating points, 0.5 and the highest threshold that reaches
+        ``target-sensitivity`` on this validation set; plus the decision curve.
+        """
+        by_regimen = {r: ScoreCounts.empty() for r in REGIMENS}
         dice_sum = loss_sum = 0.0
         dice_n = loss_n = n = 0
-        per_site: dict[str, Any] = {}
+        site_counts: dict[str, ScoreCounts] = {}
+        site_dice: dict[str, float | None] = {}
         for i, msg in enumerate(replies):
             name = _site_name(msg, f"node-{i}")
             if msg.has_error():
@@ -246,45 +257,50 @@ class GroupedStrategy(FedAvg):
                 )
                 continue
             m: dict[str, Any] = dict(msg.content["metrics"])
-            site_pos = np.zeros(AUC_BINS, np.int64)
-            site_neg = np.zeros(AUC_BINS, np.int64)
             try:
-                for r in REGIMENS:
-                    p = np.asarray(m[f"hist-pos-{r}"], np.int64)
-                    q = np.asarray(m[f"hist-neg-{r}"], np.int64)
-                    if (
-                        p.shape != (AUC_BINS,)
-                        or q.shape != (AUC_BINS,)
-                        or (p < 0).any()
-                        or (q < 0).any()
-                    ):
-                        raise ValueError(f"bad histogram for {r}")
-                    pos[r] += p
-                    neg[r] += q
-                    site_pos += p
-                    site_neg += q
-                dice_sum += float(m["dice-sum"])
-                dice_n += int(m["dice-n"])
-                loss_sum += float(m["loss-sum"])
-                loss_n += int(m["loss-n"])
-                n += int(m["n"])
+                counts = {r: ScoreCounts.from_values(m, f"{r}-") for r in REGIMENS}
+                d_sum, d_n = float(m["dice-sum"]), int(m["dice-n"])
+                l_sum, l_n, n_site = float(m["loss-sum"]), int(m["loss-n"]), int(m["n"])
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("evaluation: excluded site %s: %r", name, e)
                 continue
-            per_site[name] = {
-                "n": int(m["n"]),
-                "auc": auc_from_histograms(site_pos, site_neg),
-                "dice": float(m["dice-sum"]) / max(int(m["dice-n"]), 1),
-            }
-        total_pos = np.sum(list(pos.values()), axis=0)
-        total_neg = np.sum(list(neg.values()), axis=0)
+            if name in site_counts:
+                log.warning("evaluation: excluded a second reply from site %s", name)
+                continue
+            for r in REGIMENS:
+                by_regimen[r] = by_regimen[r] + counts[r]
+            site_counts[name] = sum(counts.values(), ScoreCounts.empty())
+            site_dice[name] = d_sum / d_n if d_n else None
+            dice_sum, dice_n = dice_sum + d_sum, dice_n + d_n
+            loss_sum, loss_n, n = loss_sum + l_sum, loss_n + l_n, n + n_site
+        overall = sum(by_regimen.values(), ScoreCounts.empty())
+        thresholds = {"0.5": 0.5}
+        t_sens = threshold_for_sensitivity(overall, self.fed.target_sensitivity)
+        if t_sens is not None:
+            thresholds[f"sensitivity>={self.fed.target_sensitivity:g}"] = t_sens
+
+        def auc_of(c: ScoreCounts) -> float | None:
+            return auc_from_histograms(c.pos, c.neg)
+
         return {
             "n": n,
-            "auc": auc_from_histograms(total_pos, total_neg),
-            "auc_by_regimen": {
-                r: auc_from_histograms(pos[r], neg[r]) for r in REGIMENS
-            },
+            "auc": auc_of(overall),
+            "auc_by_regimen": {r: auc_of(c) for r, c in by_regimen.items()},
             "dice": dice_sum / dice_n if dice_n else None,
             "loss": loss_sum / loss_n if loss_n else None,
-            "sites": per_site,
+            "thresholds": thresholds,
+            "overall": binary_report(overall, thresholds),
+            "regimens": {
+                r: binary_report(c, thresholds) for r, c in by_regimen.items()
+            },
+            "decision_curve": net_benefit(overall),
+            "sites": {
+                s: {
+                    "n": c.n,
+                    "auc": auc_of(c),
+                    "dice": site_dice[s],
+                    **binary_report(c, thresholds),
+                }
+                for s, c in sorted(site_counts.items())
+            },
         }

@@ -39,6 +39,8 @@ keys and out-of-range values are errors that name the key.
 | client-dp-clip | 0.0 | client-level DP: L2 clip of each site's whole update (needed
   with noise) |
 | client-dp-delta | 0.001 | client-level DP: the delta its epsilon is reported at |
+| target-sensitivity | 0.8 | evaluation: the second operating point, the highest threshold
+  reaching this sensitivity on the validation set (the first is 0.5) |
 | dp-reproducible | false | simulation only: seed the central DP noise from `seed`. Never in
   deployment: whoever knows the seed could subtract the noise |
 """
@@ -90,6 +92,7 @@ class FederationConfig:
     client_dp_clip: float = 0.0
     client_dp_delta: float = 1e-3
     dp_reproducible: bool = False
+    target_sensitivity: float = 0.8
 
     def __post_init__(self) -> None:
         checks = [
@@ -140,6 +143,7 @@ class FederationConfig:
                 "> 0 when client-dp-noise-multiplier is set",
             ),
             (0 < self.client_dp_delta < 1, "client-dp-delta", "in (0, 1)"),
+            (0 < self.target_sensitivity <= 1, "target-sensitivity", "in (0, 1]"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -45,13 +45,13 @@ def step_times(steps: int, repeats: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     items = []
     for i in range(n):
-        label = torch.zeros(1, *plan.patch_size)
+        mask = torch.zeros(1, *plan.patch_size)
         d, h, w = plan.patch_size
-        label[:, d // 4 : 3 * d // 4, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1
+        mask[:, d // 4 : 3 * d // 4, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1
         items.append(
             {
                 "image": torch.randn(2, *plan.patch_size, generator=g),
-                "label": label,
+                "label": mask,
                 "clinical": torch.zeros(15),
                 "regimen": torch.tensor(i % 3),
                 "pcr": torch.tensor(float(i % 2)),

@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from client.client_app import arrays_to_record
 from server.strategy import GroupedStrategy
 from shared_model.errors import ConfigError
-from shared_model.federated_metrics import score_histograms
+from shared_model.federated_metrics import ScoreCounts
 from shared_model.federation_config import FederationConfig
 
 GROUPS = {
@@ -238,7 +238,7 @@ def test_client_level_dp_noise_is_secret_unless_reproducible() -> None:
 
 
 def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import brier_score_loss, roc_auc_score
 
     rng = np.random.default_rng(1)
     replies, all_y, all_s = [], [], []
@@ -253,8 +253,9 @@ def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
         for r in ("nCRT", "TNT", "nCT"):
             y = (rng.random(30) < 0.3).astype(float)
             s = 1 / (1 + np.exp(-(rng.normal(size=30) + y)))
-            pos, neg = score_histograms(s, y)
-            metrics[f"hist-pos-{r}"], metrics[f"hist-neg-{r}"] = pos, neg
+            metrics |= ScoreCounts.from_scores(s.tolist(), y.tolist()).to_values(
+                f"{r}-"
+            )
             metrics["n"] += 30
             all_y.append(y)
             all_s.append(s)
@@ -268,10 +269,31 @@ def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
                 )
             )
         )
-    ev = GroupedStrategy.aggregate_evaluation(replies)
+    ev = strategy().aggregate_evaluation(replies)
     y, s = np.concatenate(all_y), np.concatenate(all_s)
     assert ev["n"] == 270 and abs(ev["auc"] - roc_auc_score(y, s)) < 0.002
     assert ev["dice"] == pytest.approx(0.8) and set(ev["sites"]) == {"a", "b", "c"}
+    overall = ev["overall"]
+    assert abs(overall["auc"]["auc"] - roc_auc_score(y, s)) < 0.002
+    assert overall["brier"] == pytest.approx(brier_score_loss(y, s), abs=1e-12)
+    t = ev["thresholds"]["sensitivity>=0.8"]
+    op = overall["operating_points"]["sensitivity>=0.8"]
+    assert op["sensitivity"]["value"] >= 0.8
+    assert op["specificity"]["value"] == pytest.approx(np.mean(s[y == 0] < t))
+    half = overall["operating_points"]["0.5"]
+    assert half["tp"] == int(np.sum((s >= 0.5) & (y == 1)))
+    assert ev["regimens"]["TNT"]["n"] == 90 and len(ev["decision_curve"]["model"]) == 99
+    # a malformed or duplicate reply is left out, the others are summed
+    bad = FakeReply(
+        RecordDict(
+            {
+                "metrics": MetricRecord({"n": 3, "nCRT-pos": [1, 2]}),
+                "info": ConfigRecord({"site": "d"}),
+            }
+        )
+    )
+    ev2 = strategy().aggregate_evaluation([*replies, bad, replies[0]])
+    assert ev2["n"] == 270 and set(ev2["sites"]) == {"a", "b", "c"}
 
 
 def test_run_config_parsing() -> None:
