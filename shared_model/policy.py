@@ -1,0 +1,277 @@
+"""Treatment recommendations and an honest estimate of what following them is worth.
+
+Recommendation rule (documented for clinicians in the README): regimens are
+ordered by intensity, nCT < nCRT < TNT. For each patient the model gives the
+pCR probability under every regimen; the recommended regimen is the *least
+intensive* one whose predicted pCR is within ``margin`` (absolute, default
+0.05) of the best. Against the regimen the patient received, that is an
+escalation (more intensive), maintenance (the same) or de-intensification.
+
+Value of the policy "treat as recommended" (the pCR rate it would achieve),
+estimated off-policy from what sites actually did:
+
+* ``model_estimate`` (circular): the mean of the model's own predicted pCR under
+  its advice. This is what a model says about itself, not evidence.
+* ``ipw``: inverse propensity weighting. Patients whose received regimen equals
+  the recommendation count with weight ``1 / e(received | clinical)``, where
+  ``e`` is a propensity model fitted at the patient's site (regimen choice is a
+  site's policy); the others count zero.
+* ``dr``: doubly robust (augmented IPW): the model's prediction under the
+  advice, corrected by the weighted residual of the patients who received it.
+  Consistent when either the propensities or the outcome model are right.
+* ``observed``: the pCR rate under current practice, for comparison.
+
+Each estimate is a mean of per-patient terms, so a site sends only ``n``, the
+sum and the sum of squares of each; the server adds them and gives a normal
+confidence interval. Positivity diagnostics count patients whose recommended
+regimen their site gives rarely (propensity below ``low``) or never.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.stats import norm
+from sklearn.linear_model import LogisticRegression
+
+from shared_model.clinical import REGIMENS
+
+INTENSITY: dict[str, int] = {"nCT": 0, "nCRT": 1, "TNT": 2}
+DIRECTIONS = ("escalate", "maintain", "de-intensify")
+ESTIMATORS = ("model_estimate", "ipw", "dr", "observed")
+
+
+@dataclass(frozen=True)
+class RecommendationRule:
+    """Least intensive regimen within ``margin`` of the best predicted pCR."""
+
+    margin: float = 0.05
+    allowed: tuple[str, ...] = REGIMENS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.margin < 1:
+            raise ValueError("the recommendation margin must be in [0, 1)")
+        if not self.allowed or any(r not in REGIMENS for r in self.allowed):
+            raise ValueError(f"allowed regimens must be among {REGIMENS}")
+
+
+def recommend(probs: np.ndarray, rule: RecommendationRule | None = None) -> np.ndarray:
+    """Recommended regimen index per patient from ``probs`` (n, 3)."""
+    rule = rule or RecommendationRule()
+    p = np.asarray(probs, np.float64)
+    allowed = np.array([r in rule.allowed for r in REGIMENS])
+    masked = np.where(allowed[None, :], p, -np.inf)
+    best = masked.max(axis=1, keepdims=True)
+    ok = masked >= best - rule.margin - 1e-12
+    by_intensity = sorted(range(len(REGIMENS)), key=lambda j: INTENSITY[REGIMENS[j]])
+    out = np.full(len(p), -1, dtype=int)
+    for j in reversed(by_intensity):  # the least intensive qualifying one wins
+        out = np.where(ok[:, j], j, out)
+    return out
+
+
+def direction(recommended: int, received: int) -> str:
+    """escalate / maintain / de-intensify, by regimen intensity."""
+    a, b = INTENSITY[REGIMENS[recommended]], INTENSITY[REGIMENS[received]]
+    return DIRECTIONS[0] if a > b else DIRECTIONS[1] if a == b else DIRECTIONS[2]
+
+
+def fit_propensity(
+    clinical: np.ndarray, received: Sequence[int] | np.ndarray
+) -> tuple[LogisticRegression | None, np.ndarray]:
+    """A site's regimen-choice model: multinomial logistic regression of the
+    received regimen on the clinical one-hot (L2, C = 1).
+
+    Returns the fitted model (None when the site gives one regimen only) and
+    the regimens it covers; a regimen the site never gives has propensity 0.
+    """
+    a = np.asarray(received, int)
+    classes = np.unique(a)
+    if len(classes) < 2:
+        return None, classes
+    return LogisticRegression(C=1.0, max_iter=2000).fit(clinical, a), classes
+
+
+def propensities(
+    model: LogisticRegression | None, classes: np.ndarray, clinical: np.ndarray
+) -> np.ndarray:
+    """(n, 3) probability of each regimen at the site given the clinical data."""
+    out = np.zeros((len(clinical), len(REGIMENS)))
+    if model is None:
+        out[:, int(classes[0])] = 1.0
+        return out
+    out[:, model.classes_.astype(int)] = model.predict_proba(clinical)
+    return out
+
+
+@dataclass
+class PolicySums:
+    """What a site sends about the policy: sums of per-patient terms."""
+
+    n: int = 0
+    sums: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(ESTIMATORS, 0.0)
+    )
+    squares: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(ESTIMATORS, 0.0)
+    )
+    directions: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(DIRECTIONS, 0)
+    )
+    recommended: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(REGIMENS, 0)
+    )
+    followed: int = 0  # patients whose received regimen is the recommended one
+    low_propensity: int = 0  # recommended regimen given rarely (below `low`)
+    never_given: int = 0  # recommended regimen the site never gives
+
+    def __add__(self, other: PolicySums) -> PolicySums:
+        def add(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: a[k] + b[k] for k in a}
+
+        return PolicySums(
+            self.n + other.n,
+            add(self.sums, other.sums),
+            add(self.squares, other.squares),
+            add(self.directions, other.directions),
+            add(self.recommended, other.recommended),
+            self.followed + other.followed,
+            self.low_propensity + other.low_propensity,
+            self.never_given + other.never_given,
+        )
+
+    def to_values(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = {"policy-n": self.n}
+        out |= {f"policy-sum-{k}": v for k, v in self.sums.items()}
+        out |= {f"policy-sq-{k}": v for k, v in self.squares.items()}
+        out |= {f"policy-dir-{k}": v for k, v in self.directions.items()}
+        out |= {f"policy-rec-{k}": v for k, v in self.recommended.items()}
+        out |= {
+            "policy-followed": self.followed,
+            "policy-low-propensity": self.low_propensity,
+            "policy-never-given": self.never_given,
+        }
+        return out
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> PolicySums:
+        """Server side; raises KeyError/ValueError on a malformed record."""
+        n = int(values["policy-n"])
+        out = cls(
+            n,
+            {k: float(values[f"policy-sum-{k}"]) for k in ESTIMATORS},
+            {k: float(values[f"policy-sq-{k}"]) for k in ESTIMATORS},
+            {k: int(values[f"policy-dir-{k}"]) for k in DIRECTIONS},
+            {k: int(values[f"policy-rec-{k}"]) for k in REGIMENS},
+            int(values["policy-followed"]),
+            int(values["policy-low-propensity"]),
+            int(values["policy-never-given"]),
+        )
+        counts = [n, out.followed, out.low_propensity, out.never_given]
+        if min(counts) < 0 or sum(out.directions.values()) != n:
+            raise ValueError("policy counts are negative or do not add up")
+        if not all(np.isfinite(list(out.sums.values()) + list(out.squares.values()))):
+            raise ValueError("policy sums are not finite")
+        return out
+
+
+def policy_terms(
+    probs: np.ndarray,
+    received: Sequence[int] | np.ndarray,
+    outcome: Sequence[float] | np.ndarray,
+    propensity: np.ndarray,
+    recommended: Sequence[int] | np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Per-patient terms whose means are the estimators (site side)."""
+    p = np.asarray(probs, np.float64)
+    a = np.asarray(received, int)
+    y = np.asarray(outcome, np.float64)
+    rec = np.asarray(recommended, int)
+    rows = np.arange(len(a))
+    follows = (a == rec).astype(np.float64)
+    e = propensity[rows, a]
+    if (e[follows > 0] <= 0).any():
+        raise ValueError("a patient received a regimen with propensity 0")
+    weight = np.divide(follows, e, out=np.zeros_like(follows), where=follows > 0)
+    mu_rec = p[rows, rec]
+    mu_received = p[rows, a]
+    return {
+        "model_estimate": mu_rec,
+        "ipw": weight * y,
+        "dr": mu_rec + weight * (y - mu_received),
+        "observed": y,
+    }
+
+
+def site_policy_sums(
+    probs: np.ndarray,
+    received: Sequence[int] | np.ndarray,
+    outcome: Sequence[float] | np.ndarray,
+    propensity: np.ndarray,
+    rule: RecommendationRule | None = None,
+    low: float = 0.05,
+) -> PolicySums:
+    """A site's sums for the policy value, recommendations and positivity."""
+    y = np.asarray(outcome, np.float64)
+    known = ~np.isnan(y)
+    p = np.asarray(probs, np.float64)[known]
+    a = np.asarray(received, int)[known]
+    e = np.asarray(propensity, np.float64)[known]
+    rec = recommend(p, rule)
+    terms = policy_terms(p, a, y[known], e, rec)
+    rows = np.arange(len(a))
+    dirs = [direction(int(r), int(g)) for r, g in zip(rec, a, strict=True)]
+    return PolicySums(
+        n=int(len(a)),
+        sums={k: float(v.sum()) for k, v in terms.items()},
+        squares={k: float((v * v).sum()) for k, v in terms.items()},
+        directions={d: dirs.count(d) for d in DIRECTIONS},
+        recommended={r: int((rec == j).sum()) for j, r in enumerate(REGIMENS)},
+        followed=int((rec == a).sum()),
+        low_propensity=int(((e[rows, rec] < low) & (e[rows, rec] > 0)).sum()),
+        never_given=int((e[rows, rec] == 0).sum()),
+    )
+
+
+def policy_value(sums: PolicySums, level: float = 0.95) -> dict[str, Any]:
+    """Each estimator's mean with a normal confidence interval, plus the
+    recommendation counts and positivity diagnostics (server side)."""
+    z = float(norm.ppf(0.5 + level / 2))
+    out: dict[str, Any] = {"n": sums.n}
+    for k in ESTIMATORS:
+        if sums.n == 0:
+            out[k] = None
+            continue
+        mean = sums.sums[k] / sums.n
+        var = (
+            max(sums.squares[k] / sums.n - mean * mean, 0.0) * sums.n / (sums.n - 1)
+            if sums.n > 1
+            else 0.0
+        )
+        se = float(np.sqrt(var / sums.n))
+        out[k] = {"value": mean, "se": se, "ci": (mean - z * se, mean + z * se)}
+    out["directions"] = dict(sums.directions)
+    out["recommended"] = dict(sums.recommended)
+    out["followed"] = sums.followed
+    warnings = []
+    if sums.never_given:
+        warnings.append(
+            f"{sums.never_given} of {sums.n} patients are recommended a regimen their "
+            "site never gives: the off-policy estimates cannot see what it would do "
+            "for them (positivity fails)"
+        )
+    if sums.low_propensity:
+        warnings.append(
+            f"{sums.low_propensity} of {sums.n} patients are recommended a regimen "
+            "their site rarely gives to similar patients (propensity < 0.05): large "
+            "weights, wide intervals"
+        )
+    out["positivity"] = {
+        "never_given": sums.never_given,
+        "low_propensity": sums.low_propensity,
+        "warnings": warnings,
+    }
+    return out
