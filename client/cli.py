@@ -249,6 +249,62 @@ def predict(
     typer.echo(json.dumps(result.to_dict(), indent=2))
 
 
+@app.command("evaluate", context_settings={"allow_extra_args": True})
+def evaluate_cmd(
+    ctx: typer.Context,
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="Folder with model.safetensors, config.json, plan.json."),
+    ],
+    sites: Annotated[
+        list[Path],
+        typer.Option(
+            "--sites",
+            help="Site YAMLs: training sites give their validation split, "
+            "evaluate sites (prospective) all their cases. Repeat or list.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json.")],
+    oracle: Annotated[
+        Path | None,
+        typer.Option(help="Simulation only: the cohort's oracle/ folder."),
+    ] = None,
+    margin: Annotated[
+        float, typer.Option(help="Recommendation margin on predicted pCR.")
+    ] = 0.05,
+    target_sensitivity: Annotated[float, typer.Option()] = 0.8,
+    device: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Evaluate a model: metrics with intervals, recommendations, policy value."""
+    from client.evaluation import headline, run_evaluation
+    from shared_model.policy import RecommendationRule
+
+    sites = [*sites, *(Path(a) for a in ctx.args)]
+    if any(p.suffix not in (".yaml", ".yml") for p in sites):
+        _fail(MoeflError(f"unexpected arguments {ctx.args}; site configs end in .yaml"))
+    try:
+        if not 0 < target_sensitivity <= 1:
+            raise ConfigError("--target-sensitivity must be in (0, 1]")
+        try:
+            rule = RecommendationRule(margin=margin)
+        except ValueError as e:
+            raise ConfigError(f"--margin: {e}") from e
+        report = run_evaluation(
+            checkpoint,
+            sites,
+            out,
+            oracle=oracle,
+            rule=rule,
+            target_sensitivity=target_sensitivity,
+            device=device,
+            echo=typer.echo,
+        )
+    except MoeflError as e:
+        _fail(e)
+    typer.echo(headline(report))
+    typer.echo(f"wrote {out / 'metrics.json'}")
+
+
 def parse_run_config(text: str) -> dict[str, Any]:
     """Flower-style ``"key=value key2='text'"`` into a dict (numbers, booleans, text)."""
     import shlex

@@ -134,3 +134,36 @@ def test_positivity_is_diagnosed_and_records_round_trip() -> None:
     broken = sums.to_values() | {"policy-dir-maintain": -5}
     with pytest.raises(ValueError):
         PolicySums.from_values(broken)
+
+
+def test_combine_chooses_the_threshold_on_validation_and_applies_it_unchanged() -> None:
+    from client.evaluation import SiteEvaluation, combine
+    from shared_model.federated_metrics import ScoreCounts
+
+    def site(name: str, seed: int) -> SiteEvaluation:
+        pop = population(120, seed)
+        rows = np.arange(120)
+        scores = pop["model"][rows, pop["received"]]
+        counts = {
+            r: ScoreCounts.from_scores(
+                scores[pop["received"] == j].tolist(),
+                pop["outcome"][pop["received"] == j].tolist(),
+            )
+            for j, r in enumerate(("nCRT", "TNT", "nCT"))
+        }
+        sums = site_policy_sums(
+            pop["model"], pop["received"], pop["outcome"], np.full((120, 3), 1 / 3)
+        )
+        return SiteEvaluation(name, "validation", counts, 0.0, 0, sums, 30.0, 120)
+
+    val = combine([site("a", 1), site("b", 2)])
+    t = val["thresholds"]["sensitivity>=0.8"]
+    assert (
+        val["overall"]["operating_points"]["sensitivity>=0.8"]["sensitivity"]["value"]
+        >= 0.8
+    )
+    pro = combine([site("c", 3)], threshold_sensitivity=t)
+    assert pro["thresholds"]["sensitivity>=0.8"] == t
+    assert pro["threshold_chosen_on"] == "validation"
+    assert val["policy_value"]["oracle"] == {"value": 0.25, "n": 240}
+    assert set(val["sites"]) == {"a", "b"} and val["n"] == 240

@@ -1,0 +1,316 @@
+"""Evaluation of a trained model at sites: counts and sums, then the report.
+
+Each site scores its patients (a training site its validation split, an
+``evaluate`` site, such as a prospective cohort, all its cases), and keeps the
+per-patient predictions to itself. What leaves the site, and what
+:func:`combine` adds up, is :class:`SiteEvaluation`: score counts per regimen
+(:class:`shared_model.federated_metrics.ScoreCounts`), Dice sums, and the
+policy sums (:class:`shared_model.policy.PolicySums`) with the site's own
+propensity model, fitted on its training split (an evaluate-only site fits it
+on the patients it evaluates).
+
+In simulation an oracle folder (``moefl synth``'s ``oracle/``) adds the true
+value of the recommended policy: the mean true pCR probability under each
+patient's recommended regimen.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.data import SiteDataset, build_site_datasets
+from client.engine import evaluate
+from client.site_config import SiteConfig
+from client.site_data import list_cases
+from shared_model.clinical import REGIMENS, encode_clinical
+from shared_model.errors import DataError
+from shared_model.federated_metrics import (
+    ScoreCounts,
+    auc_from_histograms,
+    binary_report,
+    net_benefit,
+    threshold_for_sensitivity,
+)
+from shared_model.model import UNetMoECli
+from shared_model.plan import Plan
+from shared_model.policy import (
+    PolicySums,
+    RecommendationRule,
+    fit_propensity,
+    policy_value,
+    propensities,
+    recommend,
+    site_policy_sums,
+)
+
+
+@dataclass
+class SiteEvaluation:
+    """What one site contributes to an evaluation (counts and sums only)."""
+
+    site: str
+    cohort: str  # "validation" (a training site's split) or "prospective"
+    counts: dict[str, ScoreCounts]  # per regimen received
+    dice_sum: float
+    dice_n: int
+    policy: PolicySums
+    oracle_sum: float | None = None  # simulation only
+    oracle_n: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_oracle(folder: Path) -> dict[str, list[float]]:
+    """case id -> true pCR probability under nCRT, TNT, nCT (simulation)."""
+    path = Path(folder) / "potential_outcomes.csv"
+    try:
+        with path.open(newline="") as f:
+            return {
+                row["case_id"]: [float(row[f"p_{r}"]) for r in REGIMENS]
+                for row in csv.DictReader(f)
+            }
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the oracle ({e})") from e
+
+
+def evaluate_site(
+    model: UNetMoECli,
+    config: SiteConfig,
+    plan: Plan,
+    *,
+    device: torch.device,
+    rule: RecommendationRule | None = None,
+    oracle: dict[str, list[float]] | None = None,
+) -> SiteEvaluation:
+    """Score a site's evaluation patients; return its counts and sums."""
+    cases = list_cases(config.dataset_dir, require_outcome=config.role == "train")
+    if config.role == "train":
+        train, dataset, _ = build_site_datasets(config, plan)
+        fit_cases, cohort = train.cases, "validation"
+    else:
+        dataset = SiteDataset(cases, plan, adc_scale=config.adc_scale, train=False)
+        fit_cases, cohort = cases, "prospective"
+    result = evaluate(model, dataset, device=device)
+    counts = {
+        r: ScoreCounts.from_scores(
+            [c.probs[j] for c in result.cases if c.regimen == j],
+            [c.pcr for c in result.cases if c.regimen == j],
+        )
+        for j, r in enumerate(REGIMENS)
+    }
+    dice = [c.dice for c in result.cases if c.dice is not None]
+    by_id = {c.case_id: c for c in dataset.cases}
+    fit, classes = fit_propensity(
+        np.stack([encode_clinical(c.clinical.features) for c in fit_cases]),
+        [c.clinical.regimen_index for c in fit_cases],
+    )
+    clinical = np.stack(
+        [encode_clinical(by_id[c.case_id].clinical.features) for c in result.cases]
+    )
+    probs = np.array([c.probs for c in result.cases])
+    received = np.array([c.regimen for c in result.cases])
+    outcome = np.array([c.pcr for c in result.cases])
+    e = propensities(fit, classes, clinical)
+    # a received regimen the training split never saw: treat its propensity as
+    # rare rather than impossible (the patient is evidence that it is given)
+    rows = np.arange(len(received))
+    e[rows, received] = np.maximum(e[rows, received], 1.0 / max(len(fit_cases), 1))
+    policy = site_policy_sums(probs, received, outcome, e, rule)
+    out = SiteEvaluation(
+        config.site_name, cohort, counts, float(sum(dice)), len(dice), policy
+    )
+    if oracle is not None:
+        known = ~np.isnan(outcome)
+        rec = recommend(probs[known], rule)
+        ids = [c.case_id for c, k in zip(result.cases, known, strict=True) if k]
+        missing = [i for i in ids if i not in oracle]
+        if missing:
+            raise DataError(f"the oracle has no row for case {missing[0]}")
+        true = [oracle[i][int(r)] for i, r in zip(ids, rec, strict=True)]
+        out.oracle_sum, out.oracle_n = float(sum(true)), len(true)
+    return out
+
+
+def combine(
+    sites: list[SiteEvaluation],
+    *,
+    threshold_sensitivity: float | None = None,
+    target_sensitivity: float = 0.8,
+    choose_threshold: bool = True,
+) -> dict[str, Any]:
+    """Every metric from the sites' counts and sums (the server's side).
+
+    Args:
+        sites: the sites' contributions for one cohort.
+        threshold_sensitivity: the target-sensitivity threshold chosen on the
+            validation cohort; None: choose it here when ``choose_threshold``.
+        target_sensitivity: the sensitivity that threshold must reach.
+        choose_threshold: False for a test cohort whose validation gave no
+            threshold (choosing one on the test patients would flatter it).
+    """
+    by_regimen = {r: ScoreCounts.empty() for r in REGIMENS}
+    policy = PolicySums()
+    for s in sites:
+        for r in REGIMENS:
+            by_regimen[r] = by_regimen[r] + s.counts[r]
+        policy = policy + s.policy
+    overall = sum(by_regimen.values(), ScoreCounts.empty())
+    chosen_here = threshold_sensitivity is None and choose_threshold
+    if chosen_here:
+        threshold_sensitivity = threshold_for_sensitivity(overall, target_sensitivity)
+    thresholds = {"0.5": 0.5}
+    if threshold_sensitivity is not None:
+        thresholds[f"sensitivity>={target_sensitivity:g}"] = threshold_sensitivity
+    value = policy_value(policy)
+    oracle_n = sum(s.oracle_n for s in sites)
+    if oracle_n:
+        value["oracle"] = {
+            "value": sum(s.oracle_sum or 0.0 for s in sites) / oracle_n,
+            "n": oracle_n,
+        }
+    dice_n = sum(s.dice_n for s in sites)
+    return {
+        "n": overall.n,
+        "auc": auc_from_histograms(overall.pos, overall.neg),
+        "dice": sum(s.dice_sum for s in sites) / dice_n if dice_n else None,
+        "thresholds": thresholds,
+        "threshold_chosen_on": (
+            "this cohort"
+            if chosen_here
+            else "validation"
+            if threshold_sensitivity is not None
+            else None
+        ),
+        "overall": binary_report(overall, thresholds),
+        "regimens": {r: binary_report(c, thresholds) for r, c in by_regimen.items()},
+        "decision_curve": net_benefit(overall),
+        "policy_value": value,
+        "sites": {
+            s.site: {
+                **binary_report(
+                    sum(s.counts.values(), ScoreCounts.empty()), thresholds
+                ),
+                "dice": s.dice_sum / s.dice_n if s.dice_n else None,
+                "policy_value": policy_value(s.policy),
+            }
+            for s in sorted(sites, key=lambda s: s.site)
+        },
+    }
+
+
+def run_evaluation(
+    checkpoint: Path,
+    site_yamls: list[Path],
+    out: Path,
+    *,
+    oracle: Path | None = None,
+    rule: RecommendationRule | None = None,
+    target_sensitivity: float = 0.8,
+    device: str | None = None,
+    echo: Any = lambda s: None,
+) -> dict[str, Any]:
+    """``moefl evaluate``: score every site, combine by cohort, write metrics.json.
+
+    Training sites give the validation cohort (where the target-sensitivity
+    threshold is chosen); ``evaluate`` sites give the prospective cohort (where
+    that threshold is applied unchanged).
+    """
+    import json
+
+    from client.engine import resolve_device
+    from client.site_config import load_site_config
+    from client.train import load_checkpoint
+
+    model, plan = load_checkpoint(checkpoint)
+    configs = [load_site_config(Path(p)) for p in site_yamls]
+    dev = resolve_device(device or configs[0].device)
+    truth = read_oracle(oracle) if oracle is not None else None
+    evaluations = []
+    for cfg in configs:
+        which = "validation split" if cfg.role == "train" else "all cases"
+        echo(f"scoring {cfg.site_name} ({which}) ...")
+        evaluations.append(
+            evaluate_site(model, cfg, plan, device=dev, rule=rule, oracle=truth)
+        )
+    report: dict[str, Any] = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "rule": {
+            "margin": (rule or RecommendationRule()).margin,
+            "allowed": list((rule or RecommendationRule()).allowed),
+        },
+        "target_sensitivity": target_sensitivity,
+    }
+    val = [e for e in evaluations if e.cohort == "validation"]
+    chosen = None
+    if val:
+        report["validation"] = combine(val, target_sensitivity=target_sensitivity)
+        chosen = report["validation"]["thresholds"].get(
+            f"sensitivity>={target_sensitivity:g}"
+        )
+    prosp = [e for e in evaluations if e.cohort == "prospective"]
+    if prosp:
+        report["prospective"] = combine(
+            prosp,
+            threshold_sensitivity=chosen,
+            target_sensitivity=target_sensitivity,
+            choose_threshold=not val,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(
+        json.dumps(report, indent=2, default=float) + "\n"
+    )
+    return report
+
+
+def headline(report: dict[str, Any]) -> str:
+    """The evaluation's key numbers, one cohort per block."""
+    lines = []
+    for cohort in ("validation", "prospective"):
+        if cohort not in report:
+            continue
+        r = report[cohort]
+        auc = r["overall"]["auc"]
+        auc_txt = (
+            "n/a"
+            if auc is None
+            else f"{auc['auc']:.3f} ({auc['ci'][0]:.3f}-{auc['ci'][1]:.3f})"
+        )
+        brier = r["overall"]["brier"]
+        lines.append(
+            f"{cohort} ({r['n']} patients with a known outcome): AUC {auc_txt}, "
+            f"Brier {'n/a' if brier is None else f'{brier:.3f}'}"
+        )
+        for name, op in r["overall"]["operating_points"].items():
+            sens, spec = op["sensitivity"]["value"], op["specificity"]["value"]
+            lines.append(
+                f"  threshold {name} = {op['threshold']:.3f}: sensitivity "
+                f"{_pct(sens)}, specificity {_pct(spec)}, PPV {_pct(op['ppv']['value'])}, "
+                f"NPV {_pct(op['npv']['value'])}"
+            )
+        pv = r["policy_value"]
+        parts = []
+        for k in ("observed", "ipw", "dr", "model_estimate", "oracle"):
+            v = pv.get(k)
+            if v:
+                ci = v.get("ci")
+                parts.append(
+                    f"{k} {v['value']:.3f}"
+                    + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+                )
+        lines.append("  pCR rate under the recommendations: " + ", ".join(parts))
+        lines.append(
+            "  recommendations: "
+            + ", ".join(f"{k} {v}" for k, v in pv["directions"].items())
+        )
+        for w in pv["positivity"]["warnings"]:
+            lines.append(f"  warning: {w}")
+    return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
