@@ -13,9 +13,11 @@ trains with DP-SGD (:mod:`client.privacy`): it plans the round against its
 ledger, declines it (a reply without weights whose ``info`` says why) when the
 budget does not allow it, and otherwise sends its ``dp-*`` accounting instead
 of the losses. Evaluate: the site scores its validation
-split and replies with counts only (per regimen: score histograms per class,
-sums for the Brier score and calibration; Dice and loss sums), never
-per-patient scores.
+split and replies with counts and sums only
+(:class:`client.evaluation.SiteEvaluation`: per regimen score histograms per
+class and sums for the Brier score and calibration; Dice and loss sums; the
+recommendation counts and policy-value sums with the site's own propensity
+model), never per-patient scores.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.data import SiteDataset, build_site_datasets
-from client.engine import TrainConfig, evaluate, resolve_device, train_local
+from client.engine import TrainConfig, resolve_device, train_local
+from client.evaluation import evaluate_dataset
 from client.privacy import (
     PrivacyLedger,
     RoundPlan,
@@ -54,11 +57,11 @@ from client.privacy import (
 from client.site_config import SiteConfig, load_site_config
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
-from shared_model.federated_metrics import ScoreCounts
 from shared_model.federation_config import FederationConfig
 from shared_model.loss import LossConfig
 from shared_model.model import ModelConfig, UNetMoECli, build_model, parameter_groups
 from shared_model.plan import Plan
+from shared_model.policy import RecommendationRule
 
 log = logging.getLogger(__name__)
 
@@ -287,24 +290,23 @@ def _declined(
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    """Score the validation split; reply with counts only."""
+    """Score the validation split; reply with counts and sums only."""
     t0 = time.perf_counter()
-    _, site, model, device = _setup(msg, context)
-    result = evaluate(model, site.val, device=device)
-    values: dict[str, Any] = {"n": len(result.cases)}
-    for j, r in enumerate(REGIMENS):
-        cases = [c for c in result.cases if c.regimen == j]
-        counts = ScoreCounts.from_scores(
-            [c.probs[j] for c in cases], [c.pcr for c in cases]
-        )
-        values |= counts.to_values(f"{r}-")
-    dice = [c.dice for c in result.cases if c.dice is not None]
-    values["dice-sum"] = float(sum(dice))
-    values["dice-n"] = len(dice)
-    losses = [c.loss for c in result.cases if not np.isnan(c.loss)]
-    values["loss-sum"] = float(sum(losses))
-    values["loss-n"] = len(losses)
-    values["seconds"] = time.perf_counter() - t0
+    fed, site, model, device = _setup(msg, context)
+    result = evaluate_dataset(
+        model,
+        site.config.site_name,
+        site.val,
+        site.train.cases,
+        cohort="validation",
+        device=device,
+        rule=RecommendationRule(margin=fed.recommendation_margin),
+    )
+    values: dict[str, Any] = {
+        "n": sum(c.n for c in result.counts.values()),
+        **result.to_values(),
+        "seconds": time.perf_counter() - t0,
+    }
     content = RecordDict(
         {
             "metrics": MetricRecord(values),

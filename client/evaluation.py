@@ -17,7 +17,7 @@ patient's recommended regimen.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from client.data import SiteDataset, build_site_datasets
 from client.engine import evaluate
 from client.site_config import SiteConfig
-from client.site_data import list_cases
+from client.site_data import CaseFiles, list_cases
 from shared_model.clinical import REGIMENS, encode_clinical
 from shared_model.errors import DataError
 from shared_model.federated_metrics import (
@@ -62,7 +62,40 @@ class SiteEvaluation:
     policy: PolicySums
     oracle_sum: float | None = None  # simulation only
     oracle_n: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    loss_sum: float = 0.0
+    loss_n: int = 0
+
+    def to_values(self) -> dict[str, Any]:
+        """Flat values for a Flower MetricRecord (what the site sends)."""
+        out: dict[str, Any] = {
+            "dice-sum": self.dice_sum,
+            "dice-n": self.dice_n,
+            "loss-sum": self.loss_sum,
+            "loss-n": self.loss_n,
+            **self.policy.to_values(),
+        }
+        for r, c in self.counts.items():
+            out |= c.to_values(f"{r}-")
+        return out
+
+    @classmethod
+    def from_values(
+        cls, site: str, cohort: str, values: dict[str, Any]
+    ) -> SiteEvaluation:
+        """Server side; raises KeyError, TypeError or ValueError when malformed."""
+        dice_n, loss_n = int(values["dice-n"]), int(values["loss-n"])
+        if dice_n < 0 or loss_n < 0:
+            raise ValueError("negative counts")
+        return cls(
+            site,
+            cohort,
+            {r: ScoreCounts.from_values(values, f"{r}-") for r in REGIMENS},
+            float(values["dice-sum"]),
+            dice_n,
+            PolicySums.from_values(values),
+            loss_sum=float(values["loss-sum"]),
+            loss_n=loss_n,
+        )
 
 
 def read_oracle(folder: Path) -> dict[str, list[float]]:
@@ -88,13 +121,37 @@ def evaluate_site(
     oracle: dict[str, list[float]] | None = None,
 ) -> SiteEvaluation:
     """Score a site's evaluation patients; return its counts and sums."""
-    cases = list_cases(config.dataset_dir, require_outcome=config.role == "train")
     if config.role == "train":
         train, dataset, _ = build_site_datasets(config, plan)
-        fit_cases, cohort = train.cases, "validation"
+        fit_cases = train.cases
     else:
+        cases = list_cases(config.dataset_dir, require_outcome=False)
         dataset = SiteDataset(cases, plan, adc_scale=config.adc_scale, train=False)
-        fit_cases, cohort = cases, "prospective"
+        fit_cases = cases
+    return evaluate_dataset(
+        model,
+        config.site_name,
+        dataset,
+        fit_cases,
+        cohort="validation" if config.role == "train" else "prospective",
+        device=device,
+        rule=rule,
+        oracle=oracle,
+    )
+
+
+def evaluate_dataset(
+    model: UNetMoECli,
+    site: str,
+    dataset: SiteDataset,
+    fit_cases: list[CaseFiles],
+    *,
+    cohort: str,
+    device: torch.device,
+    rule: RecommendationRule | None = None,
+    oracle: dict[str, list[float]] | None = None,
+) -> SiteEvaluation:
+    """Score ``dataset``; the propensity model is fitted on ``fit_cases``."""
     result = evaluate(model, dataset, device=device)
     counts = {
         r: ScoreCounts.from_scores(
@@ -104,6 +161,7 @@ def evaluate_site(
         for j, r in enumerate(REGIMENS)
     }
     dice = [c.dice for c in result.cases if c.dice is not None]
+    losses = [c.loss for c in result.cases if not np.isnan(c.loss)]
     by_id = {c.case_id: c for c in dataset.cases}
     fit, classes = fit_propensity(
         np.stack([encode_clinical(c.clinical.features) for c in fit_cases]),
@@ -122,7 +180,14 @@ def evaluate_site(
     e[rows, received] = np.maximum(e[rows, received], 1.0 / max(len(fit_cases), 1))
     policy = site_policy_sums(probs, received, outcome, e, rule)
     out = SiteEvaluation(
-        config.site_name, cohort, counts, float(sum(dice)), len(dice), policy
+        site,
+        cohort,
+        counts,
+        float(sum(dice)),
+        len(dice),
+        policy,
+        loss_sum=float(sum(losses)),
+        loss_n=len(losses),
     )
     if oracle is not None:
         known = ~np.isnan(outcome)
@@ -174,10 +239,15 @@ def combine(
             "n": oracle_n,
         }
     dice_n = sum(s.dice_n for s in sites)
+    loss_n = sum(s.loss_n for s in sites)
     return {
         "n": overall.n,
         "auc": auc_from_histograms(overall.pos, overall.neg),
+        "auc_by_regimen": {
+            r: auc_from_histograms(c.pos, c.neg) for r, c in by_regimen.items()
+        },
         "dice": sum(s.dice_sum for s in sites) / dice_n if dice_n else None,
+        "loss": sum(s.loss_sum for s in sites) / loss_n if loss_n else None,
         "thresholds": thresholds,
         "threshold_chosen_on": (
             "this cohort"

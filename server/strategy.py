@@ -21,6 +21,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
 from client.client_app import record_to_arrays
+from client.evaluation import SiteEvaluation, combine
 from client.privacy import epsilon_of
 from shared_model.aggregation import (
     GROUP_COUNT_KEYS,
@@ -31,14 +32,6 @@ from shared_model.aggregation import (
     fedadam_step,
     grouped_mean,
     verify_update,
-)
-from shared_model.clinical import REGIMENS
-from shared_model.federated_metrics import (
-    ScoreCounts,
-    auc_from_histograms,
-    binary_report,
-    net_benefit,
-    threshold_for_sensitivity,
 )
 from shared_model.federation_config import FederationConfig
 
@@ -237,18 +230,16 @@ class GroupedStrategy(FedAvg):
         return outcome
 
     def aggregate_evaluation(self, replies: Iterable[Message]) -> dict[str, Any]:
-        """Federated validation metrics from the sites' counts.
+        """Federated validation metrics from the sites' counts and sums.
 
-        Overall (each patient scored under the regimen received), per regimen
-        and per site: AUC with DeLong interval, Brier, calibration, and two
-        operating points, 0.5 and the highest threshold that reaches
-        ``target-sensitivity`` on this validation set; plus the decision curve.
+        :func:`client.evaluation.combine`: overall (each patient scored under
+        the regimen received), per regimen and per site, AUC with DeLong
+        interval, Brier, calibration, two operating points (0.5 and the highest
+        threshold reaching ``target-sensitivity`` on this validation set), the
+        decision curve, recommendation counts and the policy value (IPW, doubly
+        robust, and the model's own estimate apart).
         """
-        by_regimen = {r: ScoreCounts.empty() for r in REGIMENS}
-        dice_sum = loss_sum = 0.0
-        dice_n = loss_n = n = 0
-        site_counts: dict[str, ScoreCounts] = {}
-        site_dice: dict[str, float | None] = {}
+        sites: dict[str, SiteEvaluation] = {}
         for i, msg in enumerate(replies):
             name = _site_name(msg, f"node-{i}")
             if msg.has_error():
@@ -256,51 +247,14 @@ class GroupedStrategy(FedAvg):
                     "evaluation: site %s reported an error: %s", name, msg.error.reason
                 )
                 continue
-            m: dict[str, Any] = dict(msg.content["metrics"])
-            try:
-                counts = {r: ScoreCounts.from_values(m, f"{r}-") for r in REGIMENS}
-                d_sum, d_n = float(m["dice-sum"]), int(m["dice-n"])
-                l_sum, l_n, n_site = float(m["loss-sum"]), int(m["loss-n"]), int(m["n"])
-            except (KeyError, TypeError, ValueError) as e:
-                log.warning("evaluation: excluded site %s: %r", name, e)
-                continue
-            if name in site_counts:
+            if name in sites:
                 log.warning("evaluation: excluded a second reply from site %s", name)
                 continue
-            for r in REGIMENS:
-                by_regimen[r] = by_regimen[r] + counts[r]
-            site_counts[name] = sum(counts.values(), ScoreCounts.empty())
-            site_dice[name] = d_sum / d_n if d_n else None
-            dice_sum, dice_n = dice_sum + d_sum, dice_n + d_n
-            loss_sum, loss_n, n = loss_sum + l_sum, loss_n + l_n, n + n_site
-        overall = sum(by_regimen.values(), ScoreCounts.empty())
-        thresholds = {"0.5": 0.5}
-        t_sens = threshold_for_sensitivity(overall, self.fed.target_sensitivity)
-        if t_sens is not None:
-            thresholds[f"sensitivity>={self.fed.target_sensitivity:g}"] = t_sens
-
-        def auc_of(c: ScoreCounts) -> float | None:
-            return auc_from_histograms(c.pos, c.neg)
-
-        return {
-            "n": n,
-            "auc": auc_of(overall),
-            "auc_by_regimen": {r: auc_of(c) for r, c in by_regimen.items()},
-            "dice": dice_sum / dice_n if dice_n else None,
-            "loss": loss_sum / loss_n if loss_n else None,
-            "thresholds": thresholds,
-            "overall": binary_report(overall, thresholds),
-            "regimens": {
-                r: binary_report(c, thresholds) for r, c in by_regimen.items()
-            },
-            "decision_curve": net_benefit(overall),
-            "sites": {
-                s: {
-                    "n": c.n,
-                    "auc": auc_of(c),
-                    "dice": site_dice[s],
-                    **binary_report(c, thresholds),
-                }
-                for s, c in sorted(site_counts.items())
-            },
-        }
+            try:
+                values: dict[str, Any] = dict(msg.content["metrics"])
+                sites[name] = SiteEvaluation.from_values(name, "validation", values)
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("evaluation: excluded site %s: %r", name, e)
+        return combine(
+            list(sites.values()), target_sensitivity=self.fed.target_sensitivity
+        )

@@ -41,6 +41,8 @@ keys and out-of-range values are errors that name the key.
 | client-dp-delta | 0.001 | client-level DP: the delta its epsilon is reported at |
 | target-sensitivity | 0.8 | evaluation: the second operating point, the highest threshold
   reaching this sensitivity on the validation set (the first is 0.5) |
+| recommendation-margin | 0.05 | evaluation: recommend the least intensive regimen whose
+  predicted pCR is within this of the best |
 | dp-reproducible | false | simulation only: seed the central DP noise from `seed`. Never in
   deployment: whoever knows the seed could subtract the noise |
 """
@@ -93,6 +95,7 @@ class FederationConfig:
     client_dp_delta: float = 1e-3
     dp_reproducible: bool = False
     target_sensitivity: float = 0.8
+    recommendation_margin: float = 0.05
 
     def __post_init__(self) -> None:
         checks = [
@@ -144,6 +147,11 @@ class FederationConfig:
             ),
             (0 < self.client_dp_delta < 1, "client-dp-delta", "in (0, 1)"),
             (0 < self.target_sensitivity <= 1, "target-sensitivity", "in (0, 1]"),
+            (
+                0 <= self.recommendation_margin < 1,
+                "recommendation-margin",
+                "in [0, 1)",
+            ),
         ]
         for ok, key, expected in checks:
             if not ok:

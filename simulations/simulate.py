@@ -180,6 +180,21 @@ def format_run_summary(record: dict[str, Any]) -> str:
             f"  validation ({ev.get('n')} patients): AUC {_fmt(ev.get('auc'))} "
             f"({by}), Dice {_fmt(ev.get('dice'))}"
         )
+        overall = ev.get("overall") or {}
+        for name, op in (overall.get("operating_points") or {}).items():
+            lines.append(
+                f"    threshold {name} = {op['threshold']:.3f}: sensitivity "
+                f"{_fmt(op['sensitivity']['value'])}, specificity "
+                f"{_fmt(op['specificity']['value'])}"
+            )
+        pv = ev.get("policy_value") or {}
+        if pv.get("dr"):
+            lines.append(
+                f"    pCR under the recommendations: doubly robust {pv['dr']['value']:.3f} "
+                f"({pv['dr']['ci'][0]:.3f}-{pv['dr']['ci'][1]:.3f}), the model's own "
+                f"estimate {pv['model_estimate']['value']:.3f} (circular), observed "
+                f"{pv['observed']['value']:.3f}"
+            )
     for site, m in sorted(last.get("sites", {}).items()):
         lines.append(
             f"  {site}: n-shared {m['n-shared']}, n-nCRT {m['n-nCRT']}, "

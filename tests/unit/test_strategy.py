@@ -240,25 +240,28 @@ def test_client_level_dp_noise_is_secret_unless_reproducible() -> None:
 def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
     from sklearn.metrics import brier_score_loss, roc_auc_score
 
+    from client.evaluation import SiteEvaluation
+    from shared_model.policy import site_policy_sums
+
     rng = np.random.default_rng(1)
     replies, all_y, all_s = [], [], []
     for site in ("a", "b", "c"):
-        metrics: dict[str, Any] = {
-            "n": 0,
-            "dice-sum": 1.6,
-            "dice-n": 2,
-            "loss-sum": 1.0,
-            "loss-n": 2,
-        }
+        counts = {}
         for r in ("nCRT", "TNT", "nCT"):
             y = (rng.random(30) < 0.3).astype(float)
             s = 1 / (1 + np.exp(-(rng.normal(size=30) + y)))
-            metrics |= ScoreCounts.from_scores(s.tolist(), y.tolist()).to_values(
-                f"{r}-"
-            )
-            metrics["n"] += 30
+            counts[r] = ScoreCounts.from_scores(s.tolist(), y.tolist())
             all_y.append(y)
             all_s.append(s)
+        probs = rng.random((90, 3))
+        received = np.repeat([0, 1, 2], 30)
+        policy = site_policy_sums(
+            probs, received, np.concatenate(all_y[-3:]), np.full((90, 3), 1 / 3)
+        )
+        evaluation = SiteEvaluation(
+            site, "validation", counts, 1.6, 2, policy, None, 0, 1.0, 2
+        )
+        metrics = {"n": 90, **evaluation.to_values()}
         replies.append(
             FakeReply(
                 RecordDict(
@@ -294,6 +297,7 @@ def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
     )
     ev2 = strategy().aggregate_evaluation([*replies, bad, replies[0]])
     assert ev2["n"] == 270 and set(ev2["sites"]) == {"a", "b", "c"}
+    assert ev["policy_value"]["n"] == 270 and ev["loss"] == pytest.approx(0.5)
 
 
 def test_run_config_parsing() -> None:
