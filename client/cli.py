@@ -305,6 +305,33 @@ def evaluate_cmd(
     typer.echo(f"wrote {out / 'metrics.json'}")
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A federated run folder.")],
+    compare: Annotated[
+        list[str],
+        typer.Option(
+            "--compare",
+            help="NAME=FOLDER of another model's `moefl evaluate` output (repeat).",
+        ),
+    ] = [],  # noqa: B006
+) -> None:
+    """Write report.md and report.html (with PNG figures) into a run folder."""
+    from client.report import build_report
+
+    try:
+        comparators = {}
+        for item in compare:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not folder:
+                raise ConfigError(f"--compare {item!r}: expected NAME=FOLDER")
+            comparators[name] = Path(folder)
+        md, page = build_report(run_dir, comparators)
+    except MoeflError as e:
+        _fail(e)
+    typer.echo(f"wrote {md} and {page}")
+
+
 def parse_run_config(text: str) -> dict[str, Any]:
     """Flower-style ``"key=value key2='text'"`` into a dict (numbers, booleans, text)."""
     import shlex

@@ -23,8 +23,10 @@ def run_demo(
     rounds: int = 8,
     echo: Callable[[str], None] = lambda s: None,
 ) -> bool:
-    """Make (or reuse) the cohort under ``out/cohort``, check every site, then run
-    ``rounds`` federated rounds in simulation under ``out/federated``.
+    """Make (or reuse) the cohort under ``out/cohort``, check every site, run
+    ``rounds`` federated rounds in simulation under ``out/federated``, evaluate
+    the model on the validation and prospective cohorts (with the oracle's true
+    policy value beside the estimates) and write the report.
 
     Returns:
         True when every site passes its check (and the federation finished).
@@ -85,4 +87,18 @@ def run_demo(
     )
     echo(format_run_summary(record))
     echo(f"run folder: {federated} (metrics.json, checkpoints/, model.safetensors)")
+    from client.evaluation import headline, run_evaluation
+    from client.report import build_report
+
+    echo("evaluating the federated model (validation and prospective cohorts) ...")
+    report = run_evaluation(
+        federated,
+        yamls,
+        federated / "evaluation",
+        oracle=cohort_dir / "oracle",
+        echo=echo,
+    )
+    echo(headline(report))
+    md, page = build_report(federated)
+    echo(f"report: {page} (and {md.name}, with its figures)")
     return True

@@ -322,15 +322,28 @@ def mcnemar(b: int, c: int) -> dict[str, Any]:
     return {"b": b, "c": c, "p_value": float(binomtest(b, b + c, 0.5).pvalue)}
 
 
+def roc_curve_points(counts: ScoreCounts, step: int = 10) -> dict[str, list[float]]:
+    """ROC curve from the histograms, one point every ``step`` fine bins."""
+    if counts.n_pos == 0 or counts.n_neg == 0:
+        return {"fpr": [], "tpr": []}
+    tp = np.cumsum(counts.pos[::-1])[::-1]  # predicted positive at threshold k
+    fp = np.cumsum(counts.neg[::-1])[::-1]
+    ks = list(range(0, AUC_BINS, step))
+    fpr = [1.0] + [float(fp[k] / counts.n_neg) for k in ks[1:]] + [0.0]
+    tpr = [1.0] + [float(tp[k] / counts.n_pos) for k in ks[1:]] + [0.0]
+    return {"fpr": fpr, "tpr": tpr}
+
+
 def binary_report(
     counts: ScoreCounts, thresholds: Mapping[str, float]
 ) -> dict[str, Any]:
-    """Every metric of one group: AUC with DeLong interval, Brier, calibration,
-    and the operating points named in ``thresholds``."""
+    """Every metric of one group: AUC with DeLong interval, ROC points, Brier,
+    calibration, and the operating points named in ``thresholds``."""
     return {
         "n": counts.n,
         "n_pcr": counts.n_pos,
         "auc": auc_interval(counts),
+        "roc": roc_curve_points(counts),
         "brier": brier(counts),
         "calibration": calibration(counts),
         "operating_points": {

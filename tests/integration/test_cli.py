@@ -63,6 +63,49 @@ def test_demo_reuses_an_existing_cohort(tiny_cohort: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert "reusing the tiny cohort" in result.output
     assert result.output.count(": ok (") == 6
+    run = tmp_path / "run" / "federated"
+    for name in ("report.md", "report.html", "training.png", "evaluation/metrics.json"):
+        assert (run / name).is_file(), name
+    assert f"report: {run / 'report.html'}" in result.output
+    text = (run / "report.md").read_text()
+    assert "circular" in text and "doubly robust" in text and "oracle" in text
+
+
+def test_report_of_a_dp_run_without_evaluation(tmp_path: Path) -> None:
+    """The report reads only records: a DP run record without an evaluation
+    still gives the training and privacy sections, and says how to evaluate."""
+    site = {
+        "n-shared": 8,
+        "privacy": {
+            "epsilon": 1.5,
+            "target_epsilon": 2.0,
+            "delta": 1e-3,
+            "noise_multiplier": 1.2,
+            "max_grad_norm": 1.0,
+        },
+    }
+    record = {
+        "status": "finished",
+        "rounds": [
+            {"round": 1, "sites": {"a": site}, "seconds": 10.0},
+            {
+                "round": 2,
+                "sites": {},
+                "declined": {
+                    "a": {"reason": "privacy budget", "privacy": site["privacy"]}
+                },
+                "seconds": 3.0,
+            },
+        ],
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(record))
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report.md").read_text()
+    assert "| a | 1.500 | 2 |" in text and "moefl evaluate" in text
+    assert (tmp_path / "privacy.png").is_file() and (tmp_path / "report.html").is_file()
+    bad = runner.invoke(app, ["report", str(tmp_path / "none")])
+    assert bad.exit_code != 0 and "no metrics.json" in bad.output
 
 
 def test_simulate_rejects_an_invalid_privacy_budget(tmp_path: Path) -> None:

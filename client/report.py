@@ -1,0 +1,497 @@
+"""``moefl report RUN_DIR``: report.md and report.html with PNG figures.
+
+Reads only records: the federated run's ``metrics.json`` (rounds, privacy,
+per-round federated validation), the evaluation written by ``moefl evaluate
+... --out RUN_DIR/evaluation`` when present, and the evaluations of
+comparators given as ``NAME=FOLDER``. Every number shown is in those files.
+The report is built as a list of blocks rendered twice, to Markdown and HTML.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared_model.clinical import REGIMENS
+from shared_model.errors import ConfigError
+
+
+@dataclass
+class Block:
+    kind: str  # "h1", "h2", "h3", "p", "table", "image"
+    text: str = ""
+    rows: list[list[str]] | None = None  # first row: header
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from e
+    return data
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _ci(d: dict[str, Any] | None, key: str = "value") -> str:
+    if not d or d.get(key) is None:
+        return "n/a"
+    ci = d.get("ci")
+    return f"{d[key]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
+def _figures(out: Path, run: dict[str, Any], evaluations: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rounds = run.get("rounds", [])
+    if rounds:
+        fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+        xs = [r["round"] for r in rounds if "evaluate" in r]
+        ax[0].plot(
+            xs,
+            [
+                r["evaluate"].get("auc") or float("nan")
+                for r in rounds
+                if "evaluate" in r
+            ],
+            "o-",
+            label="AUC",
+        )
+        ax[0].plot(
+            xs,
+            [
+                r["evaluate"].get("dice") or float("nan")
+                for r in rounds
+                if "evaluate" in r
+            ],
+            "s-",
+            label="Dice",
+        )
+        ax[0].set(xlabel="round", title="federated validation", ylim=(0, 1))
+        ax[0].legend()
+        ax[1].plot(
+            [r["round"] for r in rounds], [r.get("seconds", 0) for r in rounds], "o-"
+        )
+        ax[1].set(xlabel="round", ylabel="seconds", title="round time")
+        fig.tight_layout()
+        fig.savefig(out / "training.png", dpi=110)
+        plt.close(fig)
+        written.append("training.png")
+        eps: dict[str, list[tuple[int, float]]] = {}
+        for r in rounds:
+            for site, m in {**r.get("sites", {}), **r.get("declined", {})}.items():
+                if m.get("privacy"):
+                    eps.setdefault(site, []).append(
+                        (r["round"], m["privacy"]["epsilon"])
+                    )
+        if eps:
+            fig, ax1 = plt.subplots(figsize=(5, 3.2))
+            for site, pts in sorted(eps.items()):
+                ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=site)
+            ax1.set(
+                xlabel="round", ylabel="epsilon spent", title="DP-SGD budget per site"
+            )
+            ax1.legend()
+            fig.tight_layout()
+            fig.savefig(out / "privacy.png", dpi=110)
+            plt.close(fig)
+            written.append("privacy.png")
+    for cohort, ev in evaluations.items():
+        fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
+        roc = ev["overall"]["roc"]
+        if roc["fpr"]:
+            ax[0].plot(
+                roc["fpr"], roc["tpr"], "k-", lw=2, label=f"all (AUC {_f(ev['auc'])})"
+            )
+        for r in REGIMENS:
+            rr = ev["regimens"][r]["roc"]
+            if rr["fpr"]:
+                auc = ev["regimens"][r]["auc"]
+                ax[0].plot(
+                    rr["fpr"], rr["tpr"], label=f"{r} (AUC {_f(auc and auc['auc'])})"
+                )
+        ax[0].plot([0, 1], [0, 1], ":", color="grey")
+        ax[0].set(
+            xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, {cohort}"
+        )
+        ax[0].legend(fontsize=8)
+        cal = ev["overall"]["calibration"] or {"bins": []}
+        ax[1].plot([0, 1], [0, 1], ":", color="grey")
+        ax[1].plot(
+            [b["predicted"] for b in cal["bins"]],
+            [b["observed"] for b in cal["bins"]],
+            "o-",
+        )
+        ax[1].set(
+            xlabel="predicted pCR",
+            ylabel="observed pCR",
+            title="calibration",
+            xlim=(0, 1),
+            ylim=(0, 1),
+        )
+        dc = ev["decision_curve"]
+        ax[2].plot(dc["threshold"], dc["model"], label="model")
+        ax[2].plot(dc["threshold"], dc["treat_all"], label="treat all as responders")
+        ax[2].plot(dc["threshold"], dc["treat_none"], label="treat none")
+        top = max(max(dc["model"] + dc["treat_all"]), 0.05)
+        ax[2].set(
+            xlabel="threshold probability",
+            ylabel="net benefit",
+            title="decision curve",
+            ylim=(-0.05, top * 1.1),
+        )
+        ax[2].legend(fontsize=8)
+        fig.tight_layout()
+        name = f"evaluation_{cohort}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
+    o = ev["overall"]
+    blocks = [
+        Block(
+            "h3",
+            f"{cohort.capitalize()} cohort ({ev['n']} patients with a known outcome)",
+        )
+    ]
+    cal = o["calibration"] or {}
+    blocks.append(
+        Block(
+            "table",
+            rows=[
+                [
+                    "AUC (95% CI, DeLong)",
+                    "Brier",
+                    "ECE",
+                    "calibration slope",
+                    "intercept",
+                    "Dice",
+                ],
+                [
+                    _ci(o["auc"], "auc"),
+                    _f(o["brier"]),
+                    _f(cal.get("ece")),
+                    _f(cal.get("slope")),
+                    _f(cal.get("intercept")),
+                    _f(ev.get("dice")),
+                ],
+            ],
+        )
+    )
+    rows = [
+        ["threshold", "value", "sensitivity", "specificity", "PPV", "NPV", "accuracy"]
+    ]
+    for name, op in o["operating_points"].items():
+        rows.append(
+            [name, f"{op['threshold']:.3f}"]
+            + [
+                _ci(op[k])
+                for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")
+            ]
+        )
+    chosen = ev.get("threshold_chosen_on") or "no cohort (no responder in validation)"
+    blocks.append(
+        Block(
+            "p",
+            "Operating points (95% Wilson intervals). The target-sensitivity "
+            f"threshold was chosen on {chosen}.",
+        )
+    )
+    blocks.append(Block("table", rows=rows))
+    rows = [["regimen", "n", "pCR", "AUC (95% CI)", "Brier"]]
+    for r in REGIMENS:
+        g = ev["regimens"][r]
+        rows.append(
+            [r, str(g["n"]), str(g["n_pcr"]), _ci(g["auc"], "auc"), _f(g["brier"])]
+        )
+    blocks.append(Block("table", rows=rows))
+    rows = [["site", "n", "AUC (95% CI)", "Dice", "doubly robust pCR under advice"]]
+    for site, s in ev["sites"].items():
+        rows.append(
+            [
+                site,
+                str(s["n"]),
+                _ci(s["auc"], "auc"),
+                _f(s.get("dice")),
+                _ci(s["policy_value"].get("dr")),
+            ]
+        )
+    blocks.append(Block("table", rows=rows))
+    pv = ev["policy_value"]
+    blocks.append(Block("h3", f"Recommendations and their value, {cohort}"))
+    blocks.append(
+        Block(
+            "table",
+            rows=[
+                [
+                    "escalate",
+                    "maintain",
+                    "de-intensify",
+                    *[f"recommended {r}" for r in REGIMENS],
+                ],
+                [
+                    str(pv["directions"][k])
+                    for k in ("escalate", "maintain", "de-intensify")
+                ]
+                + [str(pv["recommended"][r]) for r in REGIMENS],
+            ],
+        )
+    )
+    rows = [["pCR rate", "estimate (95% CI)", "what it is"]]
+    rows.append(
+        [
+            "current practice (observed)",
+            _ci(pv.get("observed")),
+            "the outcomes as treated",
+        ]
+    )
+    rows.append(
+        [
+            "under the advice, IPW",
+            _ci(pv.get("ipw")),
+            "off-policy, site propensity models",
+        ]
+    )
+    rows.append(
+        [
+            "under the advice, doubly robust",
+            _ci(pv.get("dr")),
+            "off-policy, the honest estimate",
+        ]
+    )
+    if pv.get("oracle"):
+        rows.append(
+            [
+                "under the advice, true (oracle)",
+                _f(pv["oracle"]["value"]),
+                "simulation only: the cohort's potential outcomes",
+            ]
+        )
+    rows.append(
+        [
+            "under the advice, the model's own estimate",
+            _ci(pv.get("model_estimate")),
+            "circular: the model grading its own advice; not evidence",
+        ]
+    )
+    blocks.append(Block("table", rows=rows))
+    for w in pv["positivity"]["warnings"]:
+        blocks.append(Block("p", f"Warning: {w}."))
+    blocks.append(Block("image", f"evaluation_{cohort}.png"))
+    return blocks
+
+
+def build_report(
+    run_dir: Path, comparators: dict[str, Path] | None = None
+) -> tuple[Path, Path]:
+    """Write ``report.md``, ``report.html`` and the figures into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_path = run_dir / "metrics.json"
+    if not run_path.is_file():
+        raise ConfigError(f"{run_dir}: no metrics.json; give a federated run folder")
+    run = _read(run_path)
+    eval_path = run_dir / "evaluation" / "metrics.json"
+    evaluation = _read(eval_path) if eval_path.is_file() else {}
+    cohorts: dict[str, Any] = {
+        c: evaluation[c] for c in ("validation", "prospective") if c in evaluation
+    }
+    figures = set(_figures(run_dir, run, cohorts))
+
+    rounds = run.get("rounds", [])
+    blocks = [Block("h1", f"moefl report: {run_dir.name}")]
+    blocks.append(
+        Block(
+            "p",
+            f"Federated run status: {run.get('status')}, {len(rounds)} rounds. Sources: "
+            f"{run_path}"
+            + (
+                f" and {eval_path}"
+                if evaluation
+                else " (no evaluation yet: "
+                f"run `moefl evaluate {run_dir} --sites ... --out {run_dir}/evaluation`)"
+            )
+            + ".",
+        )
+    )
+    blocks.append(Block("h2", "Training"))
+    rows = [
+        ["round", "sites", "excluded", "declined", "val AUC", "val Dice", "seconds"]
+    ]
+    for r in rounds:
+        ev = r.get("evaluate", {})
+        rows.append(
+            [
+                str(r["round"]),
+                ", ".join(sorted(r.get("sites", {}))) or "-",
+                ", ".join(sorted(r.get("excluded", {}))) or "-",
+                ", ".join(sorted(r.get("declined", {}))) or "-",
+                _f(ev.get("auc")),
+                _f(ev.get("dice")),
+                _f(r.get("seconds"), 0),
+            ]
+        )
+    blocks.append(Block("table", rows=rows))
+    if "training.png" in figures:
+        blocks.append(Block("image", "training.png"))
+
+    blocks.append(Block("h2", "Privacy spent"))
+    spent: dict[str, dict[str, Any]] = {}
+    for r in rounds:
+        for site, m in {**r.get("sites", {}), **r.get("declined", {})}.items():
+            if m.get("privacy"):
+                spent[site] = m["privacy"]
+    if spent:
+        rows = [["site", "epsilon spent", "target", "delta", "noise", "clip"]]
+        for site, p in sorted(spent.items()):
+            rows.append(
+                [
+                    site,
+                    _f(p["epsilon"]),
+                    f"{p['target_epsilon']:g}",
+                    f"{p['delta']:g}",
+                    _f(p.get("noise_multiplier")),
+                    f"{p['max_grad_norm']:g}",
+                ]
+            )
+        blocks.append(Block("table", rows=rows))
+        blocks.append(Block("image", "privacy.png"))
+    else:
+        blocks.append(Block("p", "No site trained under DP-SGD in this run."))
+    central = next(
+        (r["client_dp"] for r in reversed(rounds) if r.get("client_dp")), None
+    )
+    if central:
+        blocks.append(
+            Block(
+                "p",
+                f"Client-level DP: epsilon {central['epsilon']:.3f} at delta "
+                f"{central['delta']:g} after {central['releases']} rounds (noise "
+                f"{central['noise_multiplier']:g}, clip {central['clip']:g}).",
+            )
+        )
+
+    if cohorts:
+        blocks.append(Block("h2", "Evaluation"))
+        blocks.append(
+            Block(
+                "p",
+                f"Recommendation rule: the least intensive regimen (nCT < nCRT < TNT) whose "
+                f"predicted pCR is within {evaluation['rule']['margin']:g} of the best. "
+                "Metrics are computed from the sites' counts and sums; no per-patient score "
+                "left a site.",
+            )
+        )
+        for cohort, ev in cohorts.items():
+            blocks.extend(_cohort_blocks(cohort, ev))
+
+    if comparators:
+        blocks.append(Block("h2", "Comparators"))
+        rows = [
+            [
+                "model",
+                "cohort",
+                "AUC (95% CI)",
+                "sens @0.5",
+                "spec @0.5",
+                "sens @target",
+                "spec @target",
+                "Brier",
+                "doubly robust pCR",
+            ]
+        ]
+        entries = {
+            "this run": evaluation,
+            **{k: _read(Path(v) / "metrics.json") for k, v in comparators.items()},
+        }
+        for name, ev_all in entries.items():
+            for cohort in ("validation", "prospective"):
+                ev = ev_all.get(cohort)
+                if not ev:
+                    continue
+                ops = list(ev["overall"]["operating_points"].values())
+                sens = [_f(op["sensitivity"]["value"]) for op in ops] + ["n/a"] * (
+                    2 - len(ops)
+                )
+                spec = [_f(op["specificity"]["value"]) for op in ops] + ["n/a"] * (
+                    2 - len(ops)
+                )
+                rows.append(
+                    [
+                        name,
+                        cohort,
+                        _ci(ev["overall"]["auc"], "auc"),
+                        sens[0],
+                        spec[0],
+                        sens[1],
+                        spec[1],
+                        _f(ev["overall"]["brier"]),
+                        _ci(ev["policy_value"].get("dr")),
+                    ]
+                )
+        blocks.append(Block("table", rows=rows))
+
+    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path.write_text(_markdown(blocks))
+    html_path.write_text(_html(blocks))
+    return md_path, html_path
+
+
+def _markdown(blocks: list[Block]) -> str:
+    out = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append("#" * int(b.kind[1]) + " " + b.text)
+        elif b.kind == "p":
+            out.append(b.text)
+        elif b.kind == "image":
+            out.append(f"![{b.text}]({b.text})")
+        elif b.kind == "table" and b.rows:
+            out.append("| " + " | ".join(b.rows[0]) + " |")
+            out.append("|" + "---|" * len(b.rows[0]))
+            out.extend("| " + " | ".join(r) + " |" for r in b.rows[1:])
+        out.append("")
+    return "\n".join(out)
+
+
+def _html(blocks: list[Block]) -> str:
+    body = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            body.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            body.append(f"<p>{html.escape(b.text)}</p>")
+        elif b.kind == "image":
+            body.append(
+                f'<p><img src="{html.escape(b.text)}" alt="{html.escape(b.text)}"></p>'
+            )
+        elif b.kind == "table" and b.rows:
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in b.rows[0])
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                for r in b.rows[1:]
+            )
+            body.append(f"<table><tr>{head}</tr>{rows}</table>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>moefl report</title>"
+        f"<style>{style}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
