@@ -274,6 +274,13 @@ def evaluate_cmd(
     ] = 0.05,
     target_sensitivity: Annotated[float, typer.Option()] = 0.8,
     device: Annotated[str | None, typer.Option()] = None,
+    clinical_only: Annotated[
+        bool,
+        typer.Option(
+            help="Score the clinical-only comparator (logistic regression fitted "
+            "on the training sites' pooled training splits) instead of the network."
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a model: metrics with intervals, recommendations, policy value."""
     from client.evaluation import headline, run_evaluation
@@ -297,6 +304,7 @@ def evaluate_cmd(
             rule=rule,
             target_sensitivity=target_sensitivity,
             device=device,
+            clinical_only=clinical_only,
             echo=typer.echo,
         )
     except MoeflError as e:

@@ -91,14 +91,14 @@ def run_demo(
     from client.report import build_report
 
     echo("evaluating the federated model (validation and prospective cohorts) ...")
-    report = run_evaluation(
+    evaluation = run_evaluation(
         federated,
         yamls,
         federated / "evaluation",
         oracle=cohort_dir / "oracle",
         echo=echo,
     )
-    echo(headline(report))
+    echo(headline(evaluation))
     md, page = build_report(federated)
     echo(f"report: {page} (and {md.name}, with its figures)")
     return True

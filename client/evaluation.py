@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
 
 from client.data import SiteDataset, build_site_datasets
-from client.engine import evaluate
+from client.engine import CasePrediction, EvalResult, evaluate
 from client.site_config import SiteConfig
 from client.site_data import CaseFiles, list_cases
 from shared_model.clinical import REGIMENS, encode_clinical
@@ -111,6 +112,48 @@ def read_oracle(folder: Path) -> dict[str, list[float]]:
         raise DataError(f"{path}: cannot read the oracle ({e})") from e
 
 
+class ClinicalOnly:
+    """Comparator: logistic regression of pCR on the clinical one-hot, the
+    received regimen and their interactions, fitted on the pooled training
+    splits of the given sites (a centralised comparator: for simulation and
+    research, where pooling the clinical tables is possible). Its pCR
+    probability under each regimen sets the regimen input accordingly."""
+
+    def __init__(self, cases: list[CaseFiles]) -> None:
+        known = [c for c in cases if c.clinical.pcr is not None]
+        y = np.array([c.clinical.pcr for c in known], dtype=float)
+        if len(np.unique(y)) < 2:
+            raise DataError(
+                "the clinical-only comparator needs both outcomes in training"
+            )
+        x = np.stack([self._features(c, c.clinical.regimen_index) for c in known])
+        self.model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
+
+    @staticmethod
+    def _features(case: CaseFiles, regimen: int) -> np.ndarray:
+        clin = encode_clinical(case.clinical.features).astype(np.float64)
+        onehot = np.eye(len(REGIMENS))[regimen]
+        return np.concatenate([clin, onehot, np.outer(onehot, clin).ravel()])
+
+    def evaluate(self, cases: list[CaseFiles]) -> EvalResult:
+        preds = []
+        for c in cases:
+            x = np.stack([self._features(c, j) for j in range(len(REGIMENS))])
+            probs = self.model.predict_proba(x)[:, 1]
+            pcr = float("nan") if c.clinical.pcr is None else float(c.clinical.pcr)
+            preds.append(
+                CasePrediction(
+                    c.case_id,
+                    c.clinical.regimen_index,
+                    pcr,
+                    probs.tolist(),
+                    None,
+                    float("nan"),
+                )
+            )
+        return EvalResult(metrics={}, cases=preds)
+
+
 def evaluate_site(
     model: UNetMoECli,
     config: SiteConfig,
@@ -119,6 +162,7 @@ def evaluate_site(
     device: torch.device,
     rule: RecommendationRule | None = None,
     oracle: dict[str, list[float]] | None = None,
+    clinical_model: ClinicalOnly | None = None,
 ) -> SiteEvaluation:
     """Score a site's evaluation patients; return its counts and sums."""
     if config.role == "train":
@@ -137,6 +181,7 @@ def evaluate_site(
         device=device,
         rule=rule,
         oracle=oracle,
+        clinical_model=clinical_model,
     )
 
 
@@ -150,9 +195,17 @@ def evaluate_dataset(
     device: torch.device,
     rule: RecommendationRule | None = None,
     oracle: dict[str, list[float]] | None = None,
+    clinical_model: ClinicalOnly | None = None,
 ) -> SiteEvaluation:
-    """Score ``dataset``; the propensity model is fitted on ``fit_cases``."""
-    result = evaluate(model, dataset, device=device)
+    """Score ``dataset``; the propensity model is fitted on ``fit_cases``.
+
+    With ``clinical_model`` the clinical-only comparator is scored instead of
+    the network (no images are read; no Dice).
+    """
+    if clinical_model is not None:
+        result = clinical_model.evaluate(dataset.cases)
+    else:
+        result = evaluate(model, dataset, device=device)
     counts = {
         r: ScoreCounts.from_scores(
             [c.probs[j] for c in result.cases if c.regimen == j],
@@ -282,13 +335,16 @@ def run_evaluation(
     rule: RecommendationRule | None = None,
     target_sensitivity: float = 0.8,
     device: str | None = None,
+    clinical_only: bool = False,
     echo: Any = lambda s: None,
 ) -> dict[str, Any]:
     """``moefl evaluate``: score every site, combine by cohort, write metrics.json.
 
     Training sites give the validation cohort (where the target-sensitivity
     threshold is chosen); ``evaluate`` sites give the prospective cohort (where
-    that threshold is applied unchanged).
+    that threshold is applied unchanged). ``clinical_only``: score the
+    clinical-only comparator (:class:`ClinicalOnly`, fitted on the training
+    sites' training splits) instead of the checkpoint's network.
     """
     import json
 
@@ -300,15 +356,34 @@ def run_evaluation(
     configs = [load_site_config(Path(p)) for p in site_yamls]
     dev = resolve_device(device or configs[0].device)
     truth = read_oracle(oracle) if oracle is not None else None
+    clinical = None
+    if clinical_only:
+        train_cases = []
+        for cfg in configs:
+            if cfg.role == "train":
+                train, _, _ = build_site_datasets(cfg, plan)
+                train_cases.extend(train.cases)
+        clinical = ClinicalOnly(train_cases)
     evaluations = []
     for cfg in configs:
         which = "validation split" if cfg.role == "train" else "all cases"
         echo(f"scoring {cfg.site_name} ({which}) ...")
         evaluations.append(
-            evaluate_site(model, cfg, plan, device=dev, rule=rule, oracle=truth)
+            evaluate_site(
+                model,
+                cfg,
+                plan,
+                device=dev,
+                rule=rule,
+                oracle=truth,
+                clinical_model=clinical,
+            )
         )
     report: dict[str, Any] = {
         "checkpoint": str(Path(checkpoint).resolve()),
+        "model": "clinical-only logistic regression (pooled)"
+        if clinical_only
+        else "network",
         "rule": {
             "margin": (rule or RecommendationRule()).margin,
             "allowed": list((rule or RecommendationRule()).allowed),
