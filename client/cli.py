@@ -281,6 +281,13 @@ def evaluate_cmd(
             "on the training sites' pooled training splits) instead of the network."
         ),
     ] = False,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            help="Paired comparison (exact McNemar) against another checkpoint "
+            "folder, or `clinical` for the clinical-only comparator."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a model: metrics with intervals, recommendations, policy value."""
     from client.evaluation import headline, run_evaluation
@@ -305,6 +312,7 @@ def evaluate_cmd(
             target_sensitivity=target_sensitivity,
             device=device,
             clinical_only=clinical_only,
+            against=against,
             echo=typer.echo,
         )
     except MoeflError as e:

@@ -30,11 +30,12 @@ from client.engine import CasePrediction, EvalResult, evaluate
 from client.site_config import SiteConfig
 from client.site_data import CaseFiles, list_cases
 from shared_model.clinical import REGIMENS, encode_clinical
-from shared_model.errors import DataError
+from shared_model.errors import ConfigError, DataError
 from shared_model.federated_metrics import (
     ScoreCounts,
     auc_from_histograms,
     binary_report,
+    mcnemar,
     net_benefit,
     threshold_for_sensitivity,
 )
@@ -65,6 +66,9 @@ class SiteEvaluation:
     oracle_n: int = 0
     loss_sum: float = 0.0
     loss_n: int = 0
+    # (score under the received regimen, outcome) per patient with an outcome:
+    # kept at the site for paired tests, never serialised
+    local_scores: np.ndarray | None = None
 
     def to_values(self) -> dict[str, Any]:
         """Flat values for a Flower MetricRecord (what the site sends)."""
@@ -232,6 +236,7 @@ def evaluate_dataset(
     rows = np.arange(len(received))
     e[rows, received] = np.maximum(e[rows, received], 1.0 / max(len(fit_cases), 1))
     policy = site_policy_sums(probs, received, outcome, e, rule)
+    known_rows = ~np.isnan(outcome)
     out = SiteEvaluation(
         site,
         cohort,
@@ -241,6 +246,9 @@ def evaluate_dataset(
         policy,
         loss_sum=float(sum(losses)),
         loss_n=len(losses),
+        local_scores=np.stack(
+            [probs[rows, received][known_rows], outcome[known_rows]], axis=1
+        ),
     )
     if oracle is not None:
         known = ~np.isnan(outcome)
@@ -336,6 +344,7 @@ def run_evaluation(
     target_sensitivity: float = 0.8,
     device: str | None = None,
     clinical_only: bool = False,
+    against: str | None = None,
     echo: Any = lambda s: None,
 ) -> dict[str, Any]:
     """``moefl evaluate``: score every site, combine by cohort, write metrics.json.
@@ -344,7 +353,9 @@ def run_evaluation(
     threshold is chosen); ``evaluate`` sites give the prospective cohort (where
     that threshold is applied unchanged). ``clinical_only``: score the
     clinical-only comparator (:class:`ClinicalOnly`, fitted on the training
-    sites' training splits) instead of the checkpoint's network.
+    sites' training splits) instead of the checkpoint's network. ``against``:
+    another checkpoint folder, or ``clinical``, scored on the same patients for
+    paired comparisons (exact McNemar from the sites' discordant counts).
     """
     import json
 
@@ -357,28 +368,33 @@ def run_evaluation(
     dev = resolve_device(device or configs[0].device)
     truth = read_oracle(oracle) if oracle is not None else None
     clinical = None
-    if clinical_only:
+    if clinical_only or against == "clinical":
         train_cases = []
         for cfg in configs:
             if cfg.role == "train":
                 train, _, _ = build_site_datasets(cfg, plan)
                 train_cases.extend(train.cases)
         clinical = ClinicalOnly(train_cases)
-    evaluations = []
-    for cfg in configs:
-        which = "validation split" if cfg.role == "train" else "all cases"
-        echo(f"scoring {cfg.site_name} ({which}) ...")
-        evaluations.append(
-            evaluate_site(
-                model,
-                cfg,
-                plan,
-                device=dev,
-                rule=rule,
-                oracle=truth,
-                clinical_model=clinical,
+
+    def score_all(net: UNetMoECli, clin: ClinicalOnly | None) -> list[SiteEvaluation]:
+        evaluations = []
+        for cfg in configs:
+            which = "validation split" if cfg.role == "train" else "all cases"
+            echo(f"scoring {cfg.site_name} ({which}) ...")
+            evaluations.append(
+                evaluate_site(
+                    net,
+                    cfg,
+                    plan,
+                    device=dev,
+                    rule=rule,
+                    oracle=truth,
+                    clinical_model=clin,
+                )
             )
-        )
+        return evaluations
+
+    evaluations = score_all(model, clinical if clinical_only else None)
     report: dict[str, Any] = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "model": "clinical-only logistic regression (pooled)"
@@ -390,26 +406,56 @@ def run_evaluation(
         },
         "target_sensitivity": target_sensitivity,
     }
-    val = [e for e in evaluations if e.cohort == "validation"]
-    chosen = None
-    if val:
-        report["validation"] = combine(val, target_sensitivity=target_sensitivity)
-        chosen = report["validation"]["thresholds"].get(
-            f"sensitivity>={target_sensitivity:g}"
-        )
-    prosp = [e for e in evaluations if e.cohort == "prospective"]
-    if prosp:
-        report["prospective"] = combine(
-            prosp,
-            threshold_sensitivity=chosen,
-            target_sensitivity=target_sensitivity,
-            choose_threshold=not val,
-        )
+    report |= _by_cohort(evaluations, target_sensitivity)
+    if against is not None:
+        if against == "clinical":
+            other_evals = score_all(model, clinical)
+        else:
+            other_model, other_plan = load_checkpoint(Path(against))
+            if other_plan != plan:
+                raise ConfigError(
+                    f"{against}: its plan differs from {checkpoint}'s; paired "
+                    "comparisons need the same patients and preprocessing"
+                )
+            other_evals = score_all(other_model, None)
+        other = _by_cohort(other_evals, target_sensitivity)
+        report["comparison"] = {
+            "against": against,
+            "auc": {
+                c: {"this": report[c]["auc"], "against": other[c]["auc"]}
+                for c in ("validation", "prospective")
+                if c in report and c in other
+            },
+            "mcnemar": compare_models(evaluations, other_evals, report, other),
+        }
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(
         json.dumps(report, indent=2, default=float) + "\n"
     )
     return report
+
+
+def _by_cohort(
+    evaluations: list[SiteEvaluation], target_sensitivity: float
+) -> dict[str, Any]:
+    """combine() per cohort, the prospective one at the validation threshold."""
+    out: dict[str, Any] = {}
+    val = [e for e in evaluations if e.cohort == "validation"]
+    chosen = None
+    if val:
+        out["validation"] = combine(val, target_sensitivity=target_sensitivity)
+        chosen = out["validation"]["thresholds"].get(
+            f"sensitivity>={target_sensitivity:g}"
+        )
+    prosp = [e for e in evaluations if e.cohort == "prospective"]
+    if prosp:
+        out["prospective"] = combine(
+            prosp,
+            threshold_sensitivity=chosen,
+            target_sensitivity=target_sensitivity,
+            choose_threshold=not val,
+        )
+    return out
 
 
 def headline(report: dict[str, Any]) -> str:
@@ -454,7 +500,62 @@ def headline(report: dict[str, Any]) -> str:
         )
         for w in pv["positivity"]["warnings"]:
             lines.append(f"  warning: {w}")
+        comparison = report.get("comparison", {})
+        for name, m in comparison.get("mcnemar", {}).get(cohort, {}).items():
+            lines.append(
+                f"  against {comparison['against']} at {name}: only this model right "
+                f"{m['b']}, only the other {m['c']}, McNemar p = {m['p_value']:.3f}"
+            )
     return "\n".join(lines)
+
+
+def paired_counts(
+    a: SiteEvaluation, b: SiteEvaluation, threshold_a: float, threshold_b: float
+) -> tuple[int, int]:
+    """At a site: patients only model A classifies right, and only model B."""
+    if a.local_scores is None or b.local_scores is None:
+        raise ValueError("paired counts need the site's local scores")
+    y = a.local_scores[:, 1]
+    right_a = (a.local_scores[:, 0] >= threshold_a) == (y == 1)
+    right_b = (b.local_scores[:, 0] >= threshold_b) == (y == 1)
+    return int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+
+
+def compare_models(
+    ours: list[SiteEvaluation],
+    theirs: list[SiteEvaluation],
+    report_ours: dict[str, Any],
+    report_theirs: dict[str, Any],
+) -> dict[str, Any]:
+    """Exact McNemar per cohort and operating point, from the sites' discordant
+    counts (each model at its own threshold: 0.5, and the one its validation
+    chose for the target sensitivity)."""
+    out: dict[str, Any] = {}
+    for cohort in ("validation", "prospective"):
+        if cohort not in report_ours or cohort not in report_theirs:
+            continue
+        pairs = [
+            (a, b)
+            for a in ours
+            for b in theirs
+            if a.site == b.site and a.cohort == b.cohort == cohort
+        ]
+        th_a = report_ours[cohort]["thresholds"]
+        th_b = report_theirs[cohort]["thresholds"]
+        out[cohort] = {}
+        for name in th_a:
+            if name not in th_b:
+                continue
+            b_total = c_total = 0
+            for a, b in pairs:
+                n_b, n_c = paired_counts(a, b, th_a[name], th_b[name])
+                b_total, c_total = b_total + n_b, c_total + n_c
+            out[cohort][name] = {
+                "threshold": th_a[name],
+                "threshold_against": th_b[name],
+                **mcnemar(b_total, c_total),
+            }
+    return out
 
 
 def _pct(v: float | None) -> str:

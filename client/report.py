@@ -396,6 +396,23 @@ def build_report(
         for cohort, ev in cohorts.items():
             blocks.extend(_cohort_blocks(cohort, ev))
 
+    comparison = evaluation.get("comparison")
+    if comparison:
+        blocks.append(Block("h3", f"Paired comparison against {comparison['against']}"))
+        rows = [
+            [
+                "cohort",
+                "operating point",
+                "only this model right",
+                "only the other right",
+                "McNemar p (exact)",
+            ]
+        ]
+        for cohort, points in comparison["mcnemar"].items():
+            for name, m in points.items():
+                rows.append([cohort, name, str(m["b"]), str(m["c"]), _f(m["p_value"])])
+        blocks.append(Block("table", rows=rows))
+
     if comparators:
         blocks.append(Block("h2", "Comparators"))
         rows = [

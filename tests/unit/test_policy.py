@@ -167,3 +167,30 @@ def test_combine_chooses_the_threshold_on_validation_and_applies_it_unchanged() 
     assert pro["threshold_chosen_on"] == "validation"
     assert val["policy_value"]["oracle"] == {"value": 0.25, "n": 240}
     assert set(val["sites"]) == {"a", "b"} and val["n"] == 240
+
+
+def test_paired_mcnemar_counts_from_the_sites() -> None:
+    from client.evaluation import SiteEvaluation, compare_models
+
+    y = np.array([1, 1, 0, 0, 1, 0], float)
+    a_scores = np.array([0.9, 0.2, 0.1, 0.7, 0.6, 0.3])  # right: T F T F T T
+    b_scores = np.array([0.9, 0.8, 0.6, 0.1, 0.2, 0.3])  # right: T T F T F T
+
+    def ev(scores: np.ndarray) -> SiteEvaluation:
+        return SiteEvaluation(
+            "s",
+            "validation",
+            {},
+            0.0,
+            0,
+            PolicySums(),
+            local_scores=np.stack([scores, y], axis=1),
+        )
+
+    th = {"validation": {"thresholds": {"0.5": 0.5}}}
+    out = compare_models([ev(a_scores)], [ev(b_scores)], th, th)
+    m = out["validation"]["0.5"]
+    assert (m["b"], m["c"]) == (2, 2) and m["p_value"] == pytest.approx(1.0)
+    th_b = {"validation": {"thresholds": {"0.5": 0.85}}}  # B at its own threshold
+    m = compare_models([ev(a_scores)], [ev(b_scores)], th, th_b)["validation"]["0.5"]
+    assert (m["b"], m["c"]) == (1, 1)  # B now calls only patient 0 a responder
