@@ -576,6 +576,19 @@ def run_check(yaml_path: Path) -> CheckReport:
                         "warning",
                     )
                 )
+        n_train = len(usable) - round(len(usable) * config.val_fraction)
+        privacy = config.privacy
+        if privacy is not None and n_train > 0 and privacy.delta >= 1.0 / n_train:
+            report.add(
+                Problem(
+                    "privacy-delta",
+                    "site YAML: privacy.delta",
+                    f"privacy.delta = {privacy.delta:g} is not below 1/N = 1/{n_train} "
+                    "(about N training patients after the validation split): a "
+                    "delta that large permits releasing a whole patient",
+                    f"set privacy.delta well below {1.0 / n_train:.2g} (1e-5 is usual)",
+                )
+            )
         if usable and len({r.pcr for r in usable}) < 2:
             report.add(
                 Problem(

@@ -210,6 +210,14 @@ def c_dataset_json_invalid(root: Path) -> None:
     (root / DATASET / "dataset.json").write_text("{not json")
 
 
+def c_privacy_delta(root: Path) -> None:
+    path = _yaml(root)
+    path.write_text(
+        path.read_text()
+        + "privacy:\n  target_epsilon: 8.0\n  delta: 0.2\n  max_grad_norm: 1.0\n"
+    )
+
+
 CORRUPTIONS = [
     # (corruption, finding code, text that `where` must contain)
     (c_yaml_unknown_key, "yaml", "batchsize"),
@@ -237,6 +245,7 @@ CORRUPTIONS = [
     (c_case_not_in_table, "case-not-in-table", CASE),
     (c_case_without_images, "case-without-images", CASE),
     (c_too_few, "too-few-cases", "Dataset101_WestChina"),
+    (c_privacy_delta, "privacy-delta", "privacy.delta"),
 ]
 
 
