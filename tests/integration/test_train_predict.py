@@ -204,6 +204,7 @@ def test_evaluate_reports_metrics_recommendations_and_policy_value(
     from sklearn.metrics import roc_auc_score
 
     from client.data import build_site_datasets
+    from shared_model.federated_metrics import AUC_BINS
     from client.engine import evaluate
     from client.site_config import load_site_config
 
@@ -252,10 +253,10 @@ def test_evaluate_reports_metrics_recommendations_and_policy_value(
             # against the raw scores, off by at most half the share of
             # responder/non-responder pairs whose scores share a bin (these are
             # ties after binning). A 1-epoch model's scores crowd into a few
-            # bins; on spread scores (the demo run) the two agree to 0.002.
+            # bins; on the demo run's scores the two agree exactly.
             auc = block["overall"]["auc"]["auc"]
             y, sc = np.array(ys), np.array(ss)
-            binned = np.minimum((sc * 1000).astype(int), 999)
+            binned = np.minimum((sc * AUC_BINS).astype(int), AUC_BINS - 1)
             assert auc == pytest.approx(roc_auc_score(y, binned), abs=1e-12)
             same_bin = binned[y == 1][:, None] == binned[y == 0][None, :]
             assert abs(auc - roc_auc_score(y, sc)) <= 0.5 * same_bin.mean() + 1e-12
