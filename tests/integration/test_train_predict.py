@@ -204,9 +204,9 @@ def test_evaluate_reports_metrics_recommendations_and_policy_value(
     from sklearn.metrics import roc_auc_score
 
     from client.data import build_site_datasets
-    from shared_model.federated_metrics import AUC_BINS
     from client.engine import evaluate
     from client.site_config import load_site_config
+    from shared_model.federated_metrics import AUC_BINS
 
     root = pooled_run.parent / "cohort"
     retro = sorted((root / "site_configs").glob("*.yaml"))

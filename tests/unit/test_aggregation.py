@@ -15,7 +15,11 @@ from shared_model.aggregation import (
     grouped_mean,
     verify_update,
 )
-from shared_model.federated_metrics import auc_from_histograms, score_histograms
+from shared_model.federated_metrics import (
+    AUC_BINS,
+    auc_from_histograms,
+    score_histograms,
+)
 
 GROUPS = {
     "shared": ["enc.w"],
@@ -138,8 +142,8 @@ def test_fedadam_moves_only_trained_groups_and_matches_the_formula() -> None:
 def test_histogram_auc_matches_sklearn_on_pooled_scores(rows, n_sites) -> None:
     scores = np.array([s for s, _ in rows])
     labels = np.array([y for _, y in rows], dtype=float)
-    pos_total = np.zeros(1000, int)
-    neg_total = np.zeros(1000, int)
+    pos_total = np.zeros(AUC_BINS, int)
+    neg_total = np.zeros(AUC_BINS, int)
     for part in np.array_split(np.arange(len(rows)), n_sites):  # sites send counts
         pos, neg = score_histograms(scores[part], labels[part])
         pos_total += pos
@@ -149,7 +153,7 @@ def test_histogram_auc_matches_sklearn_on_pooled_scores(rows, n_sites) -> None:
         assert auc is None
         return
     # exact on binned scores; within one bin width of pairs on raw scores
-    binned = np.minimum((scores * 1000).astype(int), 999)
+    binned = np.minimum((scores * AUC_BINS).astype(int), AUC_BINS - 1)
     assert auc == pytest.approx(roc_auc_score(labels, binned), abs=1e-12)
 
 
