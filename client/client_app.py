@@ -165,17 +165,25 @@ def train(msg: Message, context: Context) -> Message:
     privacy = site.config.privacy
     plan: RoundPlan | None = None
     if privacy is not None:
-        ledger = PrivacyLedger.for_site(site.config.run_dir)
-        plan = plan_round(
-            privacy,
-            ledger,
-            n_patients=len(site.train),
-            batch_size=fed.batch_size,
-            steps=steps,
-            rounds_left=fed.num_server_rounds - rnd + 1,
-            noise_multiplier=fed.dp_noise_multiplier,
-            accountant=fed.dp_accountant,
-        )
+        with PrivacyLedger.locked(site.config.run_dir) as ledger:
+            plan = plan_round(
+                privacy,
+                ledger,
+                n_patients=len(site.train),
+                batch_size=fed.batch_size,
+                steps=steps,
+                rounds_left=fed.num_server_rounds - rnd + 1,
+                noise_multiplier=fed.dp_noise_multiplier,
+                accountant=fed.dp_accountant,
+            )
+            if plan.dp is not None:
+                # Spend before training: a crash can only over-count the budget.
+                ledger.record(
+                    plan.dp,
+                    round=rnd,
+                    run=fed.run_dir,
+                    epsilon_after=plan.epsilon_after,
+                )
         if plan.dp is None:
             log.warning(
                 "site %s declines round %d: %s",
@@ -184,10 +192,6 @@ def train(msg: Message, context: Context) -> Message:
                 plan.declined,
             )
             return _declined(msg, site, plan, describe(plan, privacy))
-        # Spend before training: a crash can only over-count the budget.
-        ledger.record(
-            plan.dp, round=rnd, run=fed.run_dir, epsilon_after=plan.epsilon_after
-        )
     # Seed this round's crops and augmentation from (seed, round) alone, so a
     # resumed run draws what an uninterrupted one would have drawn.
     site.train.transform.set_random_state(seed=fed.seed * 1000 + rnd)

@@ -24,12 +24,14 @@ across rounds, resumes and runs that used the same ``run_dir``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,24 @@ class PrivacyLedger:
     @classmethod
     def for_site(cls, run_dir: Path) -> PrivacyLedger:
         return cls(Path(run_dir) / "privacy" / "ledger.json")
+
+    @classmethod
+    @contextmanager
+    def locked(cls, run_dir: Path) -> Iterator[PrivacyLedger]:
+        """The site's ledger, read and held under an exclusive file lock.
+
+        Plan and record a round inside it: two trainings at one site (two
+        federations on the same ``run_dir``) then cannot both plan against
+        the same spend and under-count it.
+        """
+        path = Path(run_dir) / "privacy" / "ledger.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield cls(path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _read(self) -> list[dict[str, Any]]:
         hint = (

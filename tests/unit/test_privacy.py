@@ -342,3 +342,20 @@ def test_private_training_hooks_only_the_trainable_parameters() -> None:
         den += float(expected.pow(2).sum())
     assert (num / den) ** 0.5 < 1e-10
     private.close()
+
+
+def test_the_ledger_is_planned_and_recorded_under_an_exclusive_lock(
+    tmp_path: Path,
+) -> None:
+    import fcntl
+
+    run_dir = tmp_path / "site_run"
+    with PrivacyLedger.locked(run_dir) as ledger:
+        other = open(run_dir / "privacy" / "ledger.lock", "a")  # noqa: SIM115
+        with pytest.raises(BlockingIOError):  # a second training would wait here
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=1)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+    other.close()
+    with PrivacyLedger.locked(run_dir) as again:  # reads what the first wrote
+        assert again.history == [(1.0, 0.1, 10)]
