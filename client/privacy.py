@@ -24,7 +24,6 @@ across rounds, resumes and runs that used the same ``run_dir``.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import secrets
@@ -130,6 +129,13 @@ class PrivacyLedger:
         federations on the same ``run_dir``) then cannot both plan against
         the same spend and under-count it.
         """
+        try:
+            import fcntl
+        except ImportError as e:  # not a POSIX system
+            raise ConfigError(
+                "DP training needs file locking for the privacy ledger (fcntl), "
+                "which this operating system lacks; run the site on Linux or macOS"
+            ) from e
         path = Path(run_dir) / "privacy" / "ledger.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "a") as lock:
