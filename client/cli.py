@@ -169,10 +169,7 @@ def train(
     from client.train import find_plan, run_training
     from shared_model.loss import LossConfig
 
-    extra = [Path(a) for a in ctx.args]
-    if any(a.suffix not in (".yaml", ".yml") for a in extra):
-        _fail(MoeflError(f"unexpected arguments {ctx.args}; site configs end in .yaml"))
-    sites = [*sites, *extra]
+    sites = _site_yamls(sites, ctx)
     try:
         cfg = TrainConfig(
             optimizer=optimizer,
@@ -201,6 +198,14 @@ def train(
         + ", ".join(f"{k} AUC {_fmt(v['auc'])}" for k, v in m["comparators"].items())
     )
     typer.echo(f"wrote {run.out}/model.safetensors and metrics.json")
+
+
+def _site_yamls(sites: list[Path], ctx: typer.Context) -> list[Path]:
+    """``--sites a.yaml b.yaml ...``: the option's value plus the YAMLs after it."""
+    extra = [Path(a) for a in ctx.args]
+    if any(a.suffix not in (".yaml", ".yml") for a in extra):
+        _fail(MoeflError(f"unexpected arguments {ctx.args}; site configs end in .yaml"))
+    return [*sites, *extra]
 
 
 def _fmt(value: float | None) -> str:
@@ -293,9 +298,7 @@ def evaluate_cmd(
     from client.evaluation import headline, run_evaluation
     from shared_model.policy import RecommendationRule
 
-    sites = [*sites, *(Path(a) for a in ctx.args)]
-    if any(p.suffix not in (".yaml", ".yml") for p in sites):
-        _fail(MoeflError(f"unexpected arguments {ctx.args}; site configs end in .yaml"))
+    sites = _site_yamls(sites, ctx)
     try:
         if not 0 < target_sensitivity <= 1:
             raise ConfigError("--target-sensitivity must be in (0, 1]")

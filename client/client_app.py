@@ -14,7 +14,7 @@ ledger, declines it (a reply without weights whose ``info`` says why) when the
 budget does not allow it, and otherwise sends its ``dp-*`` accounting instead
 of the losses. Evaluate: the site scores its validation
 split and replies with counts and sums only
-(:class:`client.evaluation.SiteEvaluation`: per regimen score histograms per
+(:class:`shared_model.site_evaluation.SiteEvaluation`: per regimen score histograms per
 class and sums for the Brier score and calibration; Dice and loss sums; the
 recommendation counts and policy-value sums with the site's own propensity
 model), never per-patient scores.

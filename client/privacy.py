@@ -29,7 +29,7 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 from opacus import GradSampleModule
-from opacus.accountants.utils import create_accountant
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from client.site_config import PrivacyConfig
+from shared_model.aggregation import epsilon_of
 from shared_model.errors import ConfigError, DataError
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -94,17 +94,6 @@ def check_delta(privacy: PrivacyConfig, n_patients: int, where: str) -> None:
             f"1/{n_patients} (N = training patients at this site); set "
             f"privacy.delta well below {1.0 / n_patients:.2g} (1e-5 is usual)"
         )
-
-
-def epsilon_of(
-    history: Sequence[tuple[float, float, int]], delta: float, accountant: str
-) -> float:
-    """Epsilon of a DP-SGD history ``[(noise, sample_rate, steps), ...]``."""
-    if not history:
-        return 0.0
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta))
 
 
 class PrivacyLedger:

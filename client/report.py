@@ -26,6 +26,25 @@ class Block:
     rows: list[list[str]] | None = None  # first row: header
 
 
+def privacy_spent(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each DP site's latest accounting in a run record, with its rounds trained."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in record.get("rounds", []):
+        for site, m in r.get("sites", {}).items():
+            if m.get("privacy"):
+                prev = out.get(site, {}).get("rounds_trained", 0)
+                out[site] = {**m["privacy"], "rounds_trained": prev + 1}
+        for site, d in r.get("declined", {}).items():
+            if d.get("privacy"):
+                prev = out.get(site, {}).get("rounds_trained", 0)
+                out[site] = {
+                    **out.get(site, {}),
+                    **d["privacy"],
+                    "rounds_trained": prev,
+                }
+    return out
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         data: dict[str, Any] = json.loads(path.read_text())
@@ -55,27 +74,14 @@ def _figures(out: Path, run: dict[str, Any], evaluations: dict[str, Any]) -> lis
     rounds = run.get("rounds", [])
     if rounds:
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-        xs = [r["round"] for r in rounds if "evaluate" in r]
-        ax[0].plot(
-            xs,
-            [
-                r["evaluate"].get("auc") or float("nan")
-                for r in rounds
-                if "evaluate" in r
-            ],
-            "o-",
-            label="AUC",
-        )
-        ax[0].plot(
-            xs,
-            [
-                r["evaluate"].get("dice") or float("nan")
-                for r in rounds
-                if "evaluate" in r
-            ],
-            "s-",
-            label="Dice",
-        )
+        evaluated = [r for r in rounds if "evaluate" in r]
+        for key, style, label in (("auc", "o-", "AUC"), ("dice", "s-", "Dice")):
+            ax[0].plot(
+                [r["round"] for r in evaluated],
+                [r["evaluate"].get(key) or float("nan") for r in evaluated],
+                style,
+                label=label,
+            )
         ax[0].set(xlabel="round", title="federated validation", ylim=(0, 1))
         ax[0].legend()
         ax[1].plot(
@@ -347,11 +353,7 @@ def build_report(
         blocks.append(Block("image", "training.png"))
 
     blocks.append(Block("h2", "Privacy spent"))
-    spent: dict[str, dict[str, Any]] = {}
-    for r in rounds:
-        for site, m in {**r.get("sites", {}), **r.get("declined", {})}.items():
-            if m.get("privacy"):
-                spent[site] = m["privacy"]
+    spent = privacy_spent(run)
     if spent:
         rows = [["site", "epsilon spent", "target", "delta", "noise", "clip"]]
         for site, p in sorted(spent.items()):

@@ -21,19 +21,19 @@ from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
 from client.client_app import record_to_arrays
-from client.evaluation import SiteEvaluation, combine
-from client.privacy import epsilon_of
 from shared_model.aggregation import (
     GROUP_COUNT_KEYS,
     AdamState,
     GroupResult,
     SiteUpdate,
     central_dp_mean,
+    epsilon_of,
     fedadam_step,
     grouped_mean,
     verify_update,
 )
 from shared_model.federation_config import FederationConfig
+from shared_model.site_evaluation import SiteEvaluation, combine
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class GroupedStrategy(FedAvg):
     def aggregate_evaluation(self, replies: Iterable[Message]) -> dict[str, Any]:
         """Federated validation metrics from the sites' counts and sums.
 
-        :func:`client.evaluation.combine`: overall (each patient scored under
+        :func:`shared_model.site_evaluation.combine`: overall (each patient scored under
         the regimen received), per regimen and per site, AUC with DeLong
         interval, Brier, calibration, two operating points (0.5 and the highest
         threshold reaching ``target-sensitivity`` on this validation set), the

@@ -244,3 +244,18 @@ def central_dp_mean(
             )
             mean[name] = noisy.astype(current[name].dtype)
     return mean, info, result
+
+
+def epsilon_of(
+    history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon of a Gaussian-mechanism history ``[(noise, sample_rate, steps)]``
+    by an opacus accountant ("rdp" or "prv"); 0 for an empty history. Used by
+    the sites' DP-SGD ledger and by client-level DP at the server."""
+    if not history:
+        return 0.0
+    from opacus.accountants.utils import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))

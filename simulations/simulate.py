@@ -200,6 +200,8 @@ def format_run_summary(record: dict[str, Any]) -> str:
             f"  {site}: n-shared {m['n-shared']}, n-nCRT {m['n-nCRT']}, "
             f"n-TNT {m['n-TNT']}, n-nCT {m['n-nCT']}, up {m['bytes_up'] / 1e6:.1f} MB"
         )
+    from client.report import privacy_spent
+
     spent = privacy_spent(record)
     for site, p in sorted(spent.items()):
         lines.append(
@@ -217,25 +219,6 @@ def format_run_summary(record: dict[str, Any]) -> str:
             f"{central['clip']:g}, {central['releases']} releases)"
         )
     return "\n".join(lines)
-
-
-def privacy_spent(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each DP site's latest accounting in a run record, with its rounds trained."""
-    out: dict[str, dict[str, Any]] = {}
-    for r in record.get("rounds", []):
-        for site, m in r.get("sites", {}).items():
-            if m.get("privacy"):
-                prev = out.get(site, {}).get("rounds_trained", 0)
-                out[site] = {**m["privacy"], "rounds_trained": prev + 1}
-        for site, d in r.get("declined", {}).items():
-            if d.get("privacy"):
-                prev = out.get(site, {}).get("rounds_trained", 0)
-                out[site] = {
-                    **out.get(site, {}),
-                    **d["privacy"],
-                    "rounds_trained": prev,
-                }
-    return out
 
 
 def _fmt(value: float | None) -> str:

@@ -93,7 +93,8 @@ def auc_runs(
     quick: bool,
 ) -> list[dict[str, Any]]:
     """One simulated federation per budget (and one without DP)."""
-    from simulations.simulate import privacy_spent, run_simulated_federation
+    from client.report import privacy_spent
+    from simulations.simulate import run_simulated_federation
 
     preset = "tiny" if quick else "demo"
     overrides: dict[str, Any] = {"num-server-rounds": rounds}
@@ -152,7 +153,6 @@ def main(argv: list[str] | None = None) -> None:
     for p in (p_step, p_auc):
         p.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     machine = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,

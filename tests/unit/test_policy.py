@@ -137,8 +137,8 @@ def test_positivity_is_diagnosed_and_records_round_trip() -> None:
 
 
 def test_combine_chooses_the_threshold_on_validation_and_applies_it_unchanged() -> None:
-    from client.evaluation import SiteEvaluation, combine
     from shared_model.federated_metrics import ScoreCounts
+    from shared_model.site_evaluation import SiteEvaluation, combine
 
     def site(name: str, seed: int) -> SiteEvaluation:
         pop = population(120, seed)
@@ -170,7 +170,7 @@ def test_combine_chooses_the_threshold_on_validation_and_applies_it_unchanged() 
 
 
 def test_paired_mcnemar_counts_from_the_sites() -> None:
-    from client.evaluation import SiteEvaluation, compare_models
+    from shared_model.site_evaluation import SiteEvaluation, compare_models
 
     y = np.array([1, 1, 0, 0, 1, 0], float)
     a_scores = np.array([0.9, 0.2, 0.1, 0.7, 0.6, 0.3])  # right: T F T F T T

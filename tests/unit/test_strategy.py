@@ -240,8 +240,8 @@ def test_client_level_dp_noise_is_secret_unless_reproducible() -> None:
 def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
     from sklearn.metrics import brier_score_loss, roc_auc_score
 
-    from client.evaluation import SiteEvaluation
     from shared_model.policy import site_policy_sums
+    from shared_model.site_evaluation import SiteEvaluation
 
     rng = np.random.default_rng(1)
     replies, all_y, all_s = [], [], []

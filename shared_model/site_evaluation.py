@@ -1,0 +1,224 @@
+"""One evaluation's arithmetic, on the server side: what sites send, and every
+number made from it.
+
+A site's contribution is :class:`SiteEvaluation`: score counts per regimen
+(:class:`shared_model.federated_metrics.ScoreCounts`), Dice and loss sums, and
+the policy sums (:class:`shared_model.policy.PolicySums`). :func:`combine`
+adds the sites up and computes the report; :func:`combine_by_cohort` does so
+for a validation and a prospective cohort, the second at the first one's
+operating point; :func:`compare_models` gives paired McNemar tests. Scoring
+patients (torch, images) lives in :mod:`client.evaluation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shared_model.clinical import REGIMENS
+from shared_model.federated_metrics import (
+    ScoreCounts,
+    auc_from_histograms,
+    binary_report,
+    mcnemar,
+    net_benefit,
+    threshold_for_sensitivity,
+)
+from shared_model.policy import PolicySums, policy_value
+
+
+@dataclass
+class SiteEvaluation:
+    """What one site contributes to an evaluation (counts and sums only)."""
+
+    site: str
+    cohort: str  # "validation" (a training site's split) or "prospective"
+    counts: dict[str, ScoreCounts]  # per regimen received
+    dice_sum: float
+    dice_n: int
+    policy: PolicySums
+    oracle_sum: float | None = None  # simulation only
+    oracle_n: int = 0
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    # (score under the received regimen, outcome) per patient with an outcome:
+    # kept at the site for paired tests, never serialised
+    local_scores: np.ndarray | None = None
+
+    def to_values(self) -> dict[str, Any]:
+        """Flat values for a Flower MetricRecord (what the site sends)."""
+        out: dict[str, Any] = {
+            "dice-sum": self.dice_sum,
+            "dice-n": self.dice_n,
+            "loss-sum": self.loss_sum,
+            "loss-n": self.loss_n,
+            **self.policy.to_values(),
+        }
+        for r, c in self.counts.items():
+            out |= c.to_values(f"{r}-")
+        return out
+
+    @classmethod
+    def from_values(
+        cls, site: str, cohort: str, values: dict[str, Any]
+    ) -> SiteEvaluation:
+        """Server side; raises KeyError, TypeError or ValueError when malformed."""
+        dice_n, loss_n = int(values["dice-n"]), int(values["loss-n"])
+        if dice_n < 0 or loss_n < 0:
+            raise ValueError("negative counts")
+        return cls(
+            site,
+            cohort,
+            {r: ScoreCounts.from_values(values, f"{r}-") for r in REGIMENS},
+            float(values["dice-sum"]),
+            dice_n,
+            PolicySums.from_values(values),
+            loss_sum=float(values["loss-sum"]),
+            loss_n=loss_n,
+        )
+
+
+def combine(
+    sites: list[SiteEvaluation],
+    *,
+    threshold_sensitivity: float | None = None,
+    target_sensitivity: float = 0.8,
+    choose_threshold: bool = True,
+) -> dict[str, Any]:
+    """Every metric from the sites' counts and sums (the server's side).
+
+    Args:
+        sites: the sites' contributions for one cohort.
+        threshold_sensitivity: the target-sensitivity threshold chosen on the
+            validation cohort; None: choose it here when ``choose_threshold``.
+        target_sensitivity: the sensitivity that threshold must reach.
+        choose_threshold: False for a test cohort whose validation gave no
+            threshold (choosing one on the test patients would flatter it).
+    """
+    by_regimen = {r: ScoreCounts.empty() for r in REGIMENS}
+    policy = PolicySums()
+    for s in sites:
+        for r in REGIMENS:
+            by_regimen[r] = by_regimen[r] + s.counts[r]
+        policy = policy + s.policy
+    overall = sum(by_regimen.values(), ScoreCounts.empty())
+    chosen_here = threshold_sensitivity is None and choose_threshold
+    if chosen_here:
+        threshold_sensitivity = threshold_for_sensitivity(overall, target_sensitivity)
+    thresholds = {"0.5": 0.5}
+    if threshold_sensitivity is not None:
+        thresholds[f"sensitivity>={target_sensitivity:g}"] = threshold_sensitivity
+    value = policy_value(policy)
+    oracle_n = sum(s.oracle_n for s in sites)
+    if oracle_n:
+        value["oracle"] = {
+            "value": sum(s.oracle_sum or 0.0 for s in sites) / oracle_n,
+            "n": oracle_n,
+        }
+    dice_n = sum(s.dice_n for s in sites)
+    loss_n = sum(s.loss_n for s in sites)
+    return {
+        "n": overall.n,
+        "auc": auc_from_histograms(overall.pos, overall.neg),
+        "auc_by_regimen": {
+            r: auc_from_histograms(c.pos, c.neg) for r, c in by_regimen.items()
+        },
+        "dice": sum(s.dice_sum for s in sites) / dice_n if dice_n else None,
+        "loss": sum(s.loss_sum for s in sites) / loss_n if loss_n else None,
+        "thresholds": thresholds,
+        "threshold_chosen_on": (
+            "this cohort"
+            if chosen_here
+            else "validation"
+            if threshold_sensitivity is not None
+            else None
+        ),
+        "overall": binary_report(overall, thresholds),
+        "regimens": {r: binary_report(c, thresholds) for r, c in by_regimen.items()},
+        "decision_curve": net_benefit(overall),
+        "policy_value": value,
+        "sites": {
+            s.site: {
+                **binary_report(
+                    sum(s.counts.values(), ScoreCounts.empty()), thresholds
+                ),
+                "dice": s.dice_sum / s.dice_n if s.dice_n else None,
+                "policy_value": policy_value(s.policy),
+            }
+            for s in sorted(sites, key=lambda s: s.site)
+        },
+    }
+
+
+def combine_by_cohort(
+    evaluations: list[SiteEvaluation], target_sensitivity: float
+) -> dict[str, Any]:
+    """combine() per cohort, the prospective one at the validation threshold."""
+    out: dict[str, Any] = {}
+    val = [e for e in evaluations if e.cohort == "validation"]
+    chosen = None
+    if val:
+        out["validation"] = combine(val, target_sensitivity=target_sensitivity)
+        chosen = out["validation"]["thresholds"].get(
+            f"sensitivity>={target_sensitivity:g}"
+        )
+    prosp = [e for e in evaluations if e.cohort == "prospective"]
+    if prosp:
+        out["prospective"] = combine(
+            prosp,
+            threshold_sensitivity=chosen,
+            target_sensitivity=target_sensitivity,
+            choose_threshold=not val,
+        )
+    return out
+
+
+def paired_counts(
+    a: SiteEvaluation, b: SiteEvaluation, threshold_a: float, threshold_b: float
+) -> tuple[int, int]:
+    """At a site: patients only model A classifies right, and only model B."""
+    if a.local_scores is None or b.local_scores is None:
+        raise ValueError("paired counts need the site's local scores")
+    y = a.local_scores[:, 1]
+    right_a = (a.local_scores[:, 0] >= threshold_a) == (y == 1)
+    right_b = (b.local_scores[:, 0] >= threshold_b) == (y == 1)
+    return int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+
+
+def compare_models(
+    ours: list[SiteEvaluation],
+    theirs: list[SiteEvaluation],
+    report_ours: dict[str, Any],
+    report_theirs: dict[str, Any],
+) -> dict[str, Any]:
+    """Exact McNemar per cohort and operating point, from the sites' discordant
+    counts (each model at its own threshold: 0.5, and the one its validation
+    chose for the target sensitivity)."""
+    out: dict[str, Any] = {}
+    for cohort in ("validation", "prospective"):
+        if cohort not in report_ours or cohort not in report_theirs:
+            continue
+        pairs = [
+            (a, b)
+            for a in ours
+            for b in theirs
+            if a.site == b.site and a.cohort == b.cohort == cohort
+        ]
+        th_a = report_ours[cohort]["thresholds"]
+        th_b = report_theirs[cohort]["thresholds"]
+        out[cohort] = {}
+        for name in th_a:
+            if name not in th_b:
+                continue
+            b_total = c_total = 0
+            for a, b in pairs:
+                n_b, n_c = paired_counts(a, b, th_a[name], th_b[name])
+                b_total, c_total = b_total + n_b, c_total + n_c
+            out[cohort][name] = {
+                "threshold": th_a[name],
+                "threshold_against": th_b[name],
+                **mcnemar(b_total, c_total),
+            }
+    return out
