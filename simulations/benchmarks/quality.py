@@ -1,0 +1,230 @@
+"""Benchmark: what federation buys, against the alternatives a site has.
+
+A benchmark, not a test: it prints what it measured and writes JSON.
+
+    python -m simulations.benchmarks.quality --cohort demo_run/cohort   # 8 rounds/epochs
+    python -m simulations.benchmarks.quality --quick                    # tiny cohort, 2
+
+On one synthetic cohort and one persistent split per site it trains
+
+- federated: the simulated federation (``moefl simulate``), ``rounds`` rounds
+  of one local epoch each;
+- pooled: every site's training split in one place (``moefl train`` with
+  several sites), the centralised upper bound;
+- local-only: each site alone (``moefl train`` with one site);
+
+all with the federation's optimiser (AdamW, lr 1e-3, poly decay over the whole
+run), batch 4 and augmentation, so every patient is seen ``rounds`` times by
+every model: comparable compute. Then it scores every model with
+``moefl evaluate`` on the same patients: the validation cohort (the union of
+the training sites' validation splits) and the prospective cohort (the
+``evaluate`` sites), with the oracle's true policy value. The clinical-only
+comparator (logistic regression with regimen interactions on the pooled
+training splits) is scored on the same patients.
+
+Each model's folder is kept under ``--out``; ``--reuse`` scores existing
+models instead of training them again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from simulations.benchmarks.common import machine, write_json
+
+Echo = Callable[[str], None]
+
+
+def _auc(block: dict[str, Any]) -> dict[str, Any] | None:
+    auc = block.get("auc")
+    if not auc or auc.get("auc") is None:
+        return None
+    return {"value": auc["auc"], "ci": auc.get("ci")}
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    """AUC (overall with CI, per regimen, per site) and Dice per cohort."""
+    out: dict[str, Any] = {}
+    for cohort in ("validation", "prospective"):
+        if cohort not in report:
+            continue
+        r = report[cohort]
+        pv = r.get("policy_value") or {}
+        out[cohort] = {
+            "n": r["n"],
+            "auc": _auc(r["overall"]),
+            "auc_by_regimen": {k: _auc(v) for k, v in r["regimens"].items()},
+            "auc_by_site": {k: _auc(v) for k, v in r["sites"].items()},
+            "dice": r.get("dice"),
+            "brier": r["overall"].get("brier"),
+            "policy_dr": (pv.get("dr") or {}).get("value"),
+            "policy_oracle": (pv.get("oracle") or {}).get("value"),
+        }
+    return out
+
+
+def run_quality(
+    out: Path,
+    *,
+    cohort: Path | None = None,
+    quick: bool = False,
+    rounds: int = 8,
+    reuse: bool = False,
+    echo: Echo = print,
+) -> dict[str, Any]:
+    """Train (or reuse) every model and score each on the same patients."""
+    from client.engine import TrainConfig
+    from client.evaluation import run_evaluation
+    from client.site_config import load_site_config
+    from client.train import find_plan, run_training
+    from simulations.simulate import run_simulated_federation
+    from simulations.synth import synthesize
+
+    preset = "tiny" if quick else "demo"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cohort_dir = out / "cohort"
+    if cohort is not None:
+        if not cohort_dir.exists():
+            cohort_dir.symlink_to(Path(cohort).resolve())
+    elif not (cohort_dir / "cohort.json").is_file():
+        echo(f"making the {preset} cohort in {cohort_dir} ...")
+        synthesize(cohort_dir, preset=preset, seed=0, force=True)
+    train_yamls = sorted((cohort_dir / "site_configs").glob("*.yaml"))
+    prosp_yamls = sorted((cohort_dir / "prospective" / "site_configs").glob("*.yaml"))
+    all_yamls = train_yamls + prosp_yamls
+    oracle = cohort_dir / "oracle"
+    widths = {"base_filters": 4, "max_filters": 32} if quick else {}
+    plan = find_plan(train_yamls, None)
+    cfg = TrainConfig(
+        optimizer="adamw", lr=1e-3, batch_size=4, epochs=rounds, augment=True, seed=0
+    )
+    seconds: dict[str, float] = {}
+
+    def have(name: str) -> bool:
+        return reuse and (out / name / "model.safetensors").is_file()
+
+    if not have("federated"):
+        if (out / "federated").exists():
+            shutil.rmtree(out / "federated")
+        t0 = time.perf_counter()
+        run_simulated_federation(
+            out,
+            preset=preset,
+            overrides={
+                "num-server-rounds": rounds,
+                **{k.replace("_", "-"): v for k, v in widths.items()},
+            },
+            echo=echo,
+        )
+        seconds["federated"] = time.perf_counter() - t0
+    centralised = [("pooled", train_yamls)] + [
+        (f"local_{load_site_config(y).site_name}", [y]) for y in train_yamls
+    ]
+    for name, yamls in centralised:
+        if have(name):
+            continue
+        t0 = time.perf_counter()
+        run_training(
+            yamls,
+            out / name,
+            cfg=cfg,
+            plan=plan,
+            model_overrides=widths or None,
+            image_only=False,
+            echo=echo,
+        )
+        seconds[name] = time.perf_counter() - t0
+
+    models: dict[str, dict[str, Any]] = {}
+    for name in ["federated"] + [n for n, _ in centralised] + ["clinical_only"]:
+        checkpoint = out / ("federated" if name == "clinical_only" else name)
+        echo(f"scoring {name} ...")
+        report = run_evaluation(
+            checkpoint,
+            all_yamls,
+            out / "evaluation" / name,
+            oracle=oracle if oracle.is_dir() else None,
+            clinical_only=name == "clinical_only",
+        )
+        row = summarise(report)
+        if name in seconds:
+            row["train_seconds"] = round(seconds[name], 1)
+        models[name] = row
+    result = {
+        "preset": preset,
+        "cohort": str(cohort_dir.resolve()),
+        "rounds_or_epochs": rounds,
+        "train_config": cfg.to_dict(),
+        "widths": widths or "plan defaults (8..256)",
+        "models": models,
+    }
+    return result
+
+
+def _fmt_auc(a: dict[str, Any] | None, ci: bool = True) -> str:
+    if a is None:
+        return "n/a"
+    if ci and a.get("ci"):
+        return f"{a['value']:.3f} ({a['ci'][0]:.2f}-{a['ci'][1]:.2f})"
+    return f"{a['value']:.3f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown table: one row per model and cohort."""
+    lines = [
+        "| model | cohort | n | AUC (95% CI) | nCRT | TNT | nCT | Dice | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in result["models"].items():
+        for cohort in ("validation", "prospective"):
+            c = row.get(cohort)
+            if c is None:
+                continue
+            reg = c["auc_by_regimen"]
+            dice = (
+                "n/a"
+                if c["dice"] is None or name == "clinical_only"
+                else f"{c['dice']:.3f}"
+            )
+            secs = row.get("train_seconds")
+            shown = "-" if secs is None or cohort != "validation" else f"{secs:.0f}"
+            lines.append(
+                f"| {name} | {cohort} | {c['n']} | {_fmt_auc(c['auc'])} | "
+                + " | ".join(
+                    _fmt_auc(reg.get(r), ci=False) for r in ("nCRT", "TNT", "nCT")
+                )
+                + f" | {dice} | {shown} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cohort", type=Path, help="an existing synthetic cohort")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_quality"))
+    parser.add_argument("--rounds", type=int, default=8, help="rounds = epochs")
+    parser.add_argument("--quick", action="store_true", help="tiny cohort, 2 rounds")
+    parser.add_argument("--reuse", action="store_true", help="score existing models")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    result = run_quality(
+        args.out,
+        cohort=args.cohort,
+        quick=args.quick,
+        rounds=2 if args.quick else args.rounds,
+        reuse=args.reuse,
+    )
+    print(table(result))
+    write_json(
+        args.json or args.out / "quality.json", {"machine": machine(), "result": result}
+    )
+
+
+if __name__ == "__main__":
+    main()
