@@ -35,6 +35,7 @@ from shared_model.federated_metrics import (
 from shared_model.model import UNetMoECli
 from shared_model.plan import Plan
 from shared_model.policy import (
+    PolicySums,
     RecommendationRule,
     fit_propensity,
     propensities,
@@ -162,6 +163,11 @@ def evaluate_dataset(
         )
         for j, r in enumerate(REGIMENS)
     }
+    if not result.cases:
+        # a site with too few patients for a validation split adds nothing
+        return SiteEvaluation(
+            site, cohort, counts, 0.0, 0, PolicySums(), local_scores=np.zeros((0, 2))
+        )
     dice = [c.dice for c in result.cases if c.dice is not None]
     losses = [c.loss for c in result.cases if not np.isnan(c.loss)]
     by_id = {c.case_id: c for c in dataset.cases}

@@ -95,7 +95,7 @@ def process_tree(root: int) -> dict[int, dict[str, int]]:
 
 
 class MemorySampler:
-    """Peak resident memory of this process and everything it starts.
+    """Peak resident memory of a process (default: this one) and all it starts.
 
     Samples the process tree (Flower's simulation starts Ray's GCS, raylet
     and worker processes as descendants) every ``interval`` seconds and keeps
@@ -105,7 +105,8 @@ class MemorySampler:
     both stay ``None``.
     """
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, root: int | None = None, interval: float = 0.5) -> None:
+        self.root = os.getpid() if root is None else root
         self.interval = interval
         self.peak_total_mib: float | None = None
         self.peak_process_mib: float | None = None
@@ -115,7 +116,7 @@ class MemorySampler:
     def sample(self) -> None:
         if not Path("/proc/self/status").is_file():
             return
-        tree = process_tree(os.getpid())
+        tree = process_tree(self.root)
         total = sum(st.get("VmRSS", 0) for st in tree.values()) / 1024
         single = max((st.get("VmHWM", 0) for st in tree.values()), default=0) / 1024
         self.peak_total_mib = max(self.peak_total_mib or 0.0, total)
