@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: venv demo test test-all lint clean
+.PHONY: venv demo test test-all bench lint clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ test: venv
 
 test-all: venv
 	$(BIN)/python -m pytest -q
+
+# Quick versions of the benchmark suite (tiny cohort; minutes). The full
+# suite behind docs/benchmarks.md: `$(BIN)/python -m simulations.benchmarks`.
+bench: venv
+	$(BIN)/python -m simulations.benchmarks --quick --out runs/bench
 
 lint: venv
 	$(BIN)/ruff check .
