@@ -4,6 +4,7 @@ A benchmark, not a test: it prints what it measured and writes JSON.
 
     python -m simulations.benchmarks.quality --cohort demo_run/cohort   # 8 rounds/epochs
     python -m simulations.benchmarks.quality --quick                    # tiny cohort, 2
+    python -m simulations.benchmarks.quality --preset paper             # GPU-sized
 
 On one synthetic cohort and one persistent split per site it trains
 
@@ -73,11 +74,16 @@ def run_quality(
     *,
     cohort: Path | None = None,
     quick: bool = False,
+    preset: str = "demo",
     rounds: int = 8,
     reuse: bool = False,
     echo: Echo = print,
 ) -> dict[str, Any]:
-    """Train (or reuse) every model and score each on the same patients."""
+    """Train (or reuse) every model and score each on the same patients.
+
+    ``cohort``: an existing cohort; else one of ``preset`` (``tiny`` with
+    ``quick``) is made under ``out/cohort``.
+    """
     from client.engine import TrainConfig
     from client.evaluation import run_evaluation
     from client.site_config import load_site_config
@@ -85,7 +91,7 @@ def run_quality(
     from simulations.simulate import run_simulated_federation
     from simulations.synth import synthesize
 
-    preset = "tiny" if quick else "demo"
+    preset = "tiny" if quick else preset
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cohort_dir = out / "cohort"
@@ -207,6 +213,9 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cohort", type=Path, help="an existing synthetic cohort")
+    parser.add_argument(
+        "--preset", default="demo", help="cohort to make when --cohort is not given"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_quality"))
     parser.add_argument("--rounds", type=int, default=8, help="rounds = epochs")
     parser.add_argument("--quick", action="store_true", help="tiny cohort, 2 rounds")
@@ -217,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out,
         cohort=args.cohort,
         quick=args.quick,
+        preset=args.preset,
         rounds=2 if args.quick else args.rounds,
         reuse=args.reuse,
     )
