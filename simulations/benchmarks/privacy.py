@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from simulations.benchmarks.common import machine
 
 
 def step_times(steps: int, repeats: int) -> dict[str, Any]:
@@ -153,13 +153,6 @@ def main(argv: list[str] | None = None) -> None:
     for p in (p_step, p_auc):
         p.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    machine = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "cpu_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
     if args.what == "step":
         result: Any = step_times(args.steps, args.repeats)
         print(
@@ -188,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{row['setting']:>8} {auc:>6} {dice:>6}  {spent or '-'}")
     if args.json:
         args.json.write_text(
-            json.dumps({"machine": machine, "result": result}, indent=2)
+            json.dumps({"machine": machine(), "result": result}, indent=2)
         )
 
 

@@ -181,11 +181,16 @@ def _fmt_auc(a: dict[str, Any] | None, ci: bool = True) -> str:
     return f"{a['value']:.3f}"
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def table(result: dict[str, Any]) -> str:
     """Markdown table: one row per model and cohort."""
     lines = [
-        "| model | cohort | n | AUC (95% CI) | nCRT | TNT | nCT | Dice | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | cohort | n | AUC (95% CI) | nCRT | TNT | nCT | Dice | Brier | "
+        "pCR under its advice: DR / oracle | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["models"].items():
         for cohort in ("validation", "prospective"):
@@ -205,7 +210,8 @@ def table(result: dict[str, Any]) -> str:
                 + " | ".join(
                     _fmt_auc(reg.get(r), ci=False) for r in ("nCRT", "TNT", "nCT")
                 )
-                + f" | {dice} | {shown} |"
+                + f" | {dice} | {_num(c['brier'])} | {_num(c['policy_dr'])} / "
+                f"{_num(c['policy_oracle'])} | {shown} |"
             )
     return "\n".join(lines)
 
