@@ -6,7 +6,7 @@ otherwise. ``--quick`` (what ``make bench`` runs) uses the tiny cohort and
 small widths: minutes on a laptop, numbers that show the machinery works, not
 the numbers in ``docs/benchmarks.md``. Without ``--quick`` each benchmark runs
 its full version on the demo cohort (``--cohort``, made if missing): about
-1.5 hours on two CPU cores.
+2 hours on two CPU cores (an hour of it the three DP-SGD runs).
 """
 
 from __future__ import annotations
