@@ -5,7 +5,8 @@ GPU benchmark runs only where CUDA is available and is reported as skipped
 otherwise. ``--quick`` (what ``make bench`` runs) uses the tiny cohort and
 small widths: minutes on a laptop, numbers that show the machinery works, not
 the numbers in ``docs/benchmarks.md``. Without ``--quick`` each benchmark runs
-its full version on the demo cohort (``--cohort``, made if missing): about
+its full version on the demo cohort (``--cohort``; without it one is made
+under ``OUT/cohort`` and shared by every benchmark): about
 2 hours on two CPU cores (an hour of it the three DP-SGD runs).
 """
 
@@ -33,19 +34,14 @@ def commands(quick: bool, cohort: Path | None, out: Path) -> dict[str, list[str]
             "step",
             *(["--steps", "4", "--repeats", "1"] if quick else []),
         ],
-        "privacy_auc": (
-            [
-                "privacy",
-                "auc",
-                "--quick",
-                "--epsilons",
-                "8",
-                "--out",
-                str(out / "privacy"),
-            ]
-            if quick
-            else ["privacy", "auc", *co, "--out", str(out / "privacy")]
-        ),
+        "privacy_auc": [
+            "privacy",
+            "auc",
+            *(["--quick", "--epsilons", "8"] if quick else []),
+            *co,
+            "--out",
+            str(out / "privacy"),
+        ],
         "scale": ["scale", *q, *co, "--out", str(out / "scale")],
         "model_step": ["model_step"],
     }
@@ -67,6 +63,19 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
+    names = [*commands(args.quick, None, args.out), "gpu"]
+    unknown = set(args.only or []) - set(names)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {names}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.cohort is None:  # one cohort for every benchmark
+        from simulations.synth import synthesize
+
+        args.cohort = args.out / "cohort"
+        if not (args.cohort / "cohort.json").is_file():
+            preset = "tiny" if args.quick else "demo"
+            print(f"making the {preset} cohort in {args.cohort} ...", flush=True)
+            synthesize(args.cohort, preset=preset, seed=0, force=True)
     todo = commands(args.quick, args.cohort, args.out)
     if cuda:
         todo["gpu"] = [
@@ -78,13 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             "3" if args.quick else "5",
         ]
     if args.only:
-        unknown = set(args.only) - set(todo) - {"gpu"}
-        if unknown:
-            parser.error(
-                f"unknown benchmark(s) {sorted(unknown)}; choose from {sorted(todo)}"
-            )
         todo = {k: v for k, v in todo.items() if k in args.only}
-    args.out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, object] = {"machine": machine(), "quick": args.quick}
     if not cuda:
         summary["gpu"] = "skipped: no CUDA device"
