@@ -230,6 +230,16 @@ def run_scale(
         cohort = out / "source"
         if not (cohort / "cohort.json").is_file():
             synthesize(cohort, preset="tiny" if quick else "demo", seed=0, force=True)
+    sizes = {
+        p.stem: len(_read_site(p)[2])
+        for p in sorted((Path(cohort) / "site_configs").glob("*.yaml"))
+    }
+    smallest = min(sizes, key=lambda c: sizes[c])
+    if per_site and max(per_site) > sizes[smallest]:
+        raise SystemExit(
+            f"--per-site {max(per_site)}: centre {smallest} of {cohort} has only "
+            f"{sizes[smallest]} patients; choose values up to {sizes[smallest]}"
+        )
     result: dict[str, Any] = {"source": str(Path(cohort).resolve()), "rounds": rounds}
     for label, values, key in (
         ("by_sites", sites, "n_sites"),
@@ -288,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     sites = args.sites or ([3, 10] if args.quick else [3, 10, 30])
-    per_site = args.per_site or ([4, 8, 12] if args.quick else [8, 16, 32, 48])
+    per_site = args.per_site or ([4, 7, 10] if args.quick else [8, 16, 32, 48])
     result = run_scale(
         args.out,
         cohort=args.cohort,
