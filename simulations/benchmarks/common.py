@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -54,6 +55,26 @@ def machine() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - flwr is a dependency
         pass
     return info
+
+
+def benchmark_parser(doc: str | None, name: str, quick: str) -> argparse.ArgumentParser:
+    """The options every cohort benchmark takes: --cohort, --out, --quick, --json."""
+    parser = argparse.ArgumentParser(description=(doc or name).split("\n")[0])
+    parser.add_argument("--cohort", type=Path, help="an existing synthetic cohort")
+    parser.add_argument("--out", type=Path, default=Path(f"runs/bench_{name}"))
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument(
+        "--json", type=Path, help=f"write the results here (OUT/{name}.json)"
+    )
+    return parser
+
+
+def finish(args: argparse.Namespace, name: str, text: str, result: Any) -> None:
+    """Print a benchmark's tables and write its JSON with the machine."""
+    print(text)
+    write_json(
+        args.json or args.out / f"{name}.json", {"machine": machine(), "result": result}
+    )
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -27,7 +27,6 @@ patients.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.benchmarks.common import machine, write_json
+from simulations.benchmarks.common import benchmark_parser, finish
 
 Echo = Callable[[str], None]
 
@@ -261,12 +260,8 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cohort", type=Path, help="an existing synthetic cohort")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_overhead"))
+    parser = benchmark_parser(__doc__, "overhead", "tiny cohort, 2 rounds")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="tiny cohort, 2 rounds")
-    parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     result = run_overhead(
         args.out,
@@ -274,11 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         quick=args.quick,
         rounds=2 if args.quick else args.rounds,
     )
-    print(report(result))
-    write_json(
-        args.json or args.out / "overhead.json",
-        {"machine": machine(), "result": result},
-    )
+    finish(args, "overhead", report(result), result)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,13 @@ models instead of training them again.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from simulations.benchmarks.common import machine, write_json
+from simulations.benchmarks.common import benchmark_parser, finish
 
 Echo = Callable[[str], None]
 
@@ -217,16 +216,12 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cohort", type=Path, help="an existing synthetic cohort")
+    parser = benchmark_parser(__doc__, "quality", "tiny cohort, 2 rounds")
     parser.add_argument(
         "--preset", default="demo", help="cohort to make when --cohort is not given"
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_quality"))
     parser.add_argument("--rounds", type=int, default=8, help="rounds = epochs")
-    parser.add_argument("--quick", action="store_true", help="tiny cohort, 2 rounds")
     parser.add_argument("--reuse", action="store_true", help="score existing models")
-    parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     result = run_quality(
         args.out,
@@ -236,10 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         rounds=2 if args.quick else args.rounds,
         reuse=args.reuse,
     )
-    print(table(result))
-    write_json(
-        args.json or args.out / "quality.json", {"machine": machine(), "result": result}
-    )
+    finish(args, "quality", table(result), result)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from simulations.benchmarks.common import MemorySampler, machine, write_json
+from simulations.benchmarks.common import (
+    MemorySampler,
+    benchmark_parser,
+    finish,
+    write_json,
+)
 
 
 def _read_site(yaml_path: Path) -> tuple[dict[str, Any], Path, list[dict[str, str]]]:
@@ -282,14 +287,10 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cohort", type=Path, help="an existing synthetic cohort")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_scale"))
+    parser = benchmark_parser(__doc__, "scale", "tiny cohort, fewer sites")
     parser.add_argument("--sites", type=int, nargs="*")
     parser.add_argument("--per-site", type=int, nargs="*")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="tiny cohort, fewer sites")
-    parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
     if args.one is not None:
@@ -307,10 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         per_site=per_site,
         rounds=args.rounds,
     )
-    print(table(result))
-    write_json(
-        args.json or args.out / "scale.json", {"machine": machine(), "result": result}
-    )
+    finish(args, "scale", table(result), result)
 
 
 if __name__ == "__main__":
