@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,19 @@ def _write_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     tmp.replace(run_dir / "metrics.json")
 
 
-def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The coordinator's loop. Returns the run record (also in metrics.json)."""
-    fed = FederationConfig.from_run_config(run_config)
+@dataclass
+class FederationStart:
+    """What a federation starts from: the initial model and the round config."""
+
+    plan: Plan
+    model_cfg: ModelConfig
+    arrays: dict[str, np.ndarray]  # initial global weights
+    strategy: GroupedStrategy
+    config: ConfigRecord  # sent to every site with each round's weights
+
+
+def start_federation(fed: FederationConfig) -> FederationStart:
+    """Seed, resolve the plan, build the initial model, strategy and round config."""
     random.seed(fed.seed)
     np.random.seed(fed.seed)
     torch.manual_seed(fed.seed)
@@ -118,10 +129,34 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         plan, base_filters=fed.base_filters, max_filters=fed.max_filters
     )
     model = build_model(model_cfg)
-    groups = parameter_groups(model)
+    config = ConfigRecord(
+        {
+            "run-config": json.dumps(fed.to_run_config()),
+            "plan": json.dumps(plan.to_dict()),
+            "model-config": json.dumps(model_cfg.to_dict()),
+        }
+    )
+    return FederationStart(
+        plan,
+        model_cfg,
+        {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+        GroupedStrategy(fed, parameter_groups(model)),
+        config,
+    )
+
+
+def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The coordinator's loop. Returns the run record (also in metrics.json)."""
+    fed = FederationConfig.from_run_config(run_config)
+    begin = start_federation(fed)
+    plan, model_cfg, strategy, config = (
+        begin.plan,
+        begin.model_cfg,
+        begin.strategy,
+        begin.config,
+    )
     run_dir = Path(fed.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    strategy = GroupedStrategy(fed, groups)
 
     start = last_checkpoint(run_dir) if fed.resume else 0
     record: dict[str, Any] = {"status": "running", "rounds": []}
@@ -134,16 +169,9 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         )
         log.info("resuming %s after round %d", run_dir, start)
     else:
-        arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        arrays = begin.arrays
     (run_dir / "run_config.json").write_text(json.dumps(fed.to_run_config(), indent=2))
 
-    config = ConfigRecord(
-        {
-            "run-config": json.dumps(fed.to_run_config()),
-            "plan": json.dumps(plan.to_dict()),
-            "model-config": json.dumps(model_cfg.to_dict()),
-        }
-    )
     bytes_down = int(sum(a.nbytes for a in arrays.values()))
     node_sites: dict[int, str] = {}  # Flower node id -> site name, learnt from replies
     try:

@@ -27,7 +27,6 @@ patients.
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import time
@@ -81,15 +80,12 @@ def plain_loop(
     cohort: Path, run_dir: Path, overrides: dict[str, Any]
 ) -> dict[str, Any]:
     """The rounds of a federation without Flower's runtime (see module doc)."""
-    import torch
-    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.app import Context, RecordDict
 
     from client.client_app import arrays_to_record, record_to_arrays
     from client.client_app import train as client_train
-    from server.server_app import resolve_plan
-    from server.strategy import GroupedStrategy
+    from server.server_app import start_federation
     from shared_model.federation_config import FederationConfig
-    from shared_model.model import ModelConfig, build_model, parameter_groups
 
     yamls = sorted((cohort / "site_configs").glob("*.yaml"))
     fed = FederationConfig.from_run_config(
@@ -100,21 +96,8 @@ def plain_loop(
             **overrides,
         }
     )
-    torch.manual_seed(fed.seed)
-    plan = resolve_plan(fed)
-    model_cfg = ModelConfig.from_plan(
-        plan, base_filters=fed.base_filters, max_filters=fed.max_filters
-    )
-    model = build_model(model_cfg)
-    arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    strategy = GroupedStrategy(fed, parameter_groups(model))
-    config = ConfigRecord(
-        {
-            "run-config": json.dumps(fed.to_run_config()),
-            "plan": json.dumps(plan.to_dict()),
-            "model-config": json.dumps(model_cfg.to_dict()),
-        }
-    )
+    begin = start_federation(fed)
+    arrays, strategy, config = begin.arrays, begin.strategy, begin.config
     grid = _LocalGrid(len(yamls))
     contexts = {
         node: Context(
