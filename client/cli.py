@@ -54,6 +54,13 @@ def synth(
             help="Clinical tables, oracle and cohort.json only (no images).",
         ),
     ] = False,
+    test_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Patients in the held-out test cohort OUT/test (default: the "
+            "preset's: tiny 30, demo 400, paper 1000)."
+        ),
+    ] = None,
     workers: Annotated[
         int, typer.Option(help="Image-writing processes (0 = all cores).")
     ] = 0,
@@ -64,6 +71,7 @@ def synth(
     """Generate a synthetic multi-centre rectal MRI cohort in nnU-Net raw format."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from simulations.scoreboard import format_scoreboard
     from simulations.synth import synthesize
 
     with Progress(
@@ -84,6 +92,7 @@ def synth(
                 preset=preset,
                 seed=seed,
                 tables_only=tables_only,
+                test_size=test_size,
                 workers=workers or None,
                 force=force,
                 progress=progress,
@@ -93,7 +102,7 @@ def synth(
     s = result.summary
     typer.echo(
         f"wrote {s['n_retrospective']} retrospective + {s['n_prospective']} "
-        f"prospective cases to {out} in {result.seconds:.1f} s"
+        f"prospective + {s['n_test']} test cases to {out} in {result.seconds:.1f} s"
     )
     for regimen, v in s["retrospective_by_regimen"].items():
         typer.echo(f"  {regimen:5s} n={v['n']:4d}  pCR {v['pcr_rate']:.1%}")
@@ -102,6 +111,7 @@ def synth(
         f"  clinical-only logistic AUC (5-fold CV) {aucs['clinical_logreg_auc_cv']}, "
         f"oracle AUC {aucs['oracle_auc']}"
     )
+    typer.echo(format_scoreboard(s["scoreboard"]))
 
 
 @app.command()
@@ -208,6 +218,20 @@ def _site_yamls(sites: list[Path], ctx: typer.Context) -> list[Path]:
     return [*sites, *extra]
 
 
+def _yamls_in(paths: list[Path]) -> list[Path]:
+    """Each path as given, or the ``*.yaml`` files of a folder (sorted)."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(p.glob("*.yaml"))
+            if not found:
+                raise ConfigError(f"{p}: no site YAML (*.yaml) in this folder")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -270,9 +294,21 @@ def evaluate_cmd(
         ),
     ],
     out: Annotated[Path, typer.Option(help="Folder for metrics.json.")],
+    test: Annotated[
+        list[Path],
+        typer.Option(
+            "--test",
+            help="The held-out test cohort: a folder of evaluate-site YAMLs "
+            "(e.g. COHORT/test/site_configs) or one YAML; repeat for more. "
+            "Scored at the validation threshold; never used to choose anything.",
+        ),
+    ] = [],  # noqa: B006
     oracle: Annotated[
         Path | None,
-        typer.Option(help="Simulation only: the cohort's oracle/ folder."),
+        typer.Option(
+            help="Simulation only: the cohort's oracle/ folder (adds the true "
+            "value of the advice and its share of the oracle's gain)."
+        ),
     ] = None,
     margin: Annotated[
         float, typer.Option(help="Recommendation margin on predicted pCR.")
@@ -310,6 +346,7 @@ def evaluate_cmd(
             checkpoint,
             sites,
             out,
+            test_yamls=_yamls_in(test),
             oracle=oracle,
             rule=rule,
             target_sensitivity=target_sensitivity,

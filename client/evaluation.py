@@ -9,8 +9,9 @@ an evaluate-only site fits it on the patients it evaluates), and
 :func:`shared_model.site_evaluation.combine` adds the sites up.
 
 In simulation an oracle folder (``moefl synth``'s ``oracle/``) adds the true
-value of the recommended policy: the mean true pCR probability under each
-patient's recommended regimen.
+value of the recommended policy (the mean true pCR probability under each
+patient's recommended regimen) beside each fixed regimen's and the oracle's
+own, and so the share of the oracle's gain over the best fixed regimen.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from client.data import SiteDataset, build_site_datasets
 from client.engine import CasePrediction, EvalResult, evaluate
 from client.site_config import SiteConfig
 from client.site_data import CaseFiles, list_cases
-from shared_model.clinical import REGIMENS, encode_clinical
+from shared_model.clinical import REGIMENS, ClinicalRecord, encode_clinical
 from shared_model.errors import ConfigError, DataError
 from shared_model.federated_metrics import (
     ScoreCounts,
@@ -35,18 +36,24 @@ from shared_model.federated_metrics import (
 from shared_model.model import UNetMoECli
 from shared_model.plan import Plan
 from shared_model.policy import (
+    DIRECTIONS,
+    OracleSums,
     PolicySums,
     RecommendationRule,
+    direction,
     fit_propensity,
     propensities,
     recommend,
     site_policy_sums,
 )
 from shared_model.site_evaluation import (
+    ADVICE_GROUPS,
+    COHORTS,
     SiteEvaluation,
     combine_by_cohort,
     compare_models,
 )
+from shared_model.survival import SurvivalCounts
 
 
 def read_oracle(folder: Path) -> dict[str, list[float]]:
@@ -113,8 +120,14 @@ def evaluate_site(
     rule: RecommendationRule | None = None,
     oracle: dict[str, list[float]] | None = None,
     clinical_model: ClinicalOnly | None = None,
+    cohort: str | None = None,
 ) -> SiteEvaluation:
-    """Score a site's evaluation patients; return its counts and sums."""
+    """Score a site's evaluation patients; return its counts and sums.
+
+    ``cohort``: the cohort an evaluate site's patients belong to ("prospective"
+    unless given, "test" for the held-out test cohort); a training site always
+    gives its validation split.
+    """
     if config.role == "train":
         train, dataset, _ = build_site_datasets(config, plan)
         fit_cases = train.cases
@@ -127,7 +140,7 @@ def evaluate_site(
         config.site_name,
         dataset,
         fit_cases,
-        cohort="validation" if config.role == "train" else "prospective",
+        cohort="validation" if config.role == "train" else cohort or "prospective",
         device=device,
         rule=rule,
         oracle=oracle,
@@ -187,6 +200,9 @@ def evaluate_dataset(
     rows = np.arange(len(received))
     e[rows, received] = np.maximum(e[rows, received], 1.0 / max(len(fit_cases), 1))
     policy = site_policy_sums(probs, received, outcome, e, rule)
+    survival = _survival_by_advice(
+        [by_id[c.case_id].clinical for c in result.cases], probs, received, rule
+    )
     known_rows = ~np.isnan(outcome)
     out = SiteEvaluation(
         site,
@@ -197,6 +213,7 @@ def evaluate_dataset(
         policy,
         loss_sum=float(sum(losses)),
         loss_n=len(losses),
+        survival=survival,
         local_scores=np.stack(
             [probs[rows, received][known_rows], outcome[known_rows]], axis=1
         ),
@@ -208,9 +225,35 @@ def evaluate_dataset(
         missing = [i for i in ids if i not in oracle]
         if missing:
             raise DataError(f"the oracle has no row for case {missing[0]}")
-        true = [oracle[i][int(r)] for i, r in zip(ids, rec, strict=True)]
-        out.oracle_sum, out.oracle_n = float(sum(true)), len(true)
+        out.oracle = OracleSums.from_probabilities(
+            np.array([oracle[i] for i in ids]), rec
+        )
     return out
+
+
+def _survival_by_advice(
+    records: list[ClinicalRecord],
+    probs: np.ndarray,
+    received: np.ndarray,
+    rule: RecommendationRule | None,
+) -> dict[str, SurvivalCounts] | None:
+    """DFS counts per advice group (ADVICE_GROUPS) over the patients whose
+    clinical table has DFS; None when none has."""
+    has = np.array([r.dfs_months is not None for r in records])
+    if not has.any():
+        return None
+    rec = recommend(probs[has], rule)
+    got = received[has]
+    months = np.array([r.dfs_months for r in records if r.dfs_months is not None])
+    events = np.array([r.dfs_event for r in records if r.dfs_months is not None])
+    directions = np.array([direction(a, b) for a, b in zip(rec, got, strict=True)])
+    members = {g: directions == g for g in DIRECTIONS}
+    members["followed"] = rec == got
+    members["not-followed"] = rec != got
+    return {
+        g: SurvivalCounts.from_times(months[members[g]], events[members[g]])
+        for g in ADVICE_GROUPS
+    }
 
 
 def run_evaluation(
@@ -218,6 +261,7 @@ def run_evaluation(
     site_yamls: list[Path],
     out: Path,
     *,
+    test_yamls: list[Path] | None = None,
     oracle: Path | None = None,
     rule: RecommendationRule | None = None,
     target_sensitivity: float = 0.8,
@@ -230,7 +274,8 @@ def run_evaluation(
 
     Training sites give the validation cohort (where the target-sensitivity
     threshold is chosen); ``evaluate`` sites give the prospective cohort (where
-    that threshold is applied unchanged). ``clinical_only``: score the
+    that threshold is applied unchanged), as are the held-out test cohort's
+    sites in ``test_yamls`` (evaluate sites). ``clinical_only``: score the
     clinical-only comparator (:class:`ClinicalOnly`, fitted on the training
     sites' training splits) instead of the checkpoint's network. ``against``:
     another checkpoint folder, or ``clinical``, scored on the same patients for
@@ -244,6 +289,13 @@ def run_evaluation(
 
     model, plan = load_checkpoint(checkpoint)
     configs = [load_site_config(Path(p)) for p in site_yamls]
+    tests = [load_site_config(Path(p)) for p in test_yamls or []]
+    trainers = [c.site_name for c in tests if c.role == "train"]
+    if trainers:
+        raise ConfigError(
+            f"test sites must have role `evaluate`; {trainers[0]} is a training "
+            "site (its patients train the model)"
+        )
     dev = resolve_device(device or configs[0].device)
     truth = read_oracle(oracle) if oracle is not None else None
     clinical = None
@@ -257,8 +309,14 @@ def run_evaluation(
 
     def score_all(net: UNetMoECli, clin: ClinicalOnly | None) -> list[SiteEvaluation]:
         evaluations = []
-        for cfg in configs:
-            which = "validation split" if cfg.role == "train" else "all cases"
+        for cfg, cohort in [(c, None) for c in configs] + [(c, "test") for c in tests]:
+            which = (
+                "validation split"
+                if cfg.role == "train"
+                else "test cohort"
+                if cohort
+                else "all cases"
+            )
             echo(f"scoring {cfg.site_name} ({which}) ...")
             evaluations.append(
                 evaluate_site(
@@ -269,6 +327,7 @@ def run_evaluation(
                     rule=rule,
                     oracle=truth,
                     clinical_model=clin,
+                    cohort=cohort,
                 )
             )
         return evaluations
@@ -302,7 +361,7 @@ def run_evaluation(
             "against": against,
             "auc": {
                 c: {"this": report[c]["auc"], "against": other[c]["auc"]}
-                for c in ("validation", "prospective")
+                for c in COHORTS
                 if c in report and c in other
             },
             "mcnemar": compare_models(evaluations, other_evals, report, other),
@@ -317,7 +376,7 @@ def run_evaluation(
 def headline(report: dict[str, Any]) -> str:
     """The evaluation's key numbers, one cohort per block."""
     lines = []
-    for cohort in ("validation", "prospective"):
+    for cohort in COHORTS:
         if cohort not in report:
             continue
         r = report[cohort]
@@ -350,6 +409,10 @@ def headline(report: dict[str, Any]) -> str:
                     + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
                 )
         lines.append("  pCR rate under the recommendations: " + ", ".join(parts))
+        if pv.get("oracle"):
+            lines.append("  " + oracle_line(pv["oracle"]))
+        if r.get("survival"):
+            lines.append("  " + survival_line(r["survival"]))
         lines.append(
             "  recommendations: "
             + ", ".join(f"{k} {v}" for k, v in pv["directions"].items())
@@ -363,6 +426,44 @@ def headline(report: dict[str, Any]) -> str:
                 f"{m['b']}, only the other {m['c']}, McNemar p = {m['p_value']:.3f}"
             )
     return "\n".join(lines)
+
+
+def oracle_line(truth: dict[str, Any]) -> str:
+    """The true value of the advice against the fixed regimens and the oracle,
+    and its share of the oracle's gain (simulation only)."""
+    fixed = ", ".join(f"all {r} {v:.3f}" for r, v in truth["fixed"].items())
+    share = truth["share_of_oracle_gain"]
+    share_txt = (
+        "n/a (the oracle gains nothing over a fixed regimen)"
+        if share is None
+        else f"{share['value']:.2f} ({share['ci'][0]:.2f} to {share['ci'][1]:.2f})"
+    )
+    return (
+        f"true pCR (oracle): advice {truth['value']:.3f}, {fixed}, oracle "
+        f"{truth['optimal']:.3f}; share of the oracle's gain over all "
+        f"{truth['best_fixed_regimen']}: {share_txt}"
+    )
+
+
+def survival_line(survival: dict[str, Any]) -> str:
+    """3-year DFS per advice group and the log-rank p-values."""
+    parts = []
+    for group, km in survival["kaplan_meier"].items():
+        v = km["dfs_3y"]
+        parts.append(f"{group} {'n/a' if v is None else f'{v:.2f}'} (n={km['n']})")
+    tests = []
+    for key, name in (
+        ("logrank_directions", "directions"),
+        ("logrank_followed", "followed vs not"),
+    ):
+        t = survival.get(key)
+        if t is not None:
+            tests.append(f"{name} p = {t['p_value']:.3f}")
+    return (
+        "3-year DFS by advice: "
+        + ", ".join(parts)
+        + ("; log-rank " + ", ".join(tests) if tests else "")
+    )
 
 
 def _pct(v: float | None) -> str:

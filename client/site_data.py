@@ -18,10 +18,17 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from shared_model.clinical import CLINICAL_COLUMNS, ClinicalRecord, parse_clinical_row
+from shared_model.clinical import (
+    CLINICAL_COLUMNS,
+    DFS_COLUMNS,
+    ClinicalRecord,
+    parse_clinical_row,
+    parse_dfs,
+)
 from shared_model.errors import DataError
 
 CHANNELS: dict[str, str] = {"0": "T2", "1": "ADC"}
@@ -166,6 +173,10 @@ def read_clinical_table(
 ) -> tuple[dict[str, ClinicalRecord], list[Problem]]:
     """Read ``clinical.csv`` and validate every row; collect all problems.
 
+    The optional disease-free survival columns (:data:`DFS_COLUMNS`) are read
+    when both are present. A bad DFS value is only a warning: the record keeps
+    ``dfs_months``/``dfs_event`` of ``None`` and the case stays usable.
+
     Args:
         path: the table.
         require_outcome: training sites need ``pCR`` for every case.
@@ -196,7 +207,11 @@ def read_clinical_table(
                         f"use exactly these column names: {list(CLINICAL_COLUMNS)}",
                     )
                 ]
-            extra = [c for c in header if c not in CLINICAL_COLUMNS]
+            has_dfs, dfs_problem = _dfs_header(header, rel)
+            if dfs_problem is not None:
+                problems.append(dfs_problem)
+            known = (*CLINICAL_COLUMNS, *DFS_COLUMNS)
+            extra = [c for c in header if c not in known]
             if extra:
                 problems.append(
                     Problem(
@@ -235,6 +250,10 @@ def read_clinical_table(
                     )
                     continue
                 seen_rows[record.case_id] = line
+                if has_dfs:
+                    record, problem = _with_dfs(record, row, where)
+                    if problem is not None:
+                        problems.append(problem)
                 if require_outcome and record.pcr is None:
                     problems.append(
                         Problem(
@@ -256,6 +275,44 @@ def read_clinical_table(
             )
         )
     return records, problems
+
+
+def _dfs_header(header: Sequence[str], rel: str) -> tuple[bool, Problem | None]:
+    """Whether the table carries both DFS columns; a warning when only one."""
+    present = [c for c in DFS_COLUMNS if c in header]
+    if len(present) == len(DFS_COLUMNS):
+        return True, None
+    if not present:
+        return False, None
+    missing = [c for c in DFS_COLUMNS if c not in header]
+    return False, Problem(
+        "clinical-dfs-columns",
+        rel,
+        f"column `{present[0]}` is present but `{missing[0]}` is missing; "
+        "disease-free survival is ignored for every case",
+        f"add the `{missing[0]}` column (see site_configs/README.md), or remove "
+        f"`{present[0]}`",
+        "warning",
+    )
+
+
+def _with_dfs(
+    record: ClinicalRecord, row: Mapping[str, str | None], where: str
+) -> tuple[ClinicalRecord, Problem | None]:
+    """The record with its DFS cells parsed; a bad value is a warning only, the
+    case stays usable for training and is left out of survival analysis."""
+    months, event, message = parse_dfs(row, case_id=record.case_id)
+    if message is not None:
+        return record, Problem(
+            "clinical-dfs",
+            where,
+            message,
+            "correct the value or leave both `dfs_months` and `dfs_event` empty; "
+            "until then the case is used for training but left out of survival "
+            "analysis",
+            "warning",
+        )
+    return replace(record, dfs_months=months, dfs_event=event), None
 
 
 def list_cases(dataset_dir: Path, *, require_outcome: bool) -> list[CaseFiles]:

@@ -33,6 +33,15 @@ CLINICAL_FEATURES: dict[str, tuple[str, ...]] = {
 CLINICAL_COLUMNS: tuple[str, ...] = ("case_id", *CLINICAL_FEATURES, "regimen", "pCR")
 """Exact column names of ``clinical.csv``."""
 
+DFS_COLUMNS: tuple[str, ...] = ("dfs_months", "dfs_event")
+"""Optional columns of ``clinical.csv`` for disease-free survival analysis.
+
+``dfs_months`` is the time from the start of neoadjuvant treatment to local or
+distant recurrence or death (``dfs_event`` = 1), or to the last follow-up
+without either (``dfs_event`` = 0). Both are filled or both left empty; a case
+without them is still used for training, only not for survival analysis.
+"""
+
 CLINICAL_DIM: int = sum(len(v) for v in CLINICAL_FEATURES.values())
 
 ONE_HOT_NAMES: tuple[str, ...] = tuple(
@@ -52,12 +61,17 @@ class ClinicalRecord:
             :data:`CLINICAL_FEATURES`.
         regimen: one of :data:`REGIMENS`.
         pcr: 1 or 0, or ``None`` when the outcome is unknown (inference only).
+        dfs_months: disease-free survival time in months, or ``None`` when the
+            table has no (valid) DFS for the case; see :data:`DFS_COLUMNS`.
+        dfs_event: 1 for recurrence or death, 0 for censored, or ``None``.
     """
 
     case_id: str
     features: Mapping[str, str]
     regimen: str
     pcr: int | None
+    dfs_months: float | None = None
+    dfs_event: int | None = None
 
     @property
     def regimen_index(self) -> int:
@@ -132,3 +146,56 @@ def parse_clinical_row(row: Mapping[str, str], *, where: str = "") -> ClinicalRe
             "(empty = outcome unknown)"
         )
     return ClinicalRecord(case_id=case_id, features=features, regimen=regimen, pcr=pcr)
+
+
+def parse_dfs(
+    row: Mapping[str, str | None], *, case_id: str
+) -> tuple[float | None, int | None, str | None]:
+    """Read the optional disease-free survival cells of one ``clinical.csv`` row.
+
+    A bad value is returned as a message rather than raised: DFS is only used
+    for survival analysis, so the caller keeps the case for training and drops
+    just its DFS.
+
+    Args:
+        row: column -> raw string value (a missing cell may be ``None``).
+        case_id: the row's case, named in the message.
+
+    Returns:
+        ``(months, event, problem)``: ``(None, None, None)`` when both cells are
+        empty; the parsed values and ``None`` when both are valid; otherwise
+        ``(None, None, message)``, the message naming the case, the column and
+        the value.
+    """
+    raw_months = (row.get("dfs_months") or "").strip()
+    raw_event = (row.get("dfs_event") or "").strip()
+    if not raw_months and not raw_event:
+        return None, None, None
+    if not raw_months or not raw_event:
+        if raw_months:
+            empty, filled, value = "dfs_event", "dfs_months", raw_months
+        else:
+            empty, filled, value = "dfs_months", "dfs_event", raw_event
+        return (
+            None,
+            None,
+            f"case {case_id}: `{empty}` is empty but `{filled}` is {value!r}; "
+            "expected both filled or both empty",
+        )
+    issues = []
+    try:
+        months = float(raw_months)
+    except ValueError:
+        months = float("nan")
+    if not np.isfinite(months) or months < 0:
+        issues.append(
+            f"`dfs_months` is {raw_months!r}; expected a number of months >= 0"
+        )
+    if raw_event not in ("0", "1"):
+        issues.append(
+            f"`dfs_event` is {raw_event!r}; expected 0 (censored) or 1 "
+            "(recurrence or death)"
+        )
+    if issues:
+        return None, None, f"case {case_id}: " + "; ".join(issues)
+    return months, int(raw_event), None

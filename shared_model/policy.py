@@ -73,6 +73,22 @@ def recommend(probs: np.ndarray, rule: RecommendationRule | None = None) -> np.n
     return out
 
 
+def share_of_oracle_gain(
+    value: float, best_fixed: float, oracle: float
+) -> float | None:
+    """The share of the oracle's gain over the best fixed regimen a policy gets.
+
+    ``(value - best_fixed) / (oracle - best_fixed)``, all three the mean true pCR
+    probability over the same patients: 1 is the oracle, 0 is no better than
+    giving everyone the best single regimen, negative is worse than that. None
+    when the oracle gains nothing over a fixed regimen (no policy can).
+    """
+    gain = oracle - best_fixed
+    if gain <= 1e-12:
+        return None
+    return float((value - best_fixed) / gain)
+
+
 def direction(recommended: int, received: int) -> str:
     """escalate / maintain / de-intensify, by regimen intensity."""
     a, b = INTENSITY[REGIMENS[recommended]], INTENSITY[REGIMENS[received]]
@@ -275,3 +291,89 @@ def policy_value(sums: PolicySums, level: float = 0.95) -> dict[str, Any]:
         "warnings": warnings,
     }
     return out
+
+
+@dataclass
+class OracleSums:
+    """Simulation only: the true pCR probabilities (the synthetic oracle) of a
+    site's patients, summed under the model's advice, under each fixed regimen
+    and under the oracle's best regimen, with the second moments that give an
+    interval on the share of the oracle's gain. Kept for local reports; never
+    part of what a site sends.
+
+    With ``d_i = p_i(advice) - p_i(r)`` and ``g_i = p_i(best) - p_i(r)`` for the
+    best fixed regimen ``r``, the share is ``mean(d) / mean(g)``; its standard
+    error by the delta method is ``sqrt(mean((d - s g)^2) / n) / mean(g)``
+    (patients sampled, true probabilities known, ``r`` taken as given).
+    """
+
+    n: int = 0
+    advice: float = 0.0
+    best: float = 0.0
+    fixed: np.ndarray = field(default_factory=lambda: np.zeros(len(REGIMENS)))
+    d2: np.ndarray = field(default_factory=lambda: np.zeros(len(REGIMENS)))
+    g2: np.ndarray = field(default_factory=lambda: np.zeros(len(REGIMENS)))
+    dg: np.ndarray = field(default_factory=lambda: np.zeros(len(REGIMENS)))
+
+    @classmethod
+    def from_probabilities(
+        cls, true_probs: np.ndarray, advice: Sequence[int] | np.ndarray
+    ) -> OracleSums:
+        """``true_probs`` (n, 3) in REGIMENS order; ``advice`` the recommended
+        regimen index per patient."""
+        p = np.asarray(true_probs, np.float64).reshape(-1, len(REGIMENS))
+        rows = np.arange(len(p))
+        adv = p[rows, np.asarray(advice, int)]
+        best = p.max(axis=1)
+        d = adv[:, None] - p
+        g = best[:, None] - p
+        return cls(
+            len(p),
+            float(adv.sum()),
+            float(best.sum()),
+            p.sum(axis=0),
+            (d**2).sum(axis=0),
+            (g**2).sum(axis=0),
+            (d * g).sum(axis=0),
+        )
+
+    def __add__(self, other: OracleSums) -> OracleSums:
+        return OracleSums(
+            self.n + other.n,
+            self.advice + other.advice,
+            self.best + other.best,
+            self.fixed + other.fixed,
+            self.d2 + other.d2,
+            self.g2 + other.g2,
+            self.dg + other.dg,
+        )
+
+    def report(self, level: float = 0.95) -> dict[str, Any] | None:
+        """Mean true pCR under the advice, each fixed regimen and the oracle,
+        and the share of the oracle's gain with its interval."""
+        if self.n == 0:
+            return None
+        n = self.n
+        fixed = self.fixed / n
+        j = int(np.argmax(fixed))
+        value, optimum = self.advice / n, self.best / n
+        share = share_of_oracle_gain(value, float(fixed[j]), optimum)
+        out: dict[str, Any] = {
+            "value": value,
+            "n": n,
+            "fixed": {r: float(v) for r, v in zip(REGIMENS, fixed, strict=True)},
+            "best_fixed_regimen": REGIMENS[j],
+            "optimal": optimum,
+            "share_of_oracle_gain": None,
+        }
+        if share is not None:
+            z = float(norm.ppf(0.5 + level / 2))
+            mean_g = optimum - fixed[j]
+            resid = (self.d2[j] - 2 * share * self.dg[j] + share**2 * self.g2[j]) / n
+            se = float(np.sqrt(max(resid, 0.0) / n) / mean_g)
+            out["share_of_oracle_gain"] = {
+                "value": share,
+                "se": se,
+                "ci": (share - z * se, share + z * se),
+            }
+        return out

@@ -5,9 +5,9 @@ A site's contribution is :class:`SiteEvaluation`: score counts per regimen
 (:class:`shared_model.federated_metrics.ScoreCounts`), Dice and loss sums, and
 the policy sums (:class:`shared_model.policy.PolicySums`). :func:`combine`
 adds the sites up and computes the report; :func:`combine_by_cohort` does so
-for a validation and a prospective cohort, the second at the first one's
-operating point; :func:`compare_models` gives paired McNemar tests. Scoring
-patients (torch, images) lives in :mod:`client.evaluation`.
+for a validation cohort and the cohorts scored at its operating point
+(prospective, and the held-out test cohort); :func:`compare_models` gives
+paired McNemar tests. Scoring patients (torch, images) lives in :mod:`client.evaluation`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,18 @@ from shared_model.federated_metrics import (
     net_benefit,
     threshold_for_sensitivity,
 )
-from shared_model.policy import PolicySums, policy_value
+from shared_model.policy import DIRECTIONS, OracleSums, PolicySums, policy_value
+from shared_model.survival import SurvivalCounts, kaplan_meier, logrank
+
+COHORTS = ("validation", "prospective", "test")
+"""Evaluation cohorts, in report order: a training site's validation split
+(chooses thresholds), an evaluate site's patients (prospective), and the
+held-out test cohort (quality claims; never used to choose anything)."""
+
+ADVICE_GROUPS = (*DIRECTIONS, "followed", "not-followed")
+"""Disease-free survival groups: the recommendation against the received
+regimen (escalate / maintain / de-intensify), and whether the patient received
+the advised regimen."""
 
 
 @dataclass
@@ -34,15 +45,16 @@ class SiteEvaluation:
     """What one site contributes to an evaluation (counts and sums only)."""
 
     site: str
-    cohort: str  # "validation" (a training site's split) or "prospective"
+    cohort: str  # one of COHORTS
     counts: dict[str, ScoreCounts]  # per regimen received
     dice_sum: float
     dice_n: int
     policy: PolicySums
-    oracle_sum: float | None = None  # simulation only
-    oracle_n: int = 0
+    oracle: OracleSums | None = None  # simulation only, never serialised
     loss_sum: float = 0.0
     loss_n: int = 0
+    # disease-free survival per ADVICE_GROUPS entry, when the site has DFS
+    survival: dict[str, SurvivalCounts] | None = None
     # (score under the received regimen, outcome) per patient with an outcome:
     # kept at the site for paired tests, never serialised
     local_scores: np.ndarray | None = None
@@ -58,6 +70,8 @@ class SiteEvaluation:
         }
         for r, c in self.counts.items():
             out |= c.to_values(f"{r}-")
+        for group, counts in (self.survival or {}).items():
+            out |= counts.to_values(f"dfs-{group}-")
         return out
 
     @classmethod
@@ -77,6 +91,14 @@ class SiteEvaluation:
             PolicySums.from_values(values),
             loss_sum=float(values["loss-sum"]),
             loss_n=loss_n,
+            survival=(
+                {
+                    g: SurvivalCounts.from_values(values, f"dfs-{g}-")
+                    for g in ADVICE_GROUPS
+                }
+                if f"dfs-{ADVICE_GROUPS[0]}-at-risk" in values
+                else None
+            ),
         )
 
 
@@ -111,15 +133,12 @@ def combine(
     if threshold_sensitivity is not None:
         thresholds[f"sensitivity>={target_sensitivity:g}"] = threshold_sensitivity
     value = policy_value(policy)
-    oracle_n = sum(s.oracle_n for s in sites)
-    if oracle_n:
-        value["oracle"] = {
-            "value": sum(s.oracle_sum or 0.0 for s in sites) / oracle_n,
-            "n": oracle_n,
-        }
+    oracles = [s.oracle for s in sites if s.oracle is not None]
+    if oracles and (truth := sum(oracles, OracleSums()).report()) is not None:
+        value["oracle"] = truth
     dice_n = sum(s.dice_n for s in sites)
     loss_n = sum(s.loss_n for s in sites)
-    return {
+    out = {
         "n": overall.n,
         "auc": auc_from_histograms(overall.pos, overall.neg),
         "auc_by_regimen": {
@@ -150,12 +169,35 @@ def combine(
             for s in sorted(sites, key=lambda s: s.site)
         },
     }
+    with_dfs = [s.survival for s in sites if s.survival is not None]
+    if with_dfs:
+        out["survival"] = survival_report(
+            {
+                g: sum((d[g] for d in with_dfs), SurvivalCounts.empty())
+                for g in ADVICE_GROUPS
+            }
+        )
+    return out
+
+
+def survival_report(groups: dict[str, SurvivalCounts]) -> dict[str, Any]:
+    """Kaplan-Meier per advice group and the log-rank tests between the
+    recommendation directions and between followed and not followed."""
+    return {
+        "kaplan_meier": {g: kaplan_meier(c) for g, c in groups.items() if c.n},
+        "logrank_directions": logrank({g: groups[g] for g in DIRECTIONS}),
+        "logrank_followed": logrank(
+            {g: groups[g] for g in ("followed", "not-followed")}
+        ),
+    }
 
 
 def combine_by_cohort(
     evaluations: list[SiteEvaluation], target_sensitivity: float
 ) -> dict[str, Any]:
-    """combine() per cohort, the prospective one at the validation threshold."""
+    """combine() per cohort; the prospective and test cohorts at the threshold
+    the validation cohort chose (without a validation cohort the prospective
+    one chooses its own; the test cohort never does)."""
     out: dict[str, Any] = {}
     val = [e for e in evaluations if e.cohort == "validation"]
     chosen = None
@@ -164,14 +206,15 @@ def combine_by_cohort(
         chosen = out["validation"]["thresholds"].get(
             f"sensitivity>={target_sensitivity:g}"
         )
-    prosp = [e for e in evaluations if e.cohort == "prospective"]
-    if prosp:
-        out["prospective"] = combine(
-            prosp,
-            threshold_sensitivity=chosen,
-            target_sensitivity=target_sensitivity,
-            choose_threshold=not val,
-        )
+    for cohort in ("prospective", "test"):
+        members = [e for e in evaluations if e.cohort == cohort]
+        if members:
+            out[cohort] = combine(
+                members,
+                threshold_sensitivity=chosen,
+                target_sensitivity=target_sensitivity,
+                choose_threshold=not val and cohort == "prospective",
+            )
     return out
 
 
@@ -197,7 +240,7 @@ def compare_models(
     counts (each model at its own threshold: 0.5, and the one its validation
     chose for the target sensitivity)."""
     out: dict[str, Any] = {}
-    for cohort in ("validation", "prospective"):
+    for cohort in COHORTS:
         if cohort not in report_ours or cohort not in report_theirs:
             continue
         pairs = [

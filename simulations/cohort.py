@@ -1,27 +1,14 @@
-"""Synthetic multi-centre cohort: sites, presets, clinical tables and outcomes.
+"""Synthetic multi-centre cohort: sites, presets and the patients drawn.
 
-This module draws the patients (clinical stage, hidden tumour biology, the
-regimen each centre chose, and the pCR outcome under every regimen) without
-any images; :mod:`simulations.phantom` turns a patient into MRI volumes. The
-response model and every parameter below are documented in
-``simulations/README.md``; keep the two in step.
+This module draws the patients (clinical stage, hidden tumour latents, the
+regimen each centre chose) and applies the response model of
+:mod:`simulations.response` (pCR and disease-free survival under every
+regimen); :mod:`simulations.phantom` turns a patient into MRI volumes. Every
+parameter is documented in ``simulations/README.md``; keep the two in step.
 
-Response model, in short (logit scale, per regimen ``r``)::
-
-    logit p_r = a_r + c_r * R + B * b - V * v
-
-* ``R``: clinical risk score from the clinical table (centred),
-* ``b``: hidden tumour biology, N(0, 1), visible only in the images (lower
-  ADC, more homogeneous texture),
-* ``v``: tumour size latent, N(0, 1), visible in the images as volume,
-* ``c_r``: how much risk hurts under regimen ``r``: TNT suffers least (its
-  benefit is largest in high-risk disease), nCT most (it works only in
-  low-risk tumours).
-
-The intercepts ``a_r`` are calibrated once per cohort so that the realised pCR
-rate among patients who received ``r`` matches the study (19% nCRT, 30% TNT,
-20% nCT). Regimen choice is confounded: each centre's policy favours TNT for
-high risk and nCT (one centre only) for low risk.
+Regimen choice is confounded by clinical risk (never by the images): each
+centre's policy favours TNT for high risk and nCT (one centre only) for low
+risk, with Gumbel noise that keeps every regimen possible (positivity).
 """
 
 from __future__ import annotations
@@ -31,22 +18,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared_model.clinical import CLINICAL_FEATURES, REGIMENS
-
-# --- response model parameters (documented in simulations/README.md) --------
-RISK_WEIGHTS: dict[str, float] = {
-    "cT=T2": -0.8,
-    "cT=T4": 0.9,
-    "cN=N1": 0.3,
-    "cN=N2": 0.6,
-    "EMVI=1": 0.5,
-    "CRM=1": 0.4,
-    "LLN=1": 0.3,
-    "location=low": 0.2,
-}
-RISK_SLOPE: dict[str, float] = {"nCRT": -1.6, "TNT": -0.45, "nCT": -2.8}
-BIOLOGY_WEIGHT = 1.85
-SIZE_WEIGHT = 0.55
-TARGET_PCR: dict[str, float] = {"nCRT": 0.19, "TNT": 0.30, "nCT": 0.20}
+from simulations.response import (
+    BIOLOGY_WEIGHT,
+    FOLLOW_UP_MONTHS,
+    SIZE_WEIGHT,
+    calibrate_intercept,
+    clinical_risk,
+    core_fraction,
+    dfs_times,
+    linear_predictor,
+    sigmoid,
+)
 
 # Image readouts of the latents.
 ADC_MEAN = 1.0  # tumour ADC, 10^-3 mm^2/s, for b = 0
@@ -104,7 +86,7 @@ class SiteSpec:
         name: site name used everywhere (YAML, metrics, run records).
         code: short case-id prefix.
         dataset_id: nnU-Net dataset number of the retrospective dataset
-            (prospective = +100).
+            (prospective = +100, test = +200).
         dataset_name: CamelCase nnU-Net dataset name.
         scanner: the centre's MRI protocol.
         tnt_risk_preference: how strongly high risk pushes the centre to TNT.
@@ -122,7 +104,8 @@ class SiteSpec:
     stage_shift: float = 0.0
 
     def dataset_folder(self, cohort: str) -> str:
-        number = self.dataset_id + (100 if cohort == "prospective" else 0)
+        offset = {"retrospective": 0, "prospective": 100, "test": 200}[cohort]
+        number = self.dataset_id + offset
         return f"Dataset{number:03d}_{self.dataset_name}"
 
 
@@ -150,8 +133,8 @@ SITES: dict[str, SiteSpec] = {
                 12.0,
                 "LPS",
             ),
-            tnt_risk_preference=1.6,
-            nct_risk_preference=2.2,
+            tnt_risk_preference=0.55,
+            nct_risk_preference=0.9,
         ),
         SiteSpec(
             name="sysucc",
@@ -174,7 +157,7 @@ SITES: dict[str, SiteSpec] = {
                 15.0,
                 "LAS",
             ),
-            tnt_risk_preference=2.2,
+            tnt_risk_preference=0.75,
             nct_risk_preference=0.0,
             stage_shift=0.15,
         ),
@@ -199,7 +182,7 @@ SITES: dict[str, SiteSpec] = {
                 8.0,
                 "LPS",
             ),
-            tnt_risk_preference=0.8,
+            tnt_risk_preference=0.3,
             nct_risk_preference=0.0,
             stage_shift=-0.1,
         ),
@@ -224,7 +207,7 @@ SITES: dict[str, SiteSpec] = {
                 18.0,
                 "RAS",
             ),
-            tnt_risk_preference=1.2,
+            tnt_risk_preference=0.4,
             nct_risk_preference=0.0,
             stage_shift=0.1,
         ),
@@ -258,12 +241,23 @@ class Preset:
     prospective: dict[str, dict[str, int]]
     geometry: Geometry
     min_cases: int = 10
+    test_size: int = 1000
 
     def n_retrospective(self) -> int:
         return sum(sum(v.values()) for v in self.retrospective.values())
 
     def n_prospective(self) -> int:
         return sum(sum(v.values()) for v in self.prospective.values())
+
+    def counts(
+        self, cohort: str, test_size: int | None = None
+    ) -> dict[str, dict[str, int]]:
+        """Patients per site and regimen of one cohort."""
+        if cohort == "retrospective":
+            return self.retrospective
+        if cohort == "prospective":
+            return self.prospective
+        return held_out_counts(test_size if test_size is not None else self.test_size)
 
 
 _PAPER_RETRO = {
@@ -276,6 +270,37 @@ _PAPER_PROSP = {
     "sysucc": {"nCRT": 16, "TNT": 14},
     "yunnan": {"nCRT": 13, "TNT": 12},
 }
+
+
+# The held-out test cohort: every centre, the new one included, each with the
+# regimen mix of its own study cohort (the paper preset's proportions).
+TEST_SITE_SHARE: dict[str, float] = {
+    "west_china": 0.3,
+    "sysucc": 0.25,
+    "sah_sysu": 0.2,
+    "yunnan": 0.25,
+}
+COHORTS = ("retrospective", "prospective", "test")
+
+
+def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
+    raw = {k: total * w / sum(weights.values()) for k, w in weights.items()}
+    out = {k: int(np.floor(v)) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: out[k] - raw[k])[: total - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def held_out_counts(n: int) -> dict[str, dict[str, int]]:
+    """Test-cohort patients per site and regimen for ``n`` patients in all."""
+    if n < 0:
+        raise ValueError("the test cohort size must be >= 0")
+    out: dict[str, dict[str, int]] = {}
+    for site, k in _largest_remainder(n, TEST_SITE_SHARE).items():
+        mix = _PAPER_RETRO.get(site) or _PAPER_PROSP[site]
+        counts = _largest_remainder(k, {r: float(v) for r, v in mix.items()})
+        out[site] = {r: v for r, v in counts.items() if v > 0}
+    return out
 
 
 def _scaled(counts: dict[str, dict[str, int]], f: float) -> dict[str, dict[str, int]]:
@@ -291,6 +316,7 @@ PRESETS: dict[str, Preset] = {
         _scaled(_PAPER_RETRO, 0.3),
         _scaled(_PAPER_PROSP, 0.3),
         Geometry(2.6, 0.75, 0.7),
+        test_size=400,
     ),
     "tiny": Preset(
         "tiny",
@@ -306,6 +332,7 @@ PRESETS: dict[str, Preset] = {
         },
         Geometry(4.0, 0.6, 0.45),
         min_cases=4,
+        test_size=30,
     ),
 }
 
@@ -321,18 +348,32 @@ class Patient:
     regimen: str
     biology: float
     size: float
+    hypoxia: float
     risk: float
     adc_mean: float
     heterogeneity: float
     log_volume_ml: float
     uniforms: np.ndarray  # (3,) common random numbers for the outcome draws
+    dfs_uniform: float  # common random number for the DFS time (every regimen)
+    follow_up_months: float  # administrative censoring
     image_seed: int
     prob: np.ndarray = field(default_factory=lambda: np.zeros(3))
     outcomes: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=int))
+    dfs_months: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    dfs_event: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=int))
 
     @property
     def pcr(self) -> int:
         return int(self.outcomes[REGIMENS.index(self.regimen)])
+
+    @property
+    def core_fraction(self) -> float:
+        return core_fraction(self.hypoxia)
+
+    def observed_dfs(self) -> tuple[float, int]:
+        """(months, event) under the received regimen."""
+        j = REGIMENS.index(self.regimen)
+        return float(self.dfs_months[j]), int(self.dfs_event[j])
 
 
 def _bern(rng: np.random.Generator, p: float) -> str:
@@ -359,17 +400,6 @@ def draw_clinical(rng: np.random.Generator, stage_shift: float) -> dict[str, str
         "LLN": lln,
         "location": location,
     }
-
-
-def clinical_risk(clinical: dict[str, str]) -> float:
-    """Uncentred clinical risk score: sum of :data:`RISK_WEIGHTS` that apply."""
-    return float(
-        sum(
-            w
-            for k, w in RISK_WEIGHTS.items()
-            if clinical[k.split("=")[0]] == k.split("=")[1]
-        )
-    )
 
 
 def assign_regimens(
@@ -401,53 +431,17 @@ def assign_regimens(
     return [str(r) for r in out]
 
 
-def _linear(patients: list[Patient], risk_centre: float) -> np.ndarray:
-    """Logit without intercepts, shape ``(N, 3)`` in REGIMENS order."""
-    lin = np.zeros((len(patients), 3))
-    for i, p in enumerate(patients):
-        base = BIOLOGY_WEIGHT * p.biology - SIZE_WEIGHT * p.size
-        for j, r in enumerate(REGIMENS):
-            lin[i, j] = base + RISK_SLOPE[r] * (p.risk - risk_centre)
-    return lin
-
-
-def calibrate_intercepts(
-    lin: np.ndarray, uniforms: np.ndarray, received: np.ndarray
-) -> np.ndarray:
-    """Intercepts per regimen so the realised pCR count among receivers hits target.
-
-    With the common random numbers fixed, the realised count
-    ``sum(u < sigmoid(a + lin))`` grows monotonically with ``a``; bisection finds
-    the intercept whose realised count equals ``round(target * n_received)``.
-    """
-    out = np.zeros(3)
-    for j, r in enumerate(REGIMENS):
-        mask = received == j
-        if not mask.any():
-            out[j] = -1.5
-            continue
-        target = round(TARGET_PCR[r] * mask.sum())
-        lo, hi = -12.0, 12.0
-        for _ in range(80):
-            mid = 0.5 * (lo + hi)
-            count = int((uniforms[mask, j] < _sigmoid(mid + lin[mask, j])).sum())
-            if count < target:
-                lo = mid
-            else:
-                hi = mid
-        out[j] = hi
-    return out
-
-
-def _sigmoid(x: np.ndarray | float) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=float)))
-
-
 def draw_patients(
-    preset: Preset, cohort: str, rng: np.random.Generator
+    preset: Preset,
+    cohort: str,
+    rng: np.random.Generator,
+    *,
+    test_size: int | None = None,
 ) -> list[Patient]:
-    """Draw the patients of one cohort ("retrospective" or "prospective")."""
-    counts = preset.retrospective if cohort == "retrospective" else preset.prospective
+    """Draw the patients of one cohort (retrospective, prospective or test)."""
+    counts = preset.counts(cohort, test_size)
+    tag = {"retrospective": "R", "prospective": "P", "test": "T"}[cohort]
+    lo, hi = FOLLOW_UP_MONTHS[cohort]
     patients: list[Patient] = []
     for site_name, per_regimen in counts.items():
         site = SITES[site_name]
@@ -455,10 +449,10 @@ def draw_patients(
         clinical = [draw_clinical(rng, site.stage_shift) for _ in range(n)]
         risks = np.array([clinical_risk(c) for c in clinical])
         regimens = assign_regimens(risks, per_regimen, site, rng)
-        tag = "R" if cohort == "retrospective" else "P"
         for i in range(n):
             biology = float(rng.normal())
             size = float(rng.normal())
+            hypoxia = float(rng.normal())
             c_t = clinical[i]["cT"]
             patients.append(
                 Patient(
@@ -469,6 +463,7 @@ def draw_patients(
                     regimen=regimens[i],
                     biology=biology,
                     size=size,
+                    hypoxia=hypoxia,
                     risk=float(risks[i]),
                     adc_mean=float(
                         np.clip(
@@ -492,42 +487,78 @@ def draw_patients(
                         LOG_VOLUME_ML[c_t] + LOG_VOLUME_PER_SIZE * size
                     ),
                     uniforms=rng.random(3),
+                    dfs_uniform=float(rng.uniform(1e-12, 1.0)),
+                    follow_up_months=float(rng.uniform(lo, hi)),
                     image_seed=int(rng.integers(2**31 - 1)),
                 )
             )
     return patients
 
 
+def latent_arrays(
+    patients: list[Patient],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(clinical risk, prognostic term ``B * b - V * v``, hypoxia) per patient."""
+    risk = np.array([p.risk for p in patients])
+    prognosis = np.array(
+        [BIOLOGY_WEIGHT * p.biology - SIZE_WEIGHT * p.size for p in patients]
+    )
+    hypoxia = np.array([p.hypoxia for p in patients])
+    return risk, prognosis, hypoxia
+
+
 def apply_outcomes(
-    patients: list[Patient], intercepts: np.ndarray, risk_centre: float
+    patients: list[Patient], intercept: float, risk_centre: float
 ) -> None:
-    """Fill each patient's true probabilities and drawn outcomes in place."""
-    lin = _linear(patients, risk_centre)
-    prob = _sigmoid(intercepts[None, :] + lin)
+    """Fill each patient's true probabilities, drawn outcomes and DFS in place."""
+    if not patients:
+        return
+    risk, prognosis, hypoxia = latent_arrays(patients)
+    prob = sigmoid(intercept + linear_predictor(risk, prognosis, hypoxia, risk_centre))
     for i, p in enumerate(patients):
         p.prob = prob[i]
         p.outcomes = (p.uniforms < prob[i]).astype(int)
+        times = dfs_times(p.outcomes, p.risk - risk_centre, p.dfs_uniform)
+        p.dfs_event = (times <= p.follow_up_months).astype(int)
+        p.dfs_months = np.round(np.minimum(times, p.follow_up_months), 1)
 
 
-def build_cohort(
-    preset: Preset, seed: int
-) -> tuple[list[Patient], list[Patient], np.ndarray]:
-    """Draw both cohorts and their outcomes.
+@dataclass(frozen=True)
+class World:
+    """A drawn synthetic world: the three cohorts and the response model's
+    per-world constants (the calibrated intercept and the risk centre)."""
 
-    The intercepts are calibrated on the retrospective cohort and reused for
-    the prospective one (same biology, its own realised rates).
+    retrospective: list[Patient]
+    prospective: list[Patient]
+    test: list[Patient]
+    intercept: float
+    risk_centre: float
 
-    Returns:
-        ``(retrospective, prospective, intercepts)``.
+    def cohorts(self) -> dict[str, list[Patient]]:
+        return {
+            "retrospective": self.retrospective,
+            "prospective": self.prospective,
+            "test": self.test,
+        }
+
+
+def build_cohort(preset: Preset, seed: int, *, test_size: int | None = None) -> World:
+    """Draw the three cohorts and their outcomes.
+
+    The common intercept is calibrated on the retrospective cohort and reused
+    for the prospective and test cohorts (same biology, their own realised
+    rates). The test cohort is drawn last, so its size does not change the
+    other two.
     """
     rng = np.random.default_rng(seed)
     retro = draw_patients(preset, "retrospective", rng)
     prosp = draw_patients(preset, "prospective", rng)
+    test = draw_patients(preset, "test", rng, test_size=test_size)
     risk_centre = float(np.mean([p.risk for p in retro]))
-    lin = _linear(retro, risk_centre)
-    uniforms = np.stack([p.uniforms for p in retro])
+    risk, prognosis, hypoxia = latent_arrays(retro)
+    lin = linear_predictor(risk, prognosis, hypoxia, risk_centre)
     received = np.array([REGIMENS.index(p.regimen) for p in retro])
-    intercepts = calibrate_intercepts(lin, uniforms, received)
-    apply_outcomes(retro, intercepts, risk_centre)
-    apply_outcomes(prosp, intercepts, risk_centre)
-    return retro, prosp, intercepts
+    intercept = calibrate_intercept(lin, received)
+    for group in (retro, prosp, test):
+        apply_outcomes(group, intercept, risk_centre)
+    return World(retro, prosp, test, intercept, risk_centre)

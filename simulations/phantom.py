@@ -11,13 +11,15 @@ Tissues (T2W relative signal / ADC in 10^-3 mm^2/s):
 mesorectal and pelvic fat 0.85 / 0.35 (fat-suppressed DWI), rectal wall 0.30 /
 1.55, mesorectal fascia 0.18 / 1.2, pelvic muscle 0.25 / 1.40, bladder 1.0 /
 2.9, lumen gas 0.05 / 0 or fluid 0.9 / 2.8, lymph nodes 0.5 / 0.9, tumour 0.55
-with the patient's texture / the patient's ADC with the same texture.
+with the patient's texture / the patient's ADC with the same texture; the
+tumour's necrotic core 0.85 / 1.9 (the readout of the hypoxia latent: its
+volume fraction of the tumour is the patient's ``core_fraction``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -33,6 +35,7 @@ GAS = (0.05, 0.0)
 FLUID = (0.9, 2.8)
 NODE = (0.5, 0.9)
 TUMOUR_T2 = 0.55
+CORE = (0.85, 1.9)  # necrotic core: high T2W, high ADC (restricted diffusion lost)
 AIR = (0.0, 0.0)
 
 
@@ -118,6 +121,7 @@ class Anatomy:
     emvi_theta: float
     nodes: tuple[tuple[float, float, float, float], ...]  # x, y, z, radius
     lln: tuple[float, float, float, float] | None
+    core_depth: float = np.inf  # tumour depth above which tissue is necrotic core
 
 
 def draw_anatomy(patient: Patient, rng: np.random.Generator) -> Anatomy:
@@ -223,18 +227,25 @@ def _from_centre_line(
     return x - cx, y - cy
 
 
-def tumour_mask(
+def tumour_depth(
     dx: np.ndarray, dy: np.ndarray, z: np.ndarray, r: np.ndarray, anat: Anatomy
-) -> np.ndarray:
-    """Boolean tumour mask from coordinates relative to the rectal centre line.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tumour mask and depth from coordinates relative to the rectal centre line.
 
-    A tapered sector of the wall, protruding into the lumen and extending outward
-    by the stage-dependent extension, plus an EMVI vein. Only points in the
-    tumour's bounding cylinder are evaluated in detail.
+    The tumour is a tapered sector of the wall, protruding into the lumen and
+    extending outward by the stage-dependent extension, plus an EMVI vein.
+    Depth (0 at the edge, 1 at the centre of the sector) is the product of the
+    taper and the radial centrality; the necrotic core is where it exceeds
+    ``anat.core_depth``. Only points in the tumour's bounding cylinder are
+    evaluated in detail.
+
+    Returns:
+        ``(mask, depth)``, both shaped like ``r`` (depth 0 outside the sector).
     """
     reach = anat.wall_r + max(anat.extension, 0.0) + (9.0 if anat.emvi else 0.0)
     half_len = anat.tumour_len / 2.0
     tumour = np.zeros(r.shape, dtype=bool)
+    depth = np.zeros(r.shape, dtype=np.float32)
     near = (np.abs(z - anat.tumour_z0) < max(half_len, 2.5)) & (r <= reach)
     ndx, ndy, nz, nr = dx[near], dy[near], z[near], r[near]
     theta = np.arctan2(ndy, ndx)
@@ -242,11 +253,11 @@ def tumour_mask(
     dz = (nz - anat.tumour_z0) / half_len
     taper = 1.0 - (dtheta / anat.tumour_halfwidth) ** 2 - dz**2
     f = np.sqrt(np.clip(taper, 0.0, None))
-    inside = (
-        (taper > 0)
-        & (nr >= anat.lumen_r - anat.protrusion * f)
-        & (nr <= anat.wall_r + anat.extension * f)
-    )
+    r_in = anat.lumen_r - anat.protrusion * f
+    r_out = anat.wall_r + anat.extension * f
+    inside = (taper > 0) & (nr >= r_in) & (nr <= r_out)
+    s = (nr - r_in) / np.maximum(r_out - r_in, 1e-6)
+    sector_depth = np.where(inside, f * (1.0 - np.abs(2.0 * s - 1.0)), 0.0)
     if anat.emvi:
         # A tumour-filled vein leaving the tumour edge into the mesorectal fat.
         ang = anat.tumour_theta0 + anat.emvi_theta
@@ -260,7 +271,37 @@ def tumour_mask(
             & (np.abs(nz - anat.tumour_z0) < 2.5)
         )
     tumour[near] = inside
-    return tumour
+    depth[near] = sector_depth
+    return tumour, depth
+
+
+def tumour_mask(
+    dx: np.ndarray, dy: np.ndarray, z: np.ndarray, r: np.ndarray, anat: Anatomy
+) -> np.ndarray:
+    """Boolean tumour mask (see :func:`tumour_depth`)."""
+    return tumour_depth(dx, dy, z, r, anat)[0]
+
+
+def core_depth_for(anat: Anatomy, fraction: float, step_mm: float = 0.5) -> float:
+    """The depth threshold whose core holds ``fraction`` of the tumour volume.
+
+    Measured on a fine lattice in the tumour's own coordinates, so the core is
+    the same physical region whatever grid samples it.
+    """
+    if fraction <= 0:
+        return float(np.inf)
+    reach = anat.wall_r + max(anat.extension, 0.0)
+    half_len = anat.tumour_len / 2.0
+    ax = np.arange(-reach, reach + step_mm, step_mm, dtype=np.float32)
+    zs = np.arange(
+        anat.tumour_z0 - half_len, anat.tumour_z0 + half_len + 1.0, 1.0, np.float32
+    )
+    dx, dy, z = np.meshgrid(ax, ax, zs, indexing="ij")
+    mask, depth = tumour_depth(dx, dy, z, np.hypot(dx, dy), anat)
+    if not mask.any():
+        return float(np.inf)
+    # the EMVI vein (depth 0) counts in the volume but is never core
+    return float(np.quantile(depth[mask], 1.0 - fraction))
 
 
 def tissue_maps(
@@ -306,10 +347,17 @@ def tissue_maps(
     paint(r <= anat.wall_r, WALL)
     paint(r <= anat.lumen_r, FLUID if anat.lumen_fluid else GAS)
 
-    tumour = tumour_mask(dx, dy, z, r, anat)
+    tumour, depth = tumour_depth(dx, dy, z, r, anat)
     tex = texture(xyz[:, tumour]) if texture is not None else 0.0
-    t2[tumour] = TUMOUR_T2 * (1.0 + heterogeneity * tex)
-    adc[tumour] = np.clip(adc_tumour * (1.0 + 0.8 * heterogeneity * tex), 0.3, 2.5)
+    core = depth[tumour] > anat.core_depth
+    t2_viable = TUMOUR_T2 * (1.0 + heterogeneity * tex)
+    adc_viable = adc_tumour * (1.0 + 0.8 * heterogeneity * tex)
+    t2[tumour] = np.where(core, CORE[0] * (1.0 + 0.5 * heterogeneity * tex), t2_viable)
+    adc[tumour] = np.clip(
+        np.where(core, CORE[1] * (1.0 + 0.3 * heterogeneity * tex), adc_viable),
+        0.3,
+        2.5,
+    )
     return t2, adc, tumour
 
 
@@ -340,6 +388,7 @@ class CaseImages:
     label: np.ndarray  # (X, Y, Z) uint8
     affine: np.ndarray  # T2W grid affine, shared by all three
     tumour_volume_ml: float
+    core_volume_ml: float = 0.0  # necrotic core, on the T2W grid
 
 
 def scanner_grids(
@@ -379,6 +428,7 @@ def generate_case(patient: Patient, scanner: Scanner, geometry: Geometry) -> Cas
     """
     rng = np.random.default_rng(patient.image_seed)
     anat = draw_anatomy(patient, rng)
+    anat = replace(anat, core_depth=core_depth_for(anat, patient.core_fraction))
     centre = np.array(
         [rng.normal(0, 4), rng.normal(0, 4), anat.tumour_z0 + rng.normal(0, 2)]
     )
@@ -404,7 +454,8 @@ def generate_case(patient: Patient, scanner: Scanner, geometry: Geometry) -> Cas
         t2_acc += t2_rel
     world = t2_grid.world()
     dx, dy = _from_centre_line(world[0], world[1], world[2], anat)
-    tumour = tumour_mask(dx, dy, world[2], np.hypot(dx, dy), anat)
+    tumour, depth = tumour_depth(dx, dy, world[2], np.hypot(dx, dy), anat)
+    core = tumour & (depth > anat.core_depth)
     t2_rel = ndimage.gaussian_filter(t2_acc / len(offsets), (0.6, 0.6, 0.0))
     gain = scanner.t2_gain * float(rng.uniform(0.9, 1.1))
     signal = gain * t2_rel * bias_field(world, scanner.bias, rng)
@@ -445,4 +496,5 @@ def generate_case(patient: Patient, scanner: Scanner, geometry: Geometry) -> Cas
         label=tumour.astype(np.uint8),
         affine=t2_grid.affine,
         tumour_volume_ml=float(tumour.sum()) * voxel_ml,
+        core_volume_ml=float(core.sum()) * voxel_ml,
     )

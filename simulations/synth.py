@@ -6,9 +6,15 @@ Layout written under ``OUT``::
     site_configs/<site>.yaml            a ready site YAML per retrospective site
     prospective/sites/...               the prospective cohort, same format
     prospective/site_configs/<site>.yaml
-    oracle/potential_outcomes.csv       true pCR probability and outcome per regimen
+    test/sites/..., test/site_configs/  the held-out test cohort (every centre,
+                                        the new one included): for quality
+                                        claims only, never for training or
+                                        threshold choice
+    oracle/potential_outcomes.csv       true pCR probability, outcome and DFS
+                                        per regimen (all three cohorts)
     oracle/latents.csv                  hidden tumour latents (never read by training)
-    cohort.json                         counts, rates, geometry, AUCs
+    cohort.json                         counts, rates, geometry, AUCs, the
+                                        oracle's scoreboard per cohort
 
 The oracle folder sits apart from the site folders: nothing a site or the
 federation reads points into it.
@@ -36,6 +42,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from shared_model.clinical import (
     CLINICAL_COLUMNS,
     CLINICAL_FEATURES,
+    DFS_COLUMNS,
     REGIMENS,
     encode_clinical,
 )
@@ -48,9 +55,11 @@ from simulations.cohort import (
     Geometry,
     Patient,
     Scanner,
+    World,
     build_cohort,
 )
 from simulations.phantom import generate_case, scanner_grids
+from simulations.scoreboard import compute_scoreboard
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,7 @@ OUTPUT_ENTRIES = (
     "sites",
     "site_configs",
     "prospective",
+    "test",
     "oracle",
     "cohort.json",
     "plan.json",
@@ -82,7 +92,9 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(img, str(path))
 
 
-def _write_case(args: tuple[Patient, Scanner, Geometry, str]) -> tuple[str, float]:
+def _write_case(
+    args: tuple[Patient, Scanner, Geometry, str],
+) -> tuple[str, float, float]:
     patient, scanner, geometry, dataset_dir = args
     case = generate_case(patient, scanner, geometry)
     root = Path(dataset_dir)
@@ -95,20 +107,23 @@ def _write_case(args: tuple[Patient, Scanner, Geometry, str]) -> tuple[str, floa
     _save_nifti(
         case.label, case.affine, root / "labelsTr" / f"{patient.case_id}.nii.gz"
     )
-    return patient.case_id, case.tumour_volume_ml
+    return patient.case_id, case.tumour_volume_ml, case.core_volume_ml
 
 
 def _write_clinical(patients: list[Patient], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CLINICAL_COLUMNS)
+        writer.writerow([*CLINICAL_COLUMNS, *DFS_COLUMNS])
         for p in patients:
+            months, event = p.observed_dfs()
             writer.writerow(
                 [
                     p.case_id,
                     *(p.clinical[c] for c in CLINICAL_FEATURES),
                     p.regimen,
                     p.pcr,
+                    f"{months:.1f}",
+                    event,
                 ]
             )
 
@@ -258,6 +273,7 @@ def synthesize(
     preset: str = "demo",
     seed: int = 0,
     tables_only: bool = False,
+    test_size: int | None = None,
     workers: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
@@ -270,6 +286,8 @@ def synthesize(
         preset: "tiny", "demo" or "paper".
         seed: the cohort (tables and images) is a deterministic function of it.
         tables_only: write clinical tables, oracle and cohort.json only.
+        test_size: patients in the held-out test cohort (default: the preset's,
+            tiny 30, demo 400, paper 1000); the other cohorts do not change.
         workers: image-writing processes (default: the machine's cores).
         force: replace a previous synth output in ``out``.
         progress: called as ``progress(done, total)`` after each case.
@@ -281,29 +299,30 @@ def synthesize(
 
     if preset not in PRESETS:
         raise MoeflError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if test_size is not None and not 0 <= test_size <= 100_000:
+        raise MoeflError(f"--test-size must be between 0 and 100000, not {test_size}")
     start = time.perf_counter()
     cfg = PRESETS[preset]
     out = Path(out)
     _prepare_out(out, force)
-    retro, prosp, intercepts = build_cohort(cfg, seed)
+    world = build_cohort(cfg, seed, test_size=test_size)
     PRESET_PLANS[preset].save(out / "plan.json")
 
     jobs: list[tuple[Patient, Scanner, Geometry, str]] = []
     site_summaries: dict[str, dict[str, Any]] = {}
-    for cohort, patients, counts in (
-        ("retrospective", retro, cfg.retrospective),
-        ("prospective", prosp, cfg.prospective),
-    ):
-        base = out if cohort == "retrospective" else out / "prospective"
-        for site_name in counts:
+    for cohort, patients in world.cohorts().items():
+        base = out if cohort == "retrospective" else out / cohort
+        for site_name in cfg.counts(cohort, test_size):
+            members = [p for p in patients if p.site == site_name]
+            if not members:
+                continue
             spec = SITES[site_name]
             folder = spec.dataset_folder(cohort)
             dataset_dir = base / "sites" / folder
             (dataset_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
             (dataset_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
-            members = [p for p in patients if p.site == site_name]
             _write_clinical(members, dataset_dir / "clinical.csv")
-            key = site_name if cohort == "retrospective" else f"{site_name}/prospective"
+            key = site_name if cohort == "retrospective" else f"{site_name}/{cohort}"
             site_summaries[key] = {
                 "cohort": cohort,
                 "dataset": folder,
@@ -324,7 +343,7 @@ def synthesize(
             run_rel = (
                 f"../runs/{site_name}"
                 if cohort == "retrospective"
-                else f"../runs/{site_name}_prospective"
+                else f"../runs/{site_name}_{cohort}"
             )
             (cfg_dir / f"{site_name}.yaml").write_text(
                 _site_yaml(
@@ -341,36 +360,22 @@ def synthesize(
                 (p, spec.scanner, cfg.geometry, str(dataset_dir)) for p in members
             )
 
-    volumes: dict[str, float] = {}
-    if jobs:
-        n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-        if progress:
-            progress(0, len(jobs))
-        if n_workers == 1:
-            results = map(_write_case, jobs)
-            for i, (case_id, vol) in enumerate(results, 1):
-                volumes[case_id] = vol
-                if progress:
-                    progress(i, len(jobs))
-        else:
-            with ProcessPoolExecutor(n_workers) as pool:
-                for i, (case_id, vol) in enumerate(
-                    pool.map(_write_case, jobs, chunksize=2), 1
-                ):
-                    volumes[case_id] = vol
-                    if progress:
-                        progress(i, len(jobs))
-
-    _write_oracle(out / "oracle", retro + prosp, volumes)
+    volumes = _write_images(jobs, workers, progress)
+    all_patients = [p for group in world.cohorts().values() for p in group]
+    _write_oracle(out / "oracle", all_patients, volumes)
+    retro, prosp = world.retrospective, world.prospective
     summary: dict[str, Any] = {
         "preset": preset,
         "seed": seed,
         "tables_only": tables_only,
         "n_retrospective": len(retro),
         "n_prospective": len(prosp),
+        "n_test": len(world.test),
         "nct_site": NCT_SITE,
-        "retrospective_by_regimen": _rates(retro),
-        "prospective_by_regimen": _rates(prosp),
+        **{
+            f"{cohort}_by_regimen": _rates(patients)
+            for cohort, patients in world.cohorts().items()
+        },
         "sites": site_summaries,
         "clinical_prevalence": {
             f"{k}={v}": round(float(np.mean([p.clinical[k] == v for p in retro])), 3)
@@ -378,14 +383,11 @@ def synthesize(
             for v in values
         },
         "aucs": compute_signal_aucs(retro, prosp, seed),
-        "response_model": {
-            "intercepts": {
-                r: round(float(a), 4) for r, a in zip(REGIMENS, intercepts, strict=True)
-            }
-        },
+        "scoreboard": compute_scoreboard(world),
+        "dfs": _dfs_summary(world),
     }
     if volumes:
-        all_vol = np.array(list(volumes.values()))
+        all_vol = np.array([v[0] for v in volumes.values()])
         summary["tumour_volume_ml"] = {
             "median": round(float(np.median(all_vol)), 2),
             "p10": round(float(np.percentile(all_vol, 10)), 2),
@@ -398,8 +400,70 @@ def synthesize(
     return SynthResult(out=out, summary=summary, seconds=seconds)
 
 
+def _write_images(
+    jobs: list[tuple[Patient, Scanner, Geometry, str]],
+    workers: int | None,
+    progress: Progress | None,
+) -> dict[str, tuple[float, float]]:
+    """Generate and write every case; case id -> (tumour, core) volume in ml."""
+    volumes: dict[str, tuple[float, float]] = {}
+    if not jobs:
+        return volumes
+    n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if progress:
+        progress(0, len(jobs))
+    if n_workers == 1:
+        results: Any = map(_write_case, jobs)
+        for i, (case_id, vol, core) in enumerate(results, 1):
+            volumes[case_id] = (vol, core)
+            if progress:
+                progress(i, len(jobs))
+    else:
+        with ProcessPoolExecutor(n_workers) as pool:
+            for i, (case_id, vol, core) in enumerate(
+                pool.map(_write_case, jobs, chunksize=2), 1
+            ):
+                volumes[case_id] = (vol, core)
+                if progress:
+                    progress(i, len(jobs))
+    return volumes
+
+
+def _dfs_summary(world: World) -> dict[str, Any]:
+    """Observed DFS per cohort: events, median follow-up, and the 3-year DFS
+    (Kaplan-Meier) after pCR and without, on the received regimens."""
+    from shared_model.survival import SurvivalCounts, kaplan_meier
+
+    out: dict[str, Any] = {}
+    for cohort, patients in world.cohorts().items():
+        if not patients:
+            continue
+        obs = [p.observed_dfs() for p in patients]
+        entry: dict[str, Any] = {
+            "events": int(sum(e for _, e in obs)),
+            "median_follow_up_months": round(
+                float(np.median([p.follow_up_months for p in patients])), 1
+            ),
+        }
+        for label, y in (("after_pcr", 1), ("without_pcr", 0)):
+            group = [o for o, p in zip(obs, patients, strict=True) if p.pcr == y]
+            if not group:
+                continue
+            km = kaplan_meier(
+                SurvivalCounts.from_times([t for t, _ in group], [e for _, e in group])
+            )
+            ci = km["dfs_3y_ci"]
+            entry[f"dfs_3y_{label}"] = {
+                "value": None if km["dfs_3y"] is None else round(km["dfs_3y"], 3),
+                "ci": None if ci is None else [round(v, 3) for v in ci],
+                "n": len(group),
+            }
+        out[cohort] = entry
+    return out
+
+
 def _write_oracle(
-    folder: Path, patients: list[Patient], volumes: dict[str, float]
+    folder: Path, patients: list[Patient], volumes: dict[str, tuple[float, float]]
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "potential_outcomes.csv").open("w", newline="") as f:
@@ -412,6 +476,8 @@ def _write_oracle(
                 "received",
                 *(f"p_{r}" for r in REGIMENS),
                 *(f"pCR_{r}" for r in REGIMENS),
+                *(f"dfs_months_{r}" for r in REGIMENS),
+                *(f"dfs_event_{r}" for r in REGIMENS),
             ]
         )
         for p in patients:
@@ -423,6 +489,8 @@ def _write_oracle(
                     p.regimen,
                     *(f"{v:.6f}" for v in p.prob),
                     *(int(v) for v in p.outcomes),
+                    *(f"{v:.1f}" for v in p.dfs_months),
+                    *(int(v) for v in p.dfs_event),
                 ]
             )
     with (folder / "latents.csv").open("w", newline="") as f:
@@ -434,15 +502,18 @@ def _write_oracle(
                 "cohort",
                 "biology",
                 "size",
+                "hypoxia",
+                "core_fraction",
                 "clinical_risk",
                 "tumour_adc_mean",
                 "heterogeneity",
                 "target_volume_ml",
                 "mask_volume_ml",
+                "core_volume_ml",
             ]
         )
         for p in patients:
-            vol = volumes.get(p.case_id)
+            vol, core = volumes.get(p.case_id, (None, None))
             w.writerow(
                 [
                     p.case_id,
@@ -450,10 +521,13 @@ def _write_oracle(
                     p.cohort,
                     f"{p.biology:.5f}",
                     f"{p.size:.5f}",
+                    f"{p.hypoxia:.5f}",
+                    f"{p.core_fraction:.4f}",
                     f"{p.risk:.3f}",
                     f"{p.adc_mean:.4f}",
                     f"{p.heterogeneity:.4f}",
                     f"{np.exp(p.log_volume_ml):.3f}",
                     "" if vol is None else f"{vol:.3f}",
+                    "" if core is None else f"{core:.3f}",
                 ]
             )

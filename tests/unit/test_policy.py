@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from shared_model.policy import (
+    OracleSums,
     PolicySums,
     RecommendationRule,
     direction,
@@ -154,7 +155,8 @@ def test_combine_chooses_the_threshold_on_validation_and_applies_it_unchanged() 
         sums = site_policy_sums(
             pop["model"], pop["received"], pop["outcome"], np.full((120, 3), 1 / 3)
         )
-        return SiteEvaluation(name, "validation", counts, 0.0, 0, sums, 30.0, 120)
+        truth = OracleSums.from_probabilities(np.full((120, 3), 0.25), np.zeros(120))
+        return SiteEvaluation(name, "validation", counts, 0.0, 0, sums, truth)
 
     val = combine([site("a", 1), site("b", 2)])
     t = val["thresholds"]["sensitivity>=0.8"]
@@ -165,7 +167,8 @@ def test_combine_chooses_the_threshold_on_validation_and_applies_it_unchanged() 
     pro = combine([site("c", 3)], threshold_sensitivity=t)
     assert pro["thresholds"]["sensitivity>=0.8"] == t
     assert pro["threshold_chosen_on"] == "validation"
-    assert val["policy_value"]["oracle"] == {"value": 0.25, "n": 240}
+    assert val["policy_value"]["oracle"]["value"] == pytest.approx(0.25)
+    assert val["policy_value"]["oracle"]["n"] == 240
     assert set(val["sites"]) == {"a", "b"} and val["n"] == 240
 
 
@@ -194,3 +197,57 @@ def test_paired_mcnemar_counts_from_the_sites() -> None:
     th_b = {"validation": {"thresholds": {"0.5": 0.85}}}  # B at its own threshold
     m = compare_models([ev(a_scores)], [ev(b_scores)], th, th_b)["validation"]["0.5"]
     assert (m["b"], m["c"]) == (1, 1)  # B now calls only patient 0 a responder
+
+
+def test_dfs_by_advice_from_site_counts_equals_lifelines_on_pooled() -> None:
+    """Kaplan-Meier per advice group and the log-rank tests, from what each
+    site sends (counts through to_values/from_values), equal lifelines on the
+    pooled patients' (month-binned) times."""
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import logrank_test, multivariate_logrank_test
+
+    from shared_model.federated_metrics import ScoreCounts
+    from shared_model.site_evaluation import ADVICE_GROUPS, SiteEvaluation, combine
+    from shared_model.survival import SurvivalCounts
+
+    rng = np.random.default_rng(4)
+    pooled: dict[str, list[tuple[float, int]]] = {g: [] for g in ADVICE_GROUPS}
+    sites = []
+    for name in ("a", "b", "c"):
+        survival = {}
+        groups = {}
+        for g in ("escalate", "maintain", "de-intensify"):
+            n = int(rng.integers(15, 40))
+            t = np.ceil(rng.exponential(40 if g == "maintain" else 25, n))
+            e = (rng.random(n) < 0.7).astype(int)
+            groups[g] = (t, e)
+        groups["followed"] = groups["maintain"]
+        groups["not-followed"] = tuple(
+            np.concatenate([groups["escalate"][i], groups["de-intensify"][i]])
+            for i in (0, 1)
+        )
+        for g, (t, e) in groups.items():
+            survival[g] = SurvivalCounts.from_times(t, e)
+            pooled[g] += list(zip(np.minimum(t, 120), e * (t <= 120), strict=True))
+        counts = {r: ScoreCounts.empty() for r in ("nCRT", "TNT", "nCT")}
+        ev = SiteEvaluation(
+            name, "test", counts, 0.0, 0, PolicySums(), survival=survival
+        )
+        sites.append(SiteEvaluation.from_values(name, "test", ev.to_values()))
+    report = combine(sites, choose_threshold=False)["survival"]
+    for g in ADVICE_GROUPS:
+        t, e = (np.array(x) for x in zip(*pooled[g], strict=True))
+        km = KaplanMeierFitter().fit(t, e)
+        ours = report["kaplan_meier"][g]
+        expected = km.survival_function_at_times(ours["times"]).to_numpy()
+        assert np.allclose(ours["survival"], expected, atol=1e-10)
+    d = {g: np.array(pooled[g]) for g in ("escalate", "maintain", "de-intensify")}
+    multi = multivariate_logrank_test(
+        np.concatenate([v[:, 0] for v in d.values()]),
+        np.concatenate([[g] * len(v) for g, v in d.items()]),
+        np.concatenate([v[:, 1] for v in d.values()]),
+    )
+    assert report["logrank_directions"]["p_value"] == pytest.approx(multi.p_value)
+    f, nf = np.array(pooled["followed"]), np.array(pooled["not-followed"])
+    two = logrank_test(f[:, 0], nf[:, 0], f[:, 1], nf[:, 1])
+    assert report["logrank_followed"]["chi2"] == pytest.approx(two.test_statistic)

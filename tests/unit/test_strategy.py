@@ -259,7 +259,7 @@ def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
             probs, received, np.concatenate(all_y[-3:]), np.full((90, 3), 1 / 3)
         )
         evaluation = SiteEvaluation(
-            site, "validation", counts, 1.6, 2, policy, None, 0, 1.0, 2
+            site, "validation", counts, 1.6, 2, policy, loss_sum=1.0, loss_n=2
         )
         metrics = {"n": 90, **evaluation.to_values()}
         replies.append(
