@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client.checks import run_check
+from simulations.response import WORLD_VERSION
 from simulations.synth import synthesize
 
 
@@ -25,8 +26,9 @@ def run_demo(
 ) -> bool:
     """Make (or reuse) the cohort under ``out/cohort``, check every site, run
     ``rounds`` federated rounds in simulation under ``out/federated``, evaluate
-    the model on the validation and prospective cohorts (with the oracle's true
-    policy value beside the estimates) and write the report.
+    the model on the validation, prospective and held-out test cohorts (with
+    the oracle's true policy value and share of its gain beside the estimates)
+    and write the report.
 
     Returns:
         True when every site passes its check (and the federation finished).
@@ -39,6 +41,7 @@ def run_demo(
         reuse = (
             summary.get("preset") == preset
             and summary.get("seed") == seed
+            and summary.get("world_version") == WORLD_VERSION
             and not summary.get("tables_only")
         )
     if reuse:
@@ -49,18 +52,24 @@ def run_demo(
         summary = result.summary
         echo(
             f"  {summary['n_retrospective']} retrospective + {summary['n_prospective']} "
-            f"prospective cases in {result.seconds:.1f} s"
+            f"prospective + {summary.get('n_test', 0)} test cases in "
+            f"{result.seconds:.1f} s"
         )
     aucs = summary["aucs"]
     echo(
         f"  clinical-only AUC (5-fold CV) {aucs['clinical_logreg_auc_cv']}, oracle AUC "
         f"{aucs['oracle_auc']}"
     )
+    if "scoreboard" in summary:
+        from simulations.scoreboard import format_scoreboard
+
+        echo(format_scoreboard(summary["scoreboard"]))
     all_ok = True
     yamls = sorted((cohort_dir / "site_configs").glob("*.yaml")) + sorted(
         (cohort_dir / "prospective" / "site_configs").glob("*.yaml")
     )
-    for path in yamls:
+    tests = sorted((cohort_dir / "test" / "site_configs").glob("*.yaml"))
+    for path in yamls + tests:
         report = run_check(path)
         all_ok &= report.ok
         n = report.summary.get("usable_cases", 0)
@@ -90,11 +99,14 @@ def run_demo(
     from client.evaluation import headline, run_evaluation
     from client.report import build_report
 
-    echo("evaluating the federated model (validation and prospective cohorts) ...")
+    echo(
+        "evaluating the federated model (validation, prospective and test cohorts) ..."
+    )
     evaluation = run_evaluation(
         federated,
         yamls,
         federated / "evaluation",
+        test_yamls=tests,
         oracle=cohort_dir / "oracle",
         echo=echo,
     )

@@ -30,6 +30,9 @@ import numpy as np
 
 from shared_model.clinical import REGIMENS
 
+WORLD_VERSION = 2
+"""Bumped whenever the same preset and seed would draw a different world."""
+
 # --- response model v2 (documented in simulations/README.md) -----------------
 RISK_WEIGHTS: dict[str, float] = {
     "cT=T2": -0.8,

@@ -59,6 +59,7 @@ from simulations.cohort import (
     build_cohort,
 )
 from simulations.phantom import generate_case, scanner_grids
+from simulations.response import WORLD_VERSION
 from simulations.scoreboard import compute_scoreboard
 
 log = logging.getLogger(__name__)
@@ -367,6 +368,7 @@ def synthesize(
     summary: dict[str, Any] = {
         "preset": preset,
         "seed": seed,
+        "world_version": WORLD_VERSION,
         "tables_only": tables_only,
         "n_retrospective": len(retro),
         "n_prospective": len(prosp),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -223,10 +224,15 @@ def test_evaluate_reports_metrics_recommendations_and_policy_value(
             str(out),
             "--oracle",
             str(root / "oracle"),
+            "--test",
+            str(root / "test" / "site_configs"),
         ],
     )
     assert result.exit_code == 0, result.output
     assert "validation (" in result.output and "model_estimate" in result.output
+    assert "test (30 patients" in result.output
+    assert "share of the oracle's gain" in result.output
+    assert "3-year DFS by advice" in result.output
     report = json.loads((out / "metrics.json").read_text())
     val, pro = report["validation"], report["prospective"]
     model, plan = load_checkpoint(pooled_run)
@@ -279,3 +285,24 @@ def test_evaluate_reports_metrics_recommendations_and_policy_value(
         assert 0 <= pv["oracle"]["value"] <= 1
         assert block["overall"]["brier"] is not None
         assert len(block["decision_curve"]["model"]) == 99
+    # the held-out test cohort: every case, scored at the validation threshold,
+    # the oracle's fixed-regimen values equal to the oracle file's own means
+    test = report["test"]
+    assert test["n"] == 30 and test["threshold_chosen_on"] != "this cohort"
+    assert test["thresholds"].get(key) == val["thresholds"].get(key)
+    with (root / "oracle" / "potential_outcomes.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["cohort"] == "test"]
+    truth = test["policy_value"]["oracle"]
+    for r in ("nCRT", "TNT", "nCT"):
+        expected = np.mean([float(row[f"p_{r}"]) for row in rows])
+        assert truth["fixed"][r] == pytest.approx(expected, abs=1e-9)
+    best = np.mean([max(float(row[f"p_{r}"]) for r in truth["fixed"]) for row in rows])
+    assert truth["optimal"] == pytest.approx(best, abs=1e-9)
+    share = truth["share_of_oracle_gain"]
+    fixed = max(truth["fixed"].values())
+    assert share["value"] == pytest.approx(
+        (truth["value"] - fixed) / (truth["optimal"] - fixed)
+    )
+    assert share["ci"][0] <= share["value"] <= share["ci"][1]
+    km = test["survival"]["kaplan_meier"]
+    assert km["followed"]["n"] + km["not-followed"]["n"] == 30
