@@ -17,6 +17,7 @@ from typing import Any
 
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
+from shared_model.site_evaluation import COHORTS
 
 
 @dataclass
@@ -161,7 +162,46 @@ def _figures(out: Path, run: dict[str, Any], evaluations: dict[str, Any]) -> lis
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(name)
+        if ev.get("survival"):
+            written.append(_survival_figure(out, cohort, ev["survival"]))
     return written
+
+
+def _survival_figure(out: Path, cohort: str, survival: dict[str, Any]) -> str:
+    """Kaplan-Meier curves of DFS by recommendation direction and by whether
+    the advised regimen was received (step functions from the event bins)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    panels = (
+        (ax[0], ("escalate", "maintain", "de-intensify"), "logrank_directions"),
+        (ax[1], ("followed", "not-followed"), "logrank_followed"),
+    )
+    for axis, groups, test in panels:
+        for g in groups:
+            km = survival["kaplan_meier"].get(g)
+            if not km:
+                continue
+            axis.step(
+                [0.0, *km["times"]],
+                [1.0, *km["survival"]],
+                where="post",
+                label=f"{g} (n={km['n']})",
+            )
+        t = survival.get(test)
+        p = "" if t is None else f", log-rank p = {t['p_value']:.3f}"
+        axis.set(
+            xlabel="months",
+            ylabel="disease-free survival",
+            ylim=(0, 1.02),
+            title=f"DFS by advice, {cohort}{p}",
+        )
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    name = f"survival_{cohort}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
@@ -278,11 +318,17 @@ def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
         ]
     )
     if pv.get("oracle"):
+        truth = pv["oracle"]
+        share = truth.get("share_of_oracle_gain")
         rows.append(
             [
                 "under the advice, true (oracle)",
-                _f(pv["oracle"]["value"]),
-                "simulation only: the cohort's potential outcomes",
+                _f(truth["value"]),
+                "simulation only: the cohort's potential outcomes; share of the "
+                f"oracle's gain ({_f(truth.get('optimal'))}) over all "
+                f"{truth.get('best_fixed_regimen')} "
+                f"({_f((truth.get('fixed') or {}).get(truth.get('best_fixed_regimen')))})"
+                f": {_ci(share)}",
             ]
         )
     rows.append(
@@ -296,6 +342,20 @@ def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
     for w in pv["positivity"]["warnings"]:
         blocks.append(Block("p", f"Warning: {w}."))
     blocks.append(Block("image", f"evaluation_{cohort}.png"))
+    if ev.get("survival"):
+        km = ev["survival"]["kaplan_meier"]
+        blocks.append(
+            Block(
+                "p",
+                "Disease-free survival by advice (Kaplan-Meier from the sites' "
+                "counts of events and numbers at risk per month): 3-year DFS "
+                + ", ".join(
+                    f"{g} {_f(k['dfs_3y'], 2)} (n={k['n']})" for g, k in km.items()
+                )
+                + ".",
+            )
+        )
+        blocks.append(Block("image", f"survival_{cohort}.png"))
     return blocks
 
 
@@ -310,9 +370,7 @@ def build_report(
     run = _read(run_path)
     eval_path = run_dir / "evaluation" / "metrics.json"
     evaluation = _read(eval_path) if eval_path.is_file() else {}
-    cohorts: dict[str, Any] = {
-        c: evaluation[c] for c in ("validation", "prospective") if c in evaluation
-    }
+    cohorts: dict[str, Any] = {c: evaluation[c] for c in COHORTS if c in evaluation}
     figures = set(_figures(run_dir, run, cohorts))
 
     rounds = run.get("rounds", [])
@@ -435,7 +493,7 @@ def build_report(
             **{k: _read(Path(v) / "metrics.json") for k, v in comparators.items()},
         }
         for name, ev_all in entries.items():
-            for cohort in ("validation", "prospective"):
+            for cohort in COHORTS:
                 ev = ev_all.get(cohort)
                 if not ev:
                     continue

@@ -18,8 +18,10 @@ all with the federation's optimiser (AdamW, lr 1e-3, poly decay over the whole
 run), batch 4 and augmentation, so every patient is seen ``rounds`` times by
 every model: comparable compute. Then it scores every model with
 ``moefl evaluate`` on the same patients: the validation cohort (the union of
-the training sites' validation splits) and the prospective cohort (the
-``evaluate`` sites), with the oracle's true policy value. The clinical-only
+the training sites' validation splits), the prospective cohort (the
+``evaluate`` sites) and the held-out test cohort (the quality claim, with
+95 % intervals), with the oracle's true policy value and each model's share of
+the oracle's gain over the best fixed regimen. The clinical-only
 comparator (logistic regression with regimen interactions on the pooled
 training splits) is scored on the same patients.
 
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared_model.site_evaluation import COHORTS
 from simulations.benchmarks.common import benchmark_parser, finish
 
 Echo = Callable[[str], None]
@@ -50,7 +53,7 @@ def _auc(block: dict[str, Any]) -> dict[str, Any] | None:
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     """AUC (overall with CI, per regimen, per site) and Dice per cohort."""
     out: dict[str, Any] = {}
-    for cohort in ("validation", "prospective"):
+    for cohort in COHORTS:
         if cohort not in report:
             continue
         r = report[cohort]
@@ -64,6 +67,9 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "brier": r["overall"].get("brier"),
             "policy_dr": (pv.get("dr") or {}).get("value"),
             "policy_oracle": (pv.get("oracle") or {}).get("value"),
+            "share_of_oracle_gain": (pv.get("oracle") or {}).get(
+                "share_of_oracle_gain"
+            ),
         }
     return out
 
@@ -102,6 +108,7 @@ def run_quality(
         synthesize(cohort_dir, preset=preset, seed=0, force=True)
     train_yamls = sorted((cohort_dir / "site_configs").glob("*.yaml"))
     prosp_yamls = sorted((cohort_dir / "prospective" / "site_configs").glob("*.yaml"))
+    test_yamls = sorted((cohort_dir / "test" / "site_configs").glob("*.yaml"))
     all_yamls = train_yamls + prosp_yamls
     oracle = cohort_dir / "oracle"
     widths = {"base_filters": 4, "max_filters": 32} if quick else {}
@@ -154,6 +161,7 @@ def run_quality(
             checkpoint,
             all_yamls,
             out / "evaluation" / name,
+            test_yamls=test_yamls,
             oracle=oracle if oracle.is_dir() else None,
             clinical_only=name == "clinical_only",
         )
@@ -184,15 +192,22 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _share(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "n/a"
+    return f"{s['value']:.2f} ({s['ci'][0]:.2f} to {s['ci'][1]:.2f})"
+
+
 def table(result: dict[str, Any]) -> str:
     """Markdown table: one row per model and cohort."""
     lines = [
         "| model | cohort | n | AUC (95% CI) | nCRT | TNT | nCT | Dice | Brier | "
-        "pCR under its advice: DR / oracle | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "pCR under its advice: DR / oracle | share of the oracle's gain (95% CI) "
+        "| train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["models"].items():
-        for cohort in ("validation", "prospective"):
+        for cohort in COHORTS:
             c = row.get(cohort)
             if c is None:
                 continue
@@ -210,7 +225,8 @@ def table(result: dict[str, Any]) -> str:
                     _fmt_auc(reg.get(r), ci=False) for r in ("nCRT", "TNT", "nCT")
                 )
                 + f" | {dice} | {_num(c['brier'])} | {_num(c['policy_dr'])} / "
-                f"{_num(c['policy_oracle'])} | {shown} |"
+                f"{_num(c['policy_oracle'])} | {_share(c.get('share_of_oracle_gain'))} "
+                f"| {shown} |"
             )
     return "\n".join(lines)
 
