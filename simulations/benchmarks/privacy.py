@@ -129,12 +129,39 @@ def auc_runs(
             "n_val": ev.get("n"),
             "seconds": round(time.perf_counter() - t0, 1),
             "privacy": privacy_spent(record),
+            "test": _test_quality(folder),
         }
         results.append(row)
         print(json.dumps(row), flush=True)
         with (out / "results.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
     return results
+
+
+def _test_quality(folder: Path) -> dict[str, Any] | None:
+    """The run's final model on the held-out test cohort: AUC with its 95 %
+    interval, Dice, and the share of the oracle's gain (None without one)."""
+    from client.evaluation import run_evaluation
+
+    cohort = folder / "cohort"
+    tests = sorted((cohort / "test" / "site_configs").glob("*.yaml"))
+    if not tests:
+        return None
+    report = run_evaluation(
+        folder / "federated",
+        sorted((cohort / "site_configs").glob("*.yaml")),
+        folder / "federated" / "evaluation",
+        test_yamls=tests,
+        oracle=cohort / "oracle",
+    )
+    test = report["test"]
+    truth = test["policy_value"].get("oracle") or {}
+    return {
+        "n": test["n"],
+        "auc": test["overall"]["auc"],
+        "dice": test["dice"],
+        "share_of_oracle_gain": truth.get("share_of_oracle_gain"),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,14 +198,32 @@ def main(argv: list[str] | None = None) -> None:
             not args.no_baseline,
             args.quick,
         )
-        print(f"{'setting':>8} {'AUC':>6} {'Dice':>6}  epsilon spent per site")
+        print(
+            f"{'setting':>8} {'val AUC':>7} {'Dice':>6} {'test AUC (95% CI)':>22} "
+            f"{'share of oracle gain':>22}  epsilon spent per site"
+        )
         for row in result:
             spent = ", ".join(
                 f"{s} {p['epsilon']:.2f}" for s, p in sorted(row["privacy"].items())
             )
             auc = "n/a" if row["auc"] is None else f"{row['auc']:.3f}"
             dice = "n/a" if row["dice"] is None else f"{row['dice']:.3f}"
-            print(f"{row['setting']:>8} {auc:>6} {dice:>6}  {spent or '-'}")
+            t = row.get("test") or {}
+            a, sh = t.get("auc"), t.get("share_of_oracle_gain")
+            t_auc = (
+                "n/a"
+                if not a
+                else f"{a['auc']:.3f} ({a['ci'][0]:.2f}-{a['ci'][1]:.2f})"
+            )
+            t_sh = (
+                "n/a"
+                if not sh
+                else f"{sh['value']:.2f} ({sh['ci'][0]:.2f} to {sh['ci'][1]:.2f})"
+            )
+            print(
+                f"{row['setting']:>8} {auc:>7} {dice:>6} {t_auc:>22} {t_sh:>22}  "
+                f"{spent or '-'}"
+            )
     if args.json:
         args.json.write_text(
             json.dumps({"machine": machine(), "result": result}, indent=2)
