@@ -182,9 +182,10 @@ def _survival_figure(out: Path, cohort: str, survival: dict[str, Any]) -> str:
             km = survival["kaplan_meier"].get(g)
             if not km:
                 continue
+            end = km.get("max_follow_up") or 0.0
             axis.step(
-                [0.0, *km["times"]],
-                [1.0, *km["survival"]],
+                [0.0, *km["times"], end],
+                [1.0, *km["survival"], (km["survival"] or [1.0])[-1]],
                 where="post",
                 label=f"{g} (n={km['n']})",
             )

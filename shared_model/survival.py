@@ -255,7 +255,8 @@ def kaplan_meier(counts: SurvivalCounts, *, level: float = 0.95) -> dict[str, An
         * ``median``: first time at which ``S <= 0.5`` (None if not reached);
         * ``dfs_3y`` and ``dfs_3y_ci``: survival at :data:`DFS_3Y_MONTHS` and its
           interval (None when nobody was followed that long);
-        * ``level``, ``bin_months``.
+        * ``level``, ``bin_months``; ``max_follow_up``: the end of the last bin
+          anyone reaches (the curve is flat from the last event to there).
 
         ``se`` and the intervals are None where undefined: once ``S`` reaches 0
         (every patient at risk had an event), and intervals also where ``S`` is 1.
@@ -306,6 +307,7 @@ def kaplan_meier(counts: SurvivalCounts, *, level: float = 0.95) -> dict[str, An
         "dfs_3y_ci": dfs_3y_ci,
         "level": level,
         "bin_months": DFS_BIN_MONTHS,
+        "max_follow_up": float(np.count_nonzero(counts.at_risk) * DFS_BIN_MONTHS),
     }
 
 
