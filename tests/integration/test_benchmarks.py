@@ -58,7 +58,7 @@ def test_a_site_without_validation_patients_adds_an_empty_evaluation(
     from shared_model.site_evaluation import combine_by_cohort
     from simulations.benchmarks.scale import partition_cohort
 
-    yamls = partition_cohort(tiny_cohort, tmp_path / "p", per_site=4)
+    yamls = partition_cohort(tiny_cohort, tmp_path / "p", per_site=2)
     plan = Plan.load(tmp_path / "p" / "plan.json")
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_plan(plan, base_filters=4, max_filters=32))
@@ -67,7 +67,7 @@ def test_a_site_without_validation_patients_adds_an_empty_evaluation(
         cfg = load_site_config(y)
         evaluations.append(evaluate_site(model, cfg, plan, device=torch.device("cpu")))
     sizes = [sum(c.n for c in e.counts.values()) for e in evaluations]
-    assert 0 in sizes and sum(sizes) > 0  # 4 patients at 0.2 leaves one site none
+    assert 0 in sizes and sum(sizes) > 0  # 2 patients at 0.2 leave some sites none
     report = combine_by_cohort(evaluations, 0.8)
     assert report["validation"]["n"] == sum(sizes)
 

@@ -62,7 +62,7 @@ def test_demo_reuses_an_existing_cohort(tiny_cohort: Path, tmp_path: Path) -> No
     )
     assert result.exit_code == 0, result.output
     assert "reusing the tiny cohort" in result.output
-    assert result.output.count(": ok (") == 6
+    assert result.output.count(": ok (") == 10  # 3 + 3 + 4 test sites
     run = tmp_path / "run" / "federated"
     for name in ("report.md", "report.html", "training.png", "evaluation/metrics.json"):
         assert (run / name).is_file(), name
