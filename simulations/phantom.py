@@ -293,9 +293,8 @@ def core_depth_for(anat: Anatomy, fraction: float, step_mm: float = 0.5) -> floa
     reach = anat.wall_r + max(anat.extension, 0.0)
     half_len = anat.tumour_len / 2.0
     ax = np.arange(-reach, reach + step_mm, step_mm, dtype=np.float32)
-    zs = np.arange(
-        anat.tumour_z0 - half_len, anat.tumour_z0 + half_len + 1.0, 1.0, np.float32
-    )
+    z_lo, z_hi = anat.tumour_z0 - half_len, anat.tumour_z0 + half_len + 1.0
+    zs = np.arange(z_lo, z_hi, 1.0, dtype=np.float32)
     dx, dy, z = np.meshgrid(ax, ax, zs, indexing="ij")
     mask, depth = tumour_depth(dx, dy, z, np.hypot(dx, dy), anat)
     if not mask.any():
