@@ -21,6 +21,27 @@ def test_synth_tables_only_prints_counts(tmp_path: Path) -> None:
     assert "nCT   n=  88" in result.output
     summary = json.loads((tmp_path / "c" / "cohort.json").read_text())
     assert summary["tables_only"] is True
+    # the oracle's scoreboard, one line per cohort
+    assert "share of the oracle's gain" in result.output
+    assert result.output.count("best regimen: nCRT") == 3
+
+
+def test_synth_test_size_sets_the_held_out_cohort(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["synth", str(tmp_path / "c"), "--preset", "tiny", "--tables-only"]
+        + ["--test-size", "12"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "+ 12 test cases" in result.output
+    tables = sorted((tmp_path / "c" / "test" / "sites").glob("Dataset3*/clinical.csv"))
+    assert len(tables) == 4  # every centre, the new one included
+    rows = sum(len(t.read_text().splitlines()) - 1 for t in tables)
+    assert rows == 12
+    bad = runner.invoke(
+        app, ["synth", str(tmp_path / "d"), "--tables-only", "--test-size", "-1"]
+    )
+    assert bad.exit_code == 2 and "--test-size" in bad.output
 
 
 def test_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
