@@ -18,6 +18,11 @@ split and replies with counts and sums only
 class and sums for the Brier score and calibration; Dice and loss sums; the
 recommendation counts and policy-value sums with the site's own propensity
 model), never per-patient scores.
+
+Failures: an exception in either handler is logged in full at the site and
+answered with an error reply that carries only a code and a fixed message
+(:data:`SITE_ERRORS`): our messages name case ids and paths, which stay at the
+site.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MetricRecord,
     RecordDict,
@@ -56,7 +62,7 @@ from client.privacy import (
 )
 from client.site_config import SiteConfig, load_site_config
 from shared_model.clinical import REGIMENS
-from shared_model.errors import ConfigError
+from shared_model.errors import ConfigError, DataError, MoeflError
 from shared_model.federation_config import FederationConfig
 from shared_model.loss import LossConfig
 from shared_model.model import ModelConfig, UNetMoECli, build_model, parameter_groups
@@ -66,6 +72,36 @@ from shared_model.policy import RecommendationRule
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+
+SITE_ERRORS: dict[str, tuple[int, str]] = {
+    "config": (1001, "the site refused its configuration or the run's settings"),
+    "data": (1002, "the site could not read or prepare its data"),
+    "site": (1003, "the site could not complete the task"),
+    "internal": (1099, "the site failed with an unexpected error"),
+}
+"""Error codes a site replies with (Flower's own codes are below 100); the
+reason text is fixed, so no case id, path or exception text leaves the site."""
+
+
+def error_reply(msg: Message, error: BaseException, task: str) -> Message:
+    """Log ``error`` in full here; reply with its code and a fixed message."""
+    kind = (
+        "config"
+        if isinstance(error, ConfigError)
+        else "data"
+        if isinstance(error, DataError)
+        else "site"
+        if isinstance(error, MoeflError)
+        else "internal"
+    )
+    code, text = SITE_ERRORS[kind]
+    log.error(
+        "%s failed (code %d, sent to the server as such)", task, code, exc_info=error
+    )
+    return Message(
+        Error(code=code, reason=f"moefl-{kind}: {text}; details are in the site's log"),
+        reply_to=msg,
+    )
 
 
 @dataclass
@@ -147,6 +183,14 @@ def _setup(
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Local training on the site's split; an error reply with a code on failure."""
+    try:
+        return train_round(msg, context)
+    except Exception as e:
+        return error_reply(msg, e, "training")
+
+
+def train_round(msg: Message, context: Context) -> Message:
     """Local training on the site's split; upload only the groups it trained."""
     t0 = time.perf_counter()
     fed, site, model, device = _setup(msg, context)
@@ -294,6 +338,14 @@ def _declined(
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Validation counts and sums; an error reply with a code on failure."""
+    try:
+        return evaluate_round(msg, context)
+    except Exception as e:
+        return error_reply(msg, e, "evaluation")
+
+
+def evaluate_round(msg: Message, context: Context) -> Message:
     """Score the validation split; reply with counts and sums only."""
     t0 = time.perf_counter()
     fed, site, model, device = _setup(msg, context)

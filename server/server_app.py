@@ -3,7 +3,8 @@
 The run folder (``run-dir``, on the coordinator's machine) holds::
 
     checkpoints/round_NNN.safetensors   global weights after round NNN
-    checkpoints/round_NNN.state.json    strategy state (round, FedAdam step) ...
+    checkpoints/round_NNN.state.json    strategy state (round, FedAdam step, the
+                                        sites' declared counts) ...
     checkpoints/round_NNN.adam.safetensors   ... and FedAdam moments, when used
     model.safetensors, config.json, plan.json   the latest model (moefl predict reads it)
     run_config.json                     the resolved federation config
@@ -11,7 +12,11 @@ The run folder (``run-dir``, on the coordinator's machine) holds::
                                         sites (counts, bytes, each site's DP-SGD
                                         accounting under "privacy"), excluded,
                                         declined (a site's budget refused the
-                                        round), missing, groups, client_dp, evaluate
+                                        round), missing, groups, client_dp,
+                                        flags (counts below a declaration),
+                                        evaluate; and "declared_counts": per
+                                        site, the patients per group it declared
+                                        in its first valid reply
 
 A run resumes from its last checkpoint (weights and strategy state) when
 ``resume`` is true and continues as if it had never stopped.
@@ -69,6 +74,8 @@ def save_round(
     adam: AdamState,
     model_cfg: ModelConfig,
     plan: Plan,
+    *,
+    declared: Mapping[str, Mapping[str, int]] | None = None,
 ) -> None:
     ckpt = run_dir / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -80,7 +87,7 @@ def save_round(
         }
         save_file(moments, str(ckpt / f"round_{rnd:03d}.adam.safetensors"))
     (ckpt / f"round_{rnd:03d}.state.json").write_text(
-        json.dumps({"round": rnd, "adam_t": adam.t})
+        json.dumps({"round": rnd, "adam_t": adam.t, "declared": declared or {}})
     )
     save_file(tensors, str(run_dir / "model.safetensors"))
     (run_dir / "config.json").write_text(
@@ -89,17 +96,24 @@ def save_round(
     plan.save(run_dir / "plan.json")
 
 
-def load_round(run_dir: Path, rnd: int) -> tuple[dict[str, np.ndarray], AdamState]:
+def load_round(
+    run_dir: Path, rnd: int
+) -> tuple[dict[str, np.ndarray], AdamState, dict[str, dict[str, int]]]:
+    """A checkpoint's weights, FedAdam state and the sites' declared counts."""
     ckpt = run_dir / "checkpoints"
     arrays = load_file(str(ckpt / f"round_{rnd:03d}.safetensors"))
     state = json.loads((ckpt / f"round_{rnd:03d}.state.json").read_text())
     adam = AdamState(t=int(state.get("adam_t", 0)))
+    declared = {
+        str(site): {str(g): int(n) for g, n in counts.items()}
+        for site, counts in state.get("declared", {}).items()
+    }
     adam_path = ckpt / f"round_{rnd:03d}.adam.safetensors"
     if adam_path.is_file():
         for k, v in load_file(str(adam_path)).items():
             kind, name = k.split("/", 1)
             (adam.m if kind == "m" else adam.v)[name] = v
-    return arrays, adam
+    return arrays, adam, declared
 
 
 def _write_metrics(run_dir: Path, record: dict[str, Any]) -> None:
@@ -161,7 +175,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     start = last_checkpoint(run_dir) if fed.resume else 0
     record: dict[str, Any] = {"status": "running", "rounds": []}
     if start:
-        arrays, strategy.adam = load_round(run_dir, start)
+        arrays, strategy.adam, strategy.declared = load_round(run_dir, start)
         old = json.loads((run_dir / "metrics.json").read_text())
         record["rounds"] = [r for r in old.get("rounds", []) if r["round"] <= start]
         strategy.client_dp_releases = sum(
@@ -207,6 +221,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             }
             if outcome.client_dp is not None:
                 entry["client_dp"] = outcome.client_dp
+            if outcome.flags:
+                entry["flags"] = outcome.flags
             if fed.evaluate_every and rnd % fed.evaluate_every == 0:
                 ev_msgs = strategy.configure_evaluate(
                     rnd, arrays_to_record(arrays), ConfigRecord(dict(config)), grid
@@ -215,7 +231,16 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                 entry["evaluate"] = strategy.aggregate_evaluation(ev_replies)
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             record["rounds"].append(entry)
-            save_round(run_dir, rnd, arrays, strategy.adam, model_cfg, plan)
+            record["declared_counts"] = strategy.declared
+            save_round(
+                run_dir,
+                rnd,
+                arrays,
+                strategy.adam,
+                model_cfg,
+                plan,
+                declared=strategy.declared,
+            )
             _write_metrics(run_dir, record)
             ev = entry.get("evaluate", {})
             log.info(

@@ -1,18 +1,29 @@
 """Grouped aggregation strategy on Flower's Message API.
 
 Sampling and message construction come from Flower's ``FedAvg``; aggregation
-is ours: replies are checked one by one (an error reply, NaN/Inf, a wrong
-shape, an unknown key or a bad count excludes that site and is logged, the
-round goes on), sorted by site name, and folded with
+is ours: replies are untrusted input, checked one by one, and anything wrong
+with one (an error reply, a wrong dtype or shape, NaN/Inf, an unknown key, a
+metric that is not a finite number, a count above what the site declared when
+it joined, a site name claimed by two replies, or any exception while reading
+it) excludes that site for the round with a reason; the round goes on. Valid
+replies are sorted by site name and folded with
 :func:`shared_model.aggregation.grouped_mean`; FedAdam optionally moves the
 trained groups with server-side Adam. Sites are named by the ``site`` entry of
 their reply, never by Flower node id (random per run).
+
+Declared counts: a site's first valid reply declares its patients per group;
+later replies may not claim more (an aggregation weight a site could inflate
+at will would let it take the model), and a smaller count is accepted and
+flagged. The declarations are part of the strategy's state, checkpointed with
+each round and shown in the run record.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,24 +60,56 @@ class RoundOutcome:
     declined: dict[str, dict[str, Any]] = field(default_factory=dict)
     client_dp: dict[str, Any] | None = None
     updated: bool = False
+    flags: dict[str, list[str]] = field(default_factory=dict)
+
+
+class ReplyRejected(Exception):
+    """One reply is unusable; ``reason`` says why (the site is excluded)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _number(value: Any, key: str) -> float:
+    """A finite real number from a reply's metric, or ReplyRejected."""
+    if isinstance(value, bool) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise ReplyRejected(
+            f"metric `{key}` is a {type(value).__name__}; expected a number"
+        )
+    out = float(value)
+    if not math.isfinite(out):
+        raise ReplyRejected(f"metric `{key}` is {out}; expected a finite number")
+    return out
 
 
 def _privacy_metrics(metrics: dict[str, Any]) -> dict[str, float] | None:
     """A site's DP-SGD accounting from its reply (``dp-*`` keys), if any."""
     out = {
-        k[3:].replace("-", "_"): float(v)
+        k[3:].replace("-", "_"): _number(v, k)
         for k, v in metrics.items()
         if k.startswith("dp-")
     }
     return out or None
 
 
+def _claimed_name(msg: Message) -> str | None:
+    """The site name a reply gives itself (None: error reply, or none readable)."""
+    try:
+        if not msg.has_content():
+            return None
+        info = msg.content.config_records.get("info")
+        name = None if info is None or "site" not in info else info["site"]
+    except Exception:  # a malformed reply
+        return None
+    return name if isinstance(name, str) and name else None
+
+
 def _site_name(msg: Message, fallback: str) -> str:
-    """The site's own name from its reply; error replies carry no content."""
-    if not msg.has_content():
-        return fallback
-    info = msg.content.config_records.get("info")
-    return str(info["site"]) if info is not None and "site" in info else fallback
+    """The site's own name from its reply, else ``fallback`` (its position)."""
+    return _claimed_name(msg) or fallback
 
 
 class GroupedStrategy(FedAvg):
@@ -84,6 +127,8 @@ class GroupedStrategy(FedAvg):
         self.groups = groups
         self.adam = AdamState()
         self.client_dp_releases = 0  # rounds released under client-level DP
+        # site -> patients per group it declared in its first valid reply
+        self.declared: dict[str, dict[str, int]] = {}
 
     def _central_rng(self, server_round: int) -> np.random.Generator:
         """Client-level DP noise: from the OS's entropy, unless ``dp-reproducible``
@@ -118,51 +163,33 @@ class GroupedStrategy(FedAvg):
     ) -> RoundOutcome:
         """Verify every reply, then aggregate the valid ones by group."""
         outcome = RoundOutcome(arrays=current)
+        replies = list(replies)
+        names = [_site_name(msg, f"node-{i}") for i, msg in enumerate(replies)]
+        claimed = Counter(
+            n for n, msg in zip(names, replies, strict=True) if msg.has_content()
+        )
         updates: list[SiteUpdate] = []
-        for i, msg in enumerate(replies):
-            name = _site_name(msg, f"node-{i}")
-            if msg.has_error():
-                outcome.excluded[name] = [f"site reported an error: {msg.error.reason}"]
-                continue
-            info = msg.content.config_records.get("info")
-            if info is not None and "declined" in info:
-                m = msg.content.metric_records.get("metrics")
-                outcome.declined[name] = {
-                    "reason": str(info["declined"]),
-                    "privacy": _privacy_metrics(dict(m)) if m is not None else None,
-                }
-                log.warning(
-                    "round %d: site %s declined: %s",
-                    server_round,
-                    name,
-                    info["declined"],
-                )
+        for name, msg in zip(names, replies, strict=True):
+            if claimed[name] > 1:
+                outcome.excluded[name] = [
+                    f"the site name was claimed by {claimed[name]} replies; all "
+                    "are excluded"
+                ]
                 continue
             try:
-                arrays = record_to_arrays(msg.content.array_records["arrays"])
-                metrics: dict[str, Any] = dict(msg.content.metric_records["metrics"])
-                counts = {g: metrics[key] for g, key in GROUP_COUNT_KEYS.items()}
-            except (KeyError, TypeError, ValueError) as e:
-                outcome.excluded[name] = [f"malformed reply ({e!r})"]
+                got = self._read_train_reply(msg, current, name, outcome)
+            except ReplyRejected as e:
+                outcome.excluded.setdefault(name, []).append(e.reason)
                 continue
-            if name in outcome.sites:
-                outcome.excluded[name] = ["a second reply under the same site name"]
+            except Exception as e:  # an unforeseen malformation: never fatal
+                outcome.excluded.setdefault(name, []).append(
+                    f"unreadable reply ({type(e).__name__})"
+                )
                 continue
-            problems = verify_update(
-                SiteUpdate(name, arrays, counts), current, self.groups
-            )
-            if problems:
-                outcome.excluded[name] = problems
-                continue
-            updates.append(SiteUpdate(name, arrays, counts))
-            loss = metrics.get("train-loss")  # not sent under DP
-            outcome.sites[name] = {
-                **{k: metrics[k] for k in GROUP_COUNT_KEYS.values()},
-                "train_loss": None if loss is None else float(loss),
-                "seconds": float(metrics.get("seconds", float("nan"))),
-                "bytes_up": int(sum(a.nbytes for a in arrays.values())),
-                "privacy": _privacy_metrics(metrics),
-            }
+            if got is not None:
+                update, outcome.sites[name] = got
+                self._declare(name, update.counts, outcome)
+                updates.append(update)
         for name, problems in outcome.excluded.items():
             log.warning(
                 "round %d: excluded site %s: %s",
@@ -229,6 +256,80 @@ class GroupedStrategy(FedAvg):
         outcome.updated = True
         return outcome
 
+    def _read_train_reply(
+        self,
+        msg: Message,
+        current: dict[str, np.ndarray],
+        name: str,
+        outcome: RoundOutcome,
+    ) -> tuple[SiteUpdate, dict[str, Any]] | None:
+        """One training reply, checked: the update and its run-record entry, or
+        None for a declined round (recorded in ``outcome``). Raises
+        ReplyRejected (or anything else) when the reply is unusable."""
+        if msg.has_error():
+            raise ReplyRejected(f"site reported an error: {msg.error.reason}")
+        if _claimed_name(msg) is None:
+            raise ReplyRejected("the reply names no site (`info` record, `site`)")
+        info = msg.content.config_records.get("info")
+        if info is not None and "declined" in info:
+            m = msg.content.metric_records.get("metrics")
+            outcome.declined[name] = {
+                "reason": str(info["declined"]),
+                "privacy": _privacy_metrics(dict(m)) if m is not None else None,
+            }
+            log.warning("site %s declined: %s", name, info["declined"])
+            return None
+        try:
+            arrays = record_to_arrays(msg.content.array_records["arrays"])
+            metrics: dict[str, Any] = dict(msg.content.metric_records["metrics"])
+            counts = {g: metrics[key] for g, key in GROUP_COUNT_KEYS.items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ReplyRejected(f"malformed reply ({e!r})") from e
+        update = SiteUpdate(name, arrays, counts)
+        problems = verify_update(update, current, self.groups)
+        if problems:
+            raise ReplyRejected("; ".join(problems))
+        above = {
+            g: (n, self.declared[name][g])
+            for g, n in counts.items()
+            if name in self.declared and n > self.declared[name].get(g, 0)
+        }
+        if above:
+            g, (n, was) = next(iter(above.items()))
+            raise ReplyRejected(
+                f"claims {n} patients for `{g}`, more than the {was} it declared "
+                "when it joined"
+            )
+        loss = metrics.get("train-loss")  # not sent under DP
+        entry = {
+            **{k: int(metrics[k]) for k in GROUP_COUNT_KEYS.values()},
+            "train_loss": None if loss is None else _number(loss, "train-loss"),
+            "seconds": (
+                _number(metrics["seconds"], "seconds") if "seconds" in metrics else None
+            ),
+            "bytes_up": int(sum(a.nbytes for a in arrays.values())),
+            "privacy": _privacy_metrics(metrics),
+        }
+        return update, entry
+
+    def _declare(
+        self, name: str, counts: Mapping[str, Any], outcome: RoundOutcome
+    ) -> None:
+        """Record a site's first counts; flag a later drop below them."""
+        if name not in self.declared:
+            self.declared[name] = {g: int(n) for g, n in counts.items()}
+            log.info("site %s declared %s", name, self.declared[name])
+            return
+        fewer = [
+            f"`{g}` {int(n)} (declared {self.declared[name][g]})"
+            for g, n in counts.items()
+            if int(n) < self.declared[name].get(g, 0)
+        ]
+        if fewer:
+            outcome.flags[name] = [
+                "counts below those declared when it joined: " + ", ".join(fewer)
+            ]
+
     def aggregate_evaluation(self, replies: Iterable[Message]) -> dict[str, Any]:
         """Federated validation metrics from the sites' counts and sums.
 
@@ -240,6 +341,7 @@ class GroupedStrategy(FedAvg):
         robust, and the model's own estimate apart).
         """
         sites: dict[str, SiteEvaluation] = {}
+        claimed: Counter[str] = Counter()
         for i, msg in enumerate(replies):
             name = _site_name(msg, f"node-{i}")
             if msg.has_error():
@@ -247,14 +349,19 @@ class GroupedStrategy(FedAvg):
                     "evaluation: site %s reported an error: %s", name, msg.error.reason
                 )
                 continue
-            if name in sites:
-                log.warning("evaluation: excluded a second reply from site %s", name)
-                continue
+            claimed[name] += 1  # an error reply has no content and claims nothing
             try:
                 values: dict[str, Any] = dict(msg.content["metrics"])
                 sites[name] = SiteEvaluation.from_values(name, "validation", values)
-            except (KeyError, TypeError, ValueError) as e:
+            except Exception as e:  # malformed or impossible: never fatal
                 log.warning("evaluation: excluded site %s: %r", name, e)
+        for name, n in claimed.items():
+            if n > 1 and sites.pop(name, None) is not None:
+                log.warning(
+                    "evaluation: excluded site %s: its name was claimed by %d replies",
+                    name,
+                    n,
+                )
         return combine(
             list(sites.values()), target_sensitivity=self.fed.target_sensitivity
         )

@@ -31,6 +31,12 @@ GROUP_COUNT_KEYS: dict[str, str] = {
 }
 
 
+MAX_SITE_PATIENTS = 100_000
+"""No site trains on more patients than this; a reply claiming more is refused
+(a count is an aggregation weight: an unbounded one would let one site take
+the model)."""
+
+
 @dataclass(frozen=True)
 class SiteUpdate:
     """One site's reply: the arrays it trained and its counts per group."""
@@ -47,14 +53,20 @@ def verify_update(
 ) -> list[str]:
     """Problems that make an update unusable (empty list: usable).
 
-    Checks: every array name is known and has the reference shape, values are
-    finite, counts are non-negative integers for known groups, and a group
-    with a positive count is uploaded whole.
+    Checks: every array name is known and has the reference shape and dtype,
+    values are finite, counts are whole numbers from 0 to
+    :data:`MAX_SITE_PATIENTS` for known groups, and a group with a positive
+    count is uploaded whole.
     """
     problems = []
     for name, value in update.arrays.items():
         if name not in reference:
             problems.append(f"unknown array `{name}`")
+        elif not isinstance(value, np.ndarray) or value.dtype != reference[name].dtype:
+            dtype = getattr(value, "dtype", type(value).__name__)
+            problems.append(
+                f"`{name}` has dtype {dtype}, expected {reference[name].dtype}"
+            )
         elif tuple(value.shape) != tuple(reference[name].shape):
             problems.append(
                 f"`{name}` has shape {tuple(value.shape)}, expected "
@@ -65,9 +77,14 @@ def verify_update(
     for group, n in update.counts.items():
         if group not in groups:
             problems.append(f"unknown group `{group}`")
-        elif not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        elif (
+            not isinstance(n, (int, np.integer))
+            or isinstance(n, bool)
+            or not 0 <= n <= MAX_SITE_PATIENTS
+        ):
             problems.append(
-                f"count of `{group}` is {n!r}; expected a whole number >= 0"
+                f"count of `{group}` is {n!r}; expected a whole number from 0 to "
+                f"{MAX_SITE_PATIENTS}"
             )
         elif n > 0:
             missing = [k for k in groups[group] if k not in update.arrays]

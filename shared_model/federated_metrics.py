@@ -139,7 +139,12 @@ class ScoreCounts:
             or calib.shape != (CALIBRATION_BINS,)
         ):
             raise ValueError(f"`{prefix}*` has the wrong shape")
-        if (pos < 0).any() or (neg < 0).any() or not np.isfinite(sums).all():
+        if (
+            (pos < 0).any()
+            or (neg < 0).any()
+            or not np.isfinite(sums).all()
+            or not np.isfinite(calib).all()
+        ):
             raise ValueError(f"`{prefix}*` holds negative or non-finite counts")
         n = pos.sum() + neg.sum()
         if not (-1e-9 <= sums[0] <= n + 1e-9 and -1e-9 <= sums[2] <= pos.sum() + 1e-9):

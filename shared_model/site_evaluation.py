@@ -79,17 +79,18 @@ class SiteEvaluation:
         cls, site: str, cohort: str, values: dict[str, Any]
     ) -> SiteEvaluation:
         """Server side; raises KeyError, TypeError or ValueError when malformed."""
-        dice_n, loss_n = int(values["dice-n"]), int(values["loss-n"])
-        if dice_n < 0 or loss_n < 0:
-            raise ValueError("negative counts")
+        dice_n, loss_n = _count(values["dice-n"]), _count(values["loss-n"])
+        dice_sum, loss_sum = _finite(values["dice-sum"]), _finite(values["loss-sum"])
+        if not -1e-9 <= dice_sum <= dice_n + 1e-9:
+            raise ValueError("`dice-sum` is outside [0, dice-n]")
         return cls(
             site,
             cohort,
             {r: ScoreCounts.from_values(values, f"{r}-") for r in REGIMENS},
-            float(values["dice-sum"]),
+            dice_sum,
             dice_n,
             PolicySums.from_values(values),
-            loss_sum=float(values["loss-sum"]),
+            loss_sum=loss_sum,
             loss_n=loss_n,
             survival=(
                 {
@@ -100,6 +101,27 @@ class SiteEvaluation:
                 else None
             ),
         )
+
+
+def _count(value: Any) -> int:
+    """A whole number >= 0 from a reply (bools and fractions refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"a count is {type(value).__name__}; expected an integer")
+    if value < 0:
+        raise ValueError("negative counts")
+    return int(value)
+
+
+def _finite(value: Any) -> float:
+    """A finite real number from a reply (bools, strings, lists refused)."""
+    if isinstance(value, bool) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(f"a sum is {type(value).__name__}; expected a number")
+    out = float(value)
+    if not np.isfinite(out):
+        raise ValueError("a sum is NaN or infinite")
+    return out
 
 
 def combine(

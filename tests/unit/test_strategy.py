@@ -137,12 +137,16 @@ def test_min_sites_per_expert() -> None:
     assert np.allclose(out.arrays["e0"], 2.0)
 
 
-def test_duplicate_site_name_is_excluded() -> None:
+def test_a_site_name_claimed_twice_excludes_both_replies() -> None:
+    """An impostor cannot push the real site out (nor in): both go."""
     out = strategy().aggregate_round(
-        1, [reply("a", 1.0), reply("a", 5.0), reply("b", 3.0)], CURRENT
+        1, [reply("a", 1.0), reply("a", 5.0), reply("b", 3.0), reply("c", 5.0)], CURRENT
     )
-    assert out.excluded["a"] == ["a second reply under the same site name"]
-    assert np.allclose(out.arrays["enc"], 2.0)
+    assert out.excluded["a"] == [
+        "the site name was claimed by 2 replies; all are excluded"
+    ]
+    assert set(out.sites) == {"b", "c"}
+    assert np.allclose(out.arrays["enc"], 4.0)
 
 
 def test_fedadam_strategy_moves_trained_groups_only() -> None:
@@ -295,8 +299,11 @@ def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
             }
         )
     )
-    ev2 = strategy().aggregate_evaluation([*replies, bad, replies[0]])
+    ev2 = strategy().aggregate_evaluation([*replies, bad])
     assert ev2["n"] == 270 and set(ev2["sites"]) == {"a", "b", "c"}
+    # a name claimed twice: both replies are left out
+    ev3 = strategy().aggregate_evaluation([*replies, replies[0]])
+    assert ev3["n"] == 180 and set(ev3["sites"]) == {"b", "c"}
     assert ev["policy_value"]["n"] == 270 and ev["loss"] == pytest.approx(0.5)
 
 

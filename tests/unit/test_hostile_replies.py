@@ -1,0 +1,188 @@
+"""Hostile replies: each is excluded with a reason, never ends the round, and
+never moves the honest sites' mean."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from client.client_app import arrays_to_record
+from server.strategy import GroupedStrategy
+from shared_model.federated_metrics import ScoreCounts
+from shared_model.federation_config import FederationConfig
+from shared_model.policy import PolicySums
+from shared_model.site_evaluation import SiteEvaluation
+from tests.unit.test_strategy import CURRENT, GROUPS, FakeReply, reply
+
+
+def _arrays(value: Any, dtype: Any = np.float32, **extra: Any) -> dict[str, Any]:
+    return {
+        "enc": np.full(3, value, dtype),
+        "e0": np.full(3, value, dtype),
+        **extra,
+    }
+
+
+def _raw(
+    site: Any, arrays: dict | None, metrics: dict | None, info: bool = True
+) -> FakeReply:
+    content: dict[str, Any] = {}
+    if arrays is not None:
+        content["arrays"] = arrays_to_record(arrays)
+    if metrics is not None:
+        content["metrics"] = MetricRecord(metrics)
+    if info:
+        content["info"] = ConfigRecord({"site": site})
+    return FakeReply(RecordDict(content))
+
+
+GOOD_METRICS = {"n-shared": 10, "n-nCRT": 10, "n-TNT": 0, "n-nCT": 0}
+
+HOSTILE: dict[str, FakeReply] = {
+    "error reply": FakeReply(None, error="Traceback ... /data/WCH_R0001.nii.gz"),
+    "empty reply": FakeReply(None),
+    "string dtype": _raw("evil", _arrays("x", dtype="<U1"), GOOD_METRICS),
+    "float64 dtype": _raw("evil", _arrays(99.0, dtype=np.float64), GOOD_METRICS),
+    "complex dtype": _raw("evil", _arrays(99 + 1j, dtype=np.complex64), GOOD_METRICS),
+    "integer dtype": _raw("evil", _arrays(99, dtype=np.int32), GOOD_METRICS),
+    "wrong shape": reply("evil", 99.0, arrays={"enc": np.full(4, 99, np.float32)}),
+    "NaN weights": reply("evil", float("nan")),
+    "infinite weights": reply("evil", float("inf")),
+    "unknown array": reply(
+        "evil", 99.0, arrays=_arrays(99.0, extra=np.zeros(2, np.float32))
+    ),
+    "no arrays": _raw("evil", None, GOOD_METRICS),
+    "no metrics": _raw("evil", _arrays(99.0), None),
+    "missing count": _raw("evil", _arrays(99.0), {"n-shared": 10}),
+    "fractional count": reply("evil", 99.0, **{"n-shared": 10.5}),
+    "negative count": reply("evil", 99.0, **{"n-shared": -5}),
+    "huge count": reply("evil", 99.0, **{"n-shared": 10**12, "n-nCRT": 10**12}),
+    "expert count without its arrays": reply("evil", 99.0, **{"n-nCT": 5}),
+    "list-valued seconds": reply("evil", 99.0, seconds=[1.0, 2.0]),
+    "list-valued train loss": reply("evil", 99.0, **{"train-loss": [1.0]}),
+    "NaN train loss": reply("evil", 99.0, **{"train-loss": float("nan")}),
+    "list-valued dp metric": reply("evil", 99.0, **{"dp-epsilon": [1.0, 2.0]}),
+    "infinite dp metric": reply("evil", 99.0, **{"dp-epsilon": float("inf")}),
+    "impostor of an honest site": reply("a", 99.0),
+    "non-string site name": _raw(7, _arrays(99.0), GOOD_METRICS),
+}
+
+
+def _round(hostile: FakeReply) -> Any:
+    strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
+    honest = [reply("a", 1.0), reply("b", 3.0), reply("c", 2.0)]
+    return strategy.aggregate_round(1, [*honest, hostile], CURRENT)
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_a_hostile_reply_is_excluded_and_the_honest_mean_stands(kind: str) -> None:
+    out = _round(HOSTILE[kind])
+    assert out.updated
+    if kind == "impostor of an honest site":
+        # both replies under "a" go; b and c remain
+        assert "a" in out.excluded and set(out.sites) == {"b", "c"}
+        assert np.allclose(out.arrays["enc"], 2.5)
+        return
+    assert set(out.sites) == {"a", "b", "c"}, out.excluded
+    assert np.allclose(out.arrays["enc"], 2.0)
+    assert np.allclose(out.arrays["e0"], 2.0)
+    assert len(out.excluded) == 1
+    (reasons,) = out.excluded.values()
+    assert reasons and all(isinstance(r, str) and r for r in reasons)
+
+
+def test_at_least_fifteen_kinds() -> None:
+    assert len(HOSTILE) >= 15
+
+
+def test_a_site_cannot_claim_more_patients_than_it_declared() -> None:
+    strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
+    first = strategy.aggregate_round(1, [reply("a", 1.0), reply("b", 3.0)], CURRENT)
+    assert strategy.declared["a"]["shared"] == 10 and not first.excluded
+    inflated = reply("a", 99.0, **{"n-shared": 1000, "n-nCRT": 1000})
+    out = strategy.aggregate_round(
+        2, [inflated, reply("b", 3.0), reply("c", 1.0)], CURRENT
+    )
+    assert "more than the 10 it declared" in out.excluded["a"][0]
+    assert np.allclose(out.arrays["enc"], 2.0)
+    # fewer than declared is accepted and flagged
+    fewer = reply("a", 1.0, **{"n-shared": 8, "n-nCRT": 8})
+    out = strategy.aggregate_round(3, [fewer, reply("b", 3.0)], CURRENT)
+    assert "a" in out.sites and "declared 10" in out.flags["a"][0]
+
+
+def _evaluation(site: str, **override: Any) -> FakeReply:
+    rng = np.random.default_rng(len(site))
+    counts = {
+        r: ScoreCounts.from_scores(
+            rng.random(20).tolist(), (rng.random(20) < 0.3).astype(float).tolist()
+        )
+        for r in ("nCRT", "TNT", "nCT")
+    }
+    values = {
+        **SiteEvaluation(
+            site, "validation", counts, 10.0, 20, PolicySums()
+        ).to_values(),
+        **override,
+    }
+    return FakeReply(
+        RecordDict(
+            {"metrics": MetricRecord(values), "info": ConfigRecord({"site": site})}
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"dice-sum": float("nan")},
+        {"dice-sum": 1e9},
+        {"loss-sum": float("inf")},
+        {"dice-n": -3},
+        {"loss-n": 2.5},
+        {"nCRT-calib": [float("nan")] * 10},
+        {"nCRT-sums": [1.0, 2.0]},
+        {"nCRT-pos": [1, 2]},
+    ],
+    ids=lambda o: next(iter(o)),
+)
+def test_a_hostile_evaluation_is_left_out(override: dict[str, Any]) -> None:
+    strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
+    honest = [_evaluation("a"), _evaluation("b")]
+    ev = strategy.aggregate_evaluation([*honest, _evaluation("evil", **override)])
+    assert set(ev["sites"]) == {"a", "b"} and ev["n"] == 120
+    assert ev["dice"] == pytest.approx(0.5)  # 10 / 20 at each honest site
+
+
+def test_declared_counts_survive_a_resume(tmp_path: Any) -> None:
+    """The declarations are checkpointed with the round, so a resumed run
+    still refuses an inflated count."""
+    from server.server_app import load_round, save_round
+    from shared_model.aggregation import AdamState
+    from shared_model.model import ModelConfig
+    from shared_model.plan import PRESET_PLANS
+
+    plan = PRESET_PLANS["tiny"]
+    declared = {"a": {"shared": 10, "expert/nCRT": 10}}
+    save_round(
+        tmp_path,
+        1,
+        CURRENT,
+        AdamState(),
+        ModelConfig.from_plan(plan),
+        plan,
+        declared=declared,
+    )
+    _, _, loaded = load_round(tmp_path, 1)
+    assert loaded == declared
+    strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
+    strategy.declared = loaded
+    out = strategy.aggregate_round(
+        2,
+        [reply("a", 9.0, **{"n-shared": 11}), reply("b", 1.0), reply("c", 3.0)],
+        CURRENT,
+    )
+    assert "a" in out.excluded and np.allclose(out.arrays["enc"], 2.0)
