@@ -30,10 +30,10 @@ from typing import Any
 import yaml
 
 from shared_model.errors import ConfigError
+from shared_model.federation_config import SITE_NAME
 
 ROLES = ("train", "evaluate")
 ADC_UNITS = ("1e-3", "1e-6")
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 REQUIRED_KEYS = ("site_name", "dataset_dir")
@@ -196,7 +196,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
 
     site_name = raw.get("site_name")
     if site_name is not None and not (
-        isinstance(site_name, str) and _NAME.match(site_name)
+        isinstance(site_name, str) and SITE_NAME.match(site_name)
     ):
         problems.append(
             YamlProblem(

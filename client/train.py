@@ -102,12 +102,19 @@ def load_checkpoint(folder: Path) -> tuple[UNetMoECli, Plan]:
     try:
         config = json.loads((folder / "config.json").read_text())
         model_cfg = ModelConfig.from_dict(config["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{folder / 'config.json'}: invalid ({e})") from e
     plan = Plan.load(folder / "plan.json")
     model = build_model(model_cfg)
-    state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:  # safetensors raises its own errors on a bad file
+        raise ConfigError(
+            f"{folder / 'model.safetensors'}: cannot be read as weights for this "
+            f"model ({type(e).__name__}); the file may be truncated or from another "
+            "model: copy the checkpoint again"
+        ) from e
     if missing or unexpected:
         raise ConfigError(
             f"{folder / 'model.safetensors'}: weights do not match the "

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared_model.errors import MoeflError
+from shared_model.federation_config import SITE_NAME
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -139,7 +140,17 @@ def make_certificates(
 
 
 def make_site_key(out: Path, site: str) -> tuple[Path, Path]:
-    """Write ``<site>.key`` (private, OpenSSH) and ``<site>.pub`` under ``out``."""
+    """Write ``<site>.key`` (private, OpenSSH) and ``<site>.pub`` under ``out``.
+
+    Raises:
+        MoeflError: ``site`` is not a site name (it would also name files
+            outside ``out``, e.g. ``../escaped``).
+    """
+    if not SITE_NAME.match(site):
+        raise MoeflError(
+            f"site name {site!r} is not valid: use lower-case letters, digits and "
+            "_ (starting with a letter, at most 64), as `site_name` in the site YAML"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())

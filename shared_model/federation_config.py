@@ -49,6 +49,8 @@ keys and out-of-range values are errors that name the key.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -56,6 +58,10 @@ from typing import Any
 from shared_model.errors import ConfigError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+SITE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+"""A site's name, everywhere it appears (site YAML, site keys, run records):
+lower-case letters, digits and _, starting with a letter; also a safe file name."""
 
 
 @dataclass(frozen=True)
@@ -98,12 +104,19 @@ class FederationConfig:
     recommendation_margin: float = 0.05
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"run config `{f.name.replace('_', '-')}` is {value}; expected a "
+                    "finite number"
+                )
         checks = [
-            (self.num_server_rounds >= 1, "num-server-rounds", ">= 1"),
-            (self.local_epochs >= 1, "local-epochs", ">= 1"),
-            (self.local_steps >= 0, "local-steps", ">= 0"),
-            (self.batch_size >= 1, "batch-size", ">= 1"),
-            (self.lr > 0, "lr", "> 0"),
+            (1 <= self.num_server_rounds <= 100_000, "num-server-rounds", "1..100000"),
+            (1 <= self.local_epochs <= 1000, "local-epochs", "1..1000"),
+            (0 <= self.local_steps <= 1_000_000, "local-steps", "0..1000000"),
+            (1 <= self.batch_size <= 512, "batch-size", "1..512"),
+            (0 < self.lr <= 10, "lr", "in (0, 10]"),
             (
                 self.lr_schedule in ("poly", "constant"),
                 "lr-schedule",
@@ -121,12 +134,16 @@ class FederationConfig:
             (self.server_tau > 0, "server-tau", "> 0"),
             (self.min_sites >= 1, "min-sites", ">= 1"),
             (self.min_sites_per_expert >= 1, "min-sites-per-expert", ">= 1"),
-            (self.round_timeout > 0, "round-timeout", "> 0"),
+            (
+                0 < self.round_timeout <= 7 * 86400,
+                "round-timeout",
+                "in (0, 604800] seconds",
+            ),
             (self.evaluate_every >= 0, "evaluate-every", ">= 0"),
             (
-                self.base_filters >= 1 and self.max_filters >= self.base_filters,
+                1 <= self.base_filters <= self.max_filters <= 2048,
                 "base-filters/max-filters",
-                "1 <= base-filters <= max-filters",
+                "1 <= base-filters <= max-filters <= 2048",
             ),
             (
                 0 <= self.dp_noise_multiplier <= 1000,

@@ -10,10 +10,29 @@ left-right.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared_model.errors import ConfigError
+
+MAX_PATCH_SIDE = 512
+MAX_PATCH_VOXELS = 128 * 256 * 256
+"""Upper bounds on a plan's patch (per axis and in all): far above any plan a
+GPU trains, far below what would exhaust a site's memory when allocated."""
+
+
+def _real(value: object) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def _whole(value: object) -> bool:
+    return _real(value) and float(value).is_integer()  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -32,19 +51,29 @@ class Plan:
     adc_clip: tuple[float, float] = (0.0, 3.5)
 
     def __post_init__(self) -> None:
-        if len(self.patch_size) != 3 or any(int(p) < 4 for p in self.patch_size):
+        # A plan may come from the coordinator: every value is bounded here, so
+        # a site never allocates for a 4096^3 patch or resamples to NaN mm.
+        if (
+            len(self.patch_size) != 3
+            or not all(_whole(p) and 4 <= p <= MAX_PATCH_SIDE for p in self.patch_size)
+            or math.prod(int(p) for p in self.patch_size) > MAX_PATCH_VOXELS
+        ):
             raise ConfigError(
-                f"plan `patch_size` must be three integers >= 4, got {self.patch_size}"
+                f"plan `patch_size` must be three integers from 4 to {MAX_PATCH_SIDE} "
+                f"with at most {MAX_PATCH_VOXELS} voxels in all, got {self.patch_size}"
             )
-        if len(self.spacing) != 3 or any(float(s) <= 0 for s in self.spacing):
+        if len(self.spacing) != 3 or not all(
+            _real(s) and 0.05 <= float(s) <= 20.0 for s in self.spacing
+        ):
             raise ConfigError(
-                f"plan `spacing` must be three positive millimetre values, "
+                f"plan `spacing` must be three millimetre values from 0.05 to 20, "
                 f"got {self.spacing}"
             )
         lo, hi = self.adc_clip
-        if not 0 <= lo < hi:
+        if not (_real(lo) and _real(hi) and 0 <= lo < hi <= 10):
             raise ConfigError(
-                f"plan `adc_clip` must satisfy 0 <= low < high, got {self.adc_clip}"
+                "plan `adc_clip` must satisfy 0 <= low < high <= 10 (10^-3 mm^2/s), "
+                f"got {self.adc_clip}"
             )
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))

@@ -88,6 +88,13 @@ def test_broken_checkpoint_is_a_clear_error(pooled_run: Path, tmp_path: Path) ->
     (broken / "plan.json").unlink()
     with pytest.raises(ConfigError, match="plan.json is missing"):
         load_checkpoint(broken)
+    # a truncated weights file (a copy cut short) is a clear error too
+    truncated = tmp_path / "truncated"
+    shutil.copytree(pooled_run, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConfigError, match="truncated"):
+        load_checkpoint(truncated)
 
 
 def test_predict_prints_json_and_writes_mask_on_the_input_grid(

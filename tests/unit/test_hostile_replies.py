@@ -186,3 +186,59 @@ def test_declared_counts_survive_a_resume(tmp_path: Any) -> None:
         CURRENT,
     )
     assert "a" in out.excluded and np.allclose(out.arrays["enc"], 2.0)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {"patch_size": [4096, 4096, 4096], "spacing": [3.0, 1.5, 1.5]},
+        {"patch_size": [8.5, 32, 32], "spacing": [3.0, 1.5, 1.5]},
+        {"patch_size": [8, 32, 32], "spacing": [float("nan"), 1.5, 1.5]},
+        {"patch_size": [8, 32, 32], "spacing": [3.0, float("inf"), 1.5]},
+        {"patch_size": [8, 32, 32], "spacing": [3.0, 1e-9, 1.5]},
+        {"patch_size": [8, 32, 32], "spacing": [3, 1.5, 1.5], "adc_clip": [0, 1e9]},
+        {"patch_size": [8, 32, 32], "spacing": ["3", 1.5, 1.5]},
+    ],
+)
+def test_a_coordinators_plan_out_of_bounds_is_refused(plan: dict) -> None:
+    from shared_model.errors import ConfigError
+    from shared_model.plan import Plan
+
+    with pytest.raises(ConfigError, match="plan"):
+        Plan.from_dict(plan)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"lr": float("inf")},
+        {"lr": float("nan")},
+        {"lr": 1e6},
+        {"batch-size": 100_000},
+        {"local-epochs": 10**9},
+        {"max-filters": 10**6},
+        {"proximal-mu": float("inf")},
+        {"client-dp-clip": float("nan")},
+        {"round-timeout": float("inf")},
+    ],
+    ids=lambda o: next(iter(o)),
+)
+def test_a_coordinators_run_config_out_of_bounds_is_refused(setting: dict) -> None:
+    from shared_model.errors import ConfigError
+
+    key = next(iter(setting))
+    with pytest.raises(ConfigError, match=key.split("-")[0]):
+        FederationConfig.from_run_config(setting)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/etc/x", "West", "a b", "", "x" * 65])
+def test_site_key_refuses_a_name_that_is_not_a_site_name(
+    name: str, tmp_path: Any
+) -> None:
+    from server.deploy import make_site_key
+    from shared_model.errors import MoeflError
+
+    keys = tmp_path / "keys"
+    with pytest.raises(MoeflError, match="site name"):
+        make_site_key(keys, name)
+    assert not any(tmp_path.rglob("*.key")) and not any(tmp_path.rglob("*.pub"))
