@@ -34,6 +34,7 @@ AFFINE_ATOL_MM = 1e-2  # origin difference allowed between channels
 DIRECTION_ATOL = 1e-3  # direction-cosine difference allowed between channels
 T2_INPLANE_MM = (0.2, 3.0)  # outside: warning (synthetic demo cohorts reach ~2 mm)
 SLICE_MM = (1.0, 6.0)
+MAX_VOXELS = 64 * 1024 * 1024  # per volume; a 1024 x 1024 x 64 export is 64 Mi
 MAX_OBLIQUE_DEG = 35.0
 ADC_P99_RANGE_1E3 = (0.8, 6.0)  # 99th percentile of ADC in 10^-3 mm^2/s
 MIN_PER_REGIMEN_WARN = 5
@@ -103,6 +104,17 @@ def load_volume(path: Path, rel: str) -> tuple[nib.Nifti1Image, np.ndarray] | Pr
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             return Problem(
                 "unreadable", rel, "not a NIfTI image", "convert it to NIfTI (.nii.gz)"
+            )
+        voxels = int(np.prod([int(n) for n in img.shape], dtype=np.int64))
+        if voxels > MAX_VOXELS:
+            return Problem(
+                "too-large",
+                rel,
+                f"the header claims {'x'.join(str(n) for n in img.shape)} = "
+                f"{voxels:,} voxels, above the {MAX_VOXELS:,} a rectal MRI volume "
+                "needs; the file is not read",
+                "check the export (a corrupt header, or a 4-D series saved as one "
+                "volume); re-export the 3-D T2W or ADC volume",
             )
         data = np.asanyarray(img.dataobj)
     except (

@@ -242,3 +242,24 @@ def test_site_key_refuses_a_name_that_is_not_a_site_name(
     with pytest.raises(MoeflError, match="site name"):
         make_site_key(keys, name)
     assert not any(tmp_path.rglob("*.key")) and not any(tmp_path.rglob("*.pub"))
+
+
+def test_a_nifti_header_claiming_a_huge_volume_is_a_finding(tmp_path: Any) -> None:
+    """Read as a finding from the header alone, not a MemoryError."""
+    import nibabel as nib
+
+    from client.checks import load_volume
+    from client.site_data import Problem
+
+    path = tmp_path / "huge.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(path))
+    img = nib.load(str(path))
+    header = img.header.copy()
+    header.set_data_shape((32767, 32767, 32767))
+    raw = tmp_path / "huge.nii"
+    with raw.open("wb") as f:
+        header.write_to(f)
+        f.write(b"\0" * 128)
+    found = load_volume(raw, "imagesTr/huge_0000.nii")
+    assert isinstance(found, Problem) and found.code == "too-large"
+    assert found.where == "imagesTr/huge_0000.nii"
