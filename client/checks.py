@@ -356,6 +356,44 @@ def _check_case(
     return usable
 
 
+def adc_unit_problem(
+    values: np.ndarray, adc_unit: str, rel: str, *, setting: str = "site YAML"
+) -> Problem | None:
+    """The ADC map's values against its declared unit ("1e-3" or "1e-6").
+
+    The 99th percentile of the positive values, in 10^-3 mm^2/s, must lie in
+    the range of an ADC map; otherwise the unit (or the map) is wrong, and the
+    finding says which unit the values suggest. ``setting`` names where the
+    unit is set (the site YAML's ``adc_unit``, or ``moefl predict --adc-unit``).
+    """
+    positive = values[values > 0]
+    if positive.size == 0:
+        return Problem(
+            "blank-image",
+            rel,
+            "the ADC map has no positive values",
+            "export the ADC map (not a raw DWI b0 image)",
+        )
+    p99 = float(np.percentile(positive, 99)) * (1.0 if adc_unit == "1e-3" else 1e-3)
+    lo, hi = ADC_P99_RANGE_1E3
+    if lo <= p99 <= hi:
+        return None
+    guess = "1e-6" if p99 > hi * 100 else "1e-3" if p99 < lo / 100 else None
+    where = "adc_unit in the site YAML" if setting == "site YAML" else setting
+    fix = (
+        f'set {where} to "{guess}"'
+        if guess and guess != adc_unit
+        else "check that this is an ADC map in mm^2/s"
+    )
+    return Problem(
+        "adc-unit",
+        rel,
+        f"ADC values look wrong for adc_unit {adc_unit}: the 99th percentile is "
+        f"{p99:.3g} x 10^-3 mm^2/s, expected {lo}-{hi}",
+        fix,
+    )
+
+
 def _check_adc(
     values: np.ndarray,
     rel: str,
@@ -363,36 +401,11 @@ def _check_adc(
     report: CheckReport,
     stats: dict[str, list[float]],
 ) -> bool:
-    positive = values[values > 0]
-    if positive.size == 0:
-        report.add(
-            Problem(
-                "blank-image",
-                rel,
-                "the ADC map has no positive values",
-                "export the ADC map (not a raw DWI b0 image)",
-            )
-        )
+    problem = adc_unit_problem(values, config.adc_unit, rel)
+    if problem is not None:
+        report.add(problem)
         return False
-    p99 = float(np.percentile(positive, 99)) * config.adc_scale
-    lo, hi = ADC_P99_RANGE_1E3
-    if not lo <= p99 <= hi:
-        guess = "1e-6" if p99 > hi * 100 else "1e-3" if p99 < lo / 100 else None
-        fix = (
-            f'set adc_unit: "{guess}" in the site YAML'
-            if guess and guess != config.adc_unit
-            else "check that this is an ADC map in mm^2/s"
-        )
-        report.add(
-            Problem(
-                "adc-unit",
-                rel,
-                f"ADC values look wrong for adc_unit {config.adc_unit}: the 99th percentile is "
-                f"{p99:.3g} x 10^-3 mm^2/s, expected {lo}-{hi}",
-                fix,
-            )
-        )
-        return False
+    p99 = float(np.percentile(values[values > 0], 99)) * config.adc_scale
     if float(values.min()) < 0:
         report.add(
             Problem(

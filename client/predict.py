@@ -20,7 +20,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from client.checks import grid_problem, load_volume
+from client.checks import adc_unit_problem, grid_problem, load_volume
 from client.data import build_preprocess
 from client.engine import resolve_device
 from client.site_data import Problem
@@ -72,7 +72,7 @@ def parse_clinical_args(pairs: list[str]) -> dict[str, str]:
     return values
 
 
-def _check_inputs(t2: Path, adc: Path) -> nib.Nifti1Image:
+def _check_inputs(t2: Path, adc: Path, adc_unit: str) -> nib.Nifti1Image:
     for path in (t2, adc):
         if not Path(path).is_file():
             raise DataError(f"{path}: file not found")
@@ -86,6 +86,12 @@ def _check_inputs(t2: Path, adc: Path) -> nib.Nifti1Image:
             raise DataError(f"{path}: image is {data.ndim}-D; expected a 3-D volume")
         if not np.isfinite(np.asarray(data, dtype=np.float64)).all():
             raise DataError(f"{path}: contains NaN or infinite voxels")
+        if path == adc:
+            unit = adc_unit_problem(
+                np.asarray(data, np.float64), adc_unit, str(path), setting="--adc-unit"
+            )
+            if unit is not None:
+                raise DataError(f"{unit.where}: {unit.message}; {unit.fix}")
         loaded.append(img)
     grid = grid_problem(loaded[0], loaded[1], str(t2), str(adc), "ADC")
     if grid is not None:
@@ -134,7 +140,7 @@ def predict_case(
     """
     if adc_unit not in ("1e-3", "1e-6"):
         raise DataError(f"--adc-unit {adc_unit!r}: expected 1e-3 or 1e-6")
-    ref = _check_inputs(Path(t2), Path(adc))
+    ref = _check_inputs(Path(t2), Path(adc), adc_unit)
     model, plan = load_checkpoint(Path(checkpoint))
     dev = resolve_device(device)
     model.to(dev).eval()

@@ -126,6 +126,12 @@ def test_predict_prints_json_and_writes_mask_on_the_input_grid(
     ref, mask = nib.load(str(t2)), nib.load(str(mask_path))
     assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    # the same map under the wrong unit is refused, with the unit it suggests
+    wrong_args = list(args)
+    wrong_args[wrong_args.index("--adc-unit") + 1] = "1e-3"
+    wrong = runner.invoke(app, wrong_args)
+    assert wrong.exit_code == 2
+    assert "adc_unit 1e-3" in wrong.output and '--adc-unit to "1e-6"' in wrong.output
 
 
 def test_mask_maps_back_through_the_resampling(
