@@ -1,11 +1,13 @@
 """Flower ServerApp: rounds, run records, checkpoints, resume.
 
-The run folder (``run-dir``, on the coordinator's machine) holds::
+The run folder (``run-dir``, on the coordinator's machine; written through
+:class:`server.run_folder.RunFolder`, crash-safe and locked) holds::
 
     checkpoints/round_NNN.safetensors   global weights after round NNN
-    checkpoints/round_NNN.state.json    strategy state (round, FedAdam step, the
-                                        sites' declared counts) ...
-    checkpoints/round_NNN.adam.safetensors   ... and FedAdam moments, when used
+    checkpoints/round_NNN.adam.safetensors   FedAdam moments, when used
+    checkpoints/round_NNN.state.json    strategy state (FedAdam step, the sites'
+                                        declared counts, client-level DP
+                                        releases); written last: NNN is complete
     model.safetensors, config.json, plan.json   the latest model (moefl predict reads it)
     run_config.json                     the resolved federation config
     metrics.json                        {"status", "rounds": [...]} one entry per round:
@@ -18,8 +20,11 @@ The run folder (``run-dir``, on the coordinator's machine) holds::
                                         site, the patients per group it declared
                                         in its first valid reply
 
-A run resumes from its last checkpoint (weights and strategy state) when
-``resume`` is true and continues as if it had never stopped.
+A run resumes from its last complete round (weights and strategy state) when
+``resume`` is true and continues as if it had never stopped; a round a crash
+left incomplete is done again. A resume under a different run config is refused
+(beyond the number of rounds, the timeout and the evaluation interval) unless
+``resume-changed-config`` is true.
 """
 
 from __future__ import annotations
@@ -37,11 +42,10 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from safetensors.numpy import load_file, save_file
 
 from client.client_app import arrays_to_record
+from server.run_folder import RunFolder, StrategyState
 from server.strategy import GroupedStrategy
-from shared_model.aggregation import AdamState
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
 from shared_model.model import ModelConfig, build_model, parameter_groups
@@ -56,70 +60,6 @@ def resolve_plan(fed: FederationConfig) -> Plan:
     if fed.cohort_dir and (Path(fed.cohort_dir) / "plan.json").is_file():
         return Plan.load(Path(fed.cohort_dir) / "plan.json")
     return Plan()
-
-
-def last_checkpoint(run_dir: Path) -> int:
-    rounds = [
-        int(p.stem.split("_")[1].split(".")[0])
-        for p in (run_dir / "checkpoints").glob("round_*.safetensors")
-        if ".adam" not in p.name
-    ]
-    return max(rounds, default=0)
-
-
-def save_round(
-    run_dir: Path,
-    rnd: int,
-    arrays: Mapping[str, np.ndarray],
-    adam: AdamState,
-    model_cfg: ModelConfig,
-    plan: Plan,
-    *,
-    declared: Mapping[str, Mapping[str, int]] | None = None,
-) -> None:
-    ckpt = run_dir / "checkpoints"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    save_file(tensors, str(ckpt / f"round_{rnd:03d}.safetensors"))
-    if adam.m:
-        moments = {f"m/{k}": v for k, v in adam.m.items()} | {
-            f"v/{k}": v for k, v in adam.v.items()
-        }
-        save_file(moments, str(ckpt / f"round_{rnd:03d}.adam.safetensors"))
-    (ckpt / f"round_{rnd:03d}.state.json").write_text(
-        json.dumps({"round": rnd, "adam_t": adam.t, "declared": declared or {}})
-    )
-    save_file(tensors, str(run_dir / "model.safetensors"))
-    (run_dir / "config.json").write_text(
-        json.dumps({"model": model_cfg.to_dict()}, indent=2)
-    )
-    plan.save(run_dir / "plan.json")
-
-
-def load_round(
-    run_dir: Path, rnd: int
-) -> tuple[dict[str, np.ndarray], AdamState, dict[str, dict[str, int]]]:
-    """A checkpoint's weights, FedAdam state and the sites' declared counts."""
-    ckpt = run_dir / "checkpoints"
-    arrays = load_file(str(ckpt / f"round_{rnd:03d}.safetensors"))
-    state = json.loads((ckpt / f"round_{rnd:03d}.state.json").read_text())
-    adam = AdamState(t=int(state.get("adam_t", 0)))
-    declared = {
-        str(site): {str(g): int(n) for g, n in counts.items()}
-        for site, counts in state.get("declared", {}).items()
-    }
-    adam_path = ckpt / f"round_{rnd:03d}.adam.safetensors"
-    if adam_path.is_file():
-        for k, v in load_file(str(adam_path)).items():
-            kind, name = k.split("/", 1)
-            (adam.m if kind == "m" else adam.v)[name] = v
-    return arrays, adam, declared
-
-
-def _write_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    tmp.replace(run_dir / "metrics.json")
 
 
 @dataclass
@@ -163,28 +103,36 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The coordinator's loop. Returns the run record (also in metrics.json)."""
     fed = FederationConfig.from_run_config(run_config)
     begin = start_federation(fed)
+    folder = RunFolder(Path(fed.run_dir))
+    with folder.locked():
+        return _run_rounds(grid, fed, begin, folder)
+
+
+def _run_rounds(
+    grid: Grid, fed: FederationConfig, begin: FederationStart, folder: RunFolder
+) -> dict[str, Any]:
+    """The rounds, under the run folder's lock."""
     plan, model_cfg, strategy, config = (
         begin.plan,
         begin.model_cfg,
         begin.strategy,
         begin.config,
     )
-    run_dir = Path(fed.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    start = last_checkpoint(run_dir) if fed.resume else 0
+    resumed = folder.last_complete() if fed.resume else None
     record: dict[str, Any] = {"status": "running", "rounds": []}
-    if start:
-        arrays, strategy.adam, strategy.declared = load_round(run_dir, start)
-        old = json.loads((run_dir / "metrics.json").read_text())
-        record["rounds"] = [r for r in old.get("rounds", []) if r["round"] <= start]
-        strategy.client_dp_releases = sum(
-            1 for r in record["rounds"] if r.get("client_dp")
+    if resumed is not None:
+        folder.check_run_config(
+            fed.to_run_config(), allow_changes=fed.resume_changed_config
         )
-        log.info("resuming %s after round %d", run_dir, start)
+        start, arrays = resumed.round, resumed.arrays
+        strategy.adam = resumed.state.adam
+        strategy.declared = resumed.state.declared
+        strategy.client_dp_releases = resumed.state.client_dp_releases
+        record["rounds"] = resumed.rounds
+        log.info("resuming %s after round %d", folder.path, start)
     else:
-        arrays = begin.arrays
-    (run_dir / "run_config.json").write_text(json.dumps(fed.to_run_config(), indent=2))
+        folder.check_run_config(fed.to_run_config(), allow_changes=True)
+        start, arrays = 0, begin.arrays
 
     bytes_down = int(sum(a.nbytes for a in arrays.values()))
     node_sites: dict[int, str] = {}  # Flower node id -> site name, learnt from replies
@@ -232,16 +180,16 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             record["rounds"].append(entry)
             record["declared_counts"] = strategy.declared
-            save_round(
-                run_dir,
+            folder.save_round(
                 rnd,
                 arrays,
-                strategy.adam,
+                StrategyState(
+                    strategy.adam, strategy.declared, strategy.client_dp_releases
+                ),
+                record,
                 model_cfg,
                 plan,
-                declared=strategy.declared,
             )
-            _write_metrics(run_dir, record)
             ev = entry.get("evaluate", {})
             log.info(
                 "round %d/%d: %d sites, excluded %s, declined %s, val AUC %s, "
@@ -259,10 +207,10 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     except Exception as e:
         record["status"] = "failed"
         record["error"] = repr(e)
-        _write_metrics(run_dir, record)
+        folder.write_record(record)
         raise
     record["status"] = "finished"
-    _write_metrics(run_dir, record)
+    folder.write_record(record)
     return record
 
 

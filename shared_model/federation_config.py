@@ -87,6 +87,7 @@ class FederationConfig:
     evaluate_every: int = 1
     run_dir: str = "runs/federated"
     resume: bool = True
+    resume_changed_config: bool = False
     cohort_dir: str = ""
     plan: str = ""
     base_filters: int = 8

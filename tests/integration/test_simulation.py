@@ -109,7 +109,12 @@ def test_resume_continues_as_if_never_stopped(sim_dir: Path, tmp_path: Path) -> 
         crashed / "federated" / "checkpoints" / "round_002.adam.safetensors"
     ).is_file()
 
-    resumed = run_simulated_federation(crashed, preset="tiny", overrides=config)
+    # the copy reads its cohort from another folder: a changed `cohort-dir`
+    # is refused unless the resume says so
+    with pytest.raises(MoeflError, match="cohort-dir"):
+        run_simulated_federation(crashed, preset="tiny", overrides=config)
+    moved = {**config, "resume-changed-config": True}
+    resumed = run_simulated_federation(crashed, preset="tiny", overrides=moved)
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     a, b = _weights(straight), _weights(crashed / "federated")
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)

@@ -160,26 +160,25 @@ def test_a_hostile_evaluation_is_left_out(override: dict[str, Any]) -> None:
 def test_declared_counts_survive_a_resume(tmp_path: Any) -> None:
     """The declarations are checkpointed with the round, so a resumed run
     still refuses an inflated count."""
-    from server.server_app import load_round, save_round
-    from shared_model.aggregation import AdamState
+    from server.run_folder import RunFolder, StrategyState
     from shared_model.model import ModelConfig
     from shared_model.plan import PRESET_PLANS
 
     plan = PRESET_PLANS["tiny"]
     declared = {"a": {"shared": 10, "expert/nCRT": 10}}
-    save_round(
-        tmp_path,
+    folder = RunFolder(tmp_path)
+    folder.save_round(
         1,
         CURRENT,
-        AdamState(),
+        StrategyState(declared=declared),
+        {"rounds": [{"round": 1}]},
         ModelConfig.from_plan(plan),
         plan,
-        declared=declared,
     )
-    _, _, loaded = load_round(tmp_path, 1)
-    assert loaded == declared
+    resumed = folder.last_complete()
+    assert resumed is not None and resumed.state.declared == declared
     strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
-    strategy.declared = loaded
+    strategy.declared = resumed.state.declared
     out = strategy.aggregate_round(
         2,
         [reply("a", 9.0, **{"n-shared": 11}), reply("b", 1.0), reply("c", 3.0)],

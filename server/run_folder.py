@@ -1,0 +1,253 @@
+"""The coordinator's run folder: the one owner of checkpoints, strategy state,
+the run record and the lock.
+
+Every file is written to a temporary name in the same folder, flushed to disk
+and renamed over the old one, so a crash leaves either the old file or the new
+one, never half of either. A round is complete when its ``state.json`` exists:
+it is written last, after the weights, the FedAdam moments and the run record
+that include the round. Resume starts from the newest complete round whose
+files all read back; a newer, incomplete round (a crash mid-save) is ignored
+and done again, and its record is dropped with it.
+
+Layout::
+
+    checkpoints/round_NNN.safetensors        global weights after round NNN
+    checkpoints/round_NNN.adam.safetensors   FedAdam moments, when used
+    checkpoints/round_NNN.state.json         strategy state; marks NNN complete
+    model.safetensors, config.json, plan.json   the latest model
+    run_config.json                          the resolved federation config
+    metrics.json                             the run record
+    .lock                                    held while a run uses the folder
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load, save
+
+from shared_model.aggregation import AdamState
+from shared_model.errors import ConfigError
+from shared_model.model import ModelConfig
+from shared_model.plan import Plan
+
+log = logging.getLogger(__name__)
+
+RESUMABLE_CHANGES = (
+    "num-server-rounds",
+    "round-timeout",
+    "evaluate-every",
+    "resume",
+    "run-dir",
+)
+"""Run-config keys a resume may change (``run-dir``: the folder was moved); any
+other change is refused unless the run config says ``resume-changed-config=true``."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, default=float) + "\n").encode()
+
+
+@dataclass
+class StrategyState:
+    """What a resumed strategy needs beyond the weights."""
+
+    adam: AdamState = field(default_factory=AdamState)
+    declared: dict[str, dict[str, int]] = field(default_factory=dict)
+    client_dp_releases: int = 0
+
+
+@dataclass
+class Checkpoint:
+    """A complete round read back from the run folder."""
+
+    round: int
+    arrays: dict[str, np.ndarray]
+    state: StrategyState
+    rounds: list[dict[str, Any]]  # the run record's rounds up to this one
+
+
+class RunFolder:
+    """Reads and writes one run folder (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).resolve()
+        self.checkpoints = self.path / "checkpoints"
+
+    def _ckpt(self, rnd: int, suffix: str) -> Path:
+        return self.checkpoints / f"round_{rnd:03d}{suffix}"
+
+    @contextmanager
+    def locked(self) -> Iterator[RunFolder]:
+        """Hold the folder's lock for a run; a second run on it is refused."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / ".lock").open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise ConfigError(
+                    f"{self.path}: another run is using this run-dir; wait for it "
+                    "to finish or choose another `run-dir`"
+                ) from e
+            try:
+                yield self
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def save_round(
+        self,
+        rnd: int,
+        arrays: Mapping[str, np.ndarray],
+        state: StrategyState,
+        record: dict[str, Any],
+        model_cfg: ModelConfig,
+        plan: Plan,
+    ) -> None:
+        """Write round ``rnd``: weights, moments, the record, then the marker."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        tensors = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        write_atomic(self._ckpt(rnd, ".safetensors"), tensors)
+        adam = state.adam
+        if adam.m:
+            moments = {f"m/{k}": v for k, v in adam.m.items()} | {
+                f"v/{k}": v for k, v in adam.v.items()
+            }
+            write_atomic(self._ckpt(rnd, ".adam.safetensors"), save(moments))
+        self.write_record(record)
+        marker = {
+            "round": rnd,
+            "adam_t": adam.t,
+            "has_adam": bool(adam.m),
+            "declared": state.declared,
+            "client_dp_releases": state.client_dp_releases,
+        }
+        write_atomic(self._ckpt(rnd, ".state.json"), _json_bytes(marker))
+        write_atomic(self.path / "model.safetensors", tensors)
+        write_atomic(
+            self.path / "config.json", _json_bytes({"model": model_cfg.to_dict()})
+        )
+        write_atomic(self.path / "plan.json", _json_bytes(plan.to_dict()))
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        write_atomic(self.path / "metrics.json", _json_bytes(record))
+
+    def read_record(self) -> dict[str, Any]:
+        """The run record, or an empty one when missing or unreadable."""
+        try:
+            record = json.loads((self.path / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {"rounds": []}
+        return record if isinstance(record, dict) else {"rounds": []}
+
+    def _read_round(self, rnd: int) -> Checkpoint:
+        marker = json.loads(self._ckpt(rnd, ".state.json").read_text())
+        if int(marker["round"]) != rnd:
+            raise ValueError("state file of another round")
+        arrays = load(self._ckpt(rnd, ".safetensors").read_bytes())
+        adam = AdamState(t=int(marker.get("adam_t", 0)))
+        if marker.get("has_adam"):
+            for k, v in load(self._ckpt(rnd, ".adam.safetensors").read_bytes()).items():
+                kind, name = k.split("/", 1)
+                (adam.m if kind == "m" else adam.v)[name] = v
+        declared = {
+            str(site): {str(g): int(n) for g, n in counts.items()}
+            for site, counts in marker.get("declared", {}).items()
+        }
+        rounds = [
+            r for r in self.read_record().get("rounds", []) if r.get("round", 0) <= rnd
+        ]
+        if [r.get("round") for r in rounds] != list(range(1, rnd + 1)):
+            raise ValueError("the run record lacks some of its rounds")
+        state = StrategyState(adam, declared, int(marker.get("client_dp_releases", 0)))
+        return Checkpoint(rnd, arrays, state, rounds)
+
+    def last_complete(self) -> Checkpoint | None:
+        """The newest round whose files all read back, or None (start afresh).
+
+        A round that does not read back (truncated weights, a missing or empty
+        state file, a record without it) is skipped with a warning, and the one
+        before it is tried.
+        """
+        rounds = sorted(
+            {
+                int(p.name[len("round_") :].split(".")[0])
+                for p in self.checkpoints.glob("round_*.state.json")
+            }
+            | {
+                int(p.name[len("round_") :].split(".")[0])
+                for p in self.checkpoints.glob("round_*.safetensors")
+            },
+            reverse=True,
+        )
+        for rnd in rounds:
+            try:
+                return self._read_round(rnd)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning(
+                    "round %d in %s is incomplete (%s); skipped", rnd, self.path, e
+                )
+            except Exception as e:  # safetensors' own errors on a truncated file
+                log.warning(
+                    "round %d in %s does not read back (%s); skipped",
+                    rnd,
+                    self.path,
+                    type(e).__name__,
+                )
+        return None
+
+    def check_run_config(
+        self, run_config: Mapping[str, Any], *, allow_changes: bool
+    ) -> None:
+        """Refuse to resume under a different run config (beyond
+        :data:`RESUMABLE_CHANGES`), unless ``allow_changes``; then store it."""
+        path = self.path / "run_config.json"
+        if path.is_file() and not allow_changes:
+            try:
+                stored = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                stored = None
+            if isinstance(stored, dict):
+                changed = sorted(
+                    k
+                    for k in set(stored) | set(run_config)
+                    if k not in RESUMABLE_CHANGES
+                    and k != "resume-changed-config"
+                    and stored.get(k) != run_config.get(k)
+                )
+                if changed:
+                    raise ConfigError(
+                        f"{self.path}: this run-dir holds a run with a different "
+                        f"run config ({', '.join(changed)}); resume with the same "
+                        "settings, choose another `run-dir`, or set "
+                        "`resume-changed-config=true` to continue under the new ones"
+                    )
+        write_atomic(path, _json_bytes(dict(run_config)))
