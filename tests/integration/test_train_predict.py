@@ -192,7 +192,7 @@ def test_bad_image_input_is_named(
     with pytest.raises(DataError, match="file not found"):
         predict_case(pooled_run, t2=t2, adc=tmp_path / "none.nii.gz", clinical=clinical)
     with pytest.raises(DataError, match="grid"):
-        predict_case(pooled_run, t2=t2, adc=other, clinical=clinical)
+        predict_case(pooled_run, t2=t2, adc=other, clinical=clinical, adc_unit="1e-6")
     result = runner.invoke(
         app,
         [
