@@ -43,7 +43,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.client_app import arrays_to_record
+from server.records import arrays_to_record
 from server.run_folder import RunFolder, StrategyState
 from server.strategy import GroupedStrategy
 from shared_model.errors import ConfigError

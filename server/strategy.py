@@ -31,7 +31,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
-from client.client_app import record_to_arrays
+from server.records import record_to_arrays
 from shared_model.aggregation import (
     GROUP_COUNT_KEYS,
     AdamState,
