@@ -253,14 +253,34 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp whose run config is Flower's plus ``overrides`` (simulation)."""
+def verify_for_runtime(fed: FederationConfig, *, simulation: bool) -> None:
+    """Refuse settings that are safe only in simulation (``dp-reproducible``)."""
+    if fed.dp_reproducible and not simulation:
+        raise ConfigError(
+            "run config `dp-reproducible` is for `moefl simulate` only: it makes "
+            "the central DP noise derivable from the seed; remove it"
+        )
+
+
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None, *, simulation: bool = False
+) -> ServerApp:
+    """A ServerApp whose run config is Flower's plus ``overrides``.
+
+    ``simulation``: the app runs in ``moefl simulate`` (one machine, synthetic
+    sites), the only place ``dp-reproducible`` is accepted: it derives the
+    central DP noise from the run's seed, which anyone who knows the seed
+    could then remove.
+    """
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         merged = {**dict(context.run_config), **dict(overrides or {})}
         try:
+            verify_for_runtime(
+                FederationConfig.from_run_config(merged), simulation=simulation
+            )
             run_federation(grid, merged)
         except ConfigError as e:
             log.error("invalid federation config: %s", e)

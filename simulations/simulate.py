@@ -133,7 +133,7 @@ def run_simulated_federation(
     propagate, server_logger.propagate = server_logger.propagate, False
     try:
         run_simulation(
-            server_app=make_server_app(config),
+            server_app=make_server_app(config, simulation=True),
             client_app=client_app,
             num_supernodes=len(yamls),
             backend_config={

@@ -262,3 +262,14 @@ def test_a_nifti_header_claiming_a_huge_volume_is_a_finding(tmp_path: Any) -> No
     found = load_volume(raw, "imagesTr/huge_0000.nii")
     assert isinstance(found, Problem) and found.code == "too-large"
     assert found.where == "imagesTr/huge_0000.nii"
+
+
+def test_reproducible_central_noise_is_refused_outside_simulation() -> None:
+    from server.server_app import verify_for_runtime
+    from shared_model.errors import ConfigError
+
+    fed = FederationConfig.from_run_config({"dp-reproducible": True})
+    with pytest.raises(ConfigError, match="dp-reproducible"):
+        verify_for_runtime(fed, simulation=False)
+    verify_for_runtime(fed, simulation=True)
+    verify_for_runtime(FederationConfig(), simulation=False)
