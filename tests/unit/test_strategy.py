@@ -328,9 +328,8 @@ def test_run_config_parsing() -> None:
 
 def test_pyproject_app_config_matches_the_typed_defaults() -> None:
     """`flwr run` only accepts keys declared in pyproject: keep both in step."""
-    from pathlib import Path
-
     import tomllib
+    from pathlib import Path
 
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     declared = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
