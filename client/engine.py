@@ -224,7 +224,6 @@ def train_local(
     t0 = time.perf_counter()
     step = 0
     sums: dict[str, float] = {"loss": 0.0, "seg": 0.0, "pcr": 0.0}
-    seen: Counter[str] = Counter()
     n_loss = 0  # steps with patients (an empty DP batch has no loss)
     lr = cfg.lr
     try:
@@ -264,8 +263,6 @@ def train_local(
                 sums["loss"] += float(loss.detach())
                 sums["seg"] += parts["seg"]
                 sums["pcr"] += parts["pcr"]
-                for r in batch["regimen"].tolist():
-                    seen[REGIMENS[r]] += 1
                 if on_step is not None:
                     on_step(step, float(loss.detach()))
     finally:
