@@ -65,6 +65,7 @@ from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError, DataError, MoeflError
 from shared_model.federation_config import FederationConfig
 from shared_model.loss import LossConfig
+from shared_model.messages import GROUPS, SHARED, TrainReply, expert_group
 from shared_model.model import ModelConfig, UNetMoECli, build_model, parameter_groups
 from shared_model.plan import Plan
 from shared_model.policy import RecommendationRule
@@ -160,8 +161,8 @@ def load_site(
             check_delta(config.privacy, len(train), str(path))
         regimens = train.regimen_indices()
         counts = {
-            "n-shared": len(train),
-            **{f"n-{r}": regimens.count(j) for j, r in enumerate(REGIMENS)},
+            SHARED: len(train),
+            **{expert_group(r): regimens.count(j) for j, r in enumerate(REGIMENS)},
         }
         _SITES[key] = SiteState(config, plan, train, val, counts)
     return _SITES[key]
@@ -196,9 +197,7 @@ def train_round(msg: Message, context: Context) -> Message:
     fed, site, model, device = _setup(msg, context)
     rnd = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
     groups = parameter_groups(model)
-    trained_groups = ["shared"] + [
-        f"expert/{r}" for r in REGIMENS if site.counts[f"n-{r}"]
-    ]
+    trained_groups = [g for g in GROUPS if g == SHARED or site.counts[g]]
     trainable = {n for g in trained_groups for n in groups[g]}
     steps = fed.local_steps or fed.local_epochs * -(-len(site.train) // fed.batch_size)
     schedule = (
@@ -277,23 +276,20 @@ def train_round(msg: Message, context: Context) -> Message:
         for n, p in model.named_parameters()
         if n in trainable
     }
-    values: dict[str, Any] = {
-        **site.counts,
-        "steps": result.steps,
-        "seconds": time.perf_counter() - t0,
-    }
-    if plan is None:
-        values |= {
-            "train-loss": result.loss,
-            "seg-loss": result.seg_loss,
-            "pcr-loss": result.pcr_loss,
-        }
-    else:
-        # Under DP the training loss is not released: it is computed from the
-        # patients without noise. Only the privacy accounting goes back.
-        assert privacy is not None
-        values |= describe(plan, privacy)
-    metrics = MetricRecord(values)
+    # Under DP the training loss is not released: it is computed from the
+    # patients without noise. Only the privacy accounting goes back.
+    reply = TrainReply(
+        counts=site.counts,
+        steps=result.steps,
+        seconds=time.perf_counter() - t0,
+        losses=(
+            {"train": result.loss, "seg": result.seg_loss, "pcr": result.pcr_loss}
+            if plan is None
+            else None
+        ),
+        privacy=None if plan is None or privacy is None else describe(plan, privacy),
+    )
+    metrics = MetricRecord(reply.to_values())
     log.info(
         "site %s round %d: %d steps, loss %.4f",
         site.config.site_name,
@@ -322,12 +318,13 @@ def _noise_source(
 
 
 def _declined(
-    msg: Message, site: SiteState, plan: RoundPlan, values: dict[str, Any]
+    msg: Message, site: SiteState, plan: RoundPlan, privacy: dict[str, float]
 ) -> Message:
     """A reply without weights: the site's budget does not allow this round."""
+    values = TrainReply(counts=site.counts, privacy=privacy).to_values()
     content = RecordDict(
         {
-            "metrics": MetricRecord({**site.counts, **values}),
+            "metrics": MetricRecord(values),
             "info": ConfigRecord(
                 {"site": site.config.site_name, "declined": plan.declined}
             ),

@@ -314,16 +314,17 @@ class PrivateTraining:
 
 
 def describe(plan: RoundPlan, privacy: PrivacyConfig) -> dict[str, float]:
-    """The reply metrics of a DP round (epsilon is cumulative, after the round)."""
+    """The DP accounting of a round for the reply (epsilon is cumulative, after
+    the round); :class:`shared_model.messages.TrainReply` names its keys."""
     out: dict[str, float] = {
-        "dp-epsilon": plan.epsilon_after,
-        "dp-epsilon-before": plan.epsilon_spent,
-        "dp-target-epsilon": privacy.target_epsilon,
-        "dp-delta": privacy.delta,
-        "dp-max-grad-norm": privacy.max_grad_norm,
+        "epsilon": plan.epsilon_after,
+        "epsilon_before": plan.epsilon_spent,
+        "target_epsilon": privacy.target_epsilon,
+        "delta": privacy.delta,
+        "max_grad_norm": privacy.max_grad_norm,
     }
     if plan.dp is not None:
-        out["dp-noise-multiplier"] = plan.dp.noise_multiplier
-        out["dp-sample-rate"] = plan.dp.sample_rate
-        out["dp-steps"] = plan.dp.steps
+        out["noise_multiplier"] = plan.dp.noise_multiplier
+        out["sample_rate"] = plan.dp.sample_rate
+        out["steps"] = plan.dp.steps
     return out

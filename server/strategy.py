@@ -21,7 +21,6 @@ each round and shown in the run record.
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.records import record_to_arrays
 from shared_model.aggregation import (
-    GROUP_COUNT_KEYS,
     AdamState,
     GroupResult,
     SiteUpdate,
@@ -44,6 +42,7 @@ from shared_model.aggregation import (
     verify_update,
 )
 from shared_model.federation_config import FederationConfig
+from shared_model.messages import COUNT_KEYS, SHARED, TrainReply, read_privacy
 from shared_model.site_evaluation import SiteEvaluation, combine
 
 log = logging.getLogger(__name__)
@@ -69,30 +68,6 @@ class ReplyRejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def _number(value: Any, key: str) -> float:
-    """A finite real number from a reply's metric, or ReplyRejected."""
-    if isinstance(value, bool) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise ReplyRejected(
-            f"metric `{key}` is a {type(value).__name__}; expected a number"
-        )
-    out = float(value)
-    if not math.isfinite(out):
-        raise ReplyRejected(f"metric `{key}` is {out}; expected a finite number")
-    return out
-
-
-def _privacy_metrics(metrics: dict[str, Any]) -> dict[str, float] | None:
-    """A site's DP-SGD accounting from its reply (``dp-*`` keys), if any."""
-    out = {
-        k[3:].replace("-", "_"): _number(v, k)
-        for k, v in metrics.items()
-        if k.startswith("dp-")
-    }
-    return out or None
 
 
 def _claimed_name(msg: Message) -> str | None:
@@ -207,7 +182,7 @@ class GroupedStrategy(FedAvg):
             )
             return outcome
         min_sites = {
-            g: (1 if g == "shared" else self.fed.min_sites_per_expert)
+            g: (1 if g == SHARED else self.fed.min_sites_per_expert)
             for g in self.groups
         }
         if self.fed.client_dp_noise_multiplier > 0:
@@ -273,18 +248,22 @@ class GroupedStrategy(FedAvg):
         info = msg.content.config_records.get("info")
         if info is not None and "declined" in info:
             m = msg.content.metric_records.get("metrics")
+            try:
+                privacy = read_privacy(dict(m)) if m is not None else None
+            except ValueError as e:
+                raise ReplyRejected(str(e)) from e
             outcome.declined[name] = {
                 "reason": str(info["declined"]),
-                "privacy": _privacy_metrics(dict(m)) if m is not None else None,
+                "privacy": privacy,
             }
             log.warning("site %s declined: %s", name, info["declined"])
             return None
         try:
             arrays = record_to_arrays(msg.content.array_records["arrays"])
-            metrics: dict[str, Any] = dict(msg.content.metric_records["metrics"])
-            counts = {g: metrics[key] for g, key in GROUP_COUNT_KEYS.items()}
+            reply = TrainReply.from_values(dict(msg.content.metric_records["metrics"]))
         except (KeyError, TypeError, ValueError) as e:
-            raise ReplyRejected(f"malformed reply ({e!r})") from e
+            raise ReplyRejected(f"malformed reply ({e})") from e
+        counts = dict(reply.counts)
         update = SiteUpdate(name, arrays, counts)
         problems = verify_update(update, current, self.groups)
         if problems:
@@ -300,15 +279,12 @@ class GroupedStrategy(FedAvg):
                 f"claims {n} patients for `{g}`, more than the {was} it declared "
                 "when it joined"
             )
-        loss = metrics.get("train-loss")  # not sent under DP
         entry = {
-            **{k: int(metrics[k]) for k in GROUP_COUNT_KEYS.values()},
-            "train_loss": None if loss is None else _number(loss, "train-loss"),
-            "seconds": (
-                _number(metrics["seconds"], "seconds") if "seconds" in metrics else None
-            ),
+            **{COUNT_KEYS[g]: n for g, n in counts.items()},
+            "train_loss": (reply.losses or {}).get("train"),  # not sent under DP
+            "seconds": reply.seconds,
             "bytes_up": int(sum(a.nbytes for a in arrays.values())),
-            "privacy": _privacy_metrics(metrics),
+            "privacy": None if reply.privacy is None else dict(reply.privacy),
         }
         return update, entry
 

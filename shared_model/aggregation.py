@@ -23,18 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared_model.clinical import REGIMENS
-
-GROUP_COUNT_KEYS: dict[str, str] = {
-    "shared": "n-shared",
-    **{f"expert/{r}": f"n-{r}" for r in REGIMENS},
-}
-
-
-MAX_SITE_PATIENTS = 100_000
-"""No site trains on more patients than this; a reply claiming more is refused
-(a count is an aggregation weight: an unbounded one would let one site take
-the model)."""
+from shared_model.messages import MAX_SITE_PATIENTS
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,11 @@ from torch import nn
 
 from shared_model.clinical import CLINICAL_DIM, REGIMENS
 from shared_model.errors import ConfigError
+from shared_model.messages import GROUPS, SHARED, expert_group
 from shared_model.plan import Plan
 
 ACT = ("leakyrelu", {"inplace": False, "negative_slope": 0.01})
 NORM = ("instance", {"affine": True})
-GROUPS: tuple[str, ...] = ("shared", *(f"expert/{r}" for r in REGIMENS))
 
 
 def compute_kernels_strides(
@@ -364,8 +364,8 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
         bare = name.removeprefix("_module.")
         for r in REGIMENS:
             if bare.startswith(f"experts.{r}."):
-                groups[f"expert/{r}"].append(name)
+                groups[expert_group(r)].append(name)
                 break
         else:
-            groups["shared"].append(name)
+            groups[SHARED].append(name)
     return groups

@@ -53,3 +53,38 @@ def test_loading_the_server_app_loads_no_site_stack() -> None:
         check=True,
     )
     assert out.stdout.strip() == "", out.stdout
+
+
+def test_reply_keys_are_named_in_one_place() -> None:
+    """`n-shared`, `train-loss`, `dp-...` and `expert/...` are spelt only in
+    shared_model/messages.py; the site and the server go through TrainReply."""
+    spelled = ('"n-shared"', '"train-loss"', '"dp-', 'f"n-{', 'f"expert/{')
+    offenders = sorted(
+        f"{path.relative_to(ROOT)}: {token}"
+        for package in ("client", "server", "shared_model")
+        for path in (ROOT / package).rglob("*.py")
+        # federation_config names run-config keys (dp-noise-multiplier, ...)
+        if path.name not in ("messages.py", "federation_config.py")
+        for token in spelled
+        if token in path.read_text()
+    )
+    assert not offenders, offenders
+
+
+def test_train_reply_round_trips_and_refuses_nonsense() -> None:
+    from shared_model.messages import COUNT_KEYS, GROUPS, TrainReply
+
+    reply = TrainReply(
+        counts={g: i for i, g in enumerate(GROUPS)},
+        steps=12,
+        seconds=3.5,
+        losses={"train": 1.0, "seg": 0.6, "pcr": 0.4},
+    )
+    assert TrainReply.from_values(reply.to_values()) == reply
+    private = TrainReply(counts=dict.fromkeys(GROUPS, 4), privacy={"epsilon": 2.0})
+    values = private.to_values()
+    assert values["dp-epsilon"] == 2.0 and "train-loss" not in values
+    assert TrainReply.from_values(values).privacy == {"epsilon": 2.0}
+    for bad in ({COUNT_KEYS["shared"]: -1}, {"seconds": float("nan")}, {"steps": 1.5}):
+        with pytest.raises(ValueError):
+            TrainReply.from_values({**reply.to_values(), **bad})
