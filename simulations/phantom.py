@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
-from simulations.cohort import Geometry, Patient, Scanner
+from simulations.cohort import Patient
+from simulations.sites import Geometry, Scanner
 
 FAT = (0.85, 0.35)
 WALL = (0.30, 1.55)

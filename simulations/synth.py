@@ -48,19 +48,11 @@ from shared_model.clinical import (
 )
 from shared_model.errors import MoeflError
 from shared_model.plan import PRESET_PLANS
-from simulations.cohort import (
-    NCT_SITE,
-    PRESETS,
-    SITES,
-    Geometry,
-    Patient,
-    Scanner,
-    World,
-    build_cohort,
-)
+from simulations.cohort import Patient, World, build_cohort
 from simulations.phantom import generate_case, scanner_grids
 from simulations.response import WORLD_VERSION
 from simulations.scoreboard import compute_scoreboard
+from simulations.sites import NCT_SITE, PRESETS, SITES, Geometry, Scanner
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 
 from shared_model.policy import share_of_oracle_gain
-from simulations.cohort import (
-    NCT_SITE,
-    PRESETS,
-    RETROSPECTIVE_SITES,
-    build_cohort,
-    clinical_risk,
-    held_out_counts,
-)
+from simulations.cohort import build_cohort, clinical_risk
 from simulations.response import TARGET_PCR
+from simulations.sites import NCT_SITE, PRESETS, RETROSPECTIVE_SITES, held_out_counts
 from simulations.synth import synthesize
 
 

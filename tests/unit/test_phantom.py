@@ -10,8 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from simulations.cohort import PRESETS, SITES, build_cohort
+from simulations.cohort import build_cohort
 from simulations.phantom import generate_case, scanner_grids
+from simulations.sites import PRESETS, SITES
 from simulations.synth import synthesize
 
 
