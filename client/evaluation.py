@@ -42,6 +42,7 @@ from shared_model.policy import (
     RecommendationRule,
     direction,
     fit_propensity,
+    format_share,
     propensities,
     recommend,
     site_policy_sums,
@@ -436,7 +437,7 @@ def oracle_line(truth: dict[str, Any]) -> str:
     share_txt = (
         "n/a (the oracle gains nothing over a fixed regimen)"
         if share is None
-        else f"{share['value']:.2f} ({share['ci'][0]:.2f} to {share['ci'][1]:.2f})"
+        else format_share(share)
     )
     return (
         f"true pCR (oracle): advice {truth['value']:.3f}, {fixed}, oracle "

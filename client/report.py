@@ -17,6 +17,7 @@ from typing import Any
 
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
+from shared_model.policy import format_share
 from shared_model.site_evaluation import COHORTS
 
 
@@ -329,7 +330,7 @@ def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
                 f"oracle's gain ({_f(truth.get('optimal'))}) over all "
                 f"{truth.get('best_fixed_regimen')} "
                 f"({_f((truth.get('fixed') or {}).get(truth.get('best_fixed_regimen')))})"
-                f": {_ci(share)}",
+                f": {format_share(share)}",
             ]
         )
     rows.append(

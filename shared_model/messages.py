@@ -49,7 +49,8 @@ LOSS_KEYS = {"train": "train-loss", "seg": "seg-loss", "pcr": "pcr-loss"}
 PRIVACY_PREFIX = "dp-"
 
 
-def _number(value: Any, key: str) -> float:
+def finite_number(value: Any, key: str) -> float:
+    """A finite real number from an untrusted reply (bools, strings, lists refused)."""
     if isinstance(value, bool) or not isinstance(
         value, (int, float, np.integer, np.floating)
     ):
@@ -62,7 +63,8 @@ def _number(value: Any, key: str) -> float:
     return out
 
 
-def _count(value: Any, key: str, upper: int = MAX_SITE_PATIENTS) -> int:
+def whole_count(value: Any, key: str, upper: int = MAX_SITE_PATIENTS) -> int:
+    """A whole number from 0 to ``upper`` from an untrusted reply."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, np.integer))
@@ -82,7 +84,7 @@ def privacy_values(privacy: Mapping[str, float]) -> dict[str, float]:
 def read_privacy(values: Mapping[str, Any]) -> dict[str, float] | None:
     """The DP accounting in a reply (``dp-*`` keys), each a finite number."""
     out = {
-        k[len(PRIVACY_PREFIX) :].replace("-", "_"): _number(v, k)
+        k[len(PRIVACY_PREFIX) :].replace("-", "_"): finite_number(v, k)
         for k, v in values.items()
         if k.startswith(PRIVACY_PREFIX)
     }
@@ -129,18 +131,20 @@ class TrainReply:
         missing = [k for k in COUNT_KEYS.values() if k not in values]
         if missing:
             raise ValueError(f"the reply lacks `{missing[0]}`")
-        counts = {g: _count(values[k], k) for g, k in COUNT_KEYS.items()}
+        counts = {g: whole_count(values[k], k) for g, k in COUNT_KEYS.items()}
         losses = {
-            name: _number(values[key], key)
+            name: finite_number(values[key], key)
             for name, key in LOSS_KEYS.items()
             if key in values
         }
         steps = values.get("steps")
         return cls(
             counts=counts,
-            steps=None if steps is None else _count(steps, "steps", 10**7),
+            steps=None if steps is None else whole_count(steps, "steps", 10**7),
             seconds=(
-                _number(values["seconds"], "seconds") if "seconds" in values else None
+                finite_number(values["seconds"], "seconds")
+                if "seconds" in values
+                else None
             ),
             losses=losses or None,
             privacy=read_privacy(values),

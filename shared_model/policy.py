@@ -89,6 +89,14 @@ def share_of_oracle_gain(
     return float((value - best_fixed) / gain)
 
 
+def format_share(share: dict[str, Any] | None) -> str:
+    """A share of the oracle's gain with its interval, e.g. ``0.29 (-0.23 to
+    0.81)`` (``to``, since the bounds are often negative)."""
+    if not share:
+        return "n/a"
+    return f"{share['value']:.2f} ({share['ci'][0]:.2f} to {share['ci'][1]:.2f})"
+
+
 def direction(recommended: int, received: int) -> str:
     """escalate / maintain / de-intensify, by regimen intensity."""
     a, b = INTENSITY[REGIMENS[recommended]], INTENSITY[REGIMENS[received]]

@@ -26,6 +26,7 @@ from shared_model.federated_metrics import (
     net_benefit,
     threshold_for_sensitivity,
 )
+from shared_model.messages import finite_number, whole_count
 from shared_model.policy import DIRECTIONS, OracleSums, PolicySums, policy_value
 from shared_model.survival import SurvivalCounts, kaplan_meier, logrank
 
@@ -79,8 +80,10 @@ class SiteEvaluation:
         cls, site: str, cohort: str, values: dict[str, Any]
     ) -> SiteEvaluation:
         """Server side; raises KeyError, TypeError or ValueError when malformed."""
-        dice_n, loss_n = _count(values["dice-n"]), _count(values["loss-n"])
-        dice_sum, loss_sum = _finite(values["dice-sum"]), _finite(values["loss-sum"])
+        dice_n = whole_count(values["dice-n"], "dice-n")
+        loss_n = whole_count(values["loss-n"], "loss-n")
+        dice_sum = finite_number(values["dice-sum"], "dice-sum")
+        loss_sum = finite_number(values["loss-sum"], "loss-sum")
         if not -1e-9 <= dice_sum <= dice_n + 1e-9:
             raise ValueError("`dice-sum` is outside [0, dice-n]")
         return cls(
@@ -101,27 +104,6 @@ class SiteEvaluation:
                 else None
             ),
         )
-
-
-def _count(value: Any) -> int:
-    """A whole number >= 0 from a reply (bools and fractions refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"a count is {type(value).__name__}; expected an integer")
-    if value < 0:
-        raise ValueError("negative counts")
-    return int(value)
-
-
-def _finite(value: Any) -> float:
-    """A finite real number from a reply (bools, strings, lists refused)."""
-    if isinstance(value, bool) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise ValueError(f"a sum is {type(value).__name__}; expected a number")
-    out = float(value)
-    if not np.isfinite(out):
-        raise ValueError("a sum is NaN or infinite")
-    return out
 
 
 def combine(

@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
             not args.no_baseline,
             args.quick,
         )
+        from shared_model.policy import format_share
+
         print(
             f"{'setting':>8} {'val AUC':>7} {'Dice':>6} {'test AUC (95% CI)':>22} "
             f"{'share of oracle gain':>22}  epsilon spent per site"
@@ -215,11 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not a
                 else f"{a['auc']:.3f} ({a['ci'][0]:.2f}-{a['ci'][1]:.2f})"
             )
-            t_sh = (
-                "n/a"
-                if not sh
-                else f"{sh['value']:.2f} ({sh['ci'][0]:.2f} to {sh['ci'][1]:.2f})"
-            )
+            t_sh = format_share(sh)
             print(
                 f"{row['setting']:>8} {auc:>7} {dice:>6} {t_auc:>22} {t_sh:>22}  "
                 f"{spent or '-'}"

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared_model.policy import format_share
 from shared_model.site_evaluation import COHORTS
 from simulations.benchmarks.common import benchmark_parser, finish
 
@@ -192,12 +193,6 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _share(s: dict[str, Any] | None) -> str:
-    if not s:
-        return "n/a"
-    return f"{s['value']:.2f} ({s['ci'][0]:.2f} to {s['ci'][1]:.2f})"
-
-
 def table(result: dict[str, Any]) -> str:
     """Markdown table: one row per model and cohort."""
     lines = [
@@ -225,7 +220,7 @@ def table(result: dict[str, Any]) -> str:
                     _fmt_auc(reg.get(r), ci=False) for r in ("nCRT", "TNT", "nCT")
                 )
                 + f" | {dice} | {_num(c['brier'])} | {_num(c['policy_dr'])} / "
-                f"{_num(c['policy_oracle'])} | {_share(c.get('share_of_oracle_gain'))} "
+                f"{_num(c['policy_oracle'])} | {format_share(c.get('share_of_oracle_gain'))} "
                 f"| {shown} |"
             )
     return "\n".join(lines)
