@@ -170,12 +170,27 @@ def train(
         str | None, typer.Option(help="Override the site's device.")
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    training: Annotated[
+        str,
+        typer.Option(
+            help="staged: segmentation for --epochs, then the pCR heads over "
+            "cached tumour features for --head-epochs; joint: the study's "
+            "multi-task training."
+        ),
+    ] = "staged",
+    head_epochs: Annotated[
+        int, typer.Option(help="Staged: epochs of head training.")
+    ] = 200,
+    head_lr: Annotated[
+        float, typer.Option(help="Staged: AdamW rate of the heads.")
+    ] = 0.001,
 ) -> None:
     """Local-only (one site) or pooled (several sites) training with comparators.
 
     Several sites may follow one --sites: `--sites a.yaml b.yaml c.yaml`.
     """
     from client.engine import TrainConfig
+    from client.heads import HeadConfig
     from client.train import find_plan, run_training
     from shared_model.loss import LossConfig
 
@@ -198,6 +213,10 @@ def train(
             model_overrides={"base_filters": base_filters, "max_filters": max_filters},
             image_only=image_only,
             device=device,
+            training=training,
+            head=HeadConfig(
+                epochs=head_epochs, lr=head_lr, pos_weight=pos_weight, seed=seed
+            ),
             echo=typer.echo,
         )
     except MoeflError as e:
@@ -313,6 +332,13 @@ def evaluate_cmd(
     margin: Annotated[
         float, typer.Option(help="Recommendation margin on predicted pCR.")
     ] = 0.05,
+    min_expert_support: Annotated[
+        int,
+        typer.Option(
+            help="Never recommend a regimen whose expert the checkpoint records as "
+            "trained on fewer patients (summed over sites)."
+        ),
+    ] = 30,
     target_sensitivity: Annotated[float, typer.Option()] = 0.8,
     device: Annotated[str | None, typer.Option()] = None,
     clinical_only: Annotated[
@@ -348,6 +374,7 @@ def evaluate_cmd(
             out,
             test_yamls=_yamls_in(test),
             oracle=oracle,
+            min_expert_support=min_expert_support,
             rule=rule,
             target_sensitivity=target_sensitivity,
             device=device,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.data import SiteDataset, build_site_datasets
-from client.engine import TrainConfig, resolve_device, train_local
+from client.engine import TrainConfig, TrainResult, resolve_device, train_local
 from client.evaluation import evaluate_dataset
+from client.feature_cache import eval_view, load_or_build
+from client.heads import HeadConfig, train_heads
 from client.privacy import (
     PrivacyLedger,
     RoundPlan,
@@ -66,7 +69,12 @@ from shared_model.errors import ConfigError, DataError, MoeflError
 from shared_model.federation_config import FederationConfig
 from shared_model.loss import LossConfig
 from shared_model.messages import GROUPS, SHARED, TrainReply, expert_group
-from shared_model.model import ModelConfig, UNetMoECli, build_model, parameter_groups
+from shared_model.model import (
+    ModelConfig,
+    UNetMoECli,
+    build_model,
+    stage_parameter_groups,
+)
 from shared_model.plan import Plan
 from shared_model.policy import RecommendationRule
 
@@ -192,16 +200,25 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def train_round(msg: Message, context: Context) -> Message:
-    """Local training on the site's split; upload only the groups it trained."""
+    """Local training on the site's split; upload only the groups it trained.
+
+    What trains depends on the round's stage (:meth:`FederationConfig.stage_of`):
+    everything (joint), the backbone on segmentation alone, or the pCR heads
+    over the site's cached tumour features.
+    """
     t0 = time.perf_counter()
     fed, site, model, device = _setup(msg, context)
     rnd = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
-    groups = parameter_groups(model)
+    stage = fed.stage_of(rnd)
+    groups = stage_parameter_groups(model, stage)
     trained_groups = [g for g in GROUPS if g == SHARED or site.counts[g]]
     trainable = {n for g in trained_groups for n in groups[g]}
+    if stage == "heads":
+        return _train_heads_round(msg, fed, site, model, device, trainable, rnd, t0)
+    seg_rounds = fed.num_server_rounds
     steps = fed.local_steps or fed.local_epochs * -(-len(site.train) // fed.batch_size)
     schedule = (
-        ((rnd - 1) * steps, fed.num_server_rounds * steps)
+        ((rnd - 1) * steps, seg_rounds * steps)
         if fed.lr_schedule == "poly"
         else (0, 10**12)
     )
@@ -215,7 +232,7 @@ def train_round(msg: Message, context: Context) -> Message:
                 n_patients=len(site.train),
                 batch_size=fed.batch_size,
                 steps=steps,
-                rounds_left=fed.num_server_rounds - rnd + 1,
+                rounds_left=seg_rounds - rnd + 1,
                 noise_multiplier=fed.dp_noise_multiplier,
                 accountant=fed.dp_accountant,
             )
@@ -262,7 +279,7 @@ def train_round(msg: Message, context: Context) -> Message:
             max_steps=steps,
             augment=fed.augment,
             seed=fed.seed * 1000 + rnd,
-            loss=LossConfig(),
+            loss=LossConfig(pcr_weight=0.0 if stage == "segmentation" else 1.0),
         ),
         device=device,
         trainable=trainable,
@@ -271,6 +288,70 @@ def train_round(msg: Message, context: Context) -> Message:
         dp=plan.dp if plan is not None else None,
         dp_generator=_noise_source(context, fed, site, rnd) if plan else None,
     )
+    return _trained_reply(
+        msg, site, model, trainable, result, t0, rnd, plan=plan, privacy=privacy
+    )
+
+
+def _train_heads_round(
+    msg: Message,
+    fed: FederationConfig,
+    site: SiteState,
+    model: UNetMoECli,
+    device: torch.device,
+    trainable: set[str],
+    rnd: int,
+    t0: float,
+) -> Message:
+    """Staged training, stage 2: the heads over the site's cached features."""
+    if site.config.privacy is not None:
+        raise ConfigError(
+            f"site {site.config.site_name} has a `privacy` section; private head "
+            "training over cached features is not available, so run DP sites with "
+            'run config `training = "joint"`'
+        )
+    features, cached = load_or_build(
+        site.config.run_dir / "feature_cache",
+        "train",
+        model,
+        site.plan,
+        eval_view(site.train, site.plan, site.config.adc_scale),
+        device=device,
+    )
+    log.info(
+        "site %s round %d: %d patients' features %s",
+        site.config.site_name,
+        rnd,
+        len(features),
+        "read from the cache" if cached else "computed and cached",
+    )
+    result = train_heads(
+        model,
+        features,
+        HeadConfig(
+            epochs=fed.head_epochs,
+            lr=fed.head_lr,
+            batch_size=fed.head_batch_size,
+            seed=fed.seed * 1000 + rnd,
+        ),
+        trainable=trainable,
+    )
+    return _trained_reply(msg, site, model, trainable, result, t0, rnd)
+
+
+def _trained_reply(
+    msg: Message,
+    site: SiteState,
+    model: UNetMoECli,
+    trainable: set[str],
+    result: TrainResult,
+    t0: float,
+    rnd: int,
+    *,
+    plan: RoundPlan | None = None,
+    privacy: Any = None,
+) -> Message:
+    """The reply to a training message: the trained arrays and the counts."""
     upload = {
         n: p.detach().cpu().numpy()
         for n, p in model.named_parameters()
@@ -283,7 +364,15 @@ def train_round(msg: Message, context: Context) -> Message:
         steps=result.steps,
         seconds=time.perf_counter() - t0,
         losses=(
-            {"train": result.loss, "seg": result.seg_loss, "pcr": result.pcr_loss}
+            {
+                k: v
+                for k, v in (
+                    ("train", result.loss),
+                    ("seg", result.seg_loss),
+                    ("pcr", result.pcr_loss),
+                )
+                if math.isfinite(v)
+            }
             if plan is None
             else None
         ),
@@ -342,6 +431,26 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         return error_reply(msg, e, "evaluation")
 
 
+def _allowed(msg: Message) -> tuple[str, ...]:
+    """The regimens the server allows advising (experts with enough support)."""
+    raw = msg.content.config_records["config"].get("allowed-regimens")
+    if raw is None:
+        return REGIMENS
+    try:
+        allowed = json.loads(str(raw))
+    except json.JSONDecodeError as e:
+        raise ConfigError("`allowed-regimens` is not JSON") from e
+    if (
+        not isinstance(allowed, list)
+        or not allowed
+        or any(r not in REGIMENS for r in allowed)
+    ):
+        raise ConfigError(
+            f"`allowed-regimens` must be a non-empty subset of {REGIMENS}"
+        )
+    return tuple(r for r in REGIMENS if r in allowed)
+
+
 def evaluate_round(msg: Message, context: Context) -> Message:
     """Score the validation split; reply with counts and sums only."""
     t0 = time.perf_counter()
@@ -353,7 +462,9 @@ def evaluate_round(msg: Message, context: Context) -> Message:
         site.train.cases,
         cohort="validation",
         device=device,
-        rule=RecommendationRule(margin=fed.recommendation_margin),
+        rule=RecommendationRule(
+            margin=fed.recommendation_margin, allowed=_allowed(msg)
+        ),
     )
     values: dict[str, Any] = {
         "n": sum(c.n for c in result.counts.values()),

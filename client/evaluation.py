@@ -46,6 +46,7 @@ from shared_model.policy import (
     propensities,
     recommend,
     site_policy_sums,
+    supported_regimens,
 )
 from shared_model.site_evaluation import (
     ADVICE_GROUPS,
@@ -269,6 +270,7 @@ def run_evaluation(
     device: str | None = None,
     clinical_only: bool = False,
     against: str | None = None,
+    min_expert_support: int = 30,
     echo: Any = lambda s: None,
 ) -> dict[str, Any]:
     """``moefl evaluate``: score every site, combine by cohort, write metrics.json.
@@ -281,14 +283,26 @@ def run_evaluation(
     sites' training splits) instead of the checkpoint's network. ``against``:
     another checkpoint folder, or ``clinical``, scored on the same patients for
     paired comparisons (exact McNemar from the sites' discordant counts).
+    ``min_expert_support``: an expert that the checkpoint records as trained on
+    fewer patients is never recommended (:func:`supported_regimens`).
     """
     import json
 
     from client.engine import resolve_device
     from client.site_config import load_site_config
-    from client.train import load_checkpoint
+    from client.train import load_checkpoint, read_expert_support
 
+    if min_expert_support < 0:
+        raise ConfigError("--min-expert-support must be >= 0")
     model, plan = load_checkpoint(checkpoint)
+    support = None if clinical_only else read_expert_support(checkpoint)
+    allowed, excluded = supported_regimens(support, min_expert_support)
+    base = rule or RecommendationRule()
+    rule = RecommendationRule(
+        margin=base.margin, allowed=tuple(r for r in base.allowed if r in allowed)
+    )
+    for regimen, why in excluded.items():
+        echo(f"{regimen} is never recommended: {why}")
     configs = [load_site_config(Path(p)) for p in site_yamls]
     tests = [load_site_config(Path(p)) for p in test_yamls or []]
     trainers = [c.site_name for c in tests if c.role == "train"]
@@ -340,8 +354,11 @@ def run_evaluation(
         if clinical_only
         else "network",
         "rule": {
-            "margin": (rule or RecommendationRule()).margin,
-            "allowed": list((rule or RecommendationRule()).allowed),
+            "margin": rule.margin,
+            "allowed": list(rule.allowed),
+            "expert_support": support,
+            "min_expert_support": min_expert_support,
+            "not_recommended": excluded,
         },
         "target_sensitivity": target_sensitivity,
     }
@@ -376,7 +393,10 @@ def run_evaluation(
 
 def headline(report: dict[str, Any]) -> str:
     """The evaluation's key numbers, one cohort per block."""
-    lines = []
+    lines = [
+        f"{regimen} is never recommended: {why}"
+        for regimen, why in report.get("rule", {}).get("not_recommended", {}).items()
+    ]
     for cohort in COHORTS:
         if cohort not in report:
             continue

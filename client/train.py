@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,13 @@ from client.engine import (
     safe_auc,
     train_local,
 )
+from client.feature_cache import FeatureSet, eval_view, load_or_build
+from client.heads import HeadConfig, train_heads
 from client.site_config import SiteConfig, load_site_config
 from shared_model.clinical import REGIMENS, encode_clinical
 from shared_model.errors import ConfigError
-from shared_model.model import ModelConfig, UNetMoECli, build_model
+from shared_model.loss import LossConfig
+from shared_model.model import ModelConfig, UNetMoECli, build_model, is_head_parameter
 from shared_model.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -88,6 +92,30 @@ def save_checkpoint(
     plan.save(out / "plan.json")
     config = {"model": model.config.to_dict(), **(extra_config or {})}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_expert_support(folder: Path) -> dict[str, int] | None:
+    """Per regimen, the patients that trained its expert, from a checkpoint's
+    ``config.json`` (None when it does not say: every expert is then allowed)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{Path(folder) / 'config.json'}: unreadable ({e})") from e
+    support = config.get("expert_support") if isinstance(config, dict) else None
+    if support is None:
+        return None
+    if not isinstance(support, dict) or not all(
+        r in support
+        and isinstance(support[r], int)
+        and not isinstance(support[r], bool)
+        and support[r] >= 0
+        for r in REGIMENS
+    ):
+        raise ConfigError(
+            f"{Path(folder) / 'config.json'}: `expert_support` must give a patient "
+            f"count for each of {REGIMENS}"
+        )
+    return {r: int(support[r]) for r in REGIMENS}
 
 
 def load_checkpoint(folder: Path) -> tuple[UNetMoECli, Plan]:
@@ -200,8 +228,10 @@ def fit(
     device: torch.device,
     echo: Echo,
     label: str,
+    trainable: set[str] | None = None,
 ) -> tuple[list[dict[str, Any]], EvalResult]:
-    """Train epoch by epoch on one poly schedule, evaluating after each epoch."""
+    """Train epoch by epoch on one poly schedule, evaluating after each epoch
+    (``trainable``: the parameters to train, default all)."""
     steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
@@ -216,6 +246,7 @@ def fit(
             train,
             epoch_cfg,
             device=device,
+            trainable=trainable,
             schedule=((epoch - 1) * steps_per_epoch, total),
         )
         ev = evaluate(model, val, device=device, loss_cfg=cfg.loss)
@@ -231,6 +262,76 @@ def fit(
     return history, ev
 
 
+def fit_staged(
+    model: UNetMoECli,
+    configs: Sequence[SiteConfig],
+    trains: Sequence[SiteDataset],
+    val: Any,
+    cfg: TrainConfig,
+    head: HeadConfig,
+    *,
+    plan: Plan,
+    device: torch.device,
+    echo: Echo,
+    backbone_of: UNetMoECli | None = None,
+) -> tuple[list[dict[str, Any]], EvalResult]:
+    """Staged training: the backbone on segmentation alone for ``cfg.epochs``
+    epochs (or copied from ``backbone_of``), then the heads over each site's
+    cached tumour features for ``head.epochs`` epochs (the centralised
+    counterpart of a staged federation)."""
+    seg_cfg = TrainConfig(**{**cfg.__dict__, "loss": LossConfig(pcr_weight=0.0)})
+    backbone = {n for n, _ in model.named_parameters() if not is_head_parameter(n)}
+    train: Any = trains[0] if len(trains) == 1 else ConcatDataset(list(trains))
+    history: list[dict[str, Any]] = []
+    if backbone_of is None:
+        history, _ = fit(
+            model,
+            train,
+            val,
+            seg_cfg,
+            device=device,
+            echo=echo,
+            label="segmentation",
+            trainable=backbone,
+        )
+    else:
+        state = backbone_of.state_dict()
+        model.load_state_dict(
+            {k: v for k, v in state.items() if k in backbone}
+            | {k: v for k, v in model.state_dict().items() if k not in backbone}
+        )
+    parts = []
+    t0 = time.perf_counter()
+    for config, dataset in zip(configs, trains, strict=True):
+        features, cached = load_or_build(
+            config.run_dir / "feature_cache",
+            "train-local",
+            model,
+            plan,
+            eval_view(dataset, plan, config.adc_scale),
+            device=device,
+        )
+        parts.append(features)
+    features = FeatureSet(
+        [i for p in parts for i in p.case_ids],
+        torch.cat([p.features for p in parts]),
+        torch.cat([p.clinical for p in parts]),
+        torch.cat([p.regimen for p in parts]),
+        torch.cat([p.pcr for p in parts]),
+    )
+    res = train_heads(model, features, head)
+    ev = evaluate(model, val, device=device, loss_cfg=cfg.loss)
+    rec = _epoch_record(len(history) + 1, res, ev, time.perf_counter() - t0)
+    rec["stage"] = "heads"
+    history.append(rec)
+    auc = "n/a" if rec["auc"] is None else f"{rec['auc']:.3f}"
+    echo(
+        f"[heads] {head.epochs} epochs over {len(features)} patients' cached "
+        f"features: loss {res.loss:.3f}, val AUC {auc}, {rec['seconds']:.0f} s"
+    )
+    return history, ev
+
+
 def run_training(
     site_yamls: Sequence[Path],
     out: Path,
@@ -240,6 +341,8 @@ def run_training(
     model_overrides: dict[str, Any] | None = None,
     image_only: bool = True,
     device: str | None = None,
+    training: str = "staged",
+    head: HeadConfig | None = None,
     echo: Echo = lambda s: None,
 ) -> TrainRun:
     """Train on one site (local-only) or several pooled (centralised).
@@ -252,6 +355,10 @@ def run_training(
         model_overrides: :class:`ModelConfig` fields to change (filters, ...).
         image_only: also train the image-only comparator (no clinical input).
         device: overrides the first site's ``device``.
+        training: ``staged`` (segmentation for ``cfg.epochs`` epochs, then the
+            heads over cached features, :func:`fit_staged`) or ``joint`` (the
+            study's multi-task training for ``cfg.epochs`` epochs).
+        head: head optimisation when staged (``epochs`` is the total).
         echo: progress lines.
     """
     configs: list[SiteConfig] = [load_site_config(Path(p)) for p in site_yamls]
@@ -277,17 +384,33 @@ def run_training(
         f"validation patients, device {dev}"
     )
 
+    if training not in ("staged", "joint"):
+        raise ConfigError(f"training {training!r}: expected staged or joint")
     model_cfg = ModelConfig.from_plan(plan, **(model_overrides or {}))
     model = build_model(model_cfg)
     t0 = time.perf_counter()
-    history, final = fit(model, train, val, cfg, device=dev, echo=echo, label=mode)
+    head = head or HeadConfig(epochs=200, lr=0.001, seed=cfg.seed)
+    if training == "staged":
+        history, final = fit_staged(
+            model, configs, trains, val, cfg, head, plan=plan, device=dev, echo=echo
+        )
+    else:
+        history, final = fit(model, train, val, cfg, device=dev, echo=echo, label=mode)
     seconds = time.perf_counter() - t0
     out = Path(out)
+    support = Counter(REGIMENS[r] for t in trains for r in t.regimen_indices())
     save_checkpoint(
         model,
         out,
         plan=plan,
-        extra_config={"train": cfg.to_dict(), "sites": names, "mode": mode},
+        extra_config={
+            "train": cfg.to_dict(),
+            "training": training,
+            "head": asdict(head) if training == "staged" else None,
+            "sites": names,
+            "mode": mode,
+            "expert_support": {r: support.get(r, 0) for r in REGIMENS},
+        },
     )
 
     comparators = clinical_comparators(train, val, seed=cfg.seed)
@@ -298,9 +421,23 @@ def run_training(
                 plan, **{**(model_overrides or {}), "use_clinical": False}
             )
         )
-        _, img_final = fit(
-            img_model, train, val, cfg, device=dev, echo=echo, label="image-only"
-        )
+        if training == "staged":
+            _, img_final = fit_staged(
+                img_model,
+                configs,
+                trains,
+                val,
+                cfg,
+                head,
+                plan=plan,
+                device=dev,
+                echo=echo,
+                backbone_of=model,
+            )
+        else:
+            _, img_final = fit(
+                img_model, train, val, cfg, device=dev, echo=echo, label="image-only"
+            )
         comparators["image_only"] = {
             k: img_final.metrics[k] for k in ("auc", "auc_by_regimen", "dice")
         }

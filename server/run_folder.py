@@ -131,8 +131,13 @@ class RunFolder:
         record: dict[str, Any],
         model_cfg: ModelConfig,
         plan: Plan,
+        *,
+        extra_config: Mapping[str, Any] | None = None,
     ) -> None:
-        """Write round ``rnd``: weights, moments, the record, then the marker."""
+        """Write round ``rnd``: weights, moments, the record, then the marker.
+
+        ``extra_config``: more keys for ``config.json`` beside ``model`` (the
+        experts' support)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         tensors = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
         write_atomic(self._ckpt(rnd, ".safetensors"), tensors)
@@ -153,7 +158,8 @@ class RunFolder:
         write_atomic(self._ckpt(rnd, ".state.json"), _json_bytes(marker))
         write_atomic(self.path / "model.safetensors", tensors)
         write_atomic(
-            self.path / "config.json", _json_bytes({"model": model_cfg.to_dict()})
+            self.path / "config.json",
+            _json_bytes({"model": model_cfg.to_dict(), **(extra_config or {})}),
         )
         write_atomic(self.path / "plan.json", _json_bytes(plan.to_dict()))
 

@@ -47,9 +47,15 @@ from server.records import arrays_to_record
 from server.run_folder import RunFolder, StrategyState
 from server.strategy import GroupedStrategy
 from shared_model.errors import ConfigError
-from shared_model.federation_config import FederationConfig
-from shared_model.model import ModelConfig, build_model, parameter_groups
+from shared_model.federation_config import STAGES, FederationConfig
+from shared_model.model import (
+    ModelConfig,
+    build_model,
+    parameter_groups,
+    stage_parameter_groups,
+)
 from shared_model.plan import Plan
+from shared_model.policy import expert_support, supported_regimens
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,23 @@ def resolve_plan(fed: FederationConfig) -> Plan:
     return Plan()
 
 
+def model_config_for(fed: FederationConfig, plan: Plan) -> ModelConfig:
+    """The network a run config asks for: widths, features and experts (the
+    ``independent`` experts come with the study's sizes: 64-D embeddings and
+    64 hidden units)."""
+    study = (
+        {"embed_dim": 64, "expert_hidden": 64} if fed.experts == "independent" else {}
+    )
+    return ModelConfig.from_plan(
+        plan,
+        base_filters=fed.base_filters,
+        max_filters=fed.max_filters,
+        features=fed.features,
+        experts=fed.experts,
+        **study,
+    )
+
+
 @dataclass
 class FederationStart:
     """What a federation starts from: the initial model and the round config."""
@@ -71,6 +94,7 @@ class FederationStart:
     arrays: dict[str, np.ndarray]  # initial global weights
     strategy: GroupedStrategy
     config: ConfigRecord  # sent to every site with each round's weights
+    stage_groups: dict[str, dict[str, list[str]]]  # what each stage aggregates
 
 
 def start_federation(fed: FederationConfig) -> FederationStart:
@@ -79,9 +103,7 @@ def start_federation(fed: FederationConfig) -> FederationStart:
     np.random.seed(fed.seed)
     torch.manual_seed(fed.seed)
     plan = resolve_plan(fed)
-    model_cfg = ModelConfig.from_plan(
-        plan, base_filters=fed.base_filters, max_filters=fed.max_filters
-    )
+    model_cfg = model_config_for(fed, plan)
     model = build_model(model_cfg)
     config = ConfigRecord(
         {
@@ -96,6 +118,7 @@ def start_federation(fed: FederationConfig) -> FederationStart:
         {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
         GroupedStrategy(fed, parameter_groups(model)),
         config,
+        {stage: stage_parameter_groups(model, stage) for stage in STAGES},
     )
 
 
@@ -137,8 +160,10 @@ def _run_rounds(
     bytes_down = int(sum(a.nbytes for a in arrays.values()))
     node_sites: dict[int, str] = {}  # Flower node id -> site name, learnt from replies
     try:
-        for rnd in range(start + 1, fed.num_server_rounds + 1):
+        for rnd in range(start + 1, fed.total_rounds + 1):
             t0 = time.perf_counter()
+            stage = fed.stage_of(rnd)
+            strategy.groups = begin.stage_groups[stage]
             messages = list(
                 strategy.configure_train(rnd, arrays_to_record(arrays), config, grid)
             )
@@ -157,6 +182,7 @@ def _run_rounds(
                 site["bytes_down"] = bytes_down
             entry: dict[str, Any] = {
                 "round": rnd,
+                "stage": stage,
                 "updated": outcome.updated,
                 "sites": outcome.sites,
                 "excluded": outcome.excluded,
@@ -172,14 +198,21 @@ def _run_rounds(
             if outcome.flags:
                 entry["flags"] = outcome.flags
             if fed.evaluate_every and rnd % fed.evaluate_every == 0:
+                allowed, _ = supported_regimens(
+                    expert_support([*record["rounds"], entry]), fed.min_expert_support
+                )
+                ev_config = ConfigRecord(
+                    {**dict(config), "allowed-regimens": json.dumps(list(allowed))}
+                )
                 ev_msgs = strategy.configure_evaluate(
-                    rnd, arrays_to_record(arrays), ConfigRecord(dict(config)), grid
+                    rnd, arrays_to_record(arrays), ev_config, grid
                 )
                 ev_replies = grid.send_and_receive(ev_msgs, timeout=fed.round_timeout)
                 entry["evaluate"] = strategy.aggregate_evaluation(ev_replies)
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             record["rounds"].append(entry)
             record["declared_counts"] = strategy.declared
+            record["expert_support"] = expert_support(record["rounds"])
             folder.save_round(
                 rnd,
                 arrays,
@@ -189,13 +222,15 @@ def _run_rounds(
                 record,
                 model_cfg,
                 plan,
+                extra_config={"expert_support": record["expert_support"]},
             )
             ev = entry.get("evaluate", {})
             log.info(
-                "round %d/%d: %d sites, excluded %s, declined %s, val AUC %s, "
+                "round %d/%d (%s): %d sites, excluded %s, declined %s, val AUC %s, "
                 "Dice %s, %.0f s%s",
                 rnd,
-                fed.num_server_rounds,
+                fed.total_rounds,
+                stage,
                 len(outcome.sites),
                 sorted(outcome.excluded) or "none",
                 sorted(outcome.declined) or "none",

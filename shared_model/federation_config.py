@@ -43,6 +43,20 @@ keys and out-of-range values are errors that name the key.
   reaching this sensitivity on the validation set (the first is 0.5) |
 | recommendation-margin | 0.05 | evaluation: recommend the least intensive regimen whose
   predicted pCR is within this of the best |
+| training | staged | staged: `num-server-rounds` rounds of segmentation (Dice + CE) only,
+  then `head-rounds` rounds in which each site trains the pCR heads over features it
+  computed once with the frozen backbone and cached on its own disk; joint: the study's
+  multi-task training (segmentation and pCR together) in every round |
+| head-rounds | 20 | staged: federated rounds of head training |
+| head-epochs | 10 | staged: local passes over a site's cached features per head round |
+| head-lr | 0.003 | staged: AdamW learning rate of the heads |
+| head-batch-size | 32 | staged: patients per head step |
+| features | tumour | tumour: statistics inside the predicted tumour on the input grid;
+  stem: the study's modality stems on a 4x coarser grid (joint training only) |
+| experts | residual | residual: shared prognosis head plus one expert per regimen;
+  independent: the study's three separate experts |
+| min-expert-support | 30 | an expert trained on fewer patients (summed over sites) is
+  never recommended |
 | dp-reproducible | false | simulation only: seed the central DP noise from `seed`. Never in
   deployment: whoever knows the seed could subtract the noise |
 """
@@ -58,6 +72,10 @@ from typing import Any
 from shared_model.errors import ConfigError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+TRAININGS = ("staged", "joint")
+STAGES = ("joint", "segmentation", "heads")
+"""What a round trains: everything with the multi-task loss (``joint``), the
+backbone on segmentation alone, or the pCR heads over cached features."""
 
 SITE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 """A site's name, everywhere it appears (site YAML, site keys, run records):
@@ -103,6 +121,27 @@ class FederationConfig:
     dp_reproducible: bool = False
     target_sensitivity: float = 0.8
     recommendation_margin: float = 0.05
+    training: str = "staged"
+    head_rounds: int = 20
+    head_epochs: int = 10
+    head_lr: float = 0.003
+    head_batch_size: int = 32
+    features: str = "tumour"
+    experts: str = "residual"
+    min_expert_support: int = 30
+
+    @property
+    def total_rounds(self) -> int:
+        """Rounds of the whole run (segmentation and head rounds when staged)."""
+        return self.num_server_rounds + (
+            self.head_rounds if self.training == "staged" else 0
+        )
+
+    def stage_of(self, server_round: int) -> str:
+        """What round ``server_round`` (1-based) trains (see :data:`STAGES`)."""
+        if self.training == "joint":
+            return "joint"
+        return "segmentation" if server_round <= self.num_server_rounds else "heads"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -169,6 +208,27 @@ class FederationConfig:
                 0 <= self.recommendation_margin < 1,
                 "recommendation-margin",
                 "in [0, 1)",
+            ),
+            (self.training in TRAININGS, "training", " or ".join(TRAININGS)),
+            (0 <= self.head_rounds <= 100_000, "head-rounds", "0..100000"),
+            (1 <= self.head_epochs <= 10_000, "head-epochs", "1..10000"),
+            (0 < self.head_lr <= 10, "head-lr", "in (0, 10]"),
+            (1 <= self.head_batch_size <= 100_000, "head-batch-size", "1..100000"),
+            (self.features in ("tumour", "stem"), "features", "tumour or stem"),
+            (
+                self.experts in ("residual", "independent"),
+                "experts",
+                "residual or independent",
+            ),
+            (
+                0 <= self.min_expert_support <= 1_000_000,
+                "min-expert-support",
+                "0..1000000",
+            ),
+            (
+                self.training == "joint" or self.features == "tumour",
+                "training",
+                "joint when features is stem (staged training caches tumour features)",
             ),
         ]
         for ok, key, expected in checks:

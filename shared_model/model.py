@@ -42,9 +42,12 @@ from torch import nn
 
 from shared_model.clinical import CLINICAL_DIM, REGIMENS
 from shared_model.errors import ConfigError
+from shared_model.features import feature_sizes, tumour_features
 from shared_model.messages import GROUPS, SHARED, expert_group
 from shared_model.plan import Plan
 
+FEATURES = ("tumour", "stem")
+EXPERTS = ("residual", "independent")
 ACT = ("leakyrelu", {"inplace": False, "negative_slope": 0.01})
 NORM = ("instance", {"affine": True})
 
@@ -102,10 +105,20 @@ class ModelConfig:
         max_filters: cap on filters (nnU-Net: 32 and 320; the CPU default is
             8 and 256, about 1.5 M parameters at the demo patch).
         deep_supr_num: extra deep-supervision heads.
-        stem_channels: channels of each modality stem.
-        embed_dim: size of each modality embedding.
-        expert_hidden: hidden units of each expert MLP.
+        stem_channels: channels of each modality stem (``features: stem``).
+        embed_dim: size of each modality embedding (the study: 64).
+        expert_hidden: hidden units of each expert MLP; 0 (default) makes each
+            expert linear in the embedding, so that what differs between
+            regimens is a small correction learnt from each arm's patients
+            (the study: 64).
         use_clinical: False builds the image-only comparator (no clinical input).
+        features: ``tumour`` (default): statistics inside the predicted tumour
+            on the input grid (:mod:`shared_model.features`), ADC in its
+            physical unit, plus the last decoder layer's features pooled there;
+            ``stem``: the study's modality stems, pooled on their 4x coarser grid.
+        experts: ``residual`` (default): a shared prognosis head plus one expert
+            per regimen, ``logit_r = prognosis(z) + expert_r(z)``;
+            ``independent``: the study's three separate experts.
         in_channels, out_channels: fixed by the data format (T2W, ADC; bg, tumour).
     """
 
@@ -115,9 +128,11 @@ class ModelConfig:
     max_filters: int = 256
     deep_supr_num: int = 2
     stem_channels: int = 16
-    embed_dim: int = 64
-    expert_hidden: int = 64
+    embed_dim: int = 32
+    expert_hidden: int = 0
     use_clinical: bool = True
+    features: str = "tumour"
+    experts: str = "residual"
     in_channels: int = 2
     out_channels: int = 2
     kernels: list[list[int]] = field(init=False, compare=False, repr=False)
@@ -129,10 +144,19 @@ class ModelConfig:
             "max_filters",
             "stem_channels",
             "embed_dim",
-            "expert_hidden",
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"model `{name}` must be a positive integer")
+        if int(self.expert_hidden) < 0:
+            raise ConfigError("model `expert_hidden` must be >= 0 (0: linear experts)")
+        if self.features not in FEATURES:
+            raise ConfigError(
+                f"model `features` is {self.features!r}; expected one of {FEATURES}"
+            )
+        if self.experts not in EXPERTS:
+            raise ConfigError(
+                f"model `experts` is {self.experts!r}; expected one of {EXPERTS}"
+            )
         if self.in_channels != 2 or self.out_channels != 2:
             raise ConfigError(
                 "the model reads 2 channels (T2W, ADC) and predicts 2 classes"
@@ -238,10 +262,20 @@ class ModalityEncoder(nn.Module):
 
 
 def _expert(in_dim: int, hidden: int) -> nn.Sequential:
+    if hidden == 0:  # a linear expert
+        return nn.Sequential(nn.Linear(in_dim, 1))
     return nn.Sequential(
         nn.Linear(in_dim, hidden),
         nn.LeakyReLU(0.01, inplace=False),
         nn.Linear(hidden, 1),
+    )
+
+
+def _embedding(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, out_dim),
+        nn.LeakyReLU(0.01, inplace=False),
+        nn.Linear(out_dim, out_dim),
     )
 
 
@@ -271,6 +305,11 @@ class UNetMoECli(nn.Module):
         image: ``(B, 2, D, H, W)`` float, T2W then ADC.
         clinical: ``(B, 15)`` one-hot (ignored when ``use_clinical`` is False).
         regimen: ``(B,)`` int64 index into ``REGIMENS``.
+
+    With ``features: tumour`` the pCR part is a function of a per-patient
+    feature vector (:meth:`tumour_features`) and the clinical one-hot only
+    (:meth:`head`), so it can be trained on features computed once with a
+    frozen backbone (staged training).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -293,19 +332,38 @@ class UNetMoECli(nn.Module):
         bottleneck = _dealias_dynunet(self.backbone)
         self._features: dict[str, torch.Tensor] = {}
         bottleneck.register_forward_hook(self._keep_bottleneck)
-        shared_dim = cfg.filters[-1] + 1
-        self.encode_t2 = ModalityEncoder(cfg, shared_dim)
-        self.encode_adc = ModalityEncoder(cfg, shared_dim)
+        self.backbone.output_block.register_forward_hook(self._keep_decoder)
+        self.encode_t2: nn.Module
+        self.encode_adc: nn.Module
+        if cfg.features == "tumour":
+            n_adc, n_t2, n_shape = feature_sizes(cfg.filters[0])
+            self.encode_t2 = _embedding(n_t2 + n_shape, cfg.embed_dim)
+            self.encode_adc = _embedding(n_adc + n_shape, cfg.embed_dim)
+            self._split = (n_adc, n_t2, n_shape)
+        else:
+            shared_dim = cfg.filters[-1] + 1
+            self.encode_t2 = ModalityEncoder(cfg, shared_dim)
+            self.encode_adc = ModalityEncoder(cfg, shared_dim)
         expert_in = 2 * cfg.embed_dim + (CLINICAL_DIM if cfg.use_clinical else 0)
+        if cfg.experts == "residual":
+            self.prognosis = _expert(expert_in, cfg.expert_hidden)
         self.experts = nn.ModuleDict(
             {r: _expert(expert_in, cfg.expert_hidden) for r in REGIMENS}
         )
         self._voxel_ml = math.prod(cfg.spacing) / 1000.0
 
+    @property
+    def n_features(self) -> int:
+        """Width of :meth:`tumour_features`' output (``features: tumour``)."""
+        return sum(self._split)
+
     def _keep_bottleneck(
         self, _module: nn.Module, _inp: Any, out: torch.Tensor
     ) -> None:
         self._features["bottleneck"] = out
+
+    def _keep_decoder(self, _module: nn.Module, inp: Any, _out: torch.Tensor) -> None:
+        self._features["decoder"] = inp[0]
 
     def segment(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone pass: ``(seg_logits, bottleneck_features)``.
@@ -323,27 +381,78 @@ class UNetMoECli(nn.Module):
         self, seg: torch.Tensor, bottleneck: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tumour probability map and the shared vector (bottleneck GAP, log volume)."""
-        main = seg[:, 0] if seg.ndim == 6 else seg
-        prob = torch.softmax(main, dim=1)[:, 1:2].detach()
+        prob = self.tumour_probability(seg)
         log_volume = torch.log1p(prob.sum(dim=(2, 3, 4)) * self._voxel_ml)
         shared = torch.cat([bottleneck.mean(dim=(2, 3, 4)), log_volume], dim=1)
         return prob, shared
+
+    @staticmethod
+    def tumour_probability(seg: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` tumour probability of the main head, detached
+        (the pCR loss does not pull the segmentation)."""
+        main = seg[:, 0] if seg.ndim == 6 else seg
+        return torch.softmax(main.float(), dim=1)[:, 1:2].detach()
+
+    def tumour_features(
+        self, image: torch.Tensor, seg: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-patient features ``(B, n_features)`` inside the predicted tumour
+        on the input grid (runs the backbone when ``seg`` is not given)."""
+        if seg is None:
+            seg, _ = self.segment(image)
+        return tumour_features(
+            image,
+            self.tumour_probability(seg),
+            spacing=self.config.spacing,
+            decoder=self._features.pop("decoder"),
+        )
+
+    def head(self, features: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
+        """pCR logits ``(B, 3)`` from tumour features and the clinical one-hot."""
+        n_adc, n_t2, _ = self._split
+        adc, t2, shape = (
+            features[:, :n_adc],
+            features[:, n_adc : n_adc + n_t2],
+            features[:, n_adc + n_t2 :],
+        )
+        parts = [
+            self.encode_t2(torch.cat([t2, shape], dim=1)),
+            self.encode_adc(torch.cat([adc, shape], dim=1)),
+        ]
+        return self._experts(parts, clinical)
+
+    def _experts(
+        self, parts: list[torch.Tensor], clinical: torch.Tensor
+    ) -> torch.Tensor:
+        if self.config.use_clinical:
+            parts = [*parts, clinical]
+        z = torch.cat(parts, dim=1)
+        logits = torch.cat([self.experts[r](z) for r in REGIMENS], dim=1)
+        if self.config.experts == "residual":
+            logits = logits + self.prognosis(z)
+        return logits
+
+    @staticmethod
+    def gate(pcr_logits: torch.Tensor, regimen: torch.Tensor) -> torch.Tensor:
+        """The received regimen's logit ``(B,)`` (hard gating)."""
+        one_hot = F.one_hot(regimen, num_classes=len(REGIMENS)).to(pcr_logits.dtype)
+        return (one_hot * pcr_logits).sum(dim=1)
 
     def forward(
         self, image: torch.Tensor, clinical: torch.Tensor, regimen: torch.Tensor
     ) -> ModelOutput:
         seg, bottleneck = self.segment(image)
-        prob, shared = self.shared_features(seg, bottleneck)
-        parts = [
-            self.encode_t2(image[:, 0:1], prob, shared),
-            self.encode_adc(image[:, 1:2], prob, shared),
-        ]
-        if self.config.use_clinical:
-            parts.append(clinical)
-        z = torch.cat(parts, dim=1)
-        pcr_logits = torch.cat([self.experts[r](z) for r in REGIMENS], dim=1)
-        gate = F.one_hot(regimen, num_classes=len(REGIMENS)).to(pcr_logits.dtype)
-        return ModelOutput(seg, pcr_logits, (gate * pcr_logits).sum(dim=1))
+        if self.config.features == "tumour":
+            pcr_logits = self.head(self.tumour_features(image, seg), clinical)
+        else:
+            prob, shared = self.shared_features(seg, bottleneck)
+            self._features.pop("decoder", None)
+            parts = [
+                self.encode_t2(image[:, 0:1], prob, shared),
+                self.encode_adc(image[:, 1:2], prob, shared),
+            ]
+            pcr_logits = self._experts(parts, clinical)
+        return ModelOutput(seg, pcr_logits, self.gate(pcr_logits, regimen))
 
 
 def build_model(cfg: ModelConfig) -> UNetMoECli:
@@ -369,3 +478,30 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
         else:
             groups[SHARED].append(name)
     return groups
+
+
+def is_head_parameter(name: str) -> bool:
+    """Whether a parameter belongs to the pCR part (not the segmenter)."""
+    return not name.removeprefix("_module.").startswith("backbone.")
+
+
+def stage_parameter_groups(model: nn.Module, stage: str) -> dict[str, list[str]]:
+    """:func:`parameter_groups` restricted to what a round of ``stage`` trains.
+
+    ``joint``: everything; ``segmentation``: the backbone only (the shared group;
+    the experts' groups are empty); ``heads``: everything but the backbone, so
+    the backbone a site's feature cache was computed with stays bit-identical.
+    """
+    groups = parameter_groups(model)
+    if stage == "joint":
+        return groups
+    if stage == "segmentation":
+        return {
+            g: [n for n in names if not is_head_parameter(n)] if g == SHARED else []
+            for g, names in groups.items()
+        }
+    if stage == "heads":
+        return {
+            g: [n for n in names if is_head_parameter(n)] for g, names in groups.items()
+        }
+    raise ValueError(f"unknown stage {stage!r}")

@@ -58,6 +58,43 @@ class RecommendationRule:
             raise ValueError(f"allowed regimens must be among {REGIMENS}")
 
 
+def supported_regimens(
+    support: Mapping[str, int] | None, min_support: int
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The regimens whose expert may be recommended, and why the others not.
+
+    ``support``: per regimen, the patients that trained its expert (summed over
+    sites; None when unknown, e.g. an older checkpoint: every regimen is
+    allowed). An expert below ``min_support`` patients is never recommended. If
+    no expert has the support, none is excluded (advice would be impossible);
+    the reasons still say so.
+    """
+    if support is None:
+        return REGIMENS, {}
+    reasons = {
+        r: f"its expert was trained on {int(support.get(r, 0))} patients, fewer than "
+        f"the {min_support} required (min-expert-support)"
+        for r in REGIMENS
+        if int(support.get(r, 0)) < min_support
+    }
+    allowed = tuple(r for r in REGIMENS if r not in reasons)
+    return (allowed or REGIMENS), reasons
+
+
+def expert_support(rounds: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Per regimen, the most patients that trained its expert in one round of a
+    run record (rounds that train the pCR part: joint or heads)."""
+    out = dict.fromkeys(REGIMENS, 0)
+    for entry in rounds:
+        if entry.get("stage", "joint") not in ("joint", "heads"):
+            continue
+        for r in REGIMENS:
+            group = entry.get("groups", {}).get(f"expert/{r}", {})
+            if group.get("updated"):
+                out[r] = max(out[r], int(group.get("n", 0)))
+    return out
+
+
 def recommend(probs: np.ndarray, rule: RecommendationRule | None = None) -> np.ndarray:
     """Recommended regimen index per patient from ``probs`` (n, 3)."""
     rule = rule or RecommendationRule()

@@ -122,7 +122,12 @@ def run_simulated_federation(
     fed = FederationConfig.from_run_config(config)  # fail early on a bad key
     echo(
         f"simulating {len(yamls)} sites ({', '.join(p.stem for p in yamls)}), "
-        f"{fed.num_server_rounds} rounds, strategy {fed.strategy}; run folder {fed.run_dir}"
+        + (
+            f"{fed.num_server_rounds} segmentation + {fed.head_rounds} head rounds"
+            if fed.training == "staged"
+            else f"{fed.num_server_rounds} rounds (joint)"
+        )
+        + f", strategy {fed.strategy}; run folder {fed.run_dir}"
     )
     logging.getLogger("flwr").propagate = False  # Flower has its own console handler
     server_logger = logging.getLogger("server")

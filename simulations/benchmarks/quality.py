@@ -43,6 +43,18 @@ from simulations.benchmarks.common import benchmark_parser, finish
 
 Echo = Callable[[str], None]
 
+UNGUARDED = "federated_unguarded"
+"""The federated model scored with ``min-expert-support`` 0: what the support
+guard costs or saves."""
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "independent": {"experts": "independent"},
+    "joint": {"training": "joint"},
+    "study": {"training": "joint", "features": "stem", "experts": "independent"},
+}
+"""Federated variants the benchmark can add (``--variants``): the study's
+independent experts, joint (multi-task) training, and the study's model."""
+
 
 def _auc(block: dict[str, Any]) -> dict[str, Any] | None:
     auc = block.get("auc")
@@ -82,6 +94,8 @@ def run_quality(
     quick: bool = False,
     preset: str = "demo",
     rounds: int = 8,
+    head_rounds: int = 20,
+    variants: tuple[str, ...] = (),
     reuse: bool = False,
     echo: Echo = print,
 ) -> dict[str, Any]:
@@ -92,6 +106,7 @@ def run_quality(
     """
     from client.engine import TrainConfig
     from client.evaluation import run_evaluation
+    from client.heads import HeadConfig
     from client.site_config import load_site_config
     from client.train import find_plan, run_training
     from simulations.simulate import run_simulated_federation
@@ -122,20 +137,26 @@ def run_quality(
     def have(name: str) -> bool:
         return reuse and (out / name / "model.safetensors").is_file()
 
-    if not have("federated"):
-        if (out / "federated").exists():
-            shutil.rmtree(out / "federated")
+    federations: dict[str, dict[str, Any]] = {"federated": {}} | {f"federated_{v}": VARIANTS[v] for v in variants}
+    for name, variant in federations.items():
+        if have(name):
+            continue
+        if (out / name).exists():
+            shutil.rmtree(out / name)
         t0 = time.perf_counter()
         run_simulated_federation(
             out,
             preset=preset,
             overrides={
                 "num-server-rounds": rounds,
+                "head-rounds": head_rounds,
+                "run-dir": str(out / name),
+                **variant,
                 **{k.replace("_", "-"): v for k, v in widths.items()},
             },
             echo=echo,
         )
-        seconds["federated"] = time.perf_counter() - t0
+        seconds[name] = time.perf_counter() - t0
     centralised = [("pooled", train_yamls)] + [
         (f"local_{load_site_config(y).site_name}", [y]) for y in train_yamls
     ]
@@ -150,13 +171,16 @@ def run_quality(
             plan=plan,
             model_overrides=widths or None,
             image_only=False,
+            head=HeadConfig(epochs=head_rounds * 10, lr=0.001, seed=0),
             echo=echo,
         )
         seconds[name] = time.perf_counter() - t0
 
     models: dict[str, dict[str, Any]] = {}
-    for name in ["federated"] + [n for n, _ in centralised] + ["clinical_only"]:
-        checkpoint = out / ("federated" if name == "clinical_only" else name)
+    scored = [*federations, *(n for n, _ in centralised), "clinical_only"]
+    for name in [*scored, UNGUARDED]:
+        folder = name.removesuffix(UNGUARDED.removeprefix("federated"))
+        checkpoint = out / ("federated" if name == "clinical_only" else folder)
         echo(f"scoring {name} ...")
         report = run_evaluation(
             checkpoint,
@@ -165,6 +189,7 @@ def run_quality(
             test_yamls=test_yamls,
             oracle=oracle if oracle.is_dir() else None,
             clinical_only=name == "clinical_only",
+            min_expert_support=0 if name == UNGUARDED else 30,
         )
         row = summarise(report)
         if name in seconds:
@@ -174,6 +199,7 @@ def run_quality(
         "preset": preset,
         "cohort": str(cohort_dir.resolve()),
         "rounds_or_epochs": rounds,
+        "head_rounds": head_rounds,
         "train_config": cfg.to_dict(),
         "widths": widths or "plan defaults (8..256)",
         "models": models,
@@ -232,6 +258,16 @@ def main(argv: list[str] | None = None) -> None:
         "--preset", default="demo", help="cohort to make when --cohort is not given"
     )
     parser.add_argument("--rounds", type=int, default=8, help="rounds = epochs")
+    parser.add_argument(
+        "--head-rounds", type=int, default=20, help="staged: head rounds (x10 epochs)"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        choices=sorted(VARIANTS),
+        help="federated variants to add",
+    )
     parser.add_argument("--reuse", action="store_true", help="score existing models")
     args = parser.parse_args(argv)
     result = run_quality(
@@ -240,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         quick=args.quick,
         preset=args.preset,
         rounds=2 if args.quick else args.rounds,
+        head_rounds=3 if args.quick else args.head_rounds,
+        variants=tuple(args.variants),
         reuse=args.reuse,
     )
     finish(args, "quality", table(result), result)

@@ -14,7 +14,9 @@ from shared_model.errors import MoeflError
 from simulations.simulate import run_simulated_federation
 
 pytestmark = pytest.mark.integration
-SMALL = {"base-filters": 4, "max-filters": 32}
+SMALL = {"base-filters": 4, "max-filters": 32, "training": "joint"}
+"""Small widths; joint training, whose every round trains every group (the
+staged schedule has its own test)."""
 
 
 @pytest.fixture()
@@ -64,6 +66,50 @@ def test_federation_trains_experts_only_where_their_patients_are(sim_dir: Path) 
     assert any(not np.array_equal(first[k], v) for k, v in _weights(run).items())
     nct = [k for k in first if k.startswith("experts.nCT.")]
     assert any(not np.array_equal(first[k], _weights(run)[k]) for k in nct)
+
+
+def test_staged_federation_trains_heads_over_cached_features(sim_dir: Path) -> None:
+    """Segmentation rounds leave the heads alone; head rounds leave the backbone
+    bit-identical (so each site's feature cache stays valid) and train the
+    experts where their patients are; the experts' support is recorded."""
+    config = {
+        "num-server-rounds": 2,
+        "head-rounds": 2,
+        "head-epochs": 3,
+        "min-expert-support": 5,
+        "base-filters": 4,
+        "max-filters": 32,
+    }
+    record = run_simulated_federation(sim_dir, preset="tiny", overrides=config)
+    assert [r["stage"] for r in record["rounds"]] == [
+        "segmentation",
+        "segmentation",
+        "heads",
+        "heads",
+    ]
+    ckpt = sim_dir / "federated" / "checkpoints"
+    r = [load_file(str(ckpt / f"round_00{i}.safetensors")) for i in (1, 2, 3, 4)]
+    backbone = [k for k in r[0] if k.startswith("backbone.")]
+    heads = [k for k in r[0] if not k.startswith("backbone.")]
+    assert any(not np.array_equal(r[0][k], r[1][k]) for k in backbone)
+    assert all(np.array_equal(r[0][k], r[1][k]) for k in heads)
+    assert all(np.array_equal(r[1][k], r[3][k]) for k in backbone)
+    for prefix in ("experts.nCT.", "experts.TNT.", "prognosis.", "encode_adc."):
+        keys = [k for k in heads if k.startswith(prefix)]
+        assert any(not np.array_equal(r[1][k], r[3][k]) for k in keys), prefix
+    r3 = record["rounds"][2]
+    assert r3["groups"]["expert/nCT"]["sites"] == ["west_china"]
+    assert all(s["bytes_up"] < 100_000 for s in r3["sites"].values())  # heads only
+    support = {"nCRT": 14, "TNT": 9, "nCT": 3}
+    assert record["expert_support"] == support
+    saved = json.loads((sim_dir / "federated" / "config.json").read_text())
+    assert saved["expert_support"] == support
+    for site in ("sah_sysu", "sysucc", "west_china"):
+        cache = sim_dir / "cohort" / "runs" / site / "feature_cache"
+        assert len(list(cache.glob("train-*.safetensors"))) == 1, site
+    # in-round evaluation follows the support guard: nCT (3 patients) is not advised
+    advised = record["rounds"][3]["evaluate"]["policy_value"]["recommended"]
+    assert advised["nCT"] == 0 and sum(advised.values()) == 7
 
 
 def test_nct_expert_changes_only_through_the_nct_site(sim_dir: Path) -> None:

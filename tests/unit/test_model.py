@@ -15,6 +15,7 @@ from shared_model.model import (
     build_model,
     compute_kernels_strides,
     parameter_groups,
+    stage_parameter_groups,
 )
 
 SMALL = ModelConfig(
@@ -26,6 +27,9 @@ SMALL = ModelConfig(
     embed_dim=8,
     expert_hidden=8,
 )
+
+
+STUDY = ModelConfig(**{**SMALL.to_dict(), "features": "stem", "experts": "independent"})
 
 
 def _batch(
@@ -73,6 +77,48 @@ def test_output_shapes_and_dense_gating() -> None:
     )
 
 
+def test_residual_experts_share_a_prognosis_head() -> None:
+    model = build_model(SMALL).eval()
+    image, _, clinical, regimen, _ = _batch()
+    with torch.no_grad():
+        features = model.tumour_features(image)
+        before = model.head(features, clinical)
+        for p in model.prognosis.parameters():
+            p.add_(0.1)
+        after = model.head(features, clinical)
+    # the prognosis head moves every regimen's logit by the same amount
+    shift = after - before
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-6)
+    assert shift.abs().max() > 1e-3
+    assert not hasattr(build_model(STUDY), "prognosis")
+    with pytest.raises(ConfigError, match="experts"):
+        ModelConfig(**{**SMALL.to_dict(), "experts": "shared"})
+
+
+def test_head_on_features_equals_the_full_forward() -> None:
+    model = build_model(SMALL).eval()
+    image, _, clinical, regimen, _ = _batch()
+    with torch.no_grad():
+        out = model(image, clinical, regimen)
+        features = model.tumour_features(image)
+        assert features.shape == (4, model.n_features)
+        assert torch.allclose(model.head(features, clinical), out.pcr_logits)
+
+
+def test_stage_groups_split_backbone_and_heads() -> None:
+    model = build_model(SMALL)
+    seg = stage_parameter_groups(model, "segmentation")
+    heads = stage_parameter_groups(model, "heads")
+    joint = stage_parameter_groups(model, "joint")
+    assert joint == parameter_groups(model)
+    assert seg["shared"] and all(n.startswith("backbone.") for n in seg["shared"])
+    assert all(seg[f"expert/{r}"] == [] for r in REGIMENS)
+    assert not any(n.startswith("backbone.") for g in heads.values() for n in g)
+    assert "prognosis.0.weight" in heads["shared"]
+    every = sorted(n for g in (seg, heads) for names in g.values() for n in names)
+    assert every == sorted(n for n, _ in model.named_parameters())
+
+
 def test_parameter_groups_partition_the_model() -> None:
     model = build_model(SMALL)
     groups = parameter_groups(model)
@@ -104,7 +150,7 @@ def test_image_only_variant_ignores_clinical() -> None:
 def test_modality_specific_features_depend_only_on_their_channel(
     perturbed: int, kept: str
 ) -> None:
-    model = build_model(SMALL).eval()
+    model = build_model(STUDY).eval()
     image, _, _, _, _ = _batch()
     with torch.no_grad():
         seg, bottleneck = model.segment(image)
@@ -121,8 +167,9 @@ def test_modality_specific_features_depend_only_on_their_channel(
                 assert not torch.allclose(before, after)
 
 
-def test_every_parameter_gets_a_gradient_each_step() -> None:
-    model = build_model(SMALL)
+@pytest.mark.parametrize("cfg", [SMALL, STUDY], ids=["tumour", "study"])
+def test_every_parameter_gets_a_gradient_each_step(cfg: ModelConfig) -> None:
+    model = build_model(cfg)
     image, label, clinical, regimen, pcr = _batch()
     regimen = torch.tensor([0, 0, 1, 1])  # nCT absent from the batch
     loss, _ = MoELoss()(model(image, clinical, regimen), label, pcr)
@@ -170,10 +217,14 @@ def test_opacus_validator_is_clean_and_no_module_is_hooked_twice() -> None:
     )
 
 
-def test_opacus_per_sample_gradients_equal_a_batch_of_one_loop() -> None:
-    """Whole model, float64, functorch mode: per-sample gradients match B=1 passes."""
+@pytest.mark.parametrize("cfg", [SMALL, STUDY], ids=["tumour", "study"])
+def test_opacus_per_sample_gradients_equal_a_batch_of_one_loop(
+    cfg: ModelConfig,
+) -> None:
+    """Whole model, float64, functorch mode: per-sample gradients match B=1
+    passes for every parameter (backbone, embeddings, prognosis, experts)."""
     torch.manual_seed(0)
-    model = build_model(SMALL).double().train()
+    model = build_model(cfg).double().train()
     image, label, clinical, regimen, pcr = (
         t.double() if t.is_floating_point() else t for t in _batch(b=3)
     )

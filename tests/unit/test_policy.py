@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shared_model.clinical import REGIMENS
 from shared_model.policy import (
     OracleSums,
     PolicySums,
@@ -251,3 +252,26 @@ def test_dfs_by_advice_from_site_counts_equals_lifelines_on_pooled() -> None:
     f, nf = np.array(pooled["followed"]), np.array(pooled["not-followed"])
     two = logrank_test(f[:, 0], nf[:, 0], f[:, 1], nf[:, 1])
     assert report["logrank_followed"]["chi2"] == pytest.approx(two.test_statistic)
+
+
+def test_an_expert_below_its_support_is_never_recommended() -> None:
+    from shared_model.policy import expert_support, supported_regimens
+
+    allowed, why = supported_regimens({"nCRT": 99, "TNT": 46, "nCT": 0}, 30)
+    assert allowed == ("nCRT", "TNT")
+    assert "0 patients" in why["nCT"] and "min-expert-support" in why["nCT"]
+    # the untrained expert says 0.9 for everyone: it is still never advised
+    probs = np.array([[0.2, 0.3, 0.9], [0.1, 0.1, 0.95], [0.4, 0.2, 0.99]])
+    advice = recommend(probs, RecommendationRule(allowed=allowed))
+    assert 2 not in advice
+    assert supported_regimens(None, 30) == (REGIMENS, {})
+    # no expert with enough support: nothing is excluded, the reasons still say so
+    allowed, why = supported_regimens({"nCRT": 5, "TNT": 5, "nCT": 5}, 30)
+    assert allowed == REGIMENS and len(why) == 3
+    rounds = [
+        {"stage": "segmentation", "groups": {"expert/nCT": {"n": 99, "updated": True}}},
+        {"stage": "heads", "groups": {"expert/nCT": {"n": 21, "updated": True}}},
+        {"stage": "heads", "groups": {"expert/TNT": {"n": 63, "updated": False}}},
+        {"groups": {"expert/nCRT": {"n": 99, "updated": True}}},  # joint (old records)
+    ]
+    assert expert_support(rounds) == {"nCRT": 99, "TNT": 0, "nCT": 21}

@@ -1,0 +1,108 @@
+"""Training the pCR heads over cached tumour features (staged training, stage 2).
+
+The backbone is frozen; the modality embeddings, the prognosis head and the
+experts of the regimens a site has train with AdamW on the gated BCE, many
+epochs in seconds (a few thousand numbers per patient instead of a 3-D crop).
+The loss is the same gated BCE as joint training (unknown outcomes add
+nothing; ``pos_weight`` as in :class:`shared_model.loss.LossConfig`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from client.engine import TrainResult
+from client.feature_cache import FeatureSet
+from shared_model.clinical import REGIMENS
+from shared_model.errors import ConfigError
+from shared_model.model import UNetMoECli, is_head_parameter
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Optimisation of the heads over cached features."""
+
+    epochs: int = 10
+    lr: float = 0.003
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    pos_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ConfigError("head `epochs`, `batch_size` >= 1 and `lr` > 0")
+
+
+def train_heads(
+    model: UNetMoECli,
+    data: FeatureSet,
+    cfg: HeadConfig,
+    *,
+    trainable: set[str] | None = None,
+) -> TrainResult:
+    """Train the heads of ``model`` in place on ``data`` (on the CPU: the
+    heads are small). ``trainable``: the head parameters to train (default:
+    all of them); the backbone never trains here."""
+    model.cpu().train()
+    names = {
+        name
+        for name, _ in model.named_parameters()
+        if is_head_parameter(name) and (trainable is None or name in trainable)
+    }
+    params = [p for name, p in model.named_parameters() if name in names]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    n = len(data)
+    known = ~torch.isnan(data.pcr)
+    target = torch.where(known, data.pcr, torch.zeros_like(data.pcr))
+    pos_weight = torch.tensor(cfg.pos_weight)
+    t0 = time.perf_counter()
+    steps, total = 0, 0.0
+    try:
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                logits = model.head(data.features[idx], data.clinical[idx])
+                gated = model.gate(logits, data.regimen[idx])
+                bce = F.binary_cross_entropy_with_logits(
+                    gated, target[idx], reduction="none", pos_weight=pos_weight
+                )
+                loss = (bce * known[idx]).sum() / max(len(idx), 1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                total += float(loss.detach())
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    regimens = Counter(REGIMENS[int(r)] for r in data.regimen)
+    mean = total / max(steps, 1)
+    return TrainResult(
+        steps=steps,
+        epochs_done=float(cfg.epochs) if n else 0.0,
+        seconds=time.perf_counter() - t0,
+        loss=mean,
+        seg_loss=math.nan,
+        pcr_loss=mean,
+        n_cases=n,
+        n_by_regimen={r: regimens.get(r, 0) for r in REGIMENS},
+        final_lr=cfg.lr,
+    )
+
+
+@torch.no_grad()
+def head_probabilities(model: UNetMoECli, data: FeatureSet) -> torch.Tensor:
+    """``(N, 3)`` pCR probability under every regimen from cached features."""
+    model.cpu().eval()
+    return torch.sigmoid(model.head(data.features, data.clinical))
