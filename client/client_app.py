@@ -210,6 +210,14 @@ def train_round(msg: Message, context: Context) -> Message:
     fed, site, model, device = _setup(msg, context)
     rnd = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
     stage = fed.stage_of(rnd)
+    if site.config.privacy is not None and fed.training == "staged":
+        # Refused before any budget is spent: the heads would train on features
+        # of private patients without DP.
+        raise ConfigError(
+            f"site {site.config.site_name} has a `privacy` section; private head "
+            "training over cached features is not available, so a federation with "
+            'DP sites runs with run config `training = "joint"`'
+        )
     groups = stage_parameter_groups(model, stage)
     trained_groups = [g for g in GROUPS if g == SHARED or site.counts[g]]
     trainable = {n for g in trained_groups for n in groups[g]}
@@ -304,12 +312,6 @@ def _train_heads_round(
     t0: float,
 ) -> Message:
     """Staged training, stage 2: the heads over the site's cached features."""
-    if site.config.privacy is not None:
-        raise ConfigError(
-            f"site {site.config.site_name} has a `privacy` section; private head "
-            "training over cached features is not available, so run DP sites with "
-            'run config `training = "joint"`'
-        )
     features, cached = load_or_build(
         site.config.run_dir / "feature_cache",
         "train",

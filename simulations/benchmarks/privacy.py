@@ -97,7 +97,9 @@ def auc_runs(
     from simulations.simulate import run_simulated_federation
 
     preset = "tiny" if quick else "demo"
-    overrides: dict[str, Any] = {"num-server-rounds": rounds}
+    # Joint training: DP-SGD trains the whole model in every round (private head
+    # training over cached features is not available, so staged runs refuse DP).
+    overrides: dict[str, Any] = {"num-server-rounds": rounds, "training": "joint"}
     if quick:
         overrides |= {"base-filters": 4, "max-filters": 32}
     settings: list[float | None] = [*epsilons] + ([None] if baseline else [])

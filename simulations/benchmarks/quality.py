@@ -137,7 +137,8 @@ def run_quality(
     def have(name: str) -> bool:
         return reuse and (out / name / "model.safetensors").is_file()
 
-    federations: dict[str, dict[str, Any]] = {"federated": {}} | {f"federated_{v}": VARIANTS[v] for v in variants}
+    federations: dict[str, dict[str, Any]] = {"federated": {}}
+    federations |= {f"federated_{v}": VARIANTS[v] for v in variants}
     for name, variant in federations.items():
         if have(name):
             continue

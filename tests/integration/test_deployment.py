@@ -198,7 +198,8 @@ def test_tls_authenticated_federation_runs_and_survives_losing_a_site(
         )
     run_dir = tmp_path / "run"
     config = (
-        f"num-server-rounds=3 min-sites=2 base-filters=4 max-filters=32 "
+        f"num-server-rounds=1 head-rounds=2 head-epochs=3 min-sites=2 "
+        f"base-filters=4 max-filters=32 "
         f"round-timeout=150 evaluate-every=2 run-dir='{run_dir}'"
     )
     launcher = subprocess.Popen(
@@ -237,6 +238,8 @@ def test_tls_authenticated_federation_runs_and_survives_losing_a_site(
     )
     rounds = final["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
+    # staged: a segmentation round, then head rounds over the sites' caches
+    assert [r["stage"] for r in rounds] == ["segmentation", "heads", "heads"]
     for r in rounds[:2]:  # the two-round run over TLS with node authentication
         assert sorted(r["sites"]) == sorted(SITES)
         assert r["groups"]["expert/nCT"]["sites"] == ["west_china"]

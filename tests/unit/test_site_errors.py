@@ -66,3 +66,35 @@ def test_a_failing_site_sends_a_code_not_its_paths(
     assert reason.startswith("moefl-") and "site's log" in reason
     assert str(tmp_path) not in reason and "WCH_R0001" not in reason
     assert "Traceback" not in reason and "Error(" not in reason
+
+
+def test_a_dp_site_refuses_staged_training_before_spending(
+    tiny_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Head training over cached features is not private: a site with a
+    `privacy` section answers a staged federation with the config code and
+    spends nothing from its budget."""
+    site_yaml = tiny_copy / "site_configs" / "sysucc.yaml"
+    site_yaml.write_text(
+        site_yaml.read_text()
+        + "privacy:\n  target_epsilon: 8.0\n  delta: 1.0e-3\n  max_grad_norm: 1.0\n"
+    )
+    from client.client_app import arrays_to_record
+    from shared_model.model import ModelConfig, build_model
+
+    msg = _instruction("train", FederationConfig().to_run_config())
+    cfg = ModelConfig.from_plan(PRESET_PLANS["tiny"], base_filters=4, max_filters=16)
+    msg.content.config_records["config"]["model-config"] = json.dumps(cfg.to_dict())
+    weights = {k: v.numpy() for k, v in build_model(cfg).state_dict().items()}
+    msg.content.array_records["arrays"] = arrays_to_record(weights)
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"site-config": str(site_yaml)},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = train(msg, context)
+    assert reply.has_error() and reply.error.code == SITE_ERRORS["config"][0]
+    assert 'training = "joint"' in caplog.text  # the reason, in the site's log
+    assert not list((tiny_copy / "runs" / "sysucc").glob("privacy*"))
