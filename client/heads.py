@@ -29,7 +29,7 @@ class HeadConfig:
     """Optimisation of the heads over cached features."""
 
     epochs: int = 10
-    lr: float = 0.003
+    lr: float = 0.001
     batch_size: int = 32
     weight_decay: float = 0.01
     pos_weight: float = 1.0

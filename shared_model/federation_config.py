@@ -49,7 +49,7 @@ keys and out-of-range values are errors that name the key.
   multi-task training (segmentation and pCR together) in every round |
 | head-rounds | 20 | staged: federated rounds of head training |
 | head-epochs | 10 | staged: local passes over a site's cached features per head round |
-| head-lr | 0.003 | staged: AdamW learning rate of the heads |
+| head-lr | 0.001 | staged: AdamW learning rate of the heads |
 | head-batch-size | 32 | staged: patients per head step |
 | features | tumour | tumour: statistics inside the predicted tumour on the input grid;
   stem: the study's modality stems on a 4x coarser grid (joint training only) |
@@ -124,7 +124,7 @@ class FederationConfig:
     training: str = "staged"
     head_rounds: int = 20
     head_epochs: int = 10
-    head_lr: float = 0.003
+    head_lr: float = 0.001
     head_batch_size: int = 32
     features: str = "tumour"
     experts: str = "residual"
