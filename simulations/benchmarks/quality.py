@@ -25,12 +25,13 @@ the oracle's gain over the best fixed regimen. The clinical-only
 comparator (logistic regression with regimen interactions on the pooled
 training splits) is scored on the same patients.
 
-Each model's folder is kept under ``--out``; ``--reuse`` scores existing
-models instead of training them again.
+Each model's folder is kept under ``--out``; ``--reuse`` keeps existing models
+and their scores instead of training and scoring them again.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -71,8 +72,12 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             continue
         r = report[cohort]
         pv = r.get("policy_value") or {}
+        calibration = r["overall"].get("calibration") or {}
         out[cohort] = {
             "n": r["n"],
+            "calibration_slope": calibration.get("slope"),
+            "calibration_intercept": calibration.get("intercept"),
+            "recommended": pv.get("recommended"),
             "auc": _auc(r["overall"]),
             "auc_by_regimen": {k: _auc(v) for k, v in r["regimens"].items()},
             "auc_by_site": {k: _auc(v) for k, v in r["sites"].items()},
@@ -182,6 +187,11 @@ def run_quality(
     for name in [*scored, UNGUARDED]:
         folder = name.removesuffix(UNGUARDED.removeprefix("federated"))
         checkpoint = out / ("federated" if name == "clinical_only" else folder)
+        scores = out / "evaluation" / name / "metrics.json"
+        if reuse and scores.is_file() and have(checkpoint.name):
+            echo(f"reusing the scores of {name} ({scores})")
+            models[name] = summarise(json.loads(scores.read_text()))
+            continue
         echo(f"scoring {name} ...")
         report = run_evaluation(
             checkpoint,
@@ -224,9 +234,10 @@ def table(result: dict[str, Any]) -> str:
     """Markdown table: one row per model and cohort."""
     lines = [
         "| model | cohort | n | AUC (95% CI) | nCRT | TNT | nCT | Dice | Brier | "
+        "calibration slope / intercept | advised nCRT / TNT / nCT | "
         "pCR under its advice: DR / oracle | share of the oracle's gain (95% CI) "
         "| train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["models"].items():
         for cohort in COHORTS:
@@ -246,7 +257,14 @@ def table(result: dict[str, Any]) -> str:
                 + " | ".join(
                     _fmt_auc(reg.get(r), ci=False) for r in ("nCRT", "TNT", "nCT")
                 )
-                + f" | {dice} | {_num(c['brier'])} | {_num(c['policy_dr'])} / "
+                + f" | {dice} | {_num(c['brier'])} | "
+                f"{_num(c.get('calibration_slope'))} / "
+                f"{_num(c.get('calibration_intercept'))} | "
+                + " / ".join(
+                    str((c.get("recommended") or {}).get(r, "-"))
+                    for r in ("nCRT", "TNT", "nCT")
+                )
+                + f" | {_num(c['policy_dr'])} / "
                 f"{_num(c['policy_oracle'])} | {format_share(c.get('share_of_oracle_gain'))} "
                 f"| {shown} |"
             )

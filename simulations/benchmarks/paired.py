@@ -1,0 +1,102 @@
+"""Benchmark: paired AUC differences between models on the same test patients.
+
+A benchmark, not a test. Federated evaluation sends counts, which give each
+model's AUC with its interval but not the interval of a difference between two
+models scored on the same patients; here, in simulation, every model scores
+every patient of the held-out test cohort in one place, and the difference in
+AUC (received regimen) gets a paired bootstrap interval (patients resampled,
+both models' AUCs from scikit-learn on each resample).
+
+    python -m simulations.benchmarks.paired --cohort C --models A B [C ...] \
+        --pairs A:B A:C --out runs/bench_paired
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from simulations.benchmarks.common import benchmark_parser, finish
+
+
+def scores_on_test(checkpoint: Path, cohort: Path) -> dict[str, tuple[int, float]]:
+    """case id -> (pCR, predicted pCR under the received regimen) on the test cohort."""
+    import torch
+
+    from client.data import SiteDataset
+    from client.engine import evaluate
+    from client.site_config import load_site_config
+    from client.site_data import list_cases
+    from client.train import load_checkpoint
+
+    model, plan = load_checkpoint(checkpoint)
+    out: dict[str, tuple[int, float]] = {}
+    for yaml in sorted((cohort / "test" / "site_configs").glob("*.yaml")):
+        config = load_site_config(yaml)
+        cases = list_cases(config.dataset_dir, require_outcome=True)
+        data = SiteDataset(cases, plan, adc_scale=config.adc_scale, train=False)
+        result = evaluate(model, data, device=torch.device("cpu"))
+        for c in result.cases:
+            out[c.case_id] = (int(c.pcr), float(c.probs[c.regimen]))
+    return out
+
+
+def paired_difference(
+    y: np.ndarray, a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """AUC(a) - AUC(b) on the same patients with a percentile bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    diffs: list[float] = []
+    n = len(y)
+    while len(diffs) < n_boot:
+        idx = rng.integers(0, n, n)
+        if len(np.unique(y[idx])) < 2:
+            continue
+        diffs.append(
+            float(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
+        )
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {
+        "auc_a": float(roc_auc_score(y, a)),
+        "auc_b": float(roc_auc_score(y, b)),
+        "difference": float(roc_auc_score(y, a) - roc_auc_score(y, b)),
+        "ci": (float(lo), float(hi)),
+        "n": int(n),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__, "paired", "unused")
+    parser.add_argument("--models", nargs="+", type=Path, required=True)
+    parser.add_argument("--pairs", nargs="+", required=True, help="A:B folder names")
+    args = parser.parse_args(argv)
+    if args.cohort is None:
+        parser.error("--cohort is required")
+    preds = {m.name: scores_on_test(m, args.cohort) for m in args.models}
+    rows = []
+    lines = [
+        "| model | against | test patients | AUC | AUC against | difference (95% CI) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pair in args.pairs:
+        a, b = pair.split(":")
+        ids = sorted(set(preds[a]) & set(preds[b]))
+        y = np.array([preds[a][i][0] for i in ids])
+        res = paired_difference(
+            y,
+            np.array([preds[a][i][1] for i in ids]),
+            np.array([preds[b][i][1] for i in ids]),
+        )
+        rows.append({"a": a, "b": b, **res})
+        lines.append(
+            f"| {a} | {b} | {res['n']} | {res['auc_a']:.3f} | {res['auc_b']:.3f} | "
+            f"{res['difference']:+.3f} ({res['ci'][0]:+.3f} to {res['ci'][1]:+.3f}) |"
+        )
+    finish(args, "paired", "\n".join(lines), rows)
+
+
+if __name__ == "__main__":
+    main()
