@@ -38,6 +38,7 @@ from scipy.stats import norm
 from sklearn.linear_model import LogisticRegression
 
 from shared_model.clinical import REGIMENS
+from shared_model.messages import expert_group
 
 INTENSITY: dict[str, int] = {"nCT": 0, "nCRT": 1, "TNT": 2}
 DIRECTIONS = ("escalate", "maintain", "de-intensify")
@@ -89,7 +90,7 @@ def expert_support(rounds: Sequence[Mapping[str, Any]]) -> dict[str, int]:
         if entry.get("stage", "joint") not in ("joint", "heads"):
             continue
         for r in REGIMENS:
-            group = entry.get("groups", {}).get(f"expert/{r}", {})
+            group = entry.get("groups", {}).get(expert_group(r), {})
             if group.get("updated"):
                 out[r] = max(out[r], int(group.get("n", 0)))
     return out
