@@ -112,6 +112,13 @@ def run_simulated_federation(
         **dict(overrides or {}),
     }
     if privacy is not None:
+        # DP sites train jointly: private head training over cached features
+        # is not available, and a DP site refuses a staged federation.
+        if str(config.setdefault("training", "joint")) != "joint":
+            raise MoeflError(
+                'DP sites need run config `training = "joint"`; private head '
+                "training over cached features is not available"
+            )
         sites = Path(str(config["run-dir"])) / "sites"
         config["sites-dir"] = str(write_private_sites(yamls, sites, privacy))
         echo(

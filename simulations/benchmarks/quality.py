@@ -101,13 +101,16 @@ def run_quality(
     rounds: int = 8,
     head_rounds: int = 20,
     variants: tuple[str, ...] = (),
+    seed: int = 0,
+    local: bool = True,
     reuse: bool = False,
     echo: Echo = print,
 ) -> dict[str, Any]:
     """Train (or reuse) every model and score each on the same patients.
 
     ``cohort``: an existing cohort; else one of ``preset`` (``tiny`` with
-    ``quick``) is made under ``out/cohort``.
+    ``quick``) is made under ``out/cohort`` from ``seed``. ``local``: also train
+    the local-only models.
     """
     from client.engine import TrainConfig
     from client.evaluation import run_evaluation
@@ -126,7 +129,7 @@ def run_quality(
             cohort_dir.symlink_to(Path(cohort).resolve())
     elif not (cohort_dir / "cohort.json").is_file():
         echo(f"making the {preset} cohort in {cohort_dir} ...")
-        synthesize(cohort_dir, preset=preset, seed=0, force=True)
+        synthesize(cohort_dir, preset=preset, seed=seed, force=True)
     train_yamls = sorted((cohort_dir / "site_configs").glob("*.yaml"))
     prosp_yamls = sorted((cohort_dir / "prospective" / "site_configs").glob("*.yaml"))
     test_yamls = sorted((cohort_dir / "test" / "site_configs").glob("*.yaml"))
@@ -164,7 +167,8 @@ def run_quality(
         )
         seconds[name] = time.perf_counter() - t0
     centralised = [("pooled", train_yamls)] + [
-        (f"local_{load_site_config(y).site_name}", [y]) for y in train_yamls
+        (f"local_{load_site_config(y).site_name}", [y])
+        for y in (train_yamls if local else [])
     ]
     for name, yamls in centralised:
         if have(name):
@@ -211,6 +215,7 @@ def run_quality(
         "cohort": str(cohort_dir.resolve()),
         "rounds_or_epochs": rounds,
         "head_rounds": head_rounds,
+        "cohort_seed": seed if cohort is None else "given",
         "train_config": cfg.to_dict(),
         "widths": widths or "plan defaults (8..256)",
         "models": models,
@@ -287,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
         choices=sorted(VARIANTS),
         help="federated variants to add",
     )
+    parser.add_argument("--seed", type=int, default=0, help="seed of a new cohort")
+    parser.add_argument(
+        "--no-local", action="store_true", help="skip the local-only models"
+    )
     parser.add_argument("--reuse", action="store_true", help="score existing models")
     args = parser.parse_args(argv)
     result = run_quality(
@@ -297,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         rounds=2 if args.quick else args.rounds,
         head_rounds=3 if args.quick else args.head_rounds,
         variants=tuple(args.variants),
+        seed=args.seed,
+        local=not args.no_local,
         reuse=args.reuse,
     )
     finish(args, "quality", table(result), result)
