@@ -434,7 +434,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 
 def _allowed(msg: Message) -> tuple[str, ...]:
-    """The regimens the server allows advising (experts with enough support)."""
+    """The regimens the server allows advising (experts with enough support;
+    none: advice is withheld)."""
     raw = msg.content.config_records["config"].get("allowed-regimens")
     if raw is None:
         return REGIMENS

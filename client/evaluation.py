@@ -222,7 +222,7 @@ def evaluate_dataset(
     )
     if oracle is not None:
         known = ~np.isnan(outcome)
-        rec = recommend(probs[known], rule)
+        rec = recommend(probs[known], rule, received[known])
         ids = [c.case_id for c, k in zip(result.cases, known, strict=True) if k]
         missing = [i for i in ids if i not in oracle]
         if missing:
@@ -244,7 +244,7 @@ def _survival_by_advice(
     has = np.array([r.dfs_months is not None for r in records])
     if not has.any():
         return None
-    rec = recommend(probs[has], rule)
+    rec = recommend(probs[has], rule, received[has])
     got = received[has]
     months = np.array([r.dfs_months for r in records if r.dfs_months is not None])
     events = np.array([r.dfs_event for r in records if r.dfs_months is not None])
@@ -303,6 +303,8 @@ def run_evaluation(
     )
     for regimen, why in excluded.items():
         echo(f"{regimen} is never recommended: {why}")
+    if rule.withheld:
+        echo("no regimen may be recommended: advice is withheld (current practice)")
     configs = [load_site_config(Path(p)) for p in site_yamls]
     tests = [load_site_config(Path(p)) for p in test_yamls or []]
     trainers = [c.site_name for c in tests if c.role == "train"]
@@ -393,10 +395,16 @@ def run_evaluation(
 
 def headline(report: dict[str, Any]) -> str:
     """The evaluation's key numbers, one cohort per block."""
+    rule = report.get("rule", {})
     lines = [
         f"{regimen} is never recommended: {why}"
-        for regimen, why in report.get("rule", {}).get("not_recommended", {}).items()
+        for regimen, why in rule.get("not_recommended", {}).items()
     ]
+    if "allowed" in rule and not rule["allowed"]:
+        lines.append(
+            "no regimen may be recommended, so advice is withheld: the policy "
+            "figures below are those of current practice"
+        )
     for cohort in COHORTS:
         if cohort not in report:
             continue

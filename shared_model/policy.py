@@ -55,8 +55,13 @@ class RecommendationRule:
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1:
             raise ValueError("the recommendation margin must be in [0, 1)")
-        if not self.allowed or any(r not in REGIMENS for r in self.allowed):
+        if any(r not in REGIMENS for r in self.allowed):
             raise ValueError(f"allowed regimens must be among {REGIMENS}")
+
+    @property
+    def withheld(self) -> bool:
+        """No regimen may be advised: each patient's received regimen stands."""
+        return not self.allowed
 
 
 def supported_regimens(
@@ -66,9 +71,9 @@ def supported_regimens(
 
     ``support``: per regimen, the patients that trained its expert (summed over
     sites; None when unknown, e.g. an older checkpoint: every regimen is
-    allowed). An expert below ``min_support`` patients is never recommended. If
-    no expert has the support, none is excluded (advice would be impossible);
-    the reasons still say so.
+    allowed). An expert below ``min_support`` patients is never recommended;
+    when none has the support, the allowed set is empty and advice is withheld
+    (:attr:`RecommendationRule.withheld`).
     """
     if support is None:
         return REGIMENS, {}
@@ -78,8 +83,7 @@ def supported_regimens(
         for r in REGIMENS
         if int(support.get(r, 0)) < min_support
     }
-    allowed = tuple(r for r in REGIMENS if r not in reasons)
-    return (allowed or REGIMENS), reasons
+    return tuple(r for r in REGIMENS if r not in reasons), reasons
 
 
 def expert_support(rounds: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -96,9 +100,18 @@ def expert_support(rounds: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return out
 
 
-def recommend(probs: np.ndarray, rule: RecommendationRule | None = None) -> np.ndarray:
-    """Recommended regimen index per patient from ``probs`` (n, 3)."""
+def recommend(
+    probs: np.ndarray,
+    rule: RecommendationRule | None = None,
+    received: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Recommended regimen index per patient from ``probs`` (n, 3); when the
+    rule withholds advice, each patient's ``received`` regimen (required then)."""
     rule = rule or RecommendationRule()
+    if rule.withheld:
+        if received is None:
+            raise ValueError("advice is withheld: the received regimens are needed")
+        return np.asarray(received, int).copy()
     p = np.asarray(probs, np.float64)
     allowed = np.array([r in rule.allowed for r in REGIMENS])
     masked = np.where(allowed[None, :], p, -np.inf)
@@ -282,7 +295,7 @@ def site_policy_sums(
     p = np.asarray(probs, np.float64)[known]
     a = np.asarray(received, int)[known]
     e = np.asarray(propensity, np.float64)[known]
-    rec = recommend(p, rule)
+    rec = recommend(p, rule, a)
     terms = policy_terms(p, a, y[known], e, rec)
     rows = np.arange(len(a))
     dirs = [direction(int(r), int(g)) for r, g in zip(rec, a, strict=True)]

@@ -239,6 +239,8 @@ def test_evaluate_reports_metrics_recommendations_and_policy_value(
             str(root / "oracle"),
             "--test",
             str(root / "test" / "site_configs"),
+            "--min-expert-support",
+            "0",  # the tiny cohort's experts are all below the default
         ],
     )
     assert result.exit_code == 0, result.output
@@ -319,3 +321,44 @@ def test_evaluate_reports_metrics_recommendations_and_policy_value(
     assert share["ci"][0] <= share["value"] <= share["ci"][1]
     km = test["survival"]["kaplan_meier"]
     assert km["followed"]["n"] + km["not-followed"]["n"] == 30
+
+
+def test_support_guard_follows_the_checkpoint(pooled_run: Path, tmp_path: Path) -> None:
+    """The checkpoint records each expert's training patients; `moefl evaluate`
+    never advises an expert below --min-expert-support and says why, and
+    withholds advice when no expert has the support."""
+    support = json.loads((pooled_run / "config.json").read_text())["expert_support"]
+    m = json.loads((pooled_run / "metrics.json").read_text())
+    assert sum(support.values()) == m["n_train"] and 0 < support["nCT"] < 10
+    root = pooled_run.parent / "cohort"
+    retro = sorted((root / "site_configs").glob("*.yaml"))
+
+    def run(min_support: int) -> tuple[str, dict]:
+        out = tmp_path / f"eval{min_support}"
+        result = runner.invoke(
+            app,
+            [
+                "evaluate",
+                str(pooled_run),
+                "--sites",
+                *map(str, retro),
+                "--out",
+                str(out),
+                "--min-expert-support",
+                str(min_support),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        return result.output, json.loads((out / "metrics.json").read_text())
+
+    output, report = run(support["nCT"] + 1)
+    assert report["rule"]["allowed"] == ["nCRT", "TNT"]
+    assert (
+        f"nCT is never recommended: its expert was trained on {support['nCT']}"
+        in output
+    )
+    assert report["validation"]["policy_value"]["recommended"]["nCT"] == 0
+    output, report = run(1000)
+    assert report["rule"]["allowed"] == [] and "advice is withheld" in output
+    pv = report["validation"]["policy_value"]
+    assert pv["directions"]["maintain"] == pv["n"]  # everyone keeps their regimen

@@ -265,9 +265,14 @@ def test_an_expert_below_its_support_is_never_recommended() -> None:
     advice = recommend(probs, RecommendationRule(allowed=allowed))
     assert 2 not in advice
     assert supported_regimens(None, 30) == (REGIMENS, {})
-    # no expert with enough support: nothing is excluded, the reasons still say so
-    allowed, why = supported_regimens({"nCRT": 5, "TNT": 5, "nCT": 5}, 30)
-    assert allowed == REGIMENS and len(why) == 3
+    # no expert with enough support: advice is withheld, the received regimen stands
+    allowed, why = supported_regimens({"nCRT": 26, "TNT": 17, "nCT": 0}, 30)
+    assert allowed == () and len(why) == 3
+    rule = RecommendationRule(allowed=allowed)
+    assert rule.withheld
+    assert list(recommend(probs, rule, [1, 0, 1])) == [1, 0, 1]
+    with pytest.raises(ValueError, match="withheld"):
+        recommend(probs, rule)
     rounds = [
         {"stage": "segmentation", "groups": {"expert/nCT": {"n": 99, "updated": True}}},
         {"stage": "heads", "groups": {"expert/nCT": {"n": 21, "updated": True}}},
