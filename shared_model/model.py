@@ -196,7 +196,9 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown model config keys {sorted(unknown)}")
-        return cls(**data)
+        # A config written before `features` and `experts` existed describes
+        # the study's model: stems on the coarse grid, independent experts.
+        return cls(**{"features": "stem", "experts": "independent", **data})
 
 
 class ModelOutput(NamedTuple):

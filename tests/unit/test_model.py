@@ -262,3 +262,10 @@ def test_public_api_and_no_flower_in_the_core() -> None:
         "assert not any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_config_from_before_the_tumour_features_is_the_study_model() -> None:
+    old = {k: v for k, v in STUDY.to_dict().items() if k not in ("features", "experts")}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.features == "stem" and cfg.experts == "independent"
+    assert ModelConfig.from_dict(SMALL.to_dict()) == SMALL
