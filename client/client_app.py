@@ -443,14 +443,8 @@ def _allowed(msg: Message) -> tuple[str, ...]:
         allowed = json.loads(str(raw))
     except json.JSONDecodeError as e:
         raise ConfigError("`allowed-regimens` is not JSON") from e
-    if (
-        not isinstance(allowed, list)
-        or not allowed
-        or any(r not in REGIMENS for r in allowed)
-    ):
-        raise ConfigError(
-            f"`allowed-regimens` must be a non-empty subset of {REGIMENS}"
-        )
+    if not isinstance(allowed, list) or any(r not in REGIMENS for r in allowed):
+        raise ConfigError(f"`allowed-regimens` must be a subset of {REGIMENS}")
     return tuple(r for r in REGIMENS if r in allowed)
 
 

@@ -7,8 +7,8 @@ every patient of the held-out test cohort in one place, and the difference in
 AUC (received regimen) gets a paired bootstrap interval (patients resampled,
 both models' AUCs from scikit-learn on each resample).
 
-    python -m simulations.benchmarks.paired --cohort C --models A B [C ...] \
-        --pairs A:B A:C --out runs/bench_paired
+    python -m simulations.benchmarks.paired --cohort C --models A B [NAME=C ...] \
+        --pairs A:B A:NAME --out runs/bench_paired
 """
 
 from __future__ import annotations
@@ -70,12 +70,15 @@ def paired_difference(
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__, "paired", "unused")
-    parser.add_argument("--models", nargs="+", type=Path, required=True)
+    parser.add_argument(
+        "--models", nargs="+", required=True, help="checkpoint folders, or NAME=FOLDER"
+    )
     parser.add_argument("--pairs", nargs="+", required=True, help="A:B folder names")
     args = parser.parse_args(argv)
     if args.cohort is None:
         parser.error("--cohort is required")
-    preds = {m.name: scores_on_test(m, args.cohort) for m in args.models}
+    named = [m.split("=", 1) if "=" in m else (Path(m).name, m) for m in args.models]
+    preds = {name: scores_on_test(Path(folder), args.cohort) for name, folder in named}
     rows = []
     lines = [
         "| model | against | test patients | AUC | AUC against | difference (95% CI) |",

@@ -107,6 +107,11 @@ def test_staged_federation_trains_heads_over_cached_features(sim_dir: Path) -> N
     for site in ("sah_sysu", "sysucc", "west_china"):
         cache = sim_dir / "cohort" / "runs" / site / "feature_cache"
         assert len(list(cache.glob("train-*.safetensors"))) == 1, site
+    # every round is evaluated by every site (segmentation rounds withhold advice:
+    # no expert is trained yet)
+    assert all(r["evaluate"]["n"] == 7 for r in record["rounds"])
+    first = record["rounds"][0]["evaluate"]["policy_value"]["directions"]
+    assert first["maintain"] == 7
     # in-round evaluation follows the support guard: nCT (3 patients) is not advised
     advised = record["rounds"][3]["evaluate"]["policy_value"]["recommended"]
     assert advised["nCT"] == 0 and sum(advised.values()) == 7
