@@ -301,10 +301,6 @@ def run_evaluation(
     rule = RecommendationRule(
         margin=base.margin, allowed=tuple(r for r in base.allowed if r in allowed)
     )
-    for regimen, why in excluded.items():
-        echo(f"{regimen} is never recommended: {why}")
-    if rule.withheld:
-        echo("no regimen may be recommended: advice is withheld (current practice)")
     configs = [load_site_config(Path(p)) for p in site_yamls]
     tests = [load_site_config(Path(p)) for p in test_yamls or []]
     trainers = [c.site_name for c in tests if c.role == "train"]

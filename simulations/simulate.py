@@ -210,7 +210,7 @@ def format_run_summary(record: dict[str, Any]) -> str:
     for site, m in sorted(last.get("sites", {}).items()):
         lines.append(
             f"  {site}: n-shared {m['n-shared']}, n-nCRT {m['n-nCRT']}, "
-            f"n-TNT {m['n-TNT']}, n-nCT {m['n-nCT']}, up {m['bytes_up'] / 1e6:.1f} MB"
+            f"n-TNT {m['n-TNT']}, n-nCT {m['n-nCT']}, up {_size(m['bytes_up'])}"
         )
     from client.report import privacy_spent
 
@@ -235,3 +235,8 @@ def format_run_summary(record: dict[str, Any]) -> str:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _size(n: float) -> str:
+    """Bytes as kB below a megabyte, else MB."""
+    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
