@@ -164,8 +164,10 @@ def run_overhead(
     else:
         echo(f"making the {preset} cohort in {cohort_dir} ...")
         synthesize(cohort_dir, preset=preset, seed=0, force=True)
+    # joint: every round trains the whole network, the costliest kind of round
     overrides: dict[str, Any] = {
         "num-server-rounds": rounds,
+        "training": "joint",
         "evaluate-every": 0,
         "seed": 0,
         **({"base-filters": 4, "max-filters": 32} if quick else {}),
