@@ -81,6 +81,7 @@ def model_config_for(fed: FederationConfig, plan: Plan) -> ModelConfig:
         max_filters=fed.max_filters,
         features=fed.features,
         experts=fed.experts,
+        use_clinical=fed.use_clinical,
         **study,
     )
 

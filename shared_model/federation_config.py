@@ -55,6 +55,7 @@ keys and out-of-range values are errors that name the key.
   stem: the study's modality stems on a 4x coarser grid (joint training only) |
 | experts | residual | residual: shared prognosis head plus one expert per regimen;
   independent: the study's three separate experts |
+| use-clinical | true | false builds the image-only comparator (no clinical input) |
 | min-expert-support | 30 | an expert trained on fewer patients (summed over sites) is
   never recommended |
 | dp-reproducible | false | simulation only: seed the central DP noise from `seed`. Never in
@@ -128,6 +129,7 @@ class FederationConfig:
     head_batch_size: int = 32
     features: str = "tumour"
     experts: str = "residual"
+    use_clinical: bool = True
     min_expert_support: int = 30
 
     @property

@@ -52,9 +52,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "independent": {"experts": "independent"},
     "joint": {"training": "joint"},
     "study": {"training": "joint", "features": "stem", "experts": "independent"},
+    "image_only": {"use-clinical": False},
 }
 """Federated variants the benchmark can add (``--variants``): the study's
-independent experts, joint (multi-task) training, and the study's model."""
+independent experts, joint (multi-task) training, the study's model, and the
+image-only network (no clinical input)."""
 
 
 def _auc(block: dict[str, Any]) -> dict[str, Any] | None:
