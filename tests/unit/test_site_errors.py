@@ -39,6 +39,17 @@ def _instruction(kind: str, run_config: dict) -> Message:
     return Message(RecordDict({"config": config}), metadata=metadata)
 
 
+def _context(site_yaml: Path) -> Context:
+    """The node context of a deployed site whose YAML is ``site_yaml``."""
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"site-config": str(site_yaml)},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
 @pytest.mark.parametrize("handler", [train, evaluate_handler])
 def test_a_failing_site_sends_a_code_not_its_paths(
     handler: object, tmp_path: Path
@@ -51,13 +62,7 @@ def test_a_failing_site_sends_a_code_not_its_paths(
     )
     run_config = FederationConfig().to_run_config()
     msg = _instruction("train" if handler is train else "evaluate", run_config)
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"site-config": str(site_yaml)},
-        state=RecordDict(),
-        run_config={},
-    )
+    context = _context(site_yaml)
     reply = handler(msg, context)  # type: ignore[operator]
     assert reply.has_error()
     codes = {code for code, _ in SITE_ERRORS.values()}
@@ -87,13 +92,7 @@ def test_a_dp_site_refuses_staged_training_before_spending(
     msg.content.config_records["config"]["model-config"] = json.dumps(cfg.to_dict())
     weights = {k: v.numpy() for k, v in build_model(cfg).state_dict().items()}
     msg.content.array_records["arrays"] = arrays_to_record(weights)
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"site-config": str(site_yaml)},
-        state=RecordDict(),
-        run_config={},
-    )
+    context = _context(site_yaml)
     reply = train(msg, context)
     assert reply.has_error() and reply.error.code == SITE_ERRORS["config"][0]
     assert 'training = "joint"' in caplog.text  # the reason, in the site's log
