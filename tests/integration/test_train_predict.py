@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from client.checkpoint import load_checkpoint
 from client.cli import app
 from client.predict import parse_clinical_args, predict_case
-from client.train import load_checkpoint
 from shared_model.errors import ConfigError, DataError
 
 runner = CliRunner()
