@@ -68,7 +68,9 @@ def test_federation_trains_experts_only_where_their_patients_are(sim_dir: Path) 
     assert any(not np.array_equal(first[k], _weights(run)[k]) for k in nct)
 
 
-def test_staged_federation_trains_heads_over_cached_features(sim_dir: Path) -> None:
+def test_staged_federation_trains_heads_over_cached_features(
+    sim_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Segmentation rounds leave the heads alone; head rounds leave the backbone
     bit-identical (so each site's feature cache stays valid) and train the
     experts where their patients are; the experts' support is recorded."""
@@ -81,6 +83,9 @@ def test_staged_federation_trains_heads_over_cached_features(sim_dir: Path) -> N
         "max-filters": 32,
     }
     record = run_simulated_federation(sim_dir, preset="tiny", overrides=config)
+    printed = capfd.readouterr()
+    assert "DEPRECATED FEATURE" not in printed.out + printed.err  # nothing to act on
+    assert "round 4/4 (heads)" in printed.out + printed.err
     assert [r["stage"] for r in record["rounds"]] == [
         "segmentation",
         "segmentation",
