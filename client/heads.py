@@ -3,8 +3,7 @@
 The backbone is frozen; the modality embeddings, the prognosis head and the
 experts of the regimens a site has train with AdamW on the gated BCE, many
 epochs in seconds (a few thousand numbers per patient instead of a 3-D crop).
-The loss is the same gated BCE as joint training (unknown outcomes add
-nothing; ``pos_weight`` as in :class:`shared_model.loss.LossConfig`).
+The loss is joint training's gated BCE (:func:`shared_model.loss.gated_bce`).
 """
 
 from __future__ import annotations
@@ -15,12 +14,12 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from client.engine import TrainResult
 from client.feature_cache import FeatureSet
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
+from shared_model.loss import gated_bce
 from shared_model.model import UNetMoECli, is_head_parameter
 
 
@@ -62,9 +61,6 @@ def train_heads(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     n = len(data)
-    known = ~torch.isnan(data.pcr)
-    target = torch.where(known, data.pcr, torch.zeros_like(data.pcr))
-    pos_weight = torch.tensor(cfg.pos_weight)
     t0 = time.perf_counter()
     steps, total = 0, 0.0
     try:
@@ -74,10 +70,7 @@ def train_heads(
                 idx = order[start : start + cfg.batch_size]
                 logits = model.head(data.features[idx], data.clinical[idx])
                 gated = model.gate(logits, data.regimen[idx])
-                bce = F.binary_cross_entropy_with_logits(
-                    gated, target[idx], reduction="none", pos_weight=pos_weight
-                )
-                loss = (bce * known[idx]).sum() / max(len(idx), 1)
+                loss = gated_bce(gated, data.pcr[idx], cfg.pos_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -46,6 +46,25 @@ class LossConfig:
             raise ConfigError("loss `ds_decay` must be in (0, 1]")
 
 
+def gated_bce(
+    gated_logit: torch.Tensor, pcr: torch.Tensor, pos_weight: float = 1.0
+) -> torch.Tensor:
+    """BCE of the received regimen's logit, summed over the patients with a known
+    outcome and divided by the batch size (NaN outcomes add nothing; each
+    patient's share does not depend on who else is in the batch)."""
+    known = ~torch.isnan(pcr)
+    target = torch.where(known, pcr, torch.zeros_like(pcr))
+    bce = F.binary_cross_entropy_with_logits(
+        gated_logit,
+        target,
+        reduction="none",
+        pos_weight=torch.tensor(
+            pos_weight, dtype=gated_logit.dtype, device=gated_logit.device
+        ),
+    )
+    return (bce * known).sum() / max(pcr.numel(), 1)
+
+
 class MoELoss(nn.Module):
     """``total = seg_weight * DiceCE(heads) + pcr_weight * BCE(gated_logit)``.
 
@@ -69,18 +88,6 @@ class MoELoss(nn.Module):
         seg_loss = sum(
             w * self.dice_ce(h, label) for w, h in zip(weights, heads, strict=True)
         )
-        known = ~torch.isnan(pcr)
-        target = torch.where(known, pcr, torch.zeros_like(pcr))
-        bce = F.binary_cross_entropy_with_logits(
-            out.gated_logit,
-            target,
-            reduction="none",
-            pos_weight=torch.tensor(
-                self.cfg.pos_weight,
-                dtype=out.gated_logit.dtype,
-                device=out.gated_logit.device,
-            ),
-        )
-        pcr_loss = (bce * known).sum() / max(pcr.numel(), 1)
+        pcr_loss = gated_bce(out.gated_logit, pcr, self.cfg.pos_weight)
         total = self.cfg.seg_weight * seg_loss + self.cfg.pcr_weight * pcr_loss
         return total, {"seg": float(seg_loss.detach()), "pcr": float(pcr_loss.detach())}
