@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from client.data import SiteDataset
@@ -51,6 +51,17 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.case_ids)
+
+    @classmethod
+    def concat(cls, parts: Sequence[FeatureSet]) -> FeatureSet:
+        """Several sites' (or splits') feature sets as one."""
+        return cls(
+            [i for p in parts for i in p.case_ids],
+            torch.cat([p.features for p in parts]),
+            torch.cat([p.clinical for p in parts]),
+            torch.cat([p.regimen for p in parts]),
+            torch.cat([p.pcr for p in parts]),
+        )
 
 
 def backbone_digest(model: UNetMoECli) -> str:
@@ -122,8 +133,6 @@ def compute_features(
 
 def _read(path: Path, key: str, model: UNetMoECli) -> FeatureSet:
     """A cache file, checked against its key; raises ValueError when it fails."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("key") != key:

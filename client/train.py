@@ -224,27 +224,21 @@ def fit_staged(
     else:
         state = backbone_of.state_dict()
         model.load_state_dict(
-            {k: v for k, v in state.items() if k in backbone}
-            | {k: v for k, v in model.state_dict().items() if k not in backbone}
+            {k: v for k, v in state.items() if k in backbone}, strict=False
         )
-    parts = []
     t0 = time.perf_counter()
-    for config, dataset in zip(configs, trains, strict=True):
-        features, cached = load_or_build(
-            config.run_dir / "feature_cache",
-            "train-local",
-            model,
-            plan,
-            eval_view(dataset, plan, config.adc_scale),
-            device=device,
-        )
-        parts.append(features)
-    features = FeatureSet(
-        [i for p in parts for i in p.case_ids],
-        torch.cat([p.features for p in parts]),
-        torch.cat([p.clinical for p in parts]),
-        torch.cat([p.regimen for p in parts]),
-        torch.cat([p.pcr for p in parts]),
+    features = FeatureSet.concat(
+        [
+            load_or_build(
+                config.run_dir / "feature_cache",
+                "train-local",
+                model,
+                plan,
+                eval_view(dataset, plan, config.adc_scale),
+                device=device,
+            )[0]
+            for config, dataset in zip(configs, trains, strict=True)
+        ]
     )
     res = train_heads(model, features, head)
     ev = evaluate(model, val, device=device, loss_cfg=cfg.loss)
