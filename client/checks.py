@@ -20,6 +20,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from client.dp_preflight import CANNOT_LEARN
 from client.site_config import SiteConfig, parse_site_yaml
 from client.site_data import (
     Problem,
@@ -28,6 +29,7 @@ from client.site_data import (
     scan_dataset,
 )
 from shared_model.clinical import REGIMENS
+from shared_model.federation_config import FederationConfig
 
 # Tolerances and plausible ranges (see site_configs/README.md).
 AFFINE_ATOL_MM = 1e-2  # origin difference allowed between channels
@@ -468,10 +470,13 @@ def _check_label(
     return True
 
 
-def run_check(yaml_path: Path) -> CheckReport:
+def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckReport:
     """Check a site end to end and return every finding.
 
-    The check reads only; it never creates, changes or deletes a file.
+    ``fed``: the federation the site is to join (default: the run config's
+    defaults); with a ``privacy`` section, the DP feasibility for it
+    (:mod:`client.dp_preflight`). The check reads only; it never creates,
+    changes or deletes a file.
     """
     report = CheckReport(yaml=str(yaml_path))
     config, yaml_problems = parse_site_yaml(Path(yaml_path))
@@ -626,8 +631,64 @@ def run_check(yaml_path: Path) -> CheckReport:
                 )
             )
     report.summary = _summary(usable, stats)
+    if config.privacy is not None and config.role == "train":
+        n_train = len(usable) - round(len(usable) * config.val_fraction)
+        _check_dp(report, config, n_train, fed or FederationConfig())
     report.findings = _merge_repeated_warnings(report.findings)
     return report
+
+
+def _check_dp(
+    report: CheckReport, config: SiteConfig, n_train: int, fed: FederationConfig
+) -> None:
+    """The DP feasibility for ``fed``, as summary lines and warnings."""
+    from client.dp_preflight import describe_feasibility, dp_feasibility
+
+    f = dp_feasibility(config, n_train, fed)
+    report.summary["privacy"] = {
+        **f.to_dict(),
+        "lines": describe_feasibility(f, config),
+    }
+    where = "site YAML: privacy"
+    if f.mode == "refused":
+        report.add(
+            Problem(
+                "privacy-refused", where, f"the site refuses this federation: {f.reason}",
+                "the coordinator gives run config `backbone` (moefl pretrain) or "
+                '`training = "joint"`',
+                "warning",
+            )
+        )  # fmt: skip
+    elif f.noise_multiplier is None:
+        report.add(
+            Problem(
+                "privacy-declines", where, f"the site would decline: {f.reason}",
+                "fewer rounds or steps, or a larger budget if the site agrees",
+                "warning",
+            )
+        )  # fmt: skip
+    elif f.cannot_learn:
+        report.add(
+            Problem(
+                "privacy-cannot-learn", where,
+                f"under this budget the noise outweighs the signal over the whole "
+                f"run ({f.noise_to_signal_run:.2g} > {CANNOT_LEARN:g}): training "
+                "cannot learn",
+                "train the heads over a public backbone (run config `backbone`), "
+                "with more patients or a larger budget",
+                "warning",
+            )
+        )  # fmt: skip
+    if config.privacy is not None and config.privacy.release_evaluation:
+        report.add(
+            Problem(
+                "privacy-evaluation-not-dp", where,
+                "privacy.release_evaluation is true: the validation counts this "
+                "site sends each evaluation round are NOT differentially private",
+                "set it to false to withhold them, unless the site accepts that",
+                "warning",
+            )
+        )  # fmt: skip
 
 
 def _merge_repeated_warnings(findings: list[Finding]) -> list[Finding]:
@@ -700,6 +761,7 @@ def format_report(report: CheckReport) -> str:
         for regimen, v in by_regimen.items():
             rate = "unknown" if v["pcr_rate"] is None else f"{v['pcr_rate']:.0%}"
             lines.append(f"  {regimen}: {v['n']} cases, pCR {rate}")
+        lines.extend(s.get("privacy", {}).get("lines", []))
     verdict = "PASSED" if report.ok else "FAILED"
     lines.append(
         f"{verdict}: {len(report.errors)} errors, {len(report.warnings)} warnings"

@@ -45,7 +45,13 @@ def synth(
             help="Output folder (empty, or a previous synth output with --force)."
         ),
     ],
-    preset: Annotated[str, typer.Option(help="tiny | demo | paper")] = "demo",
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="tiny | demo | paper; public | public-tiny: a public pretraining "
+            "cohort (own random stream, no site holds its patients)"
+        ),
+    ] = "demo",
     seed: Annotated[int, typer.Option(help="Seed: same seed, same cohort.")] = 0,
     tables_only: Annotated[
         bool,
@@ -104,6 +110,12 @@ def synth(
         f"wrote {s['n_retrospective']} retrospective + {s['n_prospective']} "
         f"prospective + {s['n_test']} test cases to {out} in {result.seconds:.1f} s"
     )
+    if s["public"]:
+        typer.echo(
+            "  a public pretraining cohort (own random stream): train a backbone "
+            f"with `moefl pretrain {out}`"
+        )
+        return
     for regimen, v in s["retrospective_by_regimen"].items():
         typer.echo(f"  {regimen:5s} n={v['n']:4d}  pCR {v['pcr_rate']:.1%}")
     aucs = s["aucs"]
@@ -120,11 +132,24 @@ def check(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON.")
     ] = False,
+    run_config: Annotated[
+        str,
+        typer.Option(
+            help="The federation's run config (Flower-style, e.g. \"backbone="
+            "'b.safetensors' head-rounds=20\"): a DP site's feasibility is "
+            "worked out for it (default: the run config's defaults)."
+        ),
+    ] = "",
 ) -> None:
     """Preflight a site's data and config; exit 0 when clean, 1 on errors."""
     from client.checks import format_report, run_check
+    from shared_model.federation_config import FederationConfig
 
-    report = run_check(site_yaml)
+    try:
+        fed = FederationConfig.from_run_config(parse_run_config(run_config))
+    except MoeflError as e:
+        _fail(e)
+    report = run_check(site_yaml, fed)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -227,6 +252,80 @@ def train(
         + ", ".join(f"{k} AUC {_fmt(v['auc'])}" for k, v in m["comparators"].items())
     )
     typer.echo(f"wrote {run.out}/model.safetensors and metrics.json")
+
+
+@app.command()
+def pretrain(
+    public: Annotated[
+        list[Path],
+        typer.Argument(
+            help="The public data: a public synthetic cohort folder (`moefl synth "
+            "--preset public`), its site_configs folder, or public site YAMLs."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="The backbone file to write.")] = Path(
+        "backbone.safetensors"
+    ),
+    epochs: Annotated[int, typer.Option(help="Passes over the public cases.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Cases per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (poly decay).")] = 1e-3,
+    base_filters: Annotated[int, typer.Option(help="As the federation's.")] = 8,
+    max_filters: Annotated[int, typer.Option(help="As the federation's.")] = 256,
+    plan: Annotated[
+        Path | None,
+        typer.Option(help="The federation's plan.json (default: the cohort's)."),
+    ] = None,
+    source: Annotated[
+        str, typer.Option(help="What the data is, recorded in the artifact.")
+    ] = "",
+    device: Annotated[str | None, typer.Option(help="Override the device.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train the segmentation backbone on public data (for DP federations)."""
+    import json
+
+    from client.engine import TrainConfig
+    from client.pretrain import pretrain as run_pretrain
+    from client.train import find_plan
+
+    try:
+        folders = [
+            p / "site_configs" if (p / "site_configs").is_dir() else p for p in public
+        ]
+        yamls = _yamls_in(folders)
+        cohort = public[0] / "cohort.json"
+        if not source and cohort.is_file():
+            info = json.loads(cohort.read_text())
+            if not info.get("public"):
+                raise ConfigError(
+                    f"{public[0]} is a site cohort, not a public one: a backbone "
+                    "for DP sites must not see their patients; use `moefl synth "
+                    "--preset public`"
+                )
+            source = f"synthetic public cohort ({info['preset']}, seed {info['seed']})"
+        result = run_pretrain(
+            yamls,
+            out,
+            cfg=TrainConfig(
+                optimizer="adamw",
+                lr=lr,
+                batch_size=batch_size,
+                epochs=epochs,
+                augment=True,
+                seed=seed,
+            ),
+            plan=find_plan(yamls, plan),
+            source=source or "public data (unnamed)",
+            model_overrides={"base_filters": base_filters, "max_filters": max_filters},
+            device=device,
+            echo=typer.echo,
+        )
+    except MoeflError as e:
+        _fail(e)
+    typer.echo(
+        f"wrote {result.path}: sha256 {result.sha256}, val Dice {_fmt(result.dice)} "
+        f"({result.n_train} training cases, {result.seconds:.0f} s)"
+    )
 
 
 def _site_yamls(sites: list[Path], ctx: typer.Context) -> list[Path]:
@@ -464,6 +563,13 @@ def simulate(
     dp_clip: Annotated[
         float, typer.Option(help="Per-patient gradient clip (max_grad_norm).")
     ] = 1.0,
+    backbone: Annotated[
+        Path | None,
+        typer.Option(
+            help="A pretrained public backbone (`moefl pretrain`): the federation "
+            "trains the heads alone over it (with --dp-epsilon: under DP)."
+        ),
+    ] = None,
 ) -> None:
     """Run the whole federation on this machine with Flower's simulation runtime."""
     from simulations.simulate import run_simulated_federation
@@ -472,6 +578,8 @@ def simulate(
         overrides = parse_run_config(run_config)
         if rounds is not None:
             overrides["num-server-rounds"] = rounds
+        if backbone is not None:
+            overrides["backbone"] = str(backbone.resolve())
         privacy = None
         if dp_epsilon is not None:
             privacy = _privacy_option(dp_epsilon, dp_delta, dp_clip)

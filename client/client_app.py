@@ -54,8 +54,9 @@ from client.data import SiteDataset, build_site_datasets
 from client.engine import TrainConfig, TrainResult, resolve_device, train_local
 from client.evaluation import evaluate_dataset
 from client.feature_cache import eval_view, load_or_build
-from client.heads import HeadConfig, train_heads
+from client.heads import HeadConfig, train_heads, train_heads_private
 from client.privacy import (
+    HEAD_MAX_NOISE,
     PrivacyLedger,
     RoundPlan,
     check_delta,
@@ -64,6 +65,7 @@ from client.privacy import (
     plan_round,
 )
 from client.site_config import SiteConfig, load_site_config
+from shared_model.backbone import backbone_digest
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError, DataError, MoeflError
 from shared_model.federation_config import FederationConfig
@@ -125,6 +127,8 @@ class SiteState:
 
 
 _SITES: dict[tuple[str, str], SiteState] = {}
+
+WITHHELD = "privacy: evaluation counts are not DP and the site does not release them"
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -211,18 +215,14 @@ def train_round(msg: Message, context: Context) -> Message:
     rnd = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
     stage = fed.stage_of(rnd)
     if site.config.privacy is not None and fed.training == "staged":
-        # Refused before any budget is spent: the heads would train on features
-        # of private patients without DP.
-        raise ConfigError(
-            f"site {site.config.site_name} has a `privacy` section; private head "
-            "training over cached features is not available, so a federation with "
-            'DP sites runs with run config `training = "joint"`'
-        )
+        check_public_backbone(msg, fed, site, model)
     groups = stage_parameter_groups(model, stage)
     trained_groups = [g for g in GROUPS if g == SHARED or site.counts[g]]
     trainable = {n for g in trained_groups for n in groups[g]}
     if stage == "heads":
-        return _train_heads_round(msg, fed, site, model, device, trainable, rnd, t0)
+        return _train_heads_round(
+            msg, context, fed, site, model, device, trainable, rnd, t0
+        )
     seg_rounds = fed.num_server_rounds
     steps = fed.local_steps or fed.local_epochs * -(-len(site.train) // fed.batch_size)
     schedule = (
@@ -294,15 +294,48 @@ def train_round(msg: Message, context: Context) -> Message:
         schedule=schedule,
         extra_loss=extra,
         dp=plan.dp if plan is not None else None,
-        dp_generator=_noise_source(context, fed, site, rnd) if plan else None,
+        dp_generator=_noise_source(context, fed, site, rnd, device) if plan else None,
     )
     return _trained_reply(
         msg, site, model, trainable, result, t0, rnd, plan=plan, privacy=privacy
     )
 
 
+def check_public_backbone(
+    msg: Message, fed: FederationConfig, site: SiteState, model: UNetMoECli
+) -> None:
+    """A DP site trains heads only over features of a backbone that never saw
+    its patients: the federation must declare a pretrained backbone (and so
+    run no segmentation rounds), the weights received must be that backbone,
+    and, when the site pins digests (``privacy.public_backbones``), one of them.
+    Refused before any budget is spent."""
+    assert site.config.privacy is not None
+    name = site.config.site_name
+    if not fed.backbone:
+        raise ConfigError(
+            f"site {name} has a `privacy` section: it trains heads only over a "
+            "pretrained public backbone (run config `backbone`, from `moefl "
+            "pretrain`), never over one the federation trained on its patients "
+            'without DP; or run the federation with `training = "joint"`'
+        )
+    digest = backbone_digest(model.state_dict())
+    declared = msg.content.config_records["config"].get("backbone-sha256")
+    if declared != digest:
+        raise ConfigError(
+            f"site {name}: the backbone received ({digest[:12]}...) is not the one "
+            "the federation declares; refusing to train on it"
+        )
+    pinned = site.config.privacy.public_backbones
+    if pinned and digest not in pinned:
+        raise ConfigError(
+            f"site {name}: backbone {digest} is not in `privacy.public_backbones`; "
+            "add it there only if it was trained without this site's patients"
+        )
+
+
 def _train_heads_round(
     msg: Message,
+    context: Context,
     fed: FederationConfig,
     site: SiteState,
     model: UNetMoECli,
@@ -327,18 +360,60 @@ def _train_heads_round(
         len(features),
         "read from the cache" if cached else "computed and cached",
     )
-    result = train_heads(
+    head = HeadConfig(
+        epochs=fed.head_epochs,
+        lr=fed.head_lr,
+        batch_size=fed.head_batch_size,
+        seed=fed.seed * 1000 + rnd,
+    )
+    privacy = site.config.privacy
+    if privacy is None:
+        result = train_heads(model, features, head, trainable=trainable)
+        return _trained_reply(msg, site, model, trainable, result, t0, rnd)
+    with PrivacyLedger.locked(site.config.run_dir) as ledger:
+        plan = plan_round(
+            privacy,
+            ledger,
+            n_patients=len(features),
+            batch_size=1,
+            sample_rate=fed.dp_head_sample_rate,
+            steps=head_steps(fed),
+            rounds_left=fed.total_rounds - rnd + 1,
+            noise_multiplier=fed.dp_noise_multiplier,
+            accountant=fed.dp_accountant,
+            max_noise=HEAD_MAX_NOISE,
+        )
+        if plan.dp is not None:
+            # Spend before training: a crash can only over-count the budget.
+            ledger.record(
+                plan.dp,
+                round=rnd,
+                run=fed.run_dir,
+                stage="heads",
+                epsilon_after=plan.epsilon_after,
+            )
+    if plan.dp is None:
+        log.warning(
+            "site %s declines round %d: %s", site.config.site_name, rnd, plan.declined
+        )
+        return _declined(msg, site, plan, describe(plan, privacy))
+    result = train_heads_private(
         model,
         features,
-        HeadConfig(
-            epochs=fed.head_epochs,
-            lr=fed.head_lr,
-            batch_size=fed.head_batch_size,
-            seed=fed.seed * 1000 + rnd,
-        ),
+        head,
+        plan.dp,
+        generator=_noise_source(context, fed, site, rnd, torch.device("cpu")),
         trainable=trainable,
+        secure_mode=privacy.secure_mode,
     )
-    return _trained_reply(msg, site, model, trainable, result, t0, rnd)
+    return _trained_reply(
+        msg, site, model, trainable, result, t0, rnd, plan=plan, privacy=privacy
+    )
+
+
+def head_steps(fed: FederationConfig) -> int:
+    """DP-SGD steps of one DP head round: ``head-epochs`` expected passes."""
+    return math.ceil(fed.head_epochs / fed.dp_head_sample_rate)
 
 
 def _trained_reply(
@@ -399,13 +474,18 @@ def _trained_reply(
 
 
 def _noise_source(
-    context: Context, fed: FederationConfig, site: SiteState, rnd: int
+    context: Context,
+    fed: FederationConfig,
+    site: SiteState,
+    rnd: int,
+    device: torch.device,
 ) -> torch.Generator:
-    """DP randomness: reproducible for a simulated node, secret otherwise."""
+    """DP randomness on the training device: reproducible for a simulated
+    node, secret otherwise."""
     if "partition-id" in context.node_config:
         name = zlib.crc32(site.config.site_name.encode())
-        return dp_generator(fed.seed * 1_000_003 + rnd * 7919 + name)
-    return dp_generator(None)
+        return dp_generator(fed.seed * 1_000_003 + rnd * 7919 + name, device)
+    return dp_generator(None, device)
 
 
 def _declined(
@@ -449,9 +529,26 @@ def _allowed(msg: Message) -> tuple[str, ...]:
 
 
 def evaluate_round(msg: Message, context: Context) -> Message:
-    """Score the validation split; reply with counts and sums only."""
+    """Score the validation split; reply with counts and sums only.
+
+    A site with a ``privacy`` section withholds them unless its YAML sets
+    ``privacy.release_evaluation``: the counts are not differentially private,
+    so sending them is the site's explicit choice.
+    """
     t0 = time.perf_counter()
     fed, site, model, device = _setup(msg, context)
+    privacy = site.config.privacy
+    if privacy is not None and not privacy.release_evaluation:
+        return Message(
+            RecordDict(
+                {
+                    "info": ConfigRecord(
+                        {"site": site.config.site_name, "withheld": WITHHELD}
+                    )
+                }
+            ),
+            reply_to=msg,
+        )
     result = evaluate_dataset(
         model,
         site.config.site_name,

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from client.data import SiteDataset
 from client.site_data import CaseFiles
-from shared_model.model import UNetMoECli, is_head_parameter
+from shared_model.backbone import backbone_digest
+from shared_model.model import UNetMoECli
 from shared_model.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -64,23 +65,11 @@ class FeatureSet:
         )
 
 
-def backbone_digest(model: UNetMoECli) -> str:
-    """SHA-256 of the segmenter's weights (names, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if is_head_parameter(name):
-            continue
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def cache_key(model: UNetMoECli, plan: Plan, cases: Sequence[CaseFiles]) -> str:
     """What the cached features depend on, hashed (see the module docstring)."""
     h = hashlib.sha256()
     h.update(f"moefl-features-{FEATURE_VERSION}".encode())
-    h.update(backbone_digest(model).encode())
+    h.update(backbone_digest(model.state_dict()).encode())
     h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(plan.to_dict(), sort_keys=True).encode())
     for case in cases:

@@ -4,6 +4,13 @@ The backbone is frozen; the modality embeddings, the prognosis head and the
 experts of the regimens a site has train with AdamW on the gated BCE, many
 epochs in seconds (a few thousand numbers per patient instead of a 3-D crop).
 The loss is joint training's gated BCE (:func:`shared_model.loss.gated_bce`).
+
+Under DP (:func:`train_heads_private`) the same heads train with DP-SGD:
+Poisson batches of patients over the cached features, per-patient clipping and
+Gaussian noise by opacus, on the head parameters only. The features must come
+from a backbone that never saw the site's patients (a public one): the head
+is then the only thing trained on them, and its updates are what the budget
+covers.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from client.engine import TrainResult
 from client.feature_cache import FeatureSet
+from client.privacy import DPRound, PrivateTraining
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.loss import gated_bce
@@ -89,6 +98,104 @@ def train_heads(
         seg_loss=math.nan,
         pcr_loss=mean,
         n_cases=n,
+        n_by_regimen={r: regimens.get(r, 0) for r in REGIMENS},
+        final_lr=cfg.lr,
+    )
+
+
+class GatedHead(nn.Module):
+    """The pCR heads of a model as a module of their own: ``(features,
+    clinical, regimen) -> gated logit``. Holds the model's head submodules
+    (the same parameters, so training this trains the model); the backbone is
+    not part of it, so opacus sees, clips and noises the head alone."""
+
+    def __init__(self, model: UNetMoECli) -> None:
+        super().__init__()
+        self.encode_t2 = model.encode_t2
+        self.encode_adc = model.encode_adc
+        self.experts = model.experts
+        if hasattr(model, "prognosis"):
+            self.prognosis = model.prognosis
+        self._model = [model]  # not a submodule: its backbone stays outside
+
+    def forward(
+        self, features: torch.Tensor, clinical: torch.Tensor, regimen: torch.Tensor
+    ) -> torch.Tensor:
+        model = self._model[0]
+        return model.gate(model.head(features, clinical), regimen)
+
+
+def train_heads_private(
+    model: UNetMoECli,
+    data: FeatureSet,
+    cfg: HeadConfig,
+    dp: DPRound,
+    *,
+    generator: torch.Generator,
+    trainable: set[str] | None = None,
+    secure_mode: bool = False,
+) -> TrainResult:
+    """DP-SGD on the heads of ``model`` over ``data`` (on the CPU).
+
+    ``dp.steps`` steps on Poisson batches (each patient joins with
+    ``dp.sample_rate``), each patient's gradient clipped to
+    ``dp.max_grad_norm``, Gaussian noise of ``dp.noise_multiplier`` times the
+    clip; AdamW with ``cfg.lr`` and ``cfg.weight_decay`` on the noised mean.
+    ``trainable``: the head parameters to train (model names); the backbone
+    never trains and is not even in the graph.
+    """
+    if len(data) != dp.n_patients:
+        raise ValueError(f"{len(data)} patients' features, the DP plan {dp.n_patients}")
+    model.cpu().train()
+    head = GatedHead(model)
+    own = {id(p): n for n, p in model.named_parameters()}
+    params = []
+    for p in head.parameters():
+        name = own[id(p)]
+        train = is_head_parameter(name) and (trainable is None or name in trainable)
+        p.requires_grad_(train)
+        if train:
+            params.append(p)
+    for name, p in model.named_parameters():
+        if not is_head_parameter(name):
+            p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    private = PrivateTraining(
+        head, optimizer, dp, generator=generator, secure_mode=secure_mode
+    )
+    t0 = time.perf_counter()
+    steps, total, n_loss = 0, 0.0, 0
+    try:
+        for idx in private.batch_sampler(len(data)):
+            steps += 1
+            private.optimizer.zero_grad(set_to_none=True)
+            if len(idx) == 0:
+                private.empty_step()
+                continue
+            rows = torch.as_tensor(idx, dtype=torch.long)
+            gated = private.module(
+                data.features[rows], data.clinical[rows], data.regimen[rows]
+            )
+            loss = gated_bce(gated, data.pcr[rows], cfg.pos_weight)
+            loss.backward()
+            private.optimizer.step()
+            total += float(loss.detach())
+            n_loss += 1
+    finally:
+        private.optimizer.zero_grad(set_to_none=True)
+        private.close()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    regimens = Counter(REGIMENS[int(r)] for r in data.regimen)
+    mean = total / max(n_loss, 1)
+    return TrainResult(
+        steps=steps,
+        epochs_done=steps * dp.sample_rate,
+        seconds=time.perf_counter() - t0,
+        loss=mean,
+        seg_loss=math.nan,
+        pcr_loss=mean,
+        n_cases=len(data),
         n_by_regimen={r: regimens.get(r, 0) for r in REGIMENS},
         final_lr=cfg.lr,
     )

@@ -50,6 +50,11 @@ MAX_NOISE = 10.0
 mostly noise (at 4 patients per step, noise of 2.5 clip norms per coordinate
 on the mean gradient), so the site declines instead of sending it."""
 
+HEAD_MAX_NOISE = 50.0
+"""Largest noise multiplier for DP head rounds: their Poisson batches hold a
+large share of the site (half by default), so the noise on the mean gradient
+is this over the expected batch, per coordinate."""
+
 LEDGER_VERSION = 1
 
 # opacus's hooks fire on module outputs; the image needs no gradient. Harmless.
@@ -166,14 +171,36 @@ class PrivacyLedger:
         return epsilon_of(self.history, delta, accountant)
 
     def record(self, dp: DPRound, **info: Any) -> None:
-        """Append one round and write the file atomically (before training)."""
-        self.entries.append({**asdict(dp), "time": time.time(), **info})
+        """Append one round and make it durable before anything uses it.
+
+        The new ledger is written to a temporary file, flushed to the disk,
+        renamed over the old one and the folder is flushed too: a crash or a
+        power cut at any point leaves either the old ledger or the new one,
+        never a torn or empty file and never a lost entry once this returns.
+        """
+        entries = [*self.entries, {**asdict(dp), "time": time.time(), **info}]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(
-            json.dumps({"version": LEDGER_VERSION, "entries": self.entries}, indent=1)
-        )
+        data = json.dumps({"version": LEDGER_VERSION, "entries": entries}, indent=1)
+        with open(tmp, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        _fsync_folder(self.path.parent)
+        self.entries = entries
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename is durable only after this)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a system whose folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def plan_round(
@@ -186,6 +213,8 @@ def plan_round(
     rounds_left: int,
     noise_multiplier: float = 0.0,
     accountant: str = "rdp",
+    max_noise: float = MAX_NOISE,
+    sample_rate: float | None = None,
 ) -> RoundPlan:
     """Plan one round's DP-SGD against the site's remaining budget.
 
@@ -198,10 +227,18 @@ def plan_round(
         rounds_left: rounds still planned, this one included (auto noise).
         noise_multiplier: fixed noise, or 0 to derive it from the budget.
         accountant: opacus accountant, "rdp" or "prv".
+        sample_rate: Poisson rate, overriding ``batch_size / n_patients``.
+        max_noise: the largest noise multiplier the site derives for itself
+            (:data:`MAX_NOISE` for image training; head rounds, whose Poisson
+            batches hold a large share of the site, allow more).
     """
     if accountant not in ACCOUNTANTS:
         raise ConfigError(f"run config `dp-accountant` must be one of {ACCOUNTANTS}")
-    q = sample_rate_for(batch_size, n_patients)
+    q = (
+        sample_rate
+        if sample_rate is not None
+        else sample_rate_for(batch_size, n_patients)
+    )
     history = ledger.history
     target, delta = privacy.target_epsilon, privacy.delta
     spent = epsilon_of(history, delta, accountant)
@@ -226,16 +263,24 @@ def plan_round(
         return RoundPlan(round_at(noise_multiplier), spent, after)
 
     planned = steps * max(rounds_left, 1)
-    if eps_with(MAX_NOISE, planned) > target:
+    if eps_with(max_noise, planned) > target:
         return RoundPlan(
             None,
             spent,
             spent,
             f"privacy budget: epsilon {spent:.3f} of {target:g} spent (delta "
             f"{delta:g}); the {max(rounds_left, 1)} planned round(s) do not fit even "
-            f"at noise {MAX_NOISE:g}",
+            f"at noise {max_noise:g}",
         )
-    lo, hi = 0.0, MAX_NOISE  # eps(hi) <= target always holds
+    lo, hi = 0.0, max_noise  # eps(hi) <= target always holds
+    if history and history[-1][1] == q:
+        # The previous round's noise is usually still the smallest that fits:
+        # keep it when 0.1 % less would not fit (the search's tolerance).
+        last = history[-1][0]
+        if last <= max_noise and eps_with(last, planned) <= target:
+            if eps_with(last * (1 - 1e-3), planned) > target:
+                return RoundPlan(round_at(last), spent, eps_with(last, steps))
+            hi = last
     while hi - lo > 1e-3 * hi:
         mid = 0.5 * (lo + hi)
         if mid > 0 and eps_with(mid, planned) <= target:
@@ -245,16 +290,29 @@ def plan_round(
     return RoundPlan(round_at(hi), spent, eps_with(hi, steps))
 
 
-def dp_generator(seed: int | None) -> torch.Generator:
-    """Randomness for DP noise and Poisson sampling.
+def dp_generator(
+    seed: int | None, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """Randomness for DP noise (and, derived from it, Poisson sampling).
 
     ``None`` (a real site): seeded from the operating system's entropy, so no
     one who knows the run's seed can predict (and subtract) the noise or know
     which patients were sampled. An integer: reproducible, for simulation only.
+    The generator lives on ``device``, the device the model trains on: opacus
+    draws the noise there with it.
     """
-    g = torch.Generator()
+    g = torch.Generator(device=torch.device(device))
     g.manual_seed(secrets.randbits(63) if seed is None else seed)
     return g
+
+
+def sampling_generator(noise: torch.Generator) -> torch.Generator:
+    """A CPU generator for Poisson sampling, seeded by a draw from the noise
+    generator (as secret, or as reproducible, as the noise itself)."""
+    seed = int(
+        torch.randint(0, 2**62, (1,), generator=noise, device=noise.device).item()
+    )
+    return torch.Generator().manual_seed(seed)
 
 
 class PrivateTraining:
@@ -265,6 +323,9 @@ class PrivateTraining:
     :class:`opacus.optimizers.DPOptimizer` over the *trainable* parameters
     only (frozen experts get neither gradient nor noise), Poisson batches from
     :class:`opacus.utils.uniform_sampler.UniformWithReplacementSampler`.
+    ``generator`` draws the noise on the model's device; ``secure_mode`` is
+    opacus's noise that resists floating-point attacks (site YAML
+    ``privacy.secure_mode``, for deployment).
     """
 
     def __init__(
@@ -274,9 +335,11 @@ class PrivateTraining:
         dp: DPRound,
         *,
         generator: torch.Generator,
+        secure_mode: bool = False,
     ) -> None:
         self.dp = dp
         self.generator = generator
+        self.sampling = sampling_generator(generator)
         self.module = GradSampleModule(
             model, batch_first=True, loss_reduction="mean", force_functorch=True
         )
@@ -287,6 +350,7 @@ class PrivateTraining:
             expected_batch_size=dp.expected_batch_size,  # type: ignore[arg-type]
             loss_reduction="mean",
             generator=generator,
+            secure_mode=secure_mode,
         )
 
     def batch_sampler(self, n_samples: int) -> UniformWithReplacementSampler:
@@ -297,7 +361,7 @@ class PrivateTraining:
         return UniformWithReplacementSampler(
             num_samples=n_samples,
             sample_rate=self.dp.sample_rate,
-            generator=self.generator,
+            generator=self.sampling,
             steps=self.dp.steps,
         )
 

@@ -16,12 +16,17 @@ Schema (documented for sites in ``site_configs/README.md``)::
       target_epsilon: 8.0
       delta: 1.0e-5
       max_grad_norm: 1.0
+      secure_mode: false           # opacus noise robust to floating-point attacks
+      public_backbones: []         # SHA-256 of the backbones the site accepts
+                                   # (empty: the one the federation declares)
+      release_evaluation: false    # send validation counts (not DP) to the server
 
 Relative paths are resolved against the YAML file's folder.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +54,8 @@ OPTIONAL_KEYS = (
     "privacy",
 )
 PRIVACY_KEYS = ("target_epsilon", "delta", "max_grad_norm")
+PRIVACY_OPTIONAL_KEYS = ("secure_mode", "public_backbones", "release_evaluation")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,9 @@ class PrivacyConfig:
     target_epsilon: float
     delta: float
     max_grad_norm: float
+    secure_mode: bool = False
+    public_backbones: tuple[str, ...] = ()
+    release_evaluation: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,15 @@ def _number(
                 f"`{key}` is {value!r}; expected a "
                 f"{'whole number' if kind is int else 'number'}",
                 f"set `{key}` to a {kind.__name__}",
+            )
+        )
+        return None
+    if not math.isfinite(value):
+        problems.append(
+            YamlProblem(
+                key,
+                f"`{key}` is {value}; expected a finite number",
+                f"set `{key}` to a finite {kind.__name__}",
             )
         )
         return None
@@ -327,15 +346,15 @@ def parse_privacy(raw: Any, problems: list[YamlProblem]) -> PrivacyConfig | None
         return None
     n_before = len(problems)
     for key in raw:
-        if key not in PRIVACY_KEYS:
+        if key not in PRIVACY_KEYS + PRIVACY_OPTIONAL_KEYS:
             problems.append(
                 YamlProblem(
                     f"privacy.{key}",
                     f"unknown key `privacy.{key}`",
-                    f"allowed: {', '.join(PRIVACY_KEYS)}",
+                    f"allowed: {', '.join(PRIVACY_KEYS + PRIVACY_OPTIONAL_KEYS)}",
                 )
             )
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {}
     bounds: tuple[tuple[str, dict[str, Any]], ...] = (
         ("target_epsilon", {"low": 0.0, "low_open": True}),
         ("delta", {"low": 0.0, "high": 1.0, "low_open": True, "high_open": True}),
@@ -354,6 +373,33 @@ def parse_privacy(raw: Any, problems: list[YamlProblem]) -> PrivacyConfig | None
         values[key] = _number(
             raw[key], f"privacy.{key}", problems, kind=float, **kwargs
         )
+    for key in ("secure_mode", "release_evaluation"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                problems.append(
+                    YamlProblem(
+                        f"privacy.{key}",
+                        f"`privacy.{key}` is {raw[key]!r}; expected true or false",
+                        f"set `privacy.{key}` to true or false",
+                    )
+                )
+            else:
+                values[key] = raw[key]
+    if "public_backbones" in raw:
+        hashes = raw["public_backbones"] or []
+        if not isinstance(hashes, list) or not all(
+            isinstance(h, str) and _SHA256.match(h) for h in hashes
+        ):
+            problems.append(
+                YamlProblem(
+                    "privacy.public_backbones",
+                    "`privacy.public_backbones` must be a list of SHA-256 hex digests",
+                    "copy each accepted backbone's `sha256` from `moefl pretrain`'s "
+                    "output (64 lower-case hex characters)",
+                )
+            )
+        else:
+            values["public_backbones"] = tuple(hashes)
     if len(problems) > n_before:
         return None
     return PrivacyConfig(**values)

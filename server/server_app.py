@@ -46,11 +46,13 @@ from flwr.serverapp import Grid, ServerApp
 from server.records import arrays_to_record
 from server.run_folder import RunFolder, StrategyState
 from server.strategy import GroupedStrategy
+from shared_model.backbone import Backbone, apply_backbone, load_backbone
 from shared_model.errors import ConfigError
 from shared_model.federation_config import STAGES, FederationConfig
 from shared_model.model import (
     ModelConfig,
     build_model,
+    model_config_for,
     parameter_groups,
     stage_parameter_groups,
 )
@@ -60,30 +62,24 @@ from shared_model.policy import expert_support, supported_regimens
 log = logging.getLogger(__name__)
 
 
-def resolve_plan(fed: FederationConfig) -> Plan:
+def resolve_plan(fed: FederationConfig, backbone: Backbone | None = None) -> Plan:
+    """``plan``, else the cohort's plan.json, else the pretrained backbone's
+    plan, else the default; a backbone built for another plan is refused."""
     if fed.plan:
-        return Plan.load(Path(fed.plan))
-    if fed.cohort_dir and (Path(fed.cohort_dir) / "plan.json").is_file():
-        return Plan.load(Path(fed.cohort_dir) / "plan.json")
-    return Plan()
-
-
-def model_config_for(fed: FederationConfig, plan: Plan) -> ModelConfig:
-    """The network a run config asks for: widths, features and experts (the
-    ``independent`` experts come with the study's sizes: 64-D embeddings and
-    64 hidden units)."""
-    study = (
-        {"embed_dim": 64, "expert_hidden": 64} if fed.experts == "independent" else {}
-    )
-    return ModelConfig.from_plan(
-        plan,
-        base_filters=fed.base_filters,
-        max_filters=fed.max_filters,
-        features=fed.features,
-        experts=fed.experts,
-        use_clinical=fed.use_clinical,
-        **study,
-    )
+        plan = Plan.load(Path(fed.plan))
+    elif fed.cohort_dir and (Path(fed.cohort_dir) / "plan.json").is_file():
+        plan = Plan.load(Path(fed.cohort_dir) / "plan.json")
+    elif backbone is not None:
+        return backbone.plan
+    else:
+        plan = Plan()
+    if backbone is not None and backbone.plan.to_dict() != plan.to_dict():
+        raise ConfigError(
+            f"run config `backbone` {backbone.path} was pretrained with plan "
+            f"{backbone.plan.to_dict()}, the federation uses {plan.to_dict()}; "
+            "pretrain on the federation's plan (`moefl pretrain --plan`)"
+        )
+    return plan
 
 
 @dataclass
@@ -96,6 +92,7 @@ class FederationStart:
     strategy: GroupedStrategy
     config: ConfigRecord  # sent to every site with each round's weights
     stage_groups: dict[str, dict[str, list[str]]]  # what each stage aggregates
+    backbone: dict[str, Any] | None = None  # the pretrained backbone's record
 
 
 def start_federation(fed: FederationConfig) -> FederationStart:
@@ -103,16 +100,26 @@ def start_federation(fed: FederationConfig) -> FederationStart:
     random.seed(fed.seed)
     np.random.seed(fed.seed)
     torch.manual_seed(fed.seed)
-    plan = resolve_plan(fed)
+    backbone = load_backbone(Path(fed.backbone)) if fed.backbone else None
+    plan = resolve_plan(fed, backbone)
     model_cfg = model_config_for(fed, plan)
     model = build_model(model_cfg)
-    config = ConfigRecord(
-        {
-            "run-config": json.dumps(fed.to_run_config()),
-            "plan": json.dumps(plan.to_dict()),
-            "model-config": json.dumps(model_cfg.to_dict()),
-        }
-    )
+    values: dict[str, Any] = {
+        "run-config": json.dumps(fed.to_run_config()),
+        "plan": json.dumps(plan.to_dict()),
+        "model-config": json.dumps(model_cfg.to_dict()),
+    }
+    if backbone is not None:
+        apply_backbone(model, backbone)
+        values["backbone-sha256"] = backbone.sha256
+        log.info(
+            "pretrained backbone %s (sha256 %s, trained on %s); training the heads "
+            "alone",
+            backbone.path,
+            backbone.sha256,
+            backbone.trained_on.get("source", "?"),
+        )
+    config = ConfigRecord(values)
     return FederationStart(
         plan,
         model_cfg,
@@ -120,6 +127,13 @@ def start_federation(fed: FederationConfig) -> FederationStart:
         GroupedStrategy(fed, parameter_groups(model)),
         config,
         {stage: stage_parameter_groups(model, stage) for stage in STAGES},
+        None
+        if backbone is None
+        else {
+            "path": str(backbone.path),
+            "sha256": backbone.sha256,
+            "trained_on": backbone.trained_on,
+        },
     )
 
 
@@ -144,6 +158,8 @@ def _run_rounds(
     )
     resumed = folder.last_complete() if fed.resume else None
     record: dict[str, Any] = {"status": "running", "rounds": []}
+    if begin.backbone is not None:
+        record["backbone"] = begin.backbone
     if resumed is not None:
         folder.check_run_config(
             fed.to_run_config(), allow_changes=fed.resume_changed_config
@@ -223,7 +239,10 @@ def _run_rounds(
                 record,
                 model_cfg,
                 plan,
-                extra_config={"expert_support": record["expert_support"]},
+                extra_config={
+                    "expert_support": record["expert_support"],
+                    **({"backbone": begin.backbone} if begin.backbone else {}),
+                },
             )
             ev = entry.get("evaluate", {})
             log.info(

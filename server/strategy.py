@@ -318,6 +318,7 @@ class GroupedStrategy(FedAvg):
         """
         sites: dict[str, SiteEvaluation] = {}
         claimed: Counter[str] = Counter()
+        withheld: set[str] = set()
         for i, msg in enumerate(replies):
             name = _site_name(msg, f"node-{i}")
             if msg.has_error():
@@ -326,6 +327,10 @@ class GroupedStrategy(FedAvg):
                 )
                 continue
             claimed[name] += 1  # an error reply has no content and claims nothing
+            info = msg.content.config_records.get("info")
+            if "metrics" not in msg.content and info is not None and "withheld" in info:
+                withheld.add(name)  # a DP site that does not release its counts
+                continue
             try:
                 values: dict[str, Any] = dict(msg.content["metrics"])
                 sites[name] = SiteEvaluation.from_values(name, "validation", values)
@@ -338,6 +343,9 @@ class GroupedStrategy(FedAvg):
                     name,
                     n,
                 )
-        return combine(
+        result = combine(
             list(sites.values()), target_sensitivity=self.fed.target_sensitivity
         )
+        if withheld:
+            result["withheld"] = sorted(withheld)
+        return result

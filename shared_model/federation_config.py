@@ -58,6 +58,12 @@ keys and out-of-range values are errors that name the key.
 | use-clinical | true | false builds the image-only comparator (no clinical input) |
 | min-expert-support | 30 | an expert trained on fewer patients (summed over sites) is
   never recommended |
+| backbone | "" | staged: a pretrained backbone artifact (`moefl pretrain`, on the
+  coordinator); the federation then trains the heads alone over it for `head-rounds`
+  rounds (no segmentation rounds) — the only staged federation DP sites join |
+| dp-head-sample-rate | 0.5 | DP head rounds: each patient joins a step with this
+  probability (expected batch: this share of the site); a round takes
+  `ceil(head-epochs / rate)` steps |
 | dp-reproducible | false | simulation only: seed the central DP noise from `seed`. Never in
   deployment: whoever knows the seed could subtract the noise |
 """
@@ -131,19 +137,28 @@ class FederationConfig:
     experts: str = "residual"
     use_clinical: bool = True
     min_expert_support: int = 30
+    backbone: str = ""
+    dp_head_sample_rate: float = 0.5
+
+    @property
+    def segmentation_rounds(self) -> int:
+        """Rounds that train the backbone (none over a pretrained backbone)."""
+        if self.training == "joint":
+            return 0
+        return 0 if self.backbone else self.num_server_rounds
 
     @property
     def total_rounds(self) -> int:
         """Rounds of the whole run (segmentation and head rounds when staged)."""
-        return self.num_server_rounds + (
-            self.head_rounds if self.training == "staged" else 0
-        )
+        if self.training == "joint":
+            return self.num_server_rounds
+        return self.segmentation_rounds + self.head_rounds
 
     def stage_of(self, server_round: int) -> str:
         """What round ``server_round`` (1-based) trains (see :data:`STAGES`)."""
         if self.training == "joint":
             return "joint"
-        return "segmentation" if server_round <= self.num_server_rounds else "heads"
+        return "segmentation" if server_round <= self.segmentation_rounds else "heads"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -226,6 +241,22 @@ class FederationConfig:
                 0 <= self.min_expert_support <= 1_000_000,
                 "min-expert-support",
                 "0..1000000",
+            ),
+            (
+                0 < self.dp_head_sample_rate <= 1,
+                "dp-head-sample-rate",
+                "in (0, 1]",
+            ),
+            (
+                not self.backbone or self.training == "staged",
+                "backbone",
+                'empty unless training is "staged" (a pretrained backbone is '
+                "frozen; joint training would change it)",
+            ),
+            (
+                not self.backbone or self.head_rounds >= 1,
+                "head-rounds",
+                ">= 1 with a pretrained `backbone` (the run trains the heads alone)",
             ),
             (
                 self.training == "joint" or self.features == "tumour",

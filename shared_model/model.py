@@ -51,12 +51,14 @@ from shared_model.model_config import (
     FEATURES,
     ModelConfig,
     compute_kernels_strides,
+    model_config_for,
 )
 
 __all__ = [
     "EXPERTS",
     "FEATURES",
     "ModelConfig",
+    "model_config_for",
     "ModelOutput",
     "UNetMoECli",
     "build_model",

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shared_model.errors import ConfigError
+from shared_model.federation_config import FederationConfig
 from shared_model.plan import Plan
 
 FEATURES = ("tumour", "stem")
@@ -162,3 +163,21 @@ class ModelConfig:
         # A config written before `features` and `experts` existed describes
         # the study's model: stems on the coarse grid, independent experts.
         return cls(**{"features": "stem", "experts": "independent", **data})
+
+
+def model_config_for(fed: FederationConfig, plan: Plan) -> ModelConfig:
+    """The network a run config asks for: widths, features and experts (the
+    ``independent`` experts come with the study's sizes: 64-D embeddings and
+    64 hidden units)."""
+    study = (
+        {"embed_dim": 64, "expert_hidden": 64} if fed.experts == "independent" else {}
+    )
+    return ModelConfig.from_plan(
+        plan,
+        base_filters=fed.base_filters,
+        max_filters=fed.max_filters,
+        features=fed.features,
+        experts=fed.experts,
+        use_clinical=fed.use_clinical,
+        **study,
+    )

@@ -112,4 +112,6 @@ PRESET_PLANS: dict[str, Plan] = {
     "demo": Plan(patch_size=(16, 64, 64), spacing=(3.0, 1.5, 1.5)),
     "paper": Plan(patch_size=(24, 160, 160), spacing=(3.0, 0.7, 0.7)),
 }
+PRESET_PLANS["public"] = PRESET_PLANS["demo"]  # pretraining for demo federations
+PRESET_PLANS["public-tiny"] = PRESET_PLANS["tiny"]
 """Default plan for each synthetic cohort preset (CPU-sized for tiny and demo)."""

@@ -112,12 +112,19 @@ def run_simulated_federation(
         **dict(overrides or {}),
     }
     if privacy is not None:
-        # DP sites train jointly: private head training over cached features
-        # is not available, and a DP site refuses a staged federation.
-        if str(config.setdefault("training", "joint")) != "joint":
+        # DP sites train the heads over a pretrained public backbone (staged),
+        # or everything with DP-SGD (joint); never heads over a backbone the
+        # federation trained on their patients.
+        training = str(
+            config.setdefault(
+                "training", "staged" if config.get("backbone") else "joint"
+            )
+        )
+        if training == "staged" and not config.get("backbone"):
             raise MoeflError(
-                'DP sites need run config `training = "joint"`; private head '
-                "training over cached features is not available"
+                "DP sites join a staged federation only over a pretrained public "
+                "backbone: give run config `backbone` (from `moefl pretrain`), or "
+                '`training = "joint"`'
             )
         sites = Path(str(config["run-dir"])) / "sites"
         config["sites-dir"] = str(write_private_sites(yamls, sites, privacy))
@@ -130,7 +137,7 @@ def run_simulated_federation(
     echo(
         f"simulating {len(yamls)} sites ({', '.join(p.stem for p in yamls)}), "
         + (
-            f"{fed.num_server_rounds} segmentation + {fed.head_rounds} head rounds"
+            f"{fed.segmentation_rounds} segmentation + {fed.head_rounds} head rounds"
             if fed.training == "staged"
             else f"{fed.num_server_rounds} rounds (joint)"
         )

@@ -185,6 +185,11 @@ SITES: dict[str, SiteSpec] = {
         ),
     )
 }
+PUBLIC_STREAM = 0x9B11C
+"""Public presets draw their patients from ``SeedSequence([seed, PUBLIC_STREAM])``
+instead of ``seed``: a separate stream, so a public cohort shares no patient
+with the site cohorts of any seed."""
+
 RETROSPECTIVE_SITES = ("west_china", "sysucc", "sah_sysu")
 PROSPECTIVE_SITES = ("west_china", "sysucc", "yunnan")
 NCT_SITE = "west_china"
@@ -214,6 +219,7 @@ class Preset:
     geometry: Geometry
     min_cases: int = 10
     test_size: int = 1000
+    public: bool = False  # a public pretraining cohort (see PUBLIC_STREAM)
 
     def n_retrospective(self) -> int:
         return sum(sum(v.values()) for v in self.retrospective.values())
@@ -289,6 +295,29 @@ PRESETS: dict[str, Preset] = {
         _scaled(_PAPER_PROSP, 0.3),
         Geometry(2.6, 0.75, 0.7),
         test_size=400,
+    ),
+    # Public pretraining cohorts: retrospective patients only, drawn from their
+    # own random stream (PUBLIC_STREAM), so no site of any cohort holds them.
+    "public": Preset(
+        "public",
+        _scaled(_PAPER_RETRO, 0.3),
+        {},
+        Geometry(2.6, 0.75, 0.7),
+        test_size=0,
+        public=True,
+    ),
+    "public-tiny": Preset(
+        "public-tiny",
+        {
+            "west_china": {"nCRT": 5, "TNT": 4, "nCT": 4},
+            "sysucc": {"nCRT": 6, "TNT": 4},
+            "sah_sysu": {"nCRT": 6, "TNT": 4},
+        },
+        {},
+        Geometry(4.0, 0.6, 0.45),
+        min_cases=4,
+        test_size=0,
+        public=True,
     ),
     "tiny": Preset(
         "tiny",

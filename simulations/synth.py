@@ -52,7 +52,14 @@ from simulations.cohort import Patient, World, build_cohort
 from simulations.phantom import generate_case, scanner_grids
 from simulations.response import WORLD_VERSION
 from simulations.scoreboard import compute_scoreboard
-from simulations.sites import NCT_SITE, PRESETS, SITES, Geometry, Scanner
+from simulations.sites import (
+    NCT_SITE,
+    PRESETS,
+    PUBLIC_STREAM,
+    SITES,
+    Geometry,
+    Scanner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +305,12 @@ def synthesize(
     cfg = PRESETS[preset]
     out = Path(out)
     _prepare_out(out, force)
-    world = build_cohort(cfg, seed, test_size=test_size)
+    world_seed = (
+        int(np.random.SeedSequence([seed, PUBLIC_STREAM]).generate_state(1)[0])
+        if cfg.public
+        else seed
+    )
+    world = build_cohort(cfg, world_seed, test_size=test_size)
     PRESET_PLANS[preset].save(out / "plan.json")
 
     jobs: list[tuple[Patient, Scanner, Geometry, str]] = []
@@ -360,6 +372,7 @@ def synthesize(
     summary: dict[str, Any] = {
         "preset": preset,
         "seed": seed,
+        "public": cfg.public,
         "world_version": WORLD_VERSION,
         "tables_only": tables_only,
         "n_retrospective": len(retro),
@@ -376,10 +389,11 @@ def synthesize(
             for k, values in CLINICAL_FEATURES.items()
             for v in values
         },
-        "aucs": compute_signal_aucs(retro, prosp, seed),
-        "scoreboard": compute_scoreboard(world),
-        "dfs": _dfs_summary(world),
     }
+    if not cfg.public:  # a public cohort is for segmentation pretraining only
+        summary["aucs"] = compute_signal_aucs(retro, prosp, seed)
+        summary["scoreboard"] = compute_scoreboard(world)
+        summary["dfs"] = _dfs_summary(world)
     if volumes:
         all_vol = np.array([v[0] for v in volumes.values()])
         summary["tumour_volume_ml"] = {

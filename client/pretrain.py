@@ -1,0 +1,141 @@
+"""``moefl pretrain``: a segmentation backbone from public data.
+
+Differential privacy covers what is trained on a site's patients. Tumour
+features computed with a backbone that was trained on those patients without DP
+would carry them past the budget, so a DP federation uses a backbone trained on
+public data only, frozen, and trains the small pCR heads under DP over it.
+
+The public data is either a public synthetic cohort (``moefl synth --preset
+public``: its own random stream, no site holds its patients) or a public
+dataset in the site layout, e.g. the Medical Segmentation Decathlon's prostate
+task (T2W and ADC) after :func:`client.public_data.import_msd`. Training is
+segmentation alone (Dice + CE) on every case's training split, with the
+validation split's Dice reported; the artifact (:mod:`shared_model.backbone`)
+records the source, the cases and that Dice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import ConcatDataset
+
+from client.data import build_site_datasets
+from client.engine import TrainConfig, evaluate, resolve_device, train_local
+from client.site_config import load_site_config
+from shared_model.backbone import save_backbone
+from shared_model.errors import ConfigError
+from shared_model.loss import LossConfig
+from shared_model.model import ModelConfig, build_model, is_head_parameter
+from shared_model.plan import Plan
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """What :func:`pretrain` wrote."""
+
+    path: Path
+    sha256: str
+    dice: float | None
+    n_train: int
+    n_val: int
+    seconds: float
+
+
+def pretrain(
+    site_yamls: Sequence[Path],
+    out: Path,
+    *,
+    cfg: TrainConfig,
+    plan: Plan,
+    source: str,
+    model_overrides: dict[str, Any] | None = None,
+    device: str | None = None,
+    echo: Echo = lambda s: None,
+) -> Pretrained:
+    """Train the backbone on the public sites' training splits; write ``out``.
+
+    Args:
+        site_yamls: the public data's site YAMLs (``role: train``).
+        out: the backbone artifact (``.safetensors``).
+        cfg: optimisation (epochs, batch size, learning rate, seed).
+        plan: the federation's plan (the backbone only fits networks built
+            for it).
+        source: what the data is, recorded in the artifact (e.g. "synthetic
+            public cohort, seed 0" or "MSD Task05_Prostate").
+        model_overrides: network widths (``base_filters``, ``max_filters``),
+            as the federation will use them.
+        device: overrides the first site's ``device``.
+        echo: progress lines.
+    """
+    configs = [load_site_config(Path(p)) for p in site_yamls]
+    if not configs:
+        raise ConfigError("pretraining needs at least one public site YAML")
+    if any(c.role != "train" for c in configs):
+        raise ConfigError("every public site YAML needs role: train")
+    torch.manual_seed(cfg.seed)
+    dev = resolve_device(device or configs[0].device)
+    trains, vals = [], []
+    for c in configs:
+        tr, va, _ = build_site_datasets(
+            c, plan, seed=cfg.seed, augment=cfg.augment, cache=True
+        )
+        trains.append(tr)
+        vals.append(va)
+    train: Any = trains[0] if len(trains) == 1 else ConcatDataset(trains)
+    val: Any = vals[0] if len(vals) == 1 else ConcatDataset(vals)
+    model = build_model(ModelConfig.from_plan(plan, **(model_overrides or {})))
+    backbone = {n for n, _ in model.named_parameters() if not is_head_parameter(n)}
+    seg = TrainConfig(**{**cfg.__dict__, "loss": LossConfig(pcr_weight=0.0)})
+    echo(
+        f"pretraining the backbone on {len(train)} public cases ({len(val)} for "
+        f"validation), {cfg.epochs} epochs, device {dev}"
+    )
+    steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
+    t0 = time.perf_counter()
+    dice: float | None = None
+    for epoch in range(1, cfg.epochs + 1):
+        res = train_local(
+            model,
+            train,
+            TrainConfig(
+                **{
+                    **seg.__dict__,
+                    "epochs": 1,
+                    "max_steps": None,
+                    "seed": cfg.seed + epoch,
+                }
+            ),
+            device=dev,
+            trainable=backbone,
+            schedule=((epoch - 1) * steps_per_epoch, cfg.epochs * steps_per_epoch),
+        )
+        dice = evaluate(model, val, device=dev, loss_cfg=seg.loss).metrics["dice"]
+        echo(
+            f"[pretrain] epoch {epoch}/{cfg.epochs}: seg loss {res.seg_loss:.3f}, "
+            f"val Dice {'n/a' if dice is None else f'{dice:.3f}'}"
+        )
+    seconds = time.perf_counter() - t0
+    digest = save_backbone(
+        model,
+        Path(out),
+        plan=plan,
+        trained_on={
+            "source": source,
+            "public": True,
+            "sites": [c.site_name for c in configs],
+            "n_train": len(train),
+            "n_val": len(val),
+            "epochs": cfg.epochs,
+            "seed": cfg.seed,
+            "val_dice": dice,
+        },
+    )
+    return Pretrained(Path(out), digest, dice, len(train), len(val), seconds)
