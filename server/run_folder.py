@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 RESUMABLE_CHANGES = (
     "num-server-rounds",
+    "head-rounds",
     "round-timeout",
     "evaluate-every",
     "resume",

@@ -55,6 +55,8 @@ keys and out-of-range values are errors that name the key.
   stem: the study's modality stems on a 4x coarser grid (joint training only) |
 | experts | residual | residual: shared prognosis head plus one expert per regimen;
   independent: the study's three separate experts |
+| embed-dim | 32 | tumour features: size of each modality embedding of the heads (the
+  study's independent experts use 64); smaller heads take less DP noise |
 | use-clinical | true | false builds the image-only comparator (no clinical input) |
 | min-expert-support | 30 | an expert trained on fewer patients (summed over sites) is
   never recommended |
@@ -136,6 +138,7 @@ class FederationConfig:
     features: str = "tumour"
     experts: str = "residual"
     use_clinical: bool = True
+    embed_dim: int = 32
     min_expert_support: int = 30
     backbone: str = ""
     dp_head_sample_rate: float = 0.5
@@ -242,6 +245,7 @@ class FederationConfig:
                 "min-expert-support",
                 "0..1000000",
             ),
+            (1 <= self.embed_dim <= 1024, "embed-dim", "1..1024"),
             (
                 0 < self.dp_head_sample_rate <= 1,
                 "dp-head-sample-rate",

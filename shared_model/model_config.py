@@ -170,7 +170,9 @@ def model_config_for(fed: FederationConfig, plan: Plan) -> ModelConfig:
     ``independent`` experts come with the study's sizes: 64-D embeddings and
     64 hidden units)."""
     study = (
-        {"embed_dim": 64, "expert_hidden": 64} if fed.experts == "independent" else {}
+        {"embed_dim": 64, "expert_hidden": 64}
+        if fed.experts == "independent"
+        else {"embed_dim": fed.embed_dim}
     )
     return ModelConfig.from_plan(
         plan,

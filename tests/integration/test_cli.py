@@ -136,3 +136,69 @@ def test_simulate_rejects_an_invalid_privacy_budget(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "--dp-epsilon" in result.output and "target_epsilon" in result.output
     assert not any(tmp_path.iterdir())  # nothing made, nothing started
+
+
+def test_public_cohort_and_pretrain(tiny_cohort: Path, tmp_path: Path) -> None:
+    """A public preset draws other patients than the site cohort of the same
+    seed; `moefl pretrain` writes a backbone from it and refuses a site cohort
+    (a backbone for DP sites must not see their patients); `moefl check` on a
+    DP site works out the feasibility for the federation it names."""
+    public = tmp_path / "public"
+    made = runner.invoke(app, ["synth", str(public), "--preset", "public-tiny"])
+    assert made.exit_code == 0, made.output
+    assert "public pretraining cohort" in made.output
+    assert json.loads((public / "cohort.json").read_text())["public"] is True
+    ours = (public / "sites" / "Dataset101_WestChina" / "clinical.csv").read_text()
+    site = (tiny_cohort / "sites" / "Dataset101_WestChina" / "clinical.csv").read_text()
+    assert ours.splitlines()[0] == site.splitlines()[0]
+    assert ours.splitlines()[1:] != site.splitlines()[1:]
+    out = tmp_path / "backbone.safetensors"
+    widths = ["--base-filters", "4", "--max-filters", "32"]
+    done = runner.invoke(
+        app, ["pretrain", str(public), "--out", str(out), "--epochs", "1", *widths]
+    )
+    assert done.exit_code == 0, done.output
+    from shared_model.backbone import load_backbone
+
+    backbone = load_backbone(out)
+    assert backbone.sha256 in done.output and backbone.trained_on["public"] is True
+    assert "public-tiny" in backbone.trained_on["source"]
+    refused = runner.invoke(
+        app, ["pretrain", str(tiny_cohort), "--out", str(tmp_path / "b2.safetensors")]
+    )
+    assert refused.exit_code != 0 and "not a public one" in refused.output
+    assert not (tmp_path / "b2.safetensors").exists()
+
+
+def test_check_works_out_dp_feasibility(tiny_copy: Path) -> None:
+    yaml_path = tiny_copy / "site_configs" / "sah_sysu.yaml"
+    yaml_path.write_text(
+        yaml_path.read_text()
+        + "privacy:\n  target_epsilon: 8.0\n  delta: 1.0e-5\n  max_grad_norm: 1.0\n"
+    )
+    joint = runner.invoke(
+        app, ["check", str(yaml_path), "--run-config", "training='joint'", "--json"]
+    )
+    report = json.loads(joint.output)
+    privacy = report["summary"]["privacy"]
+    assert privacy["mode"] == "joint" and privacy["cannot_learn"] is True
+    assert any(f["code"] == "privacy-cannot-learn" for f in report["findings"])
+    heads = runner.invoke(
+        app,
+        [
+            "check",
+            str(yaml_path),
+            "--run-config",
+            "backbone='b.safetensors' head-rounds=5",
+        ],
+    )
+    assert heads.exit_code == 0, heads.output
+    assert "trains the pCR heads over a public backbone" in heads.output
+    assert (
+        "noise multiplier" in heads.output
+        and "validation counts are withheld" in heads.output
+    )
+    refused = runner.invoke(app, ["check", str(yaml_path)])
+    assert "privacy-refused" in refused.output
+    bad = runner.invoke(app, ["check", str(yaml_path), "--run-config", "head-lr=nan"])
+    assert bad.exit_code != 0 and "head-lr" in bad.output

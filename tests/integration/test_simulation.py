@@ -225,3 +225,78 @@ def test_dp_simulation_stays_within_every_sites_budget_across_a_resume(
     before = load_file(str(ckpt / "round_002.safetensors"))
     after = load_file(str(ckpt / "round_003.safetensors"))
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_dp_heads_over_a_public_backbone_stay_within_budget_across_a_resume(
+    sim_dir: Path, tmp_path: Path
+) -> None:
+    """Every site trains only the heads, under DP-SGD, over features of a
+    frozen public backbone: the backbone in every checkpoint is the artifact's,
+    each site's epsilon in metrics.json equals its ledger and stays within its
+    budget, evaluation counts are withheld; a resumed run with one more round
+    finds the budget spent and every site declines."""
+    from client.engine import TrainConfig
+    from client.pretrain import pretrain
+    from client.privacy import PrivacyLedger
+    from shared_model.backbone import backbone_digest
+    from shared_model.plan import PRESET_PLANS
+    from simulations.synth import synthesize
+
+    synthesize(tmp_path / "public", preset="public-tiny", seed=0, workers=2)
+    backbone = tmp_path / "backbone.safetensors"
+    widths = {"base_filters": 4, "max_filters": 32}
+    done = pretrain(
+        sorted((tmp_path / "public" / "site_configs").glob("*.yaml")),
+        backbone,
+        cfg=TrainConfig(optimizer="adamw", lr=1e-3, epochs=1, augment=False),
+        plan=PRESET_PLANS["tiny"],
+        source="test",
+        model_overrides=widths,
+    )
+    privacy = {"target_epsilon": 2.0, "delta": 1e-3, "max_grad_norm": 1.0}
+    config = {
+        "base-filters": 4,
+        "max-filters": 32,
+        "backbone": str(backbone),
+        "head-rounds": 2,
+        "head-epochs": 2,
+        "embed-dim": 4,
+    }
+    record = run_simulated_federation(
+        sim_dir, preset="tiny", overrides=config, privacy=privacy
+    )
+    run = sim_dir / "federated"
+    sites = ["sah_sysu", "sysucc", "west_china"]
+    assert record["backbone"]["sha256"] == done.sha256
+    assert [r["stage"] for r in record["rounds"]] == ["heads", "heads"]
+    for r in record["rounds"]:
+        assert sorted(r["sites"]) == sites and r["updated"]
+        assert r["evaluate"]["withheld"] == sites
+        for m in r["sites"].values():
+            assert m["privacy"]["steps"] == 4 and m["privacy"]["sample_rate"] == 0.5
+            assert m["train_loss"] is None
+    for site in sites:
+        ledger = PrivacyLedger.for_site(run / "sites" / site)
+        last = record["rounds"][-1]["sites"][site]["privacy"]
+        assert ledger.epsilon(1e-3) == pytest.approx(last["epsilon"])
+        assert last["epsilon"] <= 2.0
+        assert ledger.entries[-1]["stage"] == "heads"
+    for ckpt in sorted((run / "checkpoints").glob("round_*[0-9].safetensors")):
+        assert backbone_digest(load_file(str(ckpt))) == done.sha256
+    record = run_simulated_federation(
+        sim_dir, preset="tiny", overrides={**config, "head-rounds": 3}, privacy=privacy
+    )
+    r3 = record["rounds"][2]
+    assert record["status"] == "finished" and sorted(r3["declined"]) == sites
+    for site in sites:
+        ledger = PrivacyLedger.for_site(run / "sites" / site)
+        assert len(ledger.entries) == 2 and ledger.epsilon(1e-3) <= 2.0
+
+
+def test_a_staged_dp_federation_needs_a_public_backbone(sim_dir: Path) -> None:
+    privacy = {"target_epsilon": 2.0, "delta": 1e-3, "max_grad_norm": 1.0}
+    with pytest.raises(MoeflError, match="pretrained public backbone"):
+        run_simulated_federation(
+            sim_dir, preset="tiny", overrides={"training": "staged"}, privacy=privacy
+        )
+    assert not (sim_dir / "federated").exists()

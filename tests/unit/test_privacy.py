@@ -359,3 +359,211 @@ def test_the_ledger_is_planned_and_recorded_under_an_exclusive_lock(
     other.close()
     with PrivacyLedger.locked(run_dir) as again:  # reads what the first wrote
         assert again.history == [(1.0, 0.1, 10)]
+
+
+@pytest.mark.parametrize("key", ["target_epsilon", "delta", "max_grad_norm"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_privacy_values_are_refused_naming_the_key(
+    key: str, value: float, tmp_path: Path
+) -> None:
+    """A NaN target would disable the budget stop (NaN comparisons are false)."""
+    from client.site_config import parse_site_yaml
+
+    raw = {"target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0, key: value}
+    problems: list = []
+    assert parse_privacy(raw, problems) is None
+    assert [p.key for p in problems] == [f"privacy.{key}"]
+    assert "finite" in problems[0].message
+    # and through a YAML file, as `moefl check` and the site read it
+    literal = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}[str(value)]
+    yaml_path = tmp_path / "site.yaml"
+    body = {
+        "target_epsilon": "8.0",
+        "delta": "1.0e-5",
+        "max_grad_norm": "1.0",
+        key: literal,
+    }
+    yaml_path.write_text(
+        "site_name: s\ndataset_dir: .\nprivacy:\n"
+        + "".join(f"  {k}: {v}\n" for k, v in body.items())
+    )
+    config, problems = parse_site_yaml(yaml_path)
+    assert config is None
+    assert [p.key for p in problems if p.key.startswith("privacy")] == [
+        f"privacy.{key}"
+    ]
+
+
+def test_optional_privacy_keys_are_typed() -> None:
+    base = {"target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}
+    problems: list = []
+    ok = parse_privacy(
+        {
+            **base,
+            "secure_mode": True,
+            "release_evaluation": True,
+            "public_backbones": ["a" * 64],
+        },
+        problems,
+    )
+    assert ok is not None and ok.secure_mode and ok.release_evaluation
+    assert ok.public_backbones == ("a" * 64,)
+    for bad in (
+        {"secure_mode": "yes"},
+        {"public_backbones": ["not-a-digest"]},
+        {"public_backbones": "a" * 64},
+    ):
+        problems = []
+        assert parse_privacy({**base, **bad}, problems) is None
+        assert problems[0].key == f"privacy.{next(iter(bad))}"
+
+
+_CRASH_POINTS = ("write", "fsync-file", "replace", "fsync-folder")
+
+
+@pytest.mark.parametrize("point", _CRASH_POINTS)
+def test_the_ledger_survives_a_crash_at_any_point_of_its_write(
+    point: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash while recording leaves the old ledger or the new one, readable;
+    an entry is on the disk (file and folder flushed) once record returns."""
+    import os
+
+    import client.privacy as privacy
+
+    run_dir = tmp_path / "site"
+    ledger = PrivacyLedger.for_site(run_dir)
+    ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=1)
+    real_fsync, real_replace, real_open = os.fsync, os.replace, open
+    synced: list[str] = []
+
+    class Crash(Exception):
+        pass
+
+    def fsync(fd: int) -> None:
+        kind = "folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"
+        if point == f"fsync-{kind}":
+            raise Crash
+        synced.append(kind)
+        real_fsync(fd)
+
+    def replace(src: object, dst: object) -> None:
+        if point == "replace":
+            raise Crash
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    class TornFile:
+        def __init__(self, f: object) -> None:
+            self.f = f
+
+        def __enter__(self) -> TornFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()  # type: ignore[attr-defined]
+
+        def write(self, data: str) -> None:
+            self.f.write(data[: len(data) // 2])  # type: ignore[attr-defined]
+            raise Crash
+
+    def opener(path: object, mode: str = "r", *a: object, **k: object) -> object:
+        f = real_open(path, mode, *a, **k)  # type: ignore[call-overload]
+        if point == "write" and "w" in mode and str(path).endswith(".tmp"):
+            return TornFile(f)
+        return f
+
+    monkeypatch.setattr(privacy.os, "fsync", fsync)
+    monkeypatch.setattr(privacy.os, "replace", replace)
+    monkeypatch.setattr("builtins.open", opener)
+    with pytest.raises(Crash):
+        ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=2)
+    monkeypatch.undo()
+    assert len(ledger.entries) == 1  # the object never claims an unwritten entry
+    after = PrivacyLedger.for_site(run_dir)  # what a restarted site reads
+    expected = 2 if point == "fsync-folder" else 1
+    assert len(after.entries) == expected
+    # the next round is recorded normally despite the leftover temporary file
+    after.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=3)
+    assert len(PrivacyLedger.for_site(run_dir).entries) == expected + 1
+
+
+def test_a_recorded_entry_is_flushed_with_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import client.privacy as privacy
+
+    kinds: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        kinds.append("folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        real(fd)
+
+    monkeypatch.setattr(privacy.os, "fsync", fsync)
+    PrivacyLedger.for_site(tmp_path).record(DPRound(1.0, 1.0, 0.1, 1, 10))
+    assert kinds == ["file", "folder"]
+
+
+def test_cached_rdp_equals_opacus_for_mixed_histories() -> None:
+    history = [(2.6, 0.5, 20), (1.1, 0.05, 100), (2.6, 0.5, 20), (40.0, 1.0, 1)]
+    acc = RDPAccountant()
+    acc.history = list(history)
+    assert epsilon_of(history, 1e-5) == pytest.approx(
+        acc.get_epsilon(delta=1e-5), rel=1e-12
+    )
+
+
+def test_the_previous_rounds_noise_is_kept_only_while_it_is_the_smallest(
+    tmp_path: Path,
+) -> None:
+    """Re-planning reuses the last noise when 0.1 % less would not fit: the
+    result is what a fresh search over the same ledger gives."""
+    ledger = PrivacyLedger.for_site(tmp_path)
+    kwargs = {"n_patients": 40, "batch_size": 20, "steps": 10}
+    first = plan_round(BUDGET, ledger, rounds_left=3, **kwargs)
+    assert first.dp is not None
+    ledger.record(first.dp)
+    second = plan_round(BUDGET, ledger, rounds_left=2, **kwargs)
+    assert second.dp is not None
+    assert second.dp.noise_multiplier == first.dp.noise_multiplier
+    # a fresh search (the last entry at another rate disables the reuse)
+    other = PrivacyLedger(tmp_path / "other.json")
+    other.entries = [dict(e) for e in ledger.entries]
+    other.entries.append(
+        {"noise_multiplier": 1e6, "sample_rate": 0.999, "steps": 1, "max_grad_norm": 1}
+    )
+    fresh = plan_round(BUDGET, other, rounds_left=2, **kwargs)
+    assert fresh.dp is not None
+    assert fresh.dp.noise_multiplier == pytest.approx(
+        second.dp.noise_multiplier, rel=2e-3
+    )
+    # a larger budget left than the last noise needs: searched, not reused
+    wider = plan_round(PrivacyConfig(40.0, 1e-5, 1.0), ledger, rounds_left=2, **kwargs)
+    assert wider.dp is not None
+    assert wider.dp.noise_multiplier < first.dp.noise_multiplier
+
+
+def test_noise_generator_lives_on_the_training_device() -> None:
+    from client.privacy import sampling_generator
+
+    g = dp_generator(7, "cpu")
+    assert g.device.type == "cpu"
+    a = sampling_generator(dp_generator(7)).initial_seed()
+    b = sampling_generator(dp_generator(7)).initial_seed()
+    assert a == b and sampling_generator(dp_generator(None)).initial_seed() != a
+
+
+def test_secure_mode_reaches_the_optimizer() -> None:
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    private = PrivateTraining(
+        model,
+        opt,
+        DPRound(1.0, 1.0, 0.5, 2, 10),
+        generator=dp_generator(0),
+        secure_mode=True,
+    )
+    assert private.optimizer.secure_mode
+    private.close()

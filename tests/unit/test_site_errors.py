@@ -97,3 +97,27 @@ def test_a_dp_site_refuses_staged_training_before_spending(
     assert reply.has_error() and reply.error.code == SITE_ERRORS["config"][0]
     assert 'training = "joint"' in caplog.text  # the reason, in the site's log
     assert not list((tiny_copy / "runs" / "sysucc").glob("privacy*"))
+
+    # a declared backbone that is not the one sent
+    from shared_model.backbone import backbone_digest
+
+    fed = FederationConfig(backbone="public.safetensors").to_run_config()
+    config = msg.content.config_records["config"]
+    config["run-config"] = json.dumps(fed)
+    config["backbone-sha256"] = "0" * 64
+    caplog.clear()
+    reply = train(msg, context)
+    assert reply.has_error() and reply.error.code == SITE_ERRORS["config"][0]
+    assert "is not the one the federation declares" in caplog.text
+    # the declared one, but the site pins others
+    config["backbone-sha256"] = backbone_digest(weights)
+    site_yaml.write_text(
+        site_yaml.read_text() + f"  public_backbones: ['{'1' * 64}']\n"
+    )
+    from client import client_app
+
+    client_app._SITES.clear()
+    caplog.clear()
+    reply = train(msg, context)
+    assert reply.has_error() and "not in `privacy.public_backbones`" in caplog.text
+    assert not list((tiny_copy / "runs" / "sysucc").glob("privacy*"))

@@ -305,6 +305,12 @@ def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
     ev3 = strategy().aggregate_evaluation([*replies, replies[0]])
     assert ev3["n"] == 180 and set(ev3["sites"]) == {"b", "c"}
     assert ev["policy_value"]["n"] == 270 and ev["loss"] == pytest.approx(0.5)
+    # a DP site that withholds its counts is named, not counted
+    withheld = FakeReply(
+        RecordDict({"info": ConfigRecord({"site": "dp", "withheld": "privacy"})})
+    )
+    ev4 = strategy().aggregate_evaluation([*replies, withheld])
+    assert ev4["n"] == 270 and ev4["withheld"] == ["dp"] and "dp" not in ev4["sites"]
 
 
 def test_run_config_parsing() -> None:

@@ -1,0 +1,280 @@
+"""Benchmark: DP on the heads over a public backbone, against no DP.
+
+A benchmark, not a test: it prints what it measured and writes JSON.
+
+    python -m simulations.benchmarks.dp_heads --seed 0                # demo cohort
+    python -m simulations.benchmarks.dp_heads --quick                 # tiny, 3 rounds
+    python -m simulations.benchmarks.dp_heads --cohort DIR --epsilons 8 4 1
+
+On one synthetic cohort (made from ``--seed`` unless ``--cohort`` is given) it
+
+1. makes a public pretraining cohort (``moefl synth --preset public``, same
+   seed, its own random stream) and pretrains the backbone on it
+   (``moefl pretrain``, ``--pretrain-epochs``);
+2. runs the staged federation over that frozen backbone for ``--head-rounds``
+   head rounds without DP and with every site under DP at each target epsilon
+   (delta 1e-5, clip 1.0; the sites derive their noise from their budget);
+3. scores every model with ``moefl evaluate`` on the validation, prospective
+   and held-out test cohorts (AUC with 95 % interval, share of the oracle's
+   gain over the best fixed regimen);
+4. checks that each site's epsilon in metrics.json equals its ledger and does
+   not exceed its budget, and times the head rounds (the first round, which
+   computes the feature cache, apart).
+
+``--reference FILE``: a quality benchmark JSON of the same cohort, whose
+``federated`` row (the staged model with a backbone the federation trained)
+is shown as the non-DP staged model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shared_model.policy import format_share
+from simulations.benchmarks.common import benchmark_parser, finish
+from simulations.benchmarks.quality import _fmt_auc, summarise
+
+Echo = Callable[[str], None]
+DELTA = 1e-5
+CLIP = 1.0
+
+
+def _ledger_check(run: Path) -> dict[str, Any]:
+    """Each DP site's epsilon: metrics.json's last report against its ledger."""
+    from client.privacy import PrivacyLedger
+
+    record = json.loads((run / "metrics.json").read_text())
+    reported: dict[str, dict[str, float]] = {}
+    for rnd in record["rounds"]:
+        for site, m in {**rnd["sites"], **rnd["declined"]}.items():
+            if m.get("privacy"):
+                reported[site] = m["privacy"]
+    out = {}
+    for site, p in sorted(reported.items()):
+        ledger = PrivacyLedger.for_site(run / "sites" / site)
+        eps = ledger.epsilon(DELTA)
+        out[site] = {
+            "metrics_epsilon": p["epsilon"],
+            "ledger_epsilon": eps,
+            "target": p["target_epsilon"],
+            "noise_multiplier": p.get("noise_multiplier"),
+            "equal": abs(eps - p["epsilon"]) < 1e-6,
+            "within_budget": eps <= p["target_epsilon"] + 1e-9,
+        }
+    return out
+
+
+def _round_seconds(run: Path) -> dict[str, float | None]:
+    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    later = [r["seconds"] for r in rounds[1:]]
+    return {
+        "first": rounds[0]["seconds"] if rounds else None,
+        "later_median": statistics.median(later) if later else None,
+    }
+
+
+def run_dp_heads(
+    out: Path,
+    *,
+    cohort: Path | None,
+    quick: bool,
+    seed: int,
+    epsilons: tuple[float, ...],
+    head_rounds: int,
+    pretrain_epochs: int,
+    overrides: dict[str, Any],
+    reference: Path | None,
+    echo: Echo = print,
+) -> dict[str, Any]:
+    from client.engine import TrainConfig
+    from client.evaluation import run_evaluation
+    from client.pretrain import pretrain
+    from client.train import find_plan
+    from simulations.simulate import run_simulated_federation
+    from simulations.synth import synthesize
+
+    preset, public = ("tiny", "public-tiny") if quick else ("demo", "public")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cohort_dir = out / "cohort"
+    if cohort is not None:
+        if not cohort_dir.exists():
+            cohort_dir.symlink_to(Path(cohort).resolve())
+    elif not (cohort_dir / "cohort.json").is_file():
+        echo(f"making the {preset} cohort in {cohort_dir} ...")
+        synthesize(cohort_dir, preset=preset, seed=seed, force=True)
+    public_dir = out / "public"
+    if not (public_dir / "cohort.json").is_file():
+        echo(f"making the {public} cohort in {public_dir} ...")
+        synthesize(public_dir, preset=public, seed=seed, force=True)
+    train_yamls = sorted((cohort_dir / "site_configs").glob("*.yaml"))
+    prosp_yamls = sorted((cohort_dir / "prospective" / "site_configs").glob("*.yaml"))
+    test_yamls = sorted((cohort_dir / "test" / "site_configs").glob("*.yaml"))
+    plan = find_plan(train_yamls, None)
+    backbone = out / "backbone.safetensors"
+    t0 = time.perf_counter()
+    if not backbone.is_file():
+        pretrained = pretrain(
+            sorted((public_dir / "site_configs").glob("*.yaml")),
+            backbone,
+            cfg=TrainConfig(
+                optimizer="adamw",
+                lr=1e-3,
+                batch_size=4,
+                epochs=pretrain_epochs,
+                augment=True,
+                seed=seed,
+            ),
+            plan=plan,
+            source=f"synthetic public cohort ({public}, seed {seed})",
+            echo=echo,
+        )
+        pretrain_info: dict[str, Any] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "val_dice": pretrained.dice,
+            "n_train": pretrained.n_train,
+            "sha256": pretrained.sha256,
+        }
+    else:
+        pretrain_info = {"reused": str(backbone)}
+    runs: dict[str, float | None] = {"public_backbone": None}
+    runs |= {f"dp_eps{e:g}": e for e in epsilons}
+    models: dict[str, dict[str, Any]] = {}
+    for name, eps in runs.items():
+        run = out / name
+        if run.exists():
+            shutil.rmtree(run)
+        t0 = time.perf_counter()
+        run_simulated_federation(
+            out,
+            preset=preset,
+            seed=seed,
+            overrides={
+                "backbone": str(backbone.resolve()),
+                "head-rounds": head_rounds,
+                "run-dir": str(run.resolve()),
+                **overrides,
+            },
+            privacy=(
+                None
+                if eps is None
+                else {"target_epsilon": eps, "delta": DELTA, "max_grad_norm": CLIP}
+            ),
+            echo=echo,
+        )
+        seconds = time.perf_counter() - t0
+        echo(f"scoring {name} ...")
+        report = run_evaluation(
+            run,
+            train_yamls + prosp_yamls,
+            out / "evaluation" / name,
+            test_yamls=test_yamls,
+            oracle=cohort_dir / "oracle",
+        )
+        row = summarise(report)
+        row["train_seconds"] = round(seconds, 1)
+        row["round_seconds"] = _round_seconds(run)
+        if eps is not None:
+            row["epsilon"] = eps
+            row["ledger"] = _ledger_check(run)
+        models[name] = row
+    result: dict[str, Any] = {
+        "preset": preset,
+        "cohort_seed": seed if cohort is None else "given",
+        "head_rounds": head_rounds,
+        "pretrain": {"epochs": pretrain_epochs, **pretrain_info},
+        "overrides": overrides,
+        "delta": DELTA,
+        "clip": CLIP,
+        "models": models,
+    }
+    if reference is not None:
+        ref = json.loads(Path(reference).read_text())["result"]["models"]
+        if "federated" in ref:
+            result["reference"] = {
+                "file": str(reference),
+                "federated": ref["federated"],
+            }
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: test-cohort AUC, share of the oracle's gain, epsilon, time."""
+    lines = [
+        "| model | validation AUC | test AUC (95% CI) | test Dice | share of the "
+        "oracle's gain (test) | advised nCRT / TNT / nCT | epsilon (ledger = "
+        "metrics) | head round s (first / later) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = dict(result["models"])
+    if "reference" in result:
+        rows = {"staged, federated backbone (no DP)": result["reference"]["federated"]}
+        rows |= result["models"]
+    for name, row in rows.items():
+        val, test = row.get("validation", {}), row.get("test", {})
+        ledger = row.get("ledger") or {}
+        eps = (
+            "-"
+            if not ledger
+            else f"{max(v['ledger_epsilon'] for v in ledger.values()):.2f} of "
+            f"{row['epsilon']:g} ("
+            + ("equal" if all(v["equal"] for v in ledger.values()) else "DIFFER")
+            + ")"
+        )
+        secs = row.get("round_seconds") or {}
+        timing = (
+            "-"
+            if not secs
+            else f"{secs.get('first') or 0:.0f} / {secs.get('later_median') or 0:.1f}"
+        )
+        lines.append(
+            f"| {name} | {_fmt_auc(val.get('auc'), ci=False)} | "
+            f"{_fmt_auc(test.get('auc'))} | "
+            f"{'n/a' if test.get('dice') is None else format(test['dice'], '.3f')} | "
+            f"{format_share(test.get('share_of_oracle_gain'))} | "
+            + " / ".join(
+                str((test.get("recommended") or {}).get(r, "-"))
+                for r in ("nCRT", "TNT", "nCT")
+            )
+            + f" | {eps} | {timing} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__, "dp_heads", "tiny cohort, 3 head rounds")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the cohorts")
+    parser.add_argument("--epsilons", type=float, nargs="*", default=[8.0, 4.0, 1.0])
+    parser.add_argument("--head-rounds", type=int, default=20)
+    parser.add_argument("--pretrain-epochs", type=int, default=8)
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help="Flower-style overrides for every federation, e.g. 'embed-dim=8'",
+    )
+    parser.add_argument("--reference", type=Path, help="quality JSON of this cohort")
+    args = parser.parse_args(argv)
+    from client.cli import parse_run_config
+
+    result = run_dp_heads(
+        args.out,
+        cohort=args.cohort,
+        quick=args.quick,
+        seed=args.seed,
+        epsilons=tuple(args.epsilons),
+        head_rounds=3 if args.quick else args.head_rounds,
+        pretrain_epochs=2 if args.quick else args.pretrain_epochs,
+        overrides=parse_run_config(args.run_config),
+        reference=args.reference,
+    )
+    finish(args, "dp_heads", table(result), result)
+
+
+if __name__ == "__main__":
+    main()
