@@ -27,6 +27,7 @@ from client.site_data import (
     read_clinical_table,
     read_dataset_json,
     scan_dataset,
+    segmentation_records,
 )
 from shared_model.clinical import REGIMENS
 from shared_model.federation_config import FederationConfig
@@ -262,7 +263,7 @@ def _check_case(
                 )
             )
             usable = False
-    if label is None and config.role == "train":
+    if label is None and config.role in ("train", "public"):
         report.add(
             Problem(
                 "label-missing",
@@ -446,7 +447,7 @@ def _check_label(
         return False
     n = int((values > 0).sum())
     if n == 0:
-        if config.role == "train":
+        if config.role in ("train", "public"):
             report.add(
                 Problem(
                     "label-empty",
@@ -497,7 +498,8 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
         if meta and meta.get("file_ending") in (".nii.gz", ".nii")
         else ".nii.gz"
     )
-    for folder in ("imagesTr",) + (("labelsTr",) if config.role == "train" else ()):
+    labelled = config.role in ("train", "public")
+    for folder in ("imagesTr",) + (("labelsTr",) if labelled else ()):
         if not (dataset_dir / folder).is_dir():
             report.add(
                 Problem(
@@ -519,9 +521,12 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
             )
         )
 
-    records, table_problems = read_clinical_table(
-        dataset_dir / "clinical.csv", require_outcome=config.role == "train"
-    )
+    if config.role == "public":  # a public segmentation dataset: no clinical.csv
+        records, table_problems = segmentation_records(scan.channels), []
+    else:
+        records, table_problems = read_clinical_table(
+            dataset_dir / "clinical.csv", require_outcome=config.role == "train"
+        )
     for problem in table_problems:
         report.add(problem)
 
@@ -631,6 +636,8 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
                 )
             )
     report.summary = _summary(usable, stats)
+    if config.role == "public":  # placeholder records: no clinical summary
+        report.summary["by_regimen"] = {}
     if config.privacy is not None and config.role == "train":
         n_train = len(usable) - round(len(usable) * config.val_fraction)
         _check_dp(report, config, n_train, fed or FederationConfig())

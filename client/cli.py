@@ -328,6 +328,36 @@ def pretrain(
     )
 
 
+@app.command("import-msd")
+def import_msd_cmd(
+    task: Annotated[
+        Path,
+        typer.Argument(help="An MSD task folder with T2 and ADC (Task05_Prostate)."),
+    ],
+    out: Annotated[Path, typer.Argument(help="Where the public site is written.")],
+    site_name: Annotated[str, typer.Option(help="The public site's name.")] = (
+        "msd_prostate"
+    ),
+) -> None:
+    """Import a public MSD dataset (T2W + ADC) as a site for `moefl pretrain`."""
+    from client.public_data import import_msd
+
+    try:
+        result = import_msd(task, out, site_name=site_name)
+    except MoeflError as e:
+        _fail(e)
+    typer.echo(
+        f"imported {len(result.cases)} cases into {result.dataset_dir} (ADC unit "
+        f"{result.adc_unit}); site YAML {result.site_yaml}"
+    )
+    for case, why in result.skipped.items():
+        typer.echo(f"  skipped {case}: {why}")
+    typer.echo(
+        f"next: moefl check {result.site_yaml}; moefl pretrain {result.site_yaml} --plan "
+        "<the federation's plan.json>"
+    )
+
+
 def _site_yamls(sites: list[Path], ctx: typer.Context) -> list[Path]:
     """``--sites a.yaml b.yaml ...``: the option's value plus the YAMLs after it."""
     extra = [Path(a) for a in ctx.args]

@@ -363,7 +363,11 @@ def build_site_datasets(
     cache: bool = False,
 ) -> tuple[SiteDataset, SiteDataset, Split]:
     """Train and validation datasets of a checked site, with its persistent split."""
-    cases = list_cases(config.dataset_dir, require_outcome=config.role == "train")
+    cases = list_cases(
+        config.dataset_dir,
+        require_outcome=config.role == "train",
+        clinical=config.role != "public",
+    )
     split = load_or_make_split(config, cases)
     by_id = {c.case_id: c for c in cases}
     train = SiteDataset(

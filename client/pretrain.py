@@ -78,8 +78,8 @@ def pretrain(
     configs = [load_site_config(Path(p)) for p in site_yamls]
     if not configs:
         raise ConfigError("pretraining needs at least one public site YAML")
-    if any(c.role != "train" for c in configs):
-        raise ConfigError("every public site YAML needs role: train")
+    if any(c.role not in ("train", "public") for c in configs):
+        raise ConfigError("every public site YAML needs role: public (or train)")
     torch.manual_seed(cfg.seed)
     dev = resolve_device(device or configs[0].device)
     trains, vals = [], []

@@ -3,7 +3,7 @@
 Schema (documented for sites in ``site_configs/README.md``)::
 
     site_name: west_china          # required; lower-case letters, digits, _
-    role: train                    # train | evaluate            (default train)
+    role: train                    # train | evaluate | public   (default train)
     dataset_dir: ../sites/Dataset101_WestChina   # required; nnU-Net raw folder
     adc_unit: "1e-3"               # "1e-3" | "1e-6" mm^2/s      (default "1e-3")
     run_dir: ../runs/west_china    # site-private outputs      (default <yaml dir>/runs/<site>)
@@ -37,7 +37,9 @@ import yaml
 from shared_model.errors import ConfigError
 from shared_model.federation_config import SITE_NAME
 
-ROLES = ("train", "evaluate")
+ROLES = ("train", "evaluate", "public")
+"""``public``: a public segmentation dataset (images and masks, no clinical.csv)
+for ``moefl pretrain`` only (:mod:`client.public_data`)."""
 ADC_UNITS = ("1e-3", "1e-6")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 

@@ -18,13 +18,15 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shared_model.clinical import (
     CLINICAL_COLUMNS,
+    CLINICAL_FEATURES,
     DFS_COLUMNS,
+    REGIMENS,
     ClinicalRecord,
     parse_clinical_row,
     parse_dfs,
@@ -315,8 +317,22 @@ def _with_dfs(
     return replace(record, dfs_months=months, dfs_event=event), None
 
 
-def list_cases(dataset_dir: Path, *, require_outcome: bool) -> list[CaseFiles]:
+def segmentation_records(case_ids: Iterable[str]) -> dict[str, ClinicalRecord]:
+    """Placeholder clinical records for a public segmentation dataset (no
+    clinical.csv): the first value of every variable, nCRT, outcome unknown.
+    Only ``moefl pretrain`` reads such a site, and the backbone it trains never
+    sees clinical data."""
+    features = {k: values[0] for k, values in CLINICAL_FEATURES.items()}
+    return {i: ClinicalRecord(i, dict(features), REGIMENS[0], None) for i in case_ids}
+
+
+def list_cases(
+    dataset_dir: Path, *, require_outcome: bool, clinical: bool = True
+) -> list[CaseFiles]:
     """The cases of a site that has passed ``moefl check``, sorted by case id.
+
+    ``clinical=False``: a public segmentation dataset; its cases are those with
+    both channels and a mask, with :func:`segmentation_records`.
 
     Raises:
         DataError: the folder is inconsistent; run ``moefl check`` for a full report.
@@ -328,9 +344,13 @@ def list_cases(dataset_dir: Path, *, require_outcome: bool) -> list[CaseFiles]:
             "run `moefl check` on the site YAML for a full report"
         )
     scan = scan_dataset(dataset_dir, str(data["file_ending"]))
-    records, problems = read_clinical_table(
-        dataset_dir / "clinical.csv", require_outcome=require_outcome
-    )
+    if not clinical:
+        labelled = sorted(set(scan.channels) & set(scan.labels))
+        records, problems = segmentation_records(labelled), []
+    else:
+        records, problems = read_clinical_table(
+            dataset_dir / "clinical.csv", require_outcome=require_outcome
+        )
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise DataError(

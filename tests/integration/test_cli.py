@@ -202,3 +202,91 @@ def test_check_works_out_dp_feasibility(tiny_copy: Path) -> None:
     assert "privacy-refused" in refused.output
     bad = runner.invoke(app, ["check", str(yaml_path), "--run-config", "head-lr=nan"])
     assert bad.exit_code != 0 and "head-lr" in bad.output
+
+
+def _msd_task(folder: Path, n: int = 4) -> Path:
+    """A small fixture in the MSD Task05_Prostate layout: 4-D T2/ADC volumes
+    (channels last, ADC in 10^-6 mm^2/s), zone labels 1 and 2."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    affine = np.diag([0.6 * 4, 0.6 * 4, 4.0, 1.0])
+    training = []
+    for i in range(n):
+        shape = (40, 40, 10)
+        t2 = rng.normal(300, 20, shape)
+        adc = rng.normal(1800, 100, shape)
+        zones = np.zeros(shape, np.uint8)
+        zones[14:26, 14:26, 3:7] = 1
+        zones[17:23, 17:23, 4:6] = 2
+        t2[zones > 0] += 150
+        adc[zones > 0] -= 700
+        image = np.stack([t2, adc], axis=-1).astype(np.float32)
+        nib.save(
+            nib.Nifti1Image(image, affine),
+            str(folder / "imagesTr" / f"prostate_{i:02d}.nii.gz"),
+        )
+        nib.save(
+            nib.Nifti1Image(zones, affine),
+            str(folder / "labelsTr" / f"prostate_{i:02d}.nii.gz"),
+        )
+        training.append(
+            {
+                "image": f"./imagesTr/prostate_{i:02d}.nii.gz",
+                "label": f"./labelsTr/prostate_{i:02d}.nii.gz",
+            }
+        )
+    training.append({"image": "./imagesTr/prostate_99.nii.gz", "label": "./x.nii.gz"})
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "PROSTATE",
+                "modality": {"0": "T2", "1": "ADC"},
+                "labels": {"0": "background", "1": "PZ", "2": "TZ"},
+                "training": training,
+            }
+        )
+    )
+    return folder
+
+
+def test_msd_import_check_and_pretrain(tmp_path: Path) -> None:
+    """An MSD-layout task (T2 + ADC) becomes a public site that `moefl check`
+    passes and `moefl pretrain` trains a backbone on; a missing case is
+    skipped and named."""
+    task = _msd_task(tmp_path / "Task05_Prostate")
+    out = tmp_path / "public"
+    done = runner.invoke(app, ["import-msd", str(task), str(out)])
+    assert done.exit_code == 0, done.output
+    assert "imported 4 cases" in done.output and "ADC unit 1e-6" in done.output
+    assert "skipped prostate_99" in done.output
+    site_yaml = out / "msd_prostate.yaml"
+    import nibabel as nib
+    import numpy as np
+
+    t2 = nib.load(str(out / "msd_prostate" / "imagesTr" / "prostate_00_0000.nii.gz"))
+    label = nib.load(str(out / "msd_prostate" / "labelsTr" / "prostate_00.nii.gz"))
+    assert t2.shape == (40, 40, 10) and set(np.unique(label.get_fdata())) == {0, 1}
+    check = runner.invoke(app, ["check", str(site_yaml)])
+    assert check.exit_code == 0, check.output
+    assert "role public" in check.output
+    plan = tmp_path / "plan.json"
+    from shared_model.plan import PRESET_PLANS
+
+    PRESET_PLANS["tiny"].save(plan)
+    backbone = tmp_path / "backbone.safetensors"
+    trained = runner.invoke(
+        app,
+        ["pretrain", str(site_yaml), "--out", str(backbone), "--epochs", "1"]
+        + ["--plan", str(plan), "--base-filters", "4", "--max-filters", "32"]
+        + ["--source", "MSD Task05_Prostate (fixture)"],
+    )
+    assert trained.exit_code == 0, trained.output
+    from shared_model.backbone import load_backbone
+
+    assert load_backbone(backbone).trained_on["source"].startswith("MSD")
+    again = runner.invoke(app, ["import-msd", str(task), str(out)])
+    assert again.exit_code != 0 and "not empty" in again.output
