@@ -522,7 +522,8 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
         )
 
     if config.role == "public":  # a public segmentation dataset: no clinical.csv
-        records, table_problems = segmentation_records(scan.channels), []
+        records = segmentation_records(scan.channels)
+        table_problems: list[Problem] = []
     else:
         records, table_problems = read_clinical_table(
             dataset_dir / "clinical.csv", require_outcome=config.role == "train"

@@ -63,6 +63,13 @@ def _channels(meta: dict[str, Any], path: Path) -> tuple[int, int]:
     return t2, adc
 
 
+def _nifti(path: Path) -> nib.Nifti1Image:
+    img = nib.load(str(path))
+    if not isinstance(img, nib.Nifti1Image):
+        raise ValueError(f"{path.name} is not a NIfTI-1 image")
+    return img
+
+
 def _adc_unit(p99: list[float]) -> str:
     return "1e-6" if p99 and float(np.median(p99)) > 50.0 else "1e-3"
 
@@ -108,13 +115,13 @@ def import_msd(
             skipped[str(entry)] = "no usable image name"
             continue
         try:
-            image = nib.load(str(task_dir / image_rel))
+            image = _nifti(task_dir / image_rel)
             data = np.asanyarray(image.dataobj)
             if data.ndim != 4 or data.shape[3] <= max(t2, adc):
                 raise ValueError(
                     f"shape {data.shape}, expected 4-D with the channels last"
                 )
-            label = nib.load(str(task_dir / label_rel))
+            label = _nifti(task_dir / label_rel)
             mask = np.asanyarray(label.dataobj)
             if mask.shape != data.shape[:3]:
                 raise ValueError(
