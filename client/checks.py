@@ -682,8 +682,9 @@ def _check_dp(
                 f"under this budget the noise outweighs the signal over the whole "
                 f"run ({f.noise_to_signal_run:.2g} > {CANNOT_LEARN:g}): training "
                 "cannot learn",
-                "train the heads over a public backbone (run config `backbone`), "
-                "with more patients or a larger budget",
+                "ask for the linear head over a public backbone (run config "
+                '`backbone` and `head-type = "linear"`), fewer rounds or a larger '
+                "budget",
                 "warning",
             )
         )  # fmt: skip

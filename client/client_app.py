@@ -32,7 +32,7 @@ import logging
 import math
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -400,7 +400,7 @@ def _train_heads_round(
     result = train_heads_private(
         model,
         features,
-        head,
+        replace(head, lr=fed.dp_head_lr, optimizer="sgd"),
         plan.dp,
         generator=_noise_source(context, fed, site, rnd, torch.device("cpu")),
         trainable=trainable,

@@ -9,8 +9,8 @@ noise-to-signal ratio of what it trains privately:
   ``sigma * C * sqrt(d) / B`` (``d`` trained parameters, expected batch ``B``)
   against a signal of at most ``C``;
 * over the run: the noise of all ``T`` steps adds up as ``sqrt(T)``, the
-  signal as ``T``, so the ratio is the per-step one over ``sqrt(T)``. Above 1
-  the sum of all updates is mostly noise: training cannot learn.
+  signal as ``T``, so the ratio is the per-step one over ``sqrt(T)``. Above
+  :data:`CANNOT_LEARN` training did not learn in our measurements.
 
 It also says plainly what the site releases that is not covered by DP.
 """
@@ -33,9 +33,12 @@ from shared_model.federation_config import FederationConfig
 from shared_model.model import build_model, is_head_parameter, model_config_for
 from shared_model.plan import Plan
 
-CANNOT_LEARN = 1.0
+CANNOT_LEARN = 0.3
 """Whole-run noise-to-signal above which the site warns that training cannot
-learn (measured: the image network under DP at 28 and more learnt nothing)."""
+learn. Measured on the demo cohort at epsilon 8: the linear head (196
+parameters, ratio about 0.2) learnt (validation AUC 0.72 against 0.78 without
+DP); the MLP head (3,904 parameters, about 0.7) and the whole network (over 100)
+did not (0.53 and 0.44)."""
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,20 @@ class HeadConfig:
     weight_decay: float = 0.01
     pos_weight: float = 1.0
     seed: int = 0
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("head `epochs`, `batch_size` >= 1 and `lr` > 0")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError("head optimizer: adamw or sgd")
+
+    def build(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay
+            )
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
 def train_heads(
@@ -67,7 +77,7 @@ def train_heads(
     params = [p for name, p in model.named_parameters() if name in names]
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = cfg.build(params)
     generator = torch.Generator().manual_seed(cfg.seed)
     n = len(data)
     t0 = time.perf_counter()
@@ -140,7 +150,8 @@ def train_heads_private(
     ``dp.steps`` steps on Poisson batches (each patient joins with
     ``dp.sample_rate``), each patient's gradient clipped to
     ``dp.max_grad_norm``, Gaussian noise of ``dp.noise_multiplier`` times the
-    clip; AdamW with ``cfg.lr`` and ``cfg.weight_decay`` on the noised mean.
+    clip; ``cfg``'s optimiser (a DP site uses SGD with momentum, run config
+    ``dp-head-lr``) on the noised mean.
     ``trainable``: the head parameters to train (model names); the backbone
     never trains and is not even in the graph.
     """
@@ -159,7 +170,7 @@ def train_heads_private(
     for name, p in model.named_parameters():
         if not is_head_parameter(name):
             p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = cfg.build(params)
     private = PrivateTraining(
         head, optimizer, dp, generator=generator, secure_mode=secure_mode
     )

@@ -208,16 +208,22 @@ class UNetMoECli(nn.Module):
         self.backbone.output_block.register_forward_hook(self._keep_decoder)
         self.encode_t2: nn.Module
         self.encode_adc: nn.Module
+        embedded = 2 * cfg.embed_dim
         if cfg.features == "tumour":
             n_adc, n_t2, n_shape = feature_sizes(cfg.filters[0])
-            self.encode_t2 = _embedding(n_t2 + n_shape, cfg.embed_dim)
-            self.encode_adc = _embedding(n_adc + n_shape, cfg.embed_dim)
             self._split = (n_adc, n_t2, n_shape)
+            if cfg.head == "linear":  # z: the feature blocks themselves
+                self.encode_t2 = nn.Identity()
+                self.encode_adc = nn.Identity()
+                embedded = n_t2 + n_adc + n_shape
+            else:
+                self.encode_t2 = _embedding(n_t2 + n_shape, cfg.embed_dim)
+                self.encode_adc = _embedding(n_adc + n_shape, cfg.embed_dim)
         else:
             shared_dim = cfg.filters[-1] + 1
             self.encode_t2 = ModalityEncoder(cfg, shared_dim)
             self.encode_adc = ModalityEncoder(cfg, shared_dim)
-        expert_in = 2 * cfg.embed_dim + (CLINICAL_DIM if cfg.use_clinical else 0)
+        expert_in = embedded + (CLINICAL_DIM if cfg.use_clinical else 0)
         if cfg.experts == "residual":
             self.prognosis = _expert(expert_in, cfg.expert_hidden)
         self.experts = nn.ModuleDict(
@@ -288,6 +294,8 @@ class UNetMoECli(nn.Module):
             features[:, n_adc : n_adc + n_t2],
             features[:, n_adc + n_t2 :],
         )
+        if self.config.head == "linear":
+            return self._experts([t2, adc, shape], clinical)
         parts = [
             self.encode_t2(torch.cat([t2, shape], dim=1)),
             self.encode_adc(torch.cat([adc, shape], dim=1)),

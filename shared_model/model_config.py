@@ -14,6 +14,7 @@ from shared_model.plan import Plan
 
 FEATURES = ("tumour", "stem")
 EXPERTS = ("residual", "independent")
+HEADS = ("mlp", "linear")
 
 
 def compute_kernels_strides(
@@ -83,6 +84,12 @@ class ModelConfig:
         experts: ``residual`` (default): a shared prognosis head plus one expert
             per regimen, ``logit_r = prognosis(z) + expert_r(z)``;
             ``independent``: the study's three separate experts.
+        head: ``mlp`` (default): each modality's block goes through a two-layer
+            MLP to its ``embed_dim`` embedding; ``linear`` (tumour features
+            only): no embedding, ``z`` is the feature blocks and the clinical
+            one-hot themselves, so with linear experts the pCR part is a
+            logistic regression with regimen interactions (a few hundred
+            parameters: the head DP-SGD can train at a site's size).
         in_channels, out_channels: fixed by the data format (T2W, ADC; bg, tumour).
     """
 
@@ -97,6 +104,7 @@ class ModelConfig:
     use_clinical: bool = True
     features: str = "tumour"
     experts: str = "residual"
+    head: str = "mlp"
     in_channels: int = 2
     out_channels: int = 2
     kernels: list[list[int]] = field(init=False, compare=False, repr=False)
@@ -120,6 +128,13 @@ class ModelConfig:
         if self.experts not in EXPERTS:
             raise ConfigError(
                 f"model `experts` is {self.experts!r}; expected one of {EXPERTS}"
+            )
+        if self.head not in HEADS or (
+            self.head == "linear" and self.features != "tumour"
+        ):
+            raise ConfigError(
+                f"model `head` is {self.head!r}; expected one of {HEADS} (linear "
+                "needs features: tumour)"
             )
         if self.in_channels != 2 or self.out_channels != 2:
             raise ConfigError(
@@ -176,6 +191,7 @@ def model_config_for(fed: FederationConfig, plan: Plan) -> ModelConfig:
     )
     return ModelConfig.from_plan(
         plan,
+        head=fed.head_type,
         base_filters=fed.base_filters,
         max_filters=fed.max_filters,
         features=fed.features,

@@ -126,6 +126,9 @@ def run_simulated_federation(
                 "backbone: give run config `backbone` (from `moefl pretrain`), or "
                 '`training = "joint"`'
             )
+        if training == "staged":
+            # the head DP-SGD can train at a site's size (README, Privacy)
+            config.setdefault("head-type", "linear")
         sites = Path(str(config["run-dir"])) / "sites"
         config["sites-dir"] = str(write_private_sites(yamls, sites, privacy))
         echo(

@@ -51,8 +51,12 @@ def _features(model: torch.nn.Module, n: int, seed: int = 0) -> FeatureSet:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"experts": "independent", "embed_dim": 8, "expert_hidden": 8}],
-    ids=["residual", "independent"],
+    [
+        {},
+        {"experts": "independent", "embed_dim": 8, "expert_hidden": 8},
+        {"head": "linear"},
+    ],
+    ids=["residual", "independent", "linear"],
 )
 def test_head_per_sample_gradients_equal_a_batch_of_one_loop(overrides: dict) -> None:
     model = _model(**overrides).double()
@@ -197,3 +201,34 @@ def test_feasibility_reports_noise_and_warns_when_training_cannot_learn(
     assert joint.mode == "joint" and joint.cannot_learn
     refused = dp_feasibility(config, 60, FederationConfig())
     assert refused.mode == "refused" and "backbone" in refused.reason
+
+
+def test_the_linear_head_is_a_logistic_regression_with_regimen_interactions() -> None:
+    model = _model(head="linear")
+    names = [n for n, _ in model.named_parameters() if is_head_parameter(n)]
+    assert all(n.startswith(("prognosis.", "experts.")) for n in names)
+    width = model.n_features + 15
+    assert sum(p.numel() for n, p in model.named_parameters() if n in names) == 4 * (
+        width + 1
+    )
+    data = _features(model, 6)
+    z = torch.cat(
+        [
+            data.features[
+                :, [*range(15, 22), *range(15), *range(22, model.n_features)]
+            ],
+            data.clinical,
+        ],
+        1,
+    )
+    with torch.no_grad():
+        expected = torch.cat(
+            [
+                z @ model.experts[r][0].weight.T + model.experts[r][0].bias
+                for r in ("nCRT", "TNT", "nCT")
+            ],
+            dim=1,
+        ) + (z @ model.prognosis[0].weight.T + model.prognosis[0].bias)
+        assert torch.allclose(
+            model.head(data.features, data.clinical), expected, atol=1e-5
+        )
