@@ -75,3 +75,30 @@ def test_opacus_per_sample_gradients_on_cuda() -> None:
         den += float(expected.pow(2).sum())
     assert (num / den) ** 0.5 < 1e-9
     gsm._close()
+
+
+def test_dp_training_on_cuda_draws_its_noise_there() -> None:
+    """opacus draws the noise on the parameters' device with the generator it
+    is given: a CPU generator fails there, the site's generator is on CUDA."""
+    from client.privacy import DPRound, dp_generator
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**CFG.to_dict()))
+    dev = torch.device("cuda")
+    generator = dp_generator(3, dev)
+    assert generator.device.type == "cuda"
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train_local(
+        model,
+        Toy(8),
+        TrainConfig(augment=False, optimizer="adamw", lr=1e-3),
+        device=dev,
+        dp=DPRound(1.0, 1.0, 0.5, 2, 8),
+        dp_generator=generator,
+    )
+    assert result.steps == 2
+    moved = [
+        not torch.equal(a, b.cpu())
+        for a, b in zip(before, model.parameters(), strict=True)
+    ]
+    assert any(moved) and next(model.parameters()).device.type == "cuda"
