@@ -42,6 +42,13 @@ def commands(quick: bool, cohort: Path | None, out: Path) -> dict[str, list[str]
             "--out",
             str(out / "privacy"),
         ],
+        "dp_heads": [
+            "dp_heads",
+            *(["--quick", "--epsilons", "8"] if quick else []),
+            *co,
+            "--out",
+            str(out / "dp_heads"),
+        ],
         "scale": ["scale", *q, *co, "--out", str(out / "scale")],
         "model_step": ["model_step"],
     }
