@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset
 
-from client.data import build_site_datasets
 from client.engine import TrainConfig, evaluate, resolve_device, train_local
 from client.site_config import load_site_config
+from client.train import pooled_datasets
 from shared_model.backbone import save_backbone
 from shared_model.errors import ConfigError
 from shared_model.loss import LossConfig
@@ -82,15 +81,7 @@ def pretrain(
         raise ConfigError("every public site YAML needs role: public (or train)")
     torch.manual_seed(cfg.seed)
     dev = resolve_device(device or configs[0].device)
-    trains, vals = [], []
-    for c in configs:
-        tr, va, _ = build_site_datasets(
-            c, plan, seed=cfg.seed, augment=cfg.augment, cache=True
-        )
-        trains.append(tr)
-        vals.append(va)
-    train: Any = trains[0] if len(trains) == 1 else ConcatDataset(trains)
-    val: Any = vals[0] if len(vals) == 1 else ConcatDataset(vals)
+    _, _, train, val = pooled_datasets(configs, plan, cfg)
     model = build_model(ModelConfig.from_plan(plan, **(model_overrides or {})))
     backbone = {n for n, _ in model.named_parameters() if not is_head_parameter(n)}
     seg = TrainConfig(**{**cfg.__dict__, "loss": LossConfig(pcr_weight=0.0)})

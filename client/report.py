@@ -397,14 +397,16 @@ def build_report(
     ]
     for r in rounds:
         ev = r.get("evaluate", {})
+        # DP sites that withhold their validation counts, when no site sent any
+        withheld = "withheld (DP)" if ev.get("withheld") and not ev.get("n") else ""
         rows.append(
             [
                 str(r["round"]),
                 ", ".join(sorted(r.get("sites", {}))) or "-",
                 ", ".join(sorted(r.get("excluded", {}))) or "-",
                 ", ".join(sorted(r.get("declined", {}))) or "-",
-                _f(ev.get("auc")),
-                _f(ev.get("dice")),
+                withheld or _f(ev.get("auc")),
+                withheld or _f(ev.get("dice")),
                 _f(r.get("seconds"), 0),
             ]
         )

@@ -253,6 +253,22 @@ def fit_staged(
     return history, ev
 
 
+def pooled_datasets(
+    configs: Sequence[SiteConfig], plan: Plan, cfg: TrainConfig
+) -> tuple[list[SiteDataset], list[SiteDataset], Any, Any]:
+    """Each site's training and validation splits, and their unions."""
+    trains, vals = [], []
+    for c in configs:
+        tr, va, _ = build_site_datasets(
+            c, plan, seed=cfg.seed, augment=cfg.augment, cache=True
+        )
+        trains.append(tr)
+        vals.append(va)
+    train: Any = trains[0] if len(trains) == 1 else ConcatDataset(trains)
+    val: Any = vals[0] if len(vals) == 1 else ConcatDataset(vals)
+    return trains, vals, train, val
+
+
 def run_training(
     site_yamls: Sequence[Path],
     out: Path,
@@ -290,15 +306,7 @@ def run_training(
         raise ConfigError(f"site names repeat: {names}")
     torch.manual_seed(cfg.seed)
     dev = resolve_device(device or configs[0].device)
-    trains, vals = [], []
-    for c in configs:
-        tr, va, _ = build_site_datasets(
-            c, plan, seed=cfg.seed, augment=cfg.augment, cache=True
-        )
-        trains.append(tr)
-        vals.append(va)
-    train: Any = trains[0] if len(trains) == 1 else ConcatDataset(trains)
-    val: Any = vals[0] if len(vals) == 1 else ConcatDataset(vals)
+    trains, vals, train, val = pooled_datasets(configs, plan, cfg)
     mode = "local" if len(configs) == 1 else "pooled"
     echo(
         f"{mode} training on {', '.join(names)}: {len(train)} train / {len(val)} "

@@ -9,6 +9,7 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,31 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+def prepare_cohort(
+    out: Path,
+    cohort: Path | None,
+    preset: str,
+    seed: int,
+    echo: Callable[[str], None] = print,
+) -> tuple[Path, list[Path], list[Path], list[Path]]:
+    """``out/cohort``: a link to ``cohort``, or a ``preset`` cohort made from
+    ``seed`` (kept when already there). Returns the folder and its training,
+    prospective and test site YAMLs."""
+    from simulations.synth import synthesize
+
+    out.mkdir(parents=True, exist_ok=True)
+    cohort_dir = out / "cohort"
+    if cohort is not None:
+        if not cohort_dir.exists():
+            cohort_dir.symlink_to(Path(cohort).resolve())
+    elif not (cohort_dir / "cohort.json").is_file():
+        echo(f"making the {preset} cohort in {cohort_dir} ...")
+        synthesize(cohort_dir, preset=preset, seed=seed, force=True)
+    return (
+        cohort_dir,
+        sorted((cohort_dir / "site_configs").glob("*.yaml")),
+        sorted((cohort_dir / "prospective" / "site_configs").glob("*.yaml")),
+        sorted((cohort_dir / "test" / "site_configs").glob("*.yaml")),
+    )

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.policy import format_share
-from simulations.benchmarks.common import benchmark_parser, finish
+from simulations.benchmarks.common import benchmark_parser, finish, prepare_cohort
 from simulations.benchmarks.quality import _fmt_auc, summarise
 
 Echo = Callable[[str], None]
@@ -107,21 +107,13 @@ def run_dp_heads(
 
     preset, public = ("tiny", "public-tiny") if quick else ("demo", "public")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cohort_dir = out / "cohort"
-    if cohort is not None:
-        if not cohort_dir.exists():
-            cohort_dir.symlink_to(Path(cohort).resolve())
-    elif not (cohort_dir / "cohort.json").is_file():
-        echo(f"making the {preset} cohort in {cohort_dir} ...")
-        synthesize(cohort_dir, preset=preset, seed=seed, force=True)
+    cohort_dir, train_yamls, prosp_yamls, test_yamls = prepare_cohort(
+        out, cohort, preset, seed, echo
+    )
     public_dir = out / "public"
     if not (public_dir / "cohort.json").is_file():
         echo(f"making the {public} cohort in {public_dir} ...")
         synthesize(public_dir, preset=public, seed=seed, force=True)
-    train_yamls = sorted((cohort_dir / "site_configs").glob("*.yaml"))
-    prosp_yamls = sorted((cohort_dir / "prospective" / "site_configs").glob("*.yaml"))
-    test_yamls = sorted((cohort_dir / "test" / "site_configs").glob("*.yaml"))
     plan = find_plan(train_yamls, None)
     backbone = out / "backbone.safetensors"
     t0 = time.perf_counter()

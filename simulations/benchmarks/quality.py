@@ -40,7 +40,7 @@ from typing import Any
 
 from shared_model.policy import format_share
 from shared_model.site_evaluation import COHORTS
-from simulations.benchmarks.common import benchmark_parser, finish
+from simulations.benchmarks.common import benchmark_parser, finish, prepare_cohort
 
 Echo = Callable[[str], None]
 
@@ -120,21 +120,12 @@ def run_quality(
     from client.site_config import load_site_config
     from client.train import find_plan, run_training
     from simulations.simulate import run_simulated_federation
-    from simulations.synth import synthesize
 
     preset = "tiny" if quick else preset
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cohort_dir = out / "cohort"
-    if cohort is not None:
-        if not cohort_dir.exists():
-            cohort_dir.symlink_to(Path(cohort).resolve())
-    elif not (cohort_dir / "cohort.json").is_file():
-        echo(f"making the {preset} cohort in {cohort_dir} ...")
-        synthesize(cohort_dir, preset=preset, seed=seed, force=True)
-    train_yamls = sorted((cohort_dir / "site_configs").glob("*.yaml"))
-    prosp_yamls = sorted((cohort_dir / "prospective" / "site_configs").glob("*.yaml"))
-    test_yamls = sorted((cohort_dir / "test" / "site_configs").glob("*.yaml"))
+    cohort_dir, train_yamls, prosp_yamls, test_yamls = prepare_cohort(
+        out, cohort, preset, seed, echo
+    )
     all_yamls = train_yamls + prosp_yamls
     oracle = cohort_dir / "oracle"
     widths = {"base_filters": 4, "max_filters": 32} if quick else {}
