@@ -24,16 +24,35 @@ from typing import Any
 
 import torch
 
+from client.data import build_site_datasets
 from client.engine import TrainConfig, evaluate, resolve_device, train_local
-from client.site_config import load_site_config
+from client.feature_cache import compute_features, eval_view
+from client.site_config import SiteConfig, load_site_config
 from client.train import pooled_datasets
 from shared_model.backbone import save_backbone
 from shared_model.errors import ConfigError
 from shared_model.loss import LossConfig
-from shared_model.model import ModelConfig, build_model, is_head_parameter
+from shared_model.model import ModelConfig, UNetMoECli, build_model, is_head_parameter
 from shared_model.plan import Plan
 
 Echo = Callable[[str], None]
+
+
+def public_feature_stats(
+    model: UNetMoECli, configs: Sequence[SiteConfig], plan: Plan, device: torch.device
+) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation (at least 1e-3) of the tumour features over
+    the public sites' training cases, from ``model``'s backbone."""
+    parts = []
+    for c in configs:
+        train, _, _ = build_site_datasets(c, plan, cache=True)
+        view = eval_view(train, plan, c.adc_scale)
+        parts.append(compute_features(model, view, device=device).features)
+    features = torch.cat(parts)
+    return (
+        features.mean(0).tolist(),
+        features.std(0).clamp_min(1e-3).tolist(),
+    )
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,7 @@ def pretrain(
             f"val Dice {'n/a' if dice is None else f'{dice:.3f}'}"
         )
     seconds = time.perf_counter() - t0
+    stats = public_feature_stats(model, configs, plan, dev)
     digest = save_backbone(
         model,
         Path(out),
@@ -128,5 +148,6 @@ def pretrain(
             "seed": cfg.seed,
             "val_dice": dice,
         },
+        feature_stats=stats,
     )
     return Pretrained(Path(out), digest, dice, len(train), len(val), seconds)

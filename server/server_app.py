@@ -29,6 +29,7 @@ left incomplete is done again. A resume under a different run config is refused
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -103,6 +104,12 @@ def start_federation(fed: FederationConfig) -> FederationStart:
     backbone = load_backbone(Path(fed.backbone)) if fed.backbone else None
     plan = resolve_plan(fed, backbone)
     model_cfg = model_config_for(fed, plan)
+    if backbone is not None and backbone.feature_centre and fed.features == "tumour":
+        model_cfg = dataclasses.replace(
+            model_cfg,
+            feature_centre=backbone.feature_centre,
+            feature_scale=backbone.feature_scale,
+        )
     model = build_model(model_cfg)
     values: dict[str, Any] = {
         "run-config": json.dumps(fed.to_run_config()),

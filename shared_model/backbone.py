@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,12 +67,23 @@ class Backbone:
     plan: Plan
     model_config: dict[str, Any]
     trained_on: dict[str, Any]
+    feature_centre: tuple[float, ...] = ()
+    feature_scale: tuple[float, ...] = ()
 
 
 def save_backbone(
-    model: UNetMoECli, path: Path, *, plan: Plan, trained_on: Mapping[str, Any]
+    model: UNetMoECli,
+    path: Path,
+    *,
+    plan: Plan,
+    trained_on: Mapping[str, Any],
+    feature_stats: tuple[list[float], list[float]] | None = None,
 ) -> str:
-    """Write ``model``'s backbone to ``path`` (atomically); returns its SHA-256."""
+    """Write ``model``'s backbone to ``path`` (atomically); returns its SHA-256.
+
+    ``feature_stats``: the tumour features' mean and standard deviation over
+    the public training cases, which federations over this backbone use to
+    standardise the features (:class:`shared_model.model.ModelConfig`)."""
     state = {
         name: t.detach().cpu().contiguous()
         for name, t in model.state_dict().items()
@@ -90,6 +102,11 @@ def save_backbone(
             "plan": json.dumps(plan.to_dict(), sort_keys=True),
             "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
             "trained_on": json.dumps(dict(trained_on), sort_keys=True),
+            "feature_stats": json.dumps(
+                None
+                if feature_stats is None
+                else {"centre": feature_stats[0], "scale": feature_stats[1]}
+            ),
         },
     )
     os.replace(tmp, path)
@@ -129,9 +146,17 @@ def load_backbone(path: Path) -> Backbone:
         plan = Plan.from_dict(json.loads(meta["plan"]))
         model_config = json.loads(meta["model_config"])
         trained_on = json.loads(meta.get("trained_on", "{}"))
-    except (KeyError, ValueError, TypeError) as e:
+        stats = json.loads(meta.get("feature_stats", "null")) or {}
+        centre = tuple(float(x) for x in stats.get("centre", ()))
+        scale = tuple(float(x) for x in stats.get("scale", ()))
+        if len(centre) != len(scale) or not all(
+            math.isfinite(c) and math.isfinite(v) and v > 0
+            for c, v in zip(centre, scale, strict=True)
+        ):
+            raise ValueError("feature statistics are not finite positive scales")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise DataError(f"{path}: its metadata is malformed ({e}); {hint}") from e
-    return Backbone(path, state, digest, plan, model_config, trained_on)
+    return Backbone(path, state, digest, plan, model_config, trained_on, centre, scale)
 
 
 def apply_backbone(model: UNetMoECli, backbone: Backbone) -> None:

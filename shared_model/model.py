@@ -44,6 +44,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from shared_model.clinical import CLINICAL_DIM, REGIMENS
+from shared_model.errors import ConfigError
 from shared_model.features import feature_sizes, tumour_features
 from shared_model.messages import GROUPS, SHARED, expert_group
 from shared_model.model_config import (
@@ -230,6 +231,21 @@ class UNetMoECli(nn.Module):
             {r: _expert(expert_in, cfg.expert_hidden) for r in REGIMENS}
         )
         self._voxel_ml = math.prod(cfg.spacing) / 1000.0
+        self._feature_centre: torch.Tensor
+        self._feature_scale: torch.Tensor
+        self.register_buffer(
+            "_feature_centre", torch.tensor(cfg.feature_centre), persistent=False
+        )
+        self.register_buffer(
+            "_feature_scale", torch.tensor(cfg.feature_scale), persistent=False
+        )
+        if cfg.feature_centre and (
+            cfg.features != "tumour" or len(cfg.feature_centre) != self.n_features
+        ):
+            raise ConfigError(
+                f"model `feature_centre` has {len(cfg.feature_centre)} values; the "
+                f"tumour features have {self.n_features if cfg.features == 'tumour' else 0}"
+            )
 
     @property
     def n_features(self) -> int:
@@ -289,6 +305,8 @@ class UNetMoECli(nn.Module):
     def head(self, features: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
         """pCR logits ``(B, 3)`` from tumour features and the clinical one-hot."""
         n_adc, n_t2, _ = self._split
+        if self.config.feature_centre:
+            features = (features - self._feature_centre) / self._feature_scale
         adc, t2, shape = (
             features[:, :n_adc],
             features[:, n_adc : n_adc + n_t2],

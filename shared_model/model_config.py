@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -90,6 +91,11 @@ class ModelConfig:
             one-hot themselves, so with linear experts the pCR part is a
             logistic regression with regimen interactions (a few hundred
             parameters: the head DP-SGD can train at a site's size).
+        feature_centre, feature_scale: per-feature standardisation of the
+            tumour features before the head, ``(f - centre) / scale``; empty
+            (default): none. A pretrained backbone brings them, computed on
+            its public training cases (so DP-SGD's isotropic noise and per-
+            patient clipping treat every feature alike).
         in_channels, out_channels: fixed by the data format (T2W, ADC; bg, tumour).
     """
 
@@ -105,6 +111,8 @@ class ModelConfig:
     features: str = "tumour"
     experts: str = "residual"
     head: str = "mlp"
+    feature_centre: tuple[float, ...] = ()
+    feature_scale: tuple[float, ...] = ()
     in_channels: int = 2
     out_channels: int = 2
     kernels: list[list[int]] = field(init=False, compare=False, repr=False)
@@ -136,6 +144,18 @@ class ModelConfig:
                 f"model `head` is {self.head!r}; expected one of {HEADS} (linear "
                 "needs features: tumour)"
             )
+        centre = tuple(float(x) for x in self.feature_centre)
+        scale = tuple(float(x) for x in self.feature_scale)
+        if len(centre) != len(scale) or not all(
+            math.isfinite(c) and math.isfinite(v) and v > 0
+            for c, v in zip(centre, scale, strict=False)
+        ):
+            raise ConfigError(
+                "model `feature_centre` and `feature_scale` must be finite, of one "
+                "length, with every scale > 0"
+            )
+        object.__setattr__(self, "feature_centre", centre)
+        object.__setattr__(self, "feature_scale", scale)
         if self.in_channels != 2 or self.out_channels != 2:
             raise ConfigError(
                 "the model reads 2 channels (T2W, ADC) and predicts 2 classes"

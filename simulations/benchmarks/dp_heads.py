@@ -85,6 +85,31 @@ def _round_seconds(run: Path) -> dict[str, float | None]:
     }
 
 
+def _add_feature_stats(backbone: Path, public_dir: Path, plan: Any) -> None:
+    """Give a backbone written before feature statistics existed its public
+    statistics (its weights and digest are unchanged)."""
+    import torch
+
+    from client.pretrain import public_feature_stats
+    from client.site_config import load_site_config
+    from shared_model.backbone import apply_backbone, load_backbone, save_backbone
+    from shared_model.model import ModelConfig, build_model
+
+    found = load_backbone(backbone)
+    if found.feature_centre:
+        return
+    model = build_model(ModelConfig.from_dict(found.model_config))
+    apply_backbone(model, found)
+    configs = [
+        load_site_config(y)
+        for y in sorted((public_dir / "site_configs").glob("*.yaml"))
+    ]
+    stats = public_feature_stats(model, configs, plan, torch.device("cpu"))
+    save_backbone(
+        model, backbone, plan=plan, trained_on=found.trained_on, feature_stats=stats
+    )
+
+
 def run_dp_heads(
     out: Path,
     *,
@@ -141,6 +166,7 @@ def run_dp_heads(
         }
     else:
         pretrain_info = {"reused": str(backbone)}
+        _add_feature_stats(backbone, public_dir, plan)
     runs: dict[str, float | None] = {"public_backbone": None}
     runs |= {f"dp_eps{e:g}": e for e in epsilons}
     models: dict[str, dict[str, Any]] = {}

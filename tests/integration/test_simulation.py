@@ -268,6 +268,8 @@ def test_dp_heads_over_a_public_backbone_stay_within_budget_across_a_resume(
     run = sim_dir / "federated"
     sites = ["sah_sysu", "sysucc", "west_china"]
     assert record["backbone"]["sha256"] == done.sha256
+    model_config = json.loads((run / "config.json").read_text())["model"]
+    assert len(model_config["feature_centre"]) == len(model_config["feature_scale"]) > 0
     assert [r["stage"] for r in record["rounds"]] == ["heads", "heads"]
     for r in record["rounds"]:
         assert sorted(r["sites"]) == sites and r["updated"]

@@ -143,8 +143,17 @@ def test_frozen_experts_get_no_update_under_dp() -> None:
 def test_backbone_artifact_round_trip_tamper_and_misfit(tmp_path: Path) -> None:
     model = _model()
     path = tmp_path / "backbone.safetensors"
-    digest = save_backbone(model, path, plan=PLAN, trained_on={"source": "test"})
+    centre = [0.5] * model.n_features
+    scale = [2.0] * model.n_features
+    digest = save_backbone(
+        model,
+        path,
+        plan=PLAN,
+        trained_on={"source": "test"},
+        feature_stats=(centre, scale),
+    )
     b = load_backbone(path)
+    assert b.feature_centre == tuple(centre) and b.feature_scale == tuple(scale)
     assert b.sha256 == digest == backbone_digest(model.state_dict())
     numpy_state = {k: v.numpy() for k, v in model.state_dict().items()}
     assert backbone_digest(numpy_state) == digest
@@ -231,4 +240,27 @@ def test_the_linear_head_is_a_logistic_regression_with_regimen_interactions() ->
         ) + (z @ model.prognosis[0].weight.T + model.prognosis[0].bias)
         assert torch.allclose(
             model.head(data.features, data.clinical), expected, atol=1e-5
+        )
+
+
+def test_public_feature_statistics_standardise_the_head_input() -> None:
+    plain = _model(head="linear")
+    n = plain.n_features
+    centre, scale = [float(i) for i in range(n)], [float(i + 1) for i in range(n)]
+    cfg = ModelConfig.from_dict(
+        {**plain.config.to_dict(), "feature_centre": centre, "feature_scale": scale}
+    )
+    standardised = build_model(cfg)
+    standardised.load_state_dict(plain.state_dict())  # the statistics are not weights
+    data = _features(plain, 4)
+    x = data.features * torch.tensor(scale) + torch.tensor(centre)
+    with torch.no_grad():
+        assert torch.allclose(
+            standardised.head(x, data.clinical),
+            plain.head(data.features, data.clinical),
+            atol=1e-5,
+        )
+    with pytest.raises(ConfigError, match="feature_centre"):
+        ModelConfig.from_dict(
+            {**plain.config.to_dict(), "feature_centre": [0.0], "feature_scale": [0.0]}
         )
