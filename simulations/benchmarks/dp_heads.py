@@ -280,8 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument(
         "--run-config",
-        default="head-type='linear'",
-        help="Flower-style overrides for every federation (default: the linear head)",
+        default="head-type='linear' evaluate-every=0",
+        help="Flower-style overrides for every federation (default: the linear "
+        "head, no in-round evaluation: every model is scored afterwards, and the "
+        "rounds' times compare like with like)",
     )
     parser.add_argument("--reference", type=Path, help="quality JSON of this cohort")
     args = parser.parse_args(argv)
