@@ -98,18 +98,8 @@ def train_heads(
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
-    regimens = Counter(REGIMENS[int(r)] for r in data.regimen)
-    mean = total / max(steps, 1)
-    return TrainResult(
-        steps=steps,
-        epochs_done=float(cfg.epochs) if n else 0.0,
-        seconds=time.perf_counter() - t0,
-        loss=mean,
-        seg_loss=math.nan,
-        pcr_loss=mean,
-        n_cases=n,
-        n_by_regimen={r: regimens.get(r, 0) for r in REGIMENS},
-        final_lr=cfg.lr,
+    return _result(
+        data, cfg, steps, total / max(steps, 1), float(cfg.epochs) if n else 0.0, t0
     )
 
 
@@ -197,15 +187,25 @@ def train_heads_private(
         private.close()
         for p in model.parameters():
             p.requires_grad_(True)
+    return _result(data, cfg, steps, total / max(n_loss, 1), steps * dp.sample_rate, t0)
+
+
+def _result(
+    data: FeatureSet,
+    cfg: HeadConfig,
+    steps: int,
+    mean_loss: float,
+    epochs_done: float,
+    t0: float,
+) -> TrainResult:
     regimens = Counter(REGIMENS[int(r)] for r in data.regimen)
-    mean = total / max(n_loss, 1)
     return TrainResult(
         steps=steps,
-        epochs_done=steps * dp.sample_rate,
+        epochs_done=epochs_done,
         seconds=time.perf_counter() - t0,
-        loss=mean,
+        loss=mean_loss,
         seg_loss=math.nan,
-        pcr_loss=mean,
+        pcr_loss=mean_loss,
         n_cases=len(data),
         n_by_regimen={r: regimens.get(r, 0) for r in REGIMENS},
         final_lr=cfg.lr,
