@@ -12,12 +12,16 @@ the wall time, plus its site name. A site whose YAML has a ``privacy`` section
 trains with DP-SGD (:mod:`client.privacy`): it plans the round against its
 ledger, declines it (a reply without weights whose ``info`` says why) when the
 budget does not allow it, and otherwise sends its ``dp-*`` accounting instead
-of the losses. Evaluate: the site scores its validation
-split and replies with counts and sums only
+of the losses. In a staged federation a DP site trains the heads alone, over
+features of the pretrained public backbone the federation declares
+(:func:`check_public_backbone`), with DP-SGD over its feature cache
+(:func:`client.heads.train_heads_private`). Evaluate: the site scores its
+validation split and replies with counts and sums only
 (:class:`shared_model.site_evaluation.SiteEvaluation`: per regimen score histograms per
 class and sums for the Brier score and calibration; Dice and loss sums; the
 recommendation counts and policy-value sums with the site's own propensity
-model), never per-patient scores.
+model), never per-patient scores; a DP site withholds them unless its YAML
+sets ``privacy.release_evaluation`` (they are not DP).
 
 Failures: an exception in either handler is logged in full at the site and
 answered with an error reply that carries only a code and a fixed message
