@@ -8,7 +8,7 @@ documented in ``simulations/README.md``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -296,29 +296,6 @@ PRESETS: dict[str, Preset] = {
         Geometry(2.6, 0.75, 0.7),
         test_size=400,
     ),
-    # Public pretraining cohorts: retrospective patients only, drawn from their
-    # own random stream (PUBLIC_STREAM), so no site of any cohort holds them.
-    "public": Preset(
-        "public",
-        _scaled(_PAPER_RETRO, 0.3),
-        {},
-        Geometry(2.6, 0.75, 0.7),
-        test_size=0,
-        public=True,
-    ),
-    "public-tiny": Preset(
-        "public-tiny",
-        {
-            "west_china": {"nCRT": 5, "TNT": 4, "nCT": 4},
-            "sysucc": {"nCRT": 6, "TNT": 4},
-            "sah_sysu": {"nCRT": 6, "TNT": 4},
-        },
-        {},
-        Geometry(4.0, 0.6, 0.45),
-        min_cases=4,
-        test_size=0,
-        public=True,
-    ),
     "tiny": Preset(
         "tiny",
         {
@@ -336,3 +313,13 @@ PRESETS: dict[str, Preset] = {
         test_size=30,
     ),
 }
+
+# Public pretraining cohorts: the retrospective sizes and image grids of demo and
+# tiny, no prospective or test cohort, patients drawn from their own random
+# stream (PUBLIC_STREAM), so no site of any cohort holds them.
+PRESETS["public"] = replace(
+    PRESETS["demo"], name="public", prospective={}, test_size=0, public=True
+)
+PRESETS["public-tiny"] = replace(
+    PRESETS["tiny"], name="public-tiny", prospective={}, test_size=0, public=True
+)
