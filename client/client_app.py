@@ -228,7 +228,7 @@ def train_round(msg: Message, context: Context) -> Message:
             msg, context, fed, site, model, device, trainable, rnd, t0
         )
     seg_rounds = fed.num_server_rounds
-    steps = fed.local_steps or fed.local_epochs * -(-len(site.train) // fed.batch_size)
+    steps = fed.local_steps_for(len(site.train))
     schedule = (
         ((rnd - 1) * steps, seg_rounds * steps)
         if fed.lr_schedule == "poly"
@@ -381,7 +381,7 @@ def _train_heads_round(
             n_patients=len(features),
             batch_size=1,
             sample_rate=fed.dp_head_sample_rate,
-            steps=head_steps(fed),
+            steps=fed.dp_head_steps,
             rounds_left=fed.total_rounds - rnd + 1,
             noise_multiplier=fed.dp_noise_multiplier,
             accountant=fed.dp_accountant,
@@ -413,11 +413,6 @@ def _train_heads_round(
     return _trained_reply(
         msg, site, model, trainable, result, t0, rnd, plan=plan, privacy=privacy
     )
-
-
-def head_steps(fed: FederationConfig) -> int:
-    """DP-SGD steps of one DP head round: ``head-epochs`` expected passes."""
-    return math.ceil(fed.head_epochs / fed.dp_head_sample_rate)
 
 
 def _trained_reply(

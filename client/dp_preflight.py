@@ -94,11 +94,11 @@ def dp_feasibility(
     heads = fed.training == "staged"
     if heads:
         q = fed.dp_head_sample_rate
-        steps = math.ceil(fed.head_epochs / q)
+        steps = fed.dp_head_steps
         rounds = fed.head_rounds
     else:
         q = min(1.0, fed.batch_size / max(n_patients, 1))
-        steps = fed.local_steps or fed.local_epochs * -(-n_patients // fed.batch_size)
+        steps = fed.local_steps_for(n_patients)
         rounds = fed.num_server_rounds
     d = _trained_parameters(fed, heads)
     ledger = PrivacyLedger.for_site(config.run_dir)

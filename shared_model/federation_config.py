@@ -164,6 +164,16 @@ class FederationConfig:
             return self.num_server_rounds
         return self.segmentation_rounds + self.head_rounds
 
+    def local_steps_for(self, n_patients: int) -> int:
+        """Local steps of a segmentation or joint round at a site of
+        ``n_patients`` training patients."""
+        return self.local_steps or self.local_epochs * -(-n_patients // self.batch_size)
+
+    @property
+    def dp_head_steps(self) -> int:
+        """DP-SGD steps of one DP head round: ``head-epochs`` expected passes."""
+        return math.ceil(self.head_epochs / self.dp_head_sample_rate)
+
     def stage_of(self, server_round: int) -> str:
         """What round ``server_round`` (1-based) trains (see :data:`STAGES`)."""
         if self.training == "joint":
