@@ -3,9 +3,10 @@ the run record and the lock.
 
 Every file is written to a temporary name in the same folder, flushed to disk
 and renamed over the old one, so a crash leaves either the old file or the new
-one, never half of either. A round is complete when its ``state.json`` exists:
-it is written last, after the weights, the FedAdam moments and the run record
-that include the round. Resume starts from the newest complete round whose
+one, never half of either (a temporary left by a kill is removed when the next
+run takes the lock). A round is complete when its ``state.json`` exists: it is
+written last, after the weights, the FedAdam moments, the run record that
+includes the round and the latest model files. Resume starts from the newest complete round whose
 files all read back; a newer, incomplete round (a crash mid-save) is ignored
 and done again, and its record is dropped with it.
 
@@ -119,6 +120,8 @@ class RunFolder:
                     f"{self.path}: another run is using this run-dir; wait for it "
                     "to finish or choose another `run-dir`"
                 ) from e
+            for tmp in [*self.path.glob(".*.tmp"), *self.checkpoints.glob(".*.tmp")]:
+                tmp.unlink(missing_ok=True)  # left by a run killed mid-write
             try:
                 yield self
             finally:
@@ -135,7 +138,8 @@ class RunFolder:
         *,
         extra_config: Mapping[str, Any] | None = None,
     ) -> None:
-        """Write round ``rnd``: weights, moments, the record, then the marker.
+        """Write round ``rnd``: weights, moments, the record, the latest model
+        files, then the marker (so a complete round has all of them).
 
         ``extra_config``: more keys for ``config.json`` beside ``model`` (the
         experts' support)."""
@@ -149,6 +153,12 @@ class RunFolder:
             }
             write_atomic(self._ckpt(rnd, ".adam.safetensors"), save(moments))
         self.write_record(record)
+        write_atomic(self.path / "model.safetensors", tensors)
+        write_atomic(
+            self.path / "config.json",
+            _json_bytes({"model": model_cfg.to_dict(), **(extra_config or {})}),
+        )
+        write_atomic(self.path / "plan.json", _json_bytes(plan.to_dict()))
         marker = {
             "round": rnd,
             "adam_t": adam.t,
@@ -157,12 +167,6 @@ class RunFolder:
             "client_dp_releases": state.client_dp_releases,
         }
         write_atomic(self._ckpt(rnd, ".state.json"), _json_bytes(marker))
-        write_atomic(self.path / "model.safetensors", tensors)
-        write_atomic(
-            self.path / "config.json",
-            _json_bytes({"model": model_cfg.to_dict(), **(extra_config or {})}),
-        )
-        write_atomic(self.path / "plan.json", _json_bytes(plan.to_dict()))
 
     def write_record(self, record: dict[str, Any]) -> None:
         write_atomic(self.path / "metrics.json", _json_bytes(record))

@@ -30,7 +30,6 @@ left incomplete is done again. A resume under a different run config is refused
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import time
@@ -41,15 +40,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.records import arrays_to_record
 from server.run_folder import RunFolder, StrategyState
 from server.strategy import GroupedStrategy
 from shared_model.backbone import Backbone, apply_backbone, load_backbone
 from shared_model.errors import ConfigError
+from shared_model.federated_metrics import format_metric
 from shared_model.federation_config import STAGES, FederationConfig
+from shared_model.messages import RoundRequest
 from shared_model.model import (
     ModelConfig,
     build_model,
@@ -59,6 +59,7 @@ from shared_model.model import (
 )
 from shared_model.plan import Plan
 from shared_model.policy import expert_support, supported_regimens
+from wire.records import arrays_to_record, claimed_site, request_record
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class FederationStart:
     model_cfg: ModelConfig
     arrays: dict[str, np.ndarray]  # initial global weights
     strategy: GroupedStrategy
-    config: ConfigRecord  # sent to every site with each round's weights
+    request: RoundRequest  # sent to every site with each round's weights
     stage_groups: dict[str, dict[str, list[str]]]  # what each stage aggregates
     backbone: dict[str, Any] | None = None  # the pretrained backbone's record
 
@@ -111,14 +112,14 @@ def start_federation(fed: FederationConfig) -> FederationStart:
             feature_scale=backbone.feature_scale,
         )
     model = build_model(model_cfg)
-    values: dict[str, Any] = {
-        "run-config": json.dumps(fed.to_run_config()),
-        "plan": json.dumps(plan.to_dict()),
-        "model-config": json.dumps(model_cfg.to_dict()),
-    }
+    request = RoundRequest(
+        run_config=fed.to_run_config(),
+        plan=plan.to_dict(),
+        model_config=model_cfg.to_dict(),
+        backbone_sha256=None if backbone is None else backbone.sha256,
+    )
     if backbone is not None:
         apply_backbone(model, backbone)
-        values["backbone-sha256"] = backbone.sha256
         log.info(
             "pretrained backbone %s (sha256 %s, trained on %s); training the heads "
             "alone",
@@ -126,13 +127,12 @@ def start_federation(fed: FederationConfig) -> FederationStart:
             backbone.sha256,
             backbone.trained_on.get("source", "?"),
         )
-    config = ConfigRecord(values)
     return FederationStart(
         plan,
         model_cfg,
         {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
         GroupedStrategy(fed, parameter_groups(model)),
-        config,
+        request,
         {stage: stage_parameter_groups(model, stage) for stage in STAGES},
         None
         if backbone is None
@@ -157,12 +157,8 @@ def _run_rounds(
     grid: Grid, fed: FederationConfig, begin: FederationStart, folder: RunFolder
 ) -> dict[str, Any]:
     """The rounds, under the run folder's lock."""
-    plan, model_cfg, strategy, config = (
-        begin.plan,
-        begin.model_cfg,
-        begin.strategy,
-        begin.config,
-    )
+    plan, model_cfg, strategy = begin.plan, begin.model_cfg, begin.strategy
+    config = request_record(begin.request)
     resumed = folder.last_complete() if fed.resume else None
     record: dict[str, Any] = {"status": "running", "rounds": []}
     if begin.backbone is not None:
@@ -176,6 +172,8 @@ def _run_rounds(
         strategy.declared = resumed.state.declared
         strategy.client_dp_releases = resumed.state.client_dp_releases
         record["rounds"] = resumed.rounds
+        record["declared_counts"] = strategy.declared
+        record["expert_support"] = expert_support(record["rounds"])
         log.info("resuming %s after round %d", folder.path, start)
     else:
         folder.check_run_config(fed.to_run_config(), allow_changes=True)
@@ -183,6 +181,7 @@ def _run_rounds(
 
     bytes_down = int(sum(a.nbytes for a in arrays.values()))
     node_sites: dict[int, str] = {}  # Flower node id -> site name, learnt from replies
+    registered: dict[int, str] = {}  # Flower node id -> its registered name
     try:
         for rnd in range(start + 1, fed.total_rounds + 1):
             t0 = time.perf_counter()
@@ -192,7 +191,8 @@ def _run_rounds(
                 strategy.configure_train(rnd, arrays_to_record(arrays), config, grid)
             )
             replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
-            missing = _learn_sites(node_sites, messages, replies)
+            registered = registered_names(grid, registered)
+            missing = _learn_sites(node_sites, messages, replies, registered)
             if missing:
                 log.warning(
                     "round %d: no reply within %.0f s from %s",
@@ -200,7 +200,7 @@ def _run_rounds(
                     fed.round_timeout,
                     ", ".join(missing),
                 )
-            outcome = strategy.aggregate_round(rnd, replies, arrays)
+            outcome = strategy.aggregate_round(rnd, replies, arrays, registered)
             arrays = outcome.arrays
             for site in outcome.sites.values():
                 site["bytes_down"] = bytes_down
@@ -225,14 +225,16 @@ def _run_rounds(
                 allowed, _ = supported_regimens(
                     expert_support([*record["rounds"], entry]), fed.min_expert_support
                 )
-                ev_config = ConfigRecord(
-                    {**dict(config), "allowed-regimens": json.dumps(list(allowed))}
+                ev_config = request_record(
+                    dataclasses.replace(begin.request, allowed_regimens=allowed)
                 )
                 ev_msgs = strategy.configure_evaluate(
                     rnd, arrays_to_record(arrays), ev_config, grid
                 )
                 ev_replies = grid.send_and_receive(ev_msgs, timeout=fed.round_timeout)
-                entry["evaluate"] = strategy.aggregate_evaluation(ev_replies)
+                entry["evaluate"] = strategy.aggregate_evaluation(
+                    ev_replies, registered
+                )
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             record["rounds"].append(entry)
             record["declared_counts"] = strategy.declared
@@ -261,8 +263,8 @@ def _run_rounds(
                 len(outcome.sites),
                 sorted(outcome.excluded) or "none",
                 sorted(outcome.declined) or "none",
-                _fmt(ev.get("auc")),
-                _fmt(ev.get("dice")),
+                format_metric(ev.get("auc")),
+                format_metric(ev.get("dice")),
                 entry["seconds"],
                 _privacy_line(entry),
             )
@@ -276,24 +278,40 @@ def _run_rounds(
     return record
 
 
+def registered_names(grid: Grid, known: Mapping[int, str]) -> dict[int, str]:
+    """Flower node id -> the name its node was registered under
+    (``flwr supernode register --name``); empty in simulation and for nodes
+    registered without a name. A failure to ask keeps what was known."""
+    try:
+        return {n.node_id: n.name for n in grid.get_nodes() if getattr(n, "name", "")}
+    except Exception as e:  # the SuperLink's node list is advisory here
+        log.warning("could not read the nodes' registered names: %s", e)
+        return dict(known)
+
+
 def _learn_sites(
-    node_sites: dict[int, str], sent: list[Any], replies: list[Any]
+    node_sites: dict[int, str],
+    sent: list[Any],
+    replies: list[Any],
+    registered: Mapping[int, str],
 ) -> list[str]:
     """Remember which node is which site; name the nodes that did not reply.
 
     Node ids are random per run, so they only map replies within this run; a
-    node never heard from is reported by id.
+    node never heard from is reported by its registered name, else by id.
     """
     answered = set()
     for msg in replies:
         node = msg.metadata.src_node_id
         answered.add(node)
-        if msg.has_content():
-            info = msg.content.config_records.get("info")
-            if info is not None and "site" in info:
-                node_sites[node] = str(info["site"])
+        name = registered.get(node) or claimed_site(msg)
+        if name:
+            node_sites[node] = name
     return sorted(
-        node_sites.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}")
+        node_sites.get(
+            m.metadata.dst_node_id,
+            registered.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}"),
+        )
         for m in sent
         if m.metadata.dst_node_id not in answered
     )
@@ -309,10 +327,6 @@ def _privacy_line(entry: dict[str, Any]) -> str:
     if entry.get("client_dp"):
         parts.append(f"client-level {entry['client_dp']['epsilon']:.2f}")
     return f"; epsilon {', '.join(parts)}" if parts else ""
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def verify_for_runtime(fed: FederationConfig, *, simulation: bool) -> None:

@@ -8,8 +8,13 @@ it joined, a site name claimed by two replies, or any exception while reading
 it) excludes that site for the round with a reason; the round goes on. Valid
 replies are sorted by site name and folded with
 :func:`shared_model.aggregation.grouped_mean`; FedAdam optionally moves the
-trained groups with server-side Adam. Sites are named by the ``site`` entry of
-their reply, never by Flower node id (random per run).
+trained groups with server-side Adam. A site is named by the name its
+authenticated node was registered under (``flwr supernode register --name``)
+when the SuperLink knows one, and a reply claiming another name is excluded;
+otherwise (simulation, an insecure deployment) by the ``site`` entry of its
+reply; never by Flower node id (random per run). Replies are read through
+:mod:`wire.records`; :meth:`GroupedStrategy.aggregate_replies` takes typed
+replies, which is what a loop without Flower's runtime calls.
 
 Declared counts: a site's first valid reply declares its patients per group;
 later replies may not claim more (an aggregation weight a site could inflate
@@ -20,6 +25,7 @@ each round and shown in the run record.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -30,7 +36,6 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
-from server.records import record_to_arrays
 from shared_model.aggregation import (
     AdamState,
     GroupResult,
@@ -42,8 +47,9 @@ from shared_model.aggregation import (
     verify_update,
 )
 from shared_model.federation_config import FederationConfig
-from shared_model.messages import COUNT_KEYS, SHARED, TrainReply, read_privacy
+from shared_model.messages import COUNT_KEYS, SHARED, SiteTrainReply
 from shared_model.site_evaluation import SiteEvaluation, combine
+from wire.records import claimed_site, read_evaluation_reply, read_train_reply
 
 log = logging.getLogger(__name__)
 
@@ -70,21 +76,29 @@ class ReplyRejected(Exception):
         self.reason = reason
 
 
-def _claimed_name(msg: Message) -> str | None:
-    """The site name a reply gives itself (None: error reply, or none readable)."""
-    try:
-        if not msg.has_content():
-            return None
-        info = msg.content.config_records.get("info")
-        name = None if info is None or "site" not in info else info["site"]
-    except Exception:  # a malformed reply
-        return None
-    return name if isinstance(name, str) and name else None
+def site_identity(
+    msg: Message, registered: Mapping[int, str] | None, fallback: str
+) -> str:
+    """Who sent ``msg``: the registered name of its authenticated node when the
+    SuperLink knows one, else the name the reply gives itself, else
+    ``fallback`` (its position)."""
+    if registered:
+        name = registered.get(msg.metadata.src_node_id)
+        if name:
+            return name
+    return claimed_site(msg) or fallback
 
 
-def _site_name(msg: Message, fallback: str) -> str:
-    """The site's own name from its reply, else ``fallback`` (its position)."""
-    return _claimed_name(msg) or fallback
+def _verify_claim(
+    msg: Message, name: str, registered: Mapping[int, str] | None
+) -> None:
+    """A reply from a registered node must not claim another site's name."""
+    claimed = claimed_site(msg)
+    if registered and registered.get(msg.metadata.src_node_id) and claimed != name:
+        raise ReplyRejected(
+            f"the node registered as {name} replies as {claimed!r}; it is "
+            "excluded (a site's name is its registration)"
+        )
 
 
 class GroupedStrategy(FedAvg):
@@ -135,16 +149,57 @@ class GroupedStrategy(FedAvg):
         server_round: int,
         replies: Iterable[Message],
         current: dict[str, np.ndarray],
+        registered: Mapping[int, str] | None = None,
     ) -> RoundOutcome:
-        """Verify every reply, then aggregate the valid ones by group."""
+        """Read every reply in its own guard, then aggregate the valid ones.
+
+        ``registered``: Flower node id -> the name the node was registered
+        under (node authentication); that name, not the reply's own claim, is
+        the site's identity.
+        """
         outcome = RoundOutcome(arrays=current)
         replies = list(replies)
-        names = [_site_name(msg, f"node-{i}") for i, msg in enumerate(replies)]
+        names = [
+            site_identity(msg, registered, f"node-{i}") for i, msg in enumerate(replies)
+        ]
+        read: list[SiteTrainReply] = []
+        for name, msg in zip(names, replies, strict=True):
+            try:
+                _verify_claim(msg, name, registered)
+                got = read_train_reply(msg)
+            except ReplyRejected as e:
+                outcome.excluded.setdefault(name, []).append(e.reason)
+                continue
+            except ValueError as e:
+                outcome.excluded.setdefault(name, []).append(str(e))
+                continue
+            except Exception as e:  # an unforeseen malformation: never fatal
+                outcome.excluded.setdefault(name, []).append(
+                    f"unreadable reply ({type(e).__name__})"
+                )
+                continue
+            read.append(dataclasses.replace(got, site=name))
         claimed = Counter(
             n for n, msg in zip(names, replies, strict=True) if msg.has_content()
         )
+        return self.aggregate_replies(server_round, read, current, outcome, claimed)
+
+    def aggregate_replies(
+        self,
+        server_round: int,
+        replies: list[SiteTrainReply],
+        current: dict[str, np.ndarray],
+        outcome: RoundOutcome | None = None,
+        claimed: Mapping[str, int] | None = None,
+    ) -> RoundOutcome:
+        """Check typed replies (bounds, declarations, names claimed twice) and
+        aggregate the valid ones by group. ``claimed``: how many replies gave
+        each name, readable or not (default: counted from ``replies``)."""
+        outcome = outcome or RoundOutcome(arrays=current)
+        claimed = claimed or Counter(r.site for r in replies)
         updates: list[SiteUpdate] = []
-        for name, msg in zip(names, replies, strict=True):
+        for got in replies:
+            name = got.site
             if claimed[name] > 1:
                 outcome.excluded[name] = [
                     f"the site name was claimed by {claimed[name]} replies; all "
@@ -152,7 +207,7 @@ class GroupedStrategy(FedAvg):
                 ]
                 continue
             try:
-                got = self._read_train_reply(msg, current, name, outcome)
+                accepted = self._accept(got, current, outcome)
             except ReplyRejected as e:
                 outcome.excluded.setdefault(name, []).append(e.reason)
                 continue
@@ -161,8 +216,8 @@ class GroupedStrategy(FedAvg):
                     f"unreadable reply ({type(e).__name__})"
                 )
                 continue
-            if got is not None:
-                update, outcome.sites[name] = got
+            if accepted is not None:
+                update, outcome.sites[name] = accepted
                 self._declare(name, update.counts, outcome)
                 updates.append(update)
         for name, problems in outcome.excluded.items():
@@ -231,38 +286,24 @@ class GroupedStrategy(FedAvg):
         outcome.updated = True
         return outcome
 
-    def _read_train_reply(
+    def _accept(
         self,
-        msg: Message,
+        got: SiteTrainReply,
         current: dict[str, np.ndarray],
-        name: str,
         outcome: RoundOutcome,
     ) -> tuple[SiteUpdate, dict[str, Any]] | None:
-        """One training reply, checked: the update and its run-record entry, or
+        """One read reply, checked: the update and its run-record entry, or
         None for a declined round (recorded in ``outcome``). Raises
-        ReplyRejected (or anything else) when the reply is unusable."""
-        if msg.has_error():
-            raise ReplyRejected(f"site reported an error: {msg.error.reason}")
-        if _claimed_name(msg) is None:
-            raise ReplyRejected("the reply names no site (`info` record, `site`)")
-        info = msg.content.config_records.get("info")
-        if info is not None and "declined" in info:
-            m = msg.content.metric_records.get("metrics")
-            try:
-                privacy = read_privacy(dict(m)) if m is not None else None
-            except ValueError as e:
-                raise ReplyRejected(str(e)) from e
+        ReplyRejected when the reply is unusable."""
+        name, reply = got.site, got.reply
+        if got.declined is not None:
             outcome.declined[name] = {
-                "reason": str(info["declined"]),
-                "privacy": privacy,
+                "reason": got.declined,
+                "privacy": None if reply.privacy is None else dict(reply.privacy),
             }
-            log.warning("site %s declined: %s", name, info["declined"])
+            log.warning("site %s declined: %s", name, got.declined)
             return None
-        try:
-            arrays = record_to_arrays(msg.content.array_records["arrays"])
-            reply = TrainReply.from_values(dict(msg.content.metric_records["metrics"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ReplyRejected(f"malformed reply ({e})") from e
+        arrays = dict(got.arrays)
         counts = dict(reply.counts)
         update = SiteUpdate(name, arrays, counts)
         problems = verify_update(update, current, self.groups)
@@ -306,7 +347,9 @@ class GroupedStrategy(FedAvg):
                 "counts below those declared when it joined: " + ", ".join(fewer)
             ]
 
-    def aggregate_evaluation(self, replies: Iterable[Message]) -> dict[str, Any]:
+    def aggregate_evaluation(
+        self, replies: Iterable[Message], registered: Mapping[int, str] | None = None
+    ) -> dict[str, Any]:
         """Federated validation metrics from the sites' counts and sums.
 
         :func:`shared_model.site_evaluation.combine`: overall (each patient scored under
@@ -314,28 +357,27 @@ class GroupedStrategy(FedAvg):
         interval, Brier, calibration, two operating points (0.5 and the highest
         threshold reaching ``target-sensitivity`` on this validation set), the
         decision curve, recommendation counts and the policy value (IPW, doubly
-        robust, and the model's own estimate apart).
+        robust, and the model's own estimate apart). Sites are identified as in
+        :meth:`aggregate_round`.
         """
         sites: dict[str, SiteEvaluation] = {}
         claimed: Counter[str] = Counter()
         withheld: set[str] = set()
         for i, msg in enumerate(replies):
-            name = _site_name(msg, f"node-{i}")
-            if msg.has_error():
-                log.warning(
-                    "evaluation: site %s reported an error: %s", name, msg.error.reason
-                )
-                continue
-            claimed[name] += 1  # an error reply has no content and claims nothing
-            info = msg.content.config_records.get("info")
-            if "metrics" not in msg.content and info is not None and "withheld" in info:
-                withheld.add(name)  # a DP site that does not release its counts
-                continue
+            name = site_identity(msg, registered, f"node-{i}")
+            if msg.has_content():  # an error reply claims nothing
+                claimed[name] += 1
             try:
-                values: dict[str, Any] = dict(msg.content["metrics"])
+                _verify_claim(msg, name, registered)
+                values = read_evaluation_reply(msg)
+                if values is None:
+                    withheld.add(name)  # a DP site that does not release its counts
+                    continue
                 sites[name] = SiteEvaluation.from_values(name, "validation", values)
+            except ReplyRejected as e:
+                log.warning("evaluation: excluded site %s: %s", name, e.reason)
             except Exception as e:  # malformed or impossible: never fatal
-                log.warning("evaluation: excluded site %s: %r", name, e)
+                log.warning("evaluation: excluded site %s: %s", name, e)
         for name, n in claimed.items():
             if n > 1 and sites.pop(name, None) is not None:
                 log.warning(

@@ -355,3 +355,8 @@ def binary_report(
             name: operating_point(counts, t) for name, t in thresholds.items()
         },
     }
+
+
+def format_metric(value: float | None, digits: int = 3) -> str:
+    """A metric for people: ``0.731``, or ``n/a`` when it could not be computed."""
+    return "n/a" if value is None else f"{value:.{digits}f}"

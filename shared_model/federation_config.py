@@ -332,3 +332,26 @@ class FederationConfig:
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """Flower-style ``"key=value key2='text'"`` into a dict (numbers, booleans, text)."""
+    import shlex
+
+    out: dict[str, Any] = {}
+    for item in shlex.split(text):
+        if "=" not in item:
+            raise ConfigError(f"--run-config item {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        parsed: Any = value
+        if value.lower() in ("true", "false"):
+            parsed = value.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    parsed = kind(value)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = parsed
+    return out

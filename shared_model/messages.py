@@ -1,29 +1,38 @@
-"""What a site and the server exchange about training: the one place that names
-the reply's keys and the parameter groups.
+"""What a site and the server exchange: the one place that names the keys of
+every message and the parameter groups.
 
-A training reply carries the trained arrays (in the Flower record; not here)
-and :class:`TrainReply`'s values: patients per parameter group (``n-shared``,
-``n-nCRT``, ``n-TNT``, ``n-nCT``), the steps and seconds, the losses (not under
-DP) and the DP-SGD accounting (``dp-*``, under DP). The site builds it with
+A round's request (:class:`RoundRequest`) carries the federation's run config,
+plan and model config, the round, the declared backbone's digest and, for
+evaluation, the regimens advice may name. A training reply carries the
+trained arrays and :class:`TrainReply`'s values: patients per parameter group
+(``n-shared``, ``n-nCRT``, ``n-TNT``, ``n-nCT``), the steps and seconds, the
+losses (not under DP) and the DP-SGD accounting (``dp-*``, under DP). The site builds it with
 :meth:`TrainReply.to_values`; the server reads an untrusted reply with
 :meth:`TrainReply.from_values`, which refuses anything malformed with a
-ValueError that says what. Evaluation replies have their own contract,
-:class:`shared_model.site_evaluation.SiteEvaluation`. No Flower here: the
-adapters on each side put these values into Flower records.
+ValueError that says what; :class:`SiteTrainReply` adds the site's name, its
+arrays and a declined round. Evaluation replies carry
+:class:`shared_model.site_evaluation.SiteEvaluation`'s values. No Flower here:
+:mod:`wire.records` puts these values into Flower records for both sides.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from shared_model.clinical import REGIMENS
+from shared_model.errors import ConfigError
 
 SHARED = "shared"
+
+# The records of a message (Flower RecordDict keys) and the info record's keys.
+ARRAYS, METRICS, INFO, CONFIG = "arrays", "metrics", "info", "config"
+SITE, DECLINED, WITHHELD = "site", "declined", "withheld"
 
 
 def expert_group(regimen: str) -> str:
@@ -148,4 +157,89 @@ class TrainReply:
             ),
             losses=losses or None,
             privacy=read_privacy(values),
+        )
+
+
+@dataclass(frozen=True)
+class SiteTrainReply:
+    """A site's whole training reply: its name, the arrays of the groups it
+    trained, and :class:`TrainReply`; or, for a round its DP budget declines,
+    ``declined`` (the reason) and no arrays."""
+
+    site: str
+    reply: TrainReply
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    declined: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the coordinator sends with each round's weights.
+
+    Attributes:
+        run_config: the resolved federation config (kebab-case keys).
+        plan: the preprocessing plan (:meth:`shared_model.plan.Plan.to_dict`).
+        model_config: the network (:meth:`shared_model.model.ModelConfig.to_dict`).
+        server_round: the round (Flower's strategy adds it to every message).
+        backbone_sha256: the pretrained backbone the federation declares.
+        allowed_regimens: evaluation only: the regimens advice may name
+            (experts with enough support); None allows all.
+    """
+
+    run_config: Mapping[str, Any]
+    plan: Mapping[str, Any]
+    model_config: Mapping[str, Any]
+    server_round: int = 0
+    backbone_sha256: str | None = None
+    allowed_regimens: tuple[str, ...] | None = None
+
+    def to_values(self) -> dict[str, Any]:
+        """Flat values for a Flower ConfigRecord (``server-round`` is added by
+        the strategy)."""
+        out: dict[str, Any] = {
+            "run-config": json.dumps(dict(self.run_config)),
+            "plan": json.dumps(dict(self.plan)),
+            "model-config": json.dumps(dict(self.model_config)),
+        }
+        if self.backbone_sha256 is not None:
+            out["backbone-sha256"] = self.backbone_sha256
+        if self.allowed_regimens is not None:
+            out["allowed-regimens"] = json.dumps(list(self.allowed_regimens))
+        return out
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> RoundRequest:
+        """Read the coordinator's request at a site; ConfigError names the key."""
+
+        def obj(key: str) -> dict[str, Any]:
+            if key not in values:
+                raise ConfigError(f"the round's config lacks `{key}`")
+            try:
+                out = json.loads(str(values[key]))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"the round's `{key}` is not JSON") from e
+            if not isinstance(out, dict):
+                raise ConfigError(f"the round's `{key}` is not a JSON object")
+            return out
+
+        rnd = values.get("server-round")
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 < rnd < 10**6:
+            raise ConfigError(f"the round's `server-round` is {rnd!r}")
+        digest = values.get("backbone-sha256")
+        allowed: tuple[str, ...] | None = None
+        if "allowed-regimens" in values:
+            try:
+                raw = json.loads(str(values["allowed-regimens"]))
+            except json.JSONDecodeError as e:
+                raise ConfigError("`allowed-regimens` is not JSON") from e
+            if not isinstance(raw, list) or any(r not in REGIMENS for r in raw):
+                raise ConfigError(f"`allowed-regimens` must be a subset of {REGIMENS}")
+            allowed = tuple(r for r in REGIMENS if r in raw)
+        return cls(
+            run_config=obj("run-config"),
+            plan=obj("plan"),
+            model_config=obj("model-config"),
+            server_round=rnd,
+            backbone_sha256=None if digest is None else str(digest),
+            allowed_regimens=allowed,
         )

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from shared_model.errors import MoeflError
+from shared_model.federated_metrics import format_metric
 from shared_model.federation_config import FederationConfig
 
 log = logging.getLogger(__name__)
@@ -200,18 +201,18 @@ def format_run_summary(record: dict[str, Any]) -> str:
     lines = [f"federated run {record['status']}: {len(rounds)} rounds"]
     if ev:
         by = ", ".join(
-            f"{k} {_fmt(v)}" for k, v in ev.get("auc_by_regimen", {}).items()
+            f"{k} {format_metric(v)}" for k, v in ev.get("auc_by_regimen", {}).items()
         )
         lines.append(
-            f"  validation ({ev.get('n')} patients): AUC {_fmt(ev.get('auc'))} "
-            f"({by}), Dice {_fmt(ev.get('dice'))}"
+            f"  validation ({ev.get('n')} patients): AUC {format_metric(ev.get('auc'))} "
+            f"({by}), Dice {format_metric(ev.get('dice'))}"
         )
         overall = ev.get("overall") or {}
         for name, op in (overall.get("operating_points") or {}).items():
             lines.append(
                 f"    threshold {name} = {op['threshold']:.3f}: sensitivity "
-                f"{_fmt(op['sensitivity']['value'])}, specificity "
-                f"{_fmt(op['specificity']['value'])}"
+                f"{format_metric(op['sensitivity']['value'])}, specificity "
+                f"{format_metric(op['specificity']['value'])}"
             )
         pv = ev.get("policy_value") or {}
         if pv.get("dr"):
@@ -245,10 +246,6 @@ def format_run_summary(record: dict[str, Any]) -> str:
             f"{central['clip']:g}, {central['releases']} releases)"
         )
     return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _size(n: float) -> str:

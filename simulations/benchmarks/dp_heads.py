@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--reference", type=Path, help="quality JSON of this cohort")
     args = parser.parse_args(argv)
-    from client.cli import parse_run_config
+    from shared_model.federation_config import parse_run_config
 
     result = run_dp_heads(
         args.out,

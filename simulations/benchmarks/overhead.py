@@ -8,10 +8,12 @@ A benchmark, not a test: it prints what it measured and writes JSON.
 Runs the same rounds twice on one cohort, in one process, with training only
 (``evaluate-every 0``):
 
-- plain loop: the server's strategy configures each round, the ClientApp's own
-  ``train`` function is called for each site in turn in this process, and the
-  strategy aggregates the replies; no Flower runtime (no Ray, no message
-  passing, no serialisation);
+- plain loop: the server's start (:func:`server.server_app.start_federation`),
+  the site's own round (:func:`client.site_round.train_round`, what the
+  ClientApp calls) for each site in turn in this process, and the strategy's
+  aggregation of the typed replies
+  (:meth:`server.strategy.GroupedStrategy.aggregate_replies`); no Flower
+  runtime (no Ray, no messages, no serialisation);
 - federated: the same rounds in Flower's simulation runtime
   (``moefl simulate``), where each site runs in a Ray worker and every message
   crosses process boundaries.
@@ -27,11 +29,11 @@ patients.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,33 +42,6 @@ import numpy as np
 from simulations.benchmarks.common import benchmark_parser, finish
 
 Echo = Callable[[str], None]
-
-
-class _LocalGrid:
-    """Enough of Flower's Grid for a strategy to pick its nodes."""
-
-    def __init__(self, n: int) -> None:
-        self.node_ids = list(range(1, n + 1))
-
-    def get_node_ids(self) -> list[int]:
-        return self.node_ids
-
-
-@contextmanager
-def _task_identity() -> Iterator[None]:
-    """Flower's messages read the running task's identity; give them one.
-
-    Outside Flower's runtime nothing sets it, so the plain loop sets a run id
-    of 0 for its own messages and clears it again before the simulation runs.
-    """
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 0, 0, 0
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def wire_bytes(content: Any) -> int:
@@ -80,12 +55,12 @@ def plain_loop(
     cohort: Path, run_dir: Path, overrides: dict[str, Any]
 ) -> dict[str, Any]:
     """The rounds of a federation without Flower's runtime (see module doc)."""
-    from flwr.app import Context, RecordDict
+    from flwr.app import RecordDict
 
-    from client.client_app import arrays_to_record, record_to_arrays
-    from client.client_app import train as client_train
+    from client.site_round import train_round
     from server.server_app import start_federation
     from shared_model.federation_config import FederationConfig
+    from wire.records import arrays_to_record, request_record, train_reply_content
 
     yamls = sorted((cohort / "site_configs").glob("*.yaml"))
     fed = FederationConfig.from_run_config(
@@ -97,45 +72,33 @@ def plain_loop(
         }
     )
     begin = start_federation(fed)
-    arrays, strategy, config = begin.arrays, begin.strategy, begin.config
-    grid = _LocalGrid(len(yamls))
-    contexts = {
-        node: Context(
-            run_id=0,
-            node_id=node,
-            node_config={"partition-id": node - 1, "num-partitions": len(yamls)},
-            state=RecordDict(),
-            run_config={},
-        )
-        for node in grid.node_ids
-    }
+    arrays, strategy = begin.arrays, begin.strategy
+    nodes = [
+        {"partition-id": i, "num-partitions": len(yamls)} for i in range(len(yamls))
+    ]
     rounds, sizes = [], {}
-    with _task_identity():
-        for rnd in range(1, fed.num_server_rounds + 1):
-            t0 = time.perf_counter()
-            messages = list(
-                strategy.configure_train(rnd, arrays_to_record(arrays), config, grid)  # type: ignore[arg-type]
+    for rnd in range(1, fed.num_server_rounds + 1):
+        t0 = time.perf_counter()
+        request = dataclasses.replace(begin.request, server_round=rnd)
+        replies = [train_round(request, arrays, node) for node in nodes]
+        outcome = strategy.aggregate_replies(rnd, replies, arrays)
+        rounds.append(time.perf_counter() - t0)
+        if rnd == 1:
+            down = RecordDict(
+                {"arrays": arrays_to_record(arrays), "config": request_record(request)}
             )
-            replies = [
-                client_train(m, contexts[m.metadata.dst_node_id]) for m in messages
-            ]
-            outcome = strategy.aggregate_round(rnd, replies, arrays)
-            arrays = outcome.arrays
-            rounds.append(time.perf_counter() - t0)
-            if rnd == 1:
-                for m, r in zip(messages, replies, strict=True):
-                    site = str(r.content.config_records["info"]["site"])
-                    up = record_to_arrays(r.content.array_records["arrays"])
-                    sizes[site] = {
-                        "wire_down": wire_bytes(m.content),
-                        "wire_up": wire_bytes(r.content),
-                        "array_bytes_up": int(sum(a.nbytes for a in up.values())),
-                        "groups_up": sorted(
-                            g
-                            for g, names in strategy.groups.items()
-                            if any(n in up for n in names)
-                        ),
-                    }
+            for r in replies:
+                sizes[r.site] = {
+                    "wire_down": wire_bytes(down),
+                    "wire_up": wire_bytes(train_reply_content(r)),
+                    "array_bytes_up": int(sum(a.nbytes for a in r.arrays.values())),
+                    "groups_up": sorted(
+                        g
+                        for g, names in strategy.groups.items()
+                        if any(n in r.arrays for n in names)
+                    ),
+                }
+        arrays = outcome.arrays
     return {"round_seconds": rounds, "sizes": sizes, "arrays": arrays}
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from shared_model.messages import COUNT_KEYS, SHARED
 from simulations.benchmarks.common import (
     MemorySampler,
     benchmark_parser,
@@ -184,7 +185,7 @@ def run_one(folder: Path, rounds: int, quick: bool) -> dict[str, Any]:
     first = record["rounds"][0]
     return {
         "sites": len(first["sites"]),
-        "patients_train": sum(m["n-shared"] for m in first["sites"].values()),
+        "patients_train": sum(m[COUNT_KEYS[SHARED]] for m in first["sites"].values()),
         "round_seconds": rounds_s,
         "wall_seconds": round(wall, 1),
         "site_train_seconds": [

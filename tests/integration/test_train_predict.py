@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli.main import app
 from client.checkpoint import load_checkpoint
-from client.cli import app
 from client.predict import parse_clinical_args, predict_case
 from shared_model.errors import ConfigError, DataError
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from client.client_app import arrays_to_record
 from server.strategy import GroupedStrategy
 from shared_model.federated_metrics import ScoreCounts
 from shared_model.federation_config import FederationConfig
 from shared_model.policy import PolicySums
 from shared_model.site_evaluation import SiteEvaluation
 from tests.unit.test_strategy import CURRENT, GROUPS, FakeReply, reply
+from wire.records import arrays_to_record
 
 
 def _arrays(value: Any, dtype: Any = np.float32, **extra: Any) -> dict[str, Any]:
@@ -273,3 +273,26 @@ def test_reproducible_central_noise_is_refused_outside_simulation() -> None:
         verify_for_runtime(fed, simulation=False)
     verify_for_runtime(fed, simulation=True)
     verify_for_runtime(FederationConfig(), simulation=False)
+
+
+def test_a_site_is_its_registered_name_not_its_claim() -> None:
+    """With node authentication the registered name is the identity: an
+    impostor claiming an honest site's name is excluded under its own
+    registration, and the honest site is kept."""
+    registered = {1: "a", 2: "b", 3: "c", 4: "evil"}
+    honest = [
+        FakeReply(reply(s, v).content, node=n)
+        for n, s, v in ((1, "a", 1.0), (2, "b", 3.0), (3, "c", 2.0))
+    ]
+    impostor = FakeReply(reply("a", 99.0).content, node=4)
+    strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
+    out = strategy.aggregate_round(1, [*honest, impostor], CURRENT, registered)
+    assert sorted(out.sites) == ["a", "b", "c"]
+    assert list(out.excluded) == ["evil"]
+    assert "registered as evil replies as 'a'" in out.excluded["evil"][0]
+    assert np.allclose(out.arrays["enc"], 2.0)
+    # an unregistered node falls back to the name its reply gives
+    out = strategy.aggregate_round(
+        2, [*honest, FakeReply(reply("d", 2.0).content, node=9)], CURRENT, registered
+    )
+    assert sorted(out.sites) == ["a", "b", "c", "d"] and not out.excluded

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from client.client_app import SITE_ERRORS, evaluate_handler, train
+from client.client_app import SITE_ERRORS, evaluate, train
 from shared_model.federation_config import FederationConfig
 from shared_model.plan import PRESET_PLANS
 
@@ -36,7 +36,9 @@ def _instruction(kind: str, run_config: dict) -> Message:
         ttl=60.0,
         message_type=kind,
     )
-    return Message(RecordDict({"config": config}), metadata=metadata)
+    return Message(
+        RecordDict({"config": config, "arrays": ArrayRecord()}), metadata=metadata
+    )
 
 
 def _context(site_yaml: Path) -> Context:
@@ -50,7 +52,7 @@ def _context(site_yaml: Path) -> Context:
     )
 
 
-@pytest.mark.parametrize("handler", [train, evaluate_handler])
+@pytest.mark.parametrize("handler", [train, evaluate])
 def test_a_failing_site_sends_a_code_not_its_paths(
     handler: object, tmp_path: Path
 ) -> None:
@@ -84,8 +86,8 @@ def test_a_dp_site_refuses_staged_training_before_spending(
         site_yaml.read_text()
         + "privacy:\n  target_epsilon: 8.0\n  delta: 1.0e-3\n  max_grad_norm: 1.0\n"
     )
-    from client.client_app import arrays_to_record
     from shared_model.model import ModelConfig, build_model
+    from wire.records import arrays_to_record
 
     msg = _instruction("train", FederationConfig().to_run_config())
     cfg = ModelConfig.from_plan(PRESET_PLANS["tiny"], base_filters=4, max_filters=16)
@@ -114,9 +116,9 @@ def test_a_dp_site_refuses_staged_training_before_spending(
     site_yaml.write_text(
         site_yaml.read_text() + f"  public_backbones: ['{'1' * 64}']\n"
     )
-    from client import client_app
+    from client import site_state
 
-    client_app._SITES.clear()
+    site_state._SITES.clear()
     caplog.clear()
     reply = train(msg, context)
     assert reply.has_error() and "not in `privacy.public_backbones`" in caplog.text

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from client.client_app import arrays_to_record
 from server.strategy import GroupedStrategy
 from shared_model.errors import ConfigError
 from shared_model.federated_metrics import ScoreCounts
 from shared_model.federation_config import FederationConfig
+from wire.records import arrays_to_record
 
 GROUPS = {
     "shared": ["enc"],
@@ -32,9 +33,12 @@ class Err:
 class FakeReply:
     """Duck-typed stand-in for a Flower reply Message."""
 
-    def __init__(self, content: RecordDict | None, error: str | None = None) -> None:
+    def __init__(
+        self, content: RecordDict | None, error: str | None = None, node: int = 0
+    ) -> None:
         self.content = content
         self.error = Err(error) if error else None
+        self.metadata = SimpleNamespace(src_node_id=node)
 
     def has_error(self) -> bool:
         return self.error is not None

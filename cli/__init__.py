@@ -1,0 +1,1 @@
+"""The ``moefl`` command line, on top of every other package."""

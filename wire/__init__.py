@@ -1,0 +1,1 @@
+"""The Flower records of :mod:`shared_model.messages`, for both sides."""

@@ -1,0 +1,124 @@
+"""Flower records for the messages of :mod:`shared_model.messages`.
+
+The ClientApp and the ServerApp pack and read every message here, so each key
+is written once and the server never imports site code. What arrives from the
+other party is untrusted: the readers refuse a malformed message with a
+ValueError (server side) or a ConfigError (site side) that says what is wrong,
+and the caller decides what that costs (the server excludes the site for the
+round; the site replies with an error code).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from shared_model.errors import ConfigError
+from shared_model.messages import (
+    ARRAYS,
+    CONFIG,
+    DECLINED,
+    INFO,
+    METRICS,
+    SITE,
+    WITHHELD,
+    RoundRequest,
+    SiteTrainReply,
+    TrainReply,
+    read_privacy,
+)
+
+
+def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Named numpy arrays as a Flower ArrayRecord (C-contiguous copies)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """A Flower ArrayRecord as named numpy arrays."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def request_record(request: RoundRequest) -> ConfigRecord:
+    """The coordinator's request as the ConfigRecord sent with the weights."""
+    return ConfigRecord(request.to_values())
+
+
+def read_request(msg: Message) -> tuple[RoundRequest, dict[str, np.ndarray]]:
+    """A site reads the round's request and the global weights it carries."""
+    content = msg.content
+    if CONFIG not in content.config_records or ARRAYS not in content.array_records:
+        raise ConfigError("the round's message lacks its config or its weights")
+    request = RoundRequest.from_values(dict(content.config_records[CONFIG]))
+    return request, record_to_arrays(content.array_records[ARRAYS])
+
+
+def train_reply_content(reply: SiteTrainReply) -> RecordDict:
+    """A site's training reply as the content of a Flower message."""
+    info: dict[str, Any] = {SITE: reply.site}
+    records: dict[str, Any] = {METRICS: MetricRecord(reply.reply.to_values())}
+    if reply.declined is not None:
+        info[DECLINED] = reply.declined
+    else:
+        records[ARRAYS] = arrays_to_record(dict(reply.arrays))
+    return RecordDict({**records, INFO: ConfigRecord(info)})
+
+
+def evaluation_content(site: str, values: dict[str, Any] | str) -> RecordDict:
+    """A site's evaluation reply: its counts and sums, or (a string) the reason
+    it withholds them."""
+    if isinstance(values, str):
+        return RecordDict({INFO: ConfigRecord({SITE: site, WITHHELD: values})})
+    return RecordDict({METRICS: MetricRecord(values), INFO: ConfigRecord({SITE: site})})
+
+
+def claimed_site(msg: Message) -> str | None:
+    """The site name a reply gives itself (None: an error reply, or none readable)."""
+    try:
+        if not msg.has_content():
+            return None
+        info = msg.content.config_records.get(INFO)
+        name = None if info is None or SITE not in info else info[SITE]
+    except Exception:  # a malformed reply
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def read_train_reply(msg: Message) -> SiteTrainReply:
+    """The server reads an untrusted training reply; ValueError says what is
+    wrong with it (an error reply included)."""
+    if msg.has_error():
+        raise ValueError(f"site reported an error: {msg.error.reason}")
+    site = claimed_site(msg)
+    if site is None:
+        raise ValueError(f"the reply names no site (`{INFO}` record, `{SITE}`)")
+    content = msg.content
+    info = content.config_records[INFO]
+    try:
+        values = dict(content.metric_records[METRICS])
+        if DECLINED in info:  # no weights: only its DP accounting is read
+            reply = TrainReply(counts={}, privacy=read_privacy(values))
+            return SiteTrainReply(site, reply, declined=str(info[DECLINED]))
+        reply = TrainReply.from_values(values)
+        arrays = record_to_arrays(content.array_records[ARRAYS])
+    except KeyError as e:
+        raise ValueError(f"malformed reply (no {e})") from e
+    except TypeError as e:
+        raise ValueError(f"malformed reply ({e})") from e
+    return SiteTrainReply(site, reply, arrays)
+
+
+def read_evaluation_reply(msg: Message) -> dict[str, Any] | None:
+    """An untrusted evaluation reply's values; None when the site withholds
+    them. ValueError says what is wrong."""
+    if msg.has_error():
+        raise ValueError(f"site reported an error: {msg.error.reason}")
+    content = msg.content
+    info = content.config_records.get(INFO)
+    if METRICS not in content.metric_records:
+        if info is not None and WITHHELD in info:
+            return None
+        raise ValueError(f"the reply has no `{METRICS}` record")
+    return dict(content.metric_records[METRICS])
