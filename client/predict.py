@@ -20,8 +20,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
+from client.case_checks import adc_unit_problem, grid_problem, load_volume
 from client.checkpoint import load_checkpoint
-from client.checks import adc_unit_problem, grid_problem, load_volume
 from client.data import build_preprocess
 from client.engine import resolve_device
 from client.site_data import Problem

@@ -247,7 +247,7 @@ def test_a_nifti_header_claiming_a_huge_volume_is_a_finding(tmp_path: Any) -> No
     """Read as a finding from the header alone, not a MemoryError."""
     import nibabel as nib
 
-    from client.checks import load_volume
+    from client.case_checks import load_volume
     from client.site_data import Problem
 
     path = tmp_path / "huge.nii.gz"
