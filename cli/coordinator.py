@@ -43,7 +43,7 @@ def report(
     ] = [],  # noqa: B006
 ) -> None:
     """Write report.md and report.html (with PNG figures) into a run folder."""
-    from client.report import build_report
+    from server.report import build_report
 
     try:
         comparators = {}

@@ -96,8 +96,9 @@ def run_demo(
     )
     echo(format_run_summary(record))
     echo(f"run folder: {federated} (metrics.json, checkpoints/, model.safetensors)")
-    from client.evaluation import headline, run_evaluation
-    from client.report import build_report
+    from client.evaluation import run_evaluation
+    from client.evaluation_text import headline
+    from server.report import build_report
 
     echo(
         "evaluating the federated model (validation, prospective and test cohorts) ..."

@@ -345,7 +345,8 @@ def evaluate_cmd(
     ] = None,
 ) -> None:
     """Evaluate a model: metrics with intervals, recommendations, policy value."""
-    from client.evaluation import headline, run_evaluation
+    from client.evaluation import run_evaluation
+    from client.evaluation_text import headline
     from shared_model.policy import RecommendationRule
 
     sites = site_yamls(sites, ctx)

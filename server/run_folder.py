@@ -262,3 +262,22 @@ class RunFolder:
                         "`resume-changed-config=true` to continue under the new ones"
                     )
         write_atomic(path, _json_bytes(dict(run_config)))
+
+
+def privacy_spent(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each DP site's latest accounting in a run record, with its rounds trained."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in record.get("rounds", []):
+        for site, m in r.get("sites", {}).items():
+            if m.get("privacy"):
+                prev = out.get(site, {}).get("rounds_trained", 0)
+                out[site] = {**m["privacy"], "rounds_trained": prev + 1}
+        for site, d in r.get("declined", {}).items():
+            if d.get("privacy"):
+                prev = out.get(site, {}).get("rounds_trained", 0)
+                out[site] = {
+                    **out.get(site, {}),
+                    **d["privacy"],
+                    "rounds_trained": prev,
+                }
+    return out

@@ -227,7 +227,7 @@ def format_run_summary(record: dict[str, Any]) -> str:
             f"  {site}: n-shared {m['n-shared']}, n-nCRT {m['n-nCRT']}, "
             f"n-TNT {m['n-TNT']}, n-nCT {m['n-nCT']}, up {_size(m['bytes_up'])}"
         )
-    from client.report import privacy_spent
+    from server.run_folder import privacy_spent
 
     spent = privacy_spent(record)
     for site, p in sorted(spent.items()):

@@ -93,7 +93,7 @@ def auc_runs(
     quick: bool,
 ) -> list[dict[str, Any]]:
     """One simulated federation per budget (and one without DP)."""
-    from client.report import privacy_spent
+    from server.run_folder import privacy_spent
     from simulations.simulate import run_simulated_federation
 
     preset = "tiny" if quick else "demo"

@@ -285,7 +285,7 @@ def test_dp_heads_over_a_public_backbone_stay_within_budget_across_a_resume(
         assert ledger.entries[-1]["stage"] == "heads"
     for ckpt in sorted((run / "checkpoints").glob("round_*[0-9].safetensors")):
         assert backbone_digest(load_file(str(ckpt))) == done.sha256
-    from client.report import build_report
+    from server.report import build_report
 
     md, _ = build_report(run, {})
     assert "withheld (DP)" in md.read_text()

@@ -48,7 +48,7 @@ def test_no_arrow_runs_back_up(package: str) -> None:
 def test_loading_the_server_app_loads_no_site_stack() -> None:
     """The model (MONAI's network) is shared; the site's code and opacus are not."""
     code = (
-        "import sys, server.server_app; "
+        "import sys, server.server_app, server.report; "
         "bad = [m for m in ('client', 'opacus', 'simulations') if m in sys.modules]; "
         "print(','.join(bad))"
     )

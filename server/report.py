@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.report_figures import draw_figures
+from server.run_folder import privacy_spent
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
+from shared_model.federated_metrics import format_metric
 from shared_model.policy import format_share
 from shared_model.site_evaluation import COHORTS
 
@@ -28,25 +31,6 @@ class Block:
     rows: list[list[str]] | None = None  # first row: header
 
 
-def privacy_spent(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each DP site's latest accounting in a run record, with its rounds trained."""
-    out: dict[str, dict[str, Any]] = {}
-    for r in record.get("rounds", []):
-        for site, m in r.get("sites", {}).items():
-            if m.get("privacy"):
-                prev = out.get(site, {}).get("rounds_trained", 0)
-                out[site] = {**m["privacy"], "rounds_trained": prev + 1}
-        for site, d in r.get("declined", {}).items():
-            if d.get("privacy"):
-                prev = out.get(site, {}).get("rounds_trained", 0)
-                out[site] = {
-                    **out.get(site, {}),
-                    **d["privacy"],
-                    "rounds_trained": prev,
-                }
-    return out
-
-
 def _read(path: Path) -> dict[str, Any]:
     try:
         data: dict[str, Any] = json.loads(path.read_text())
@@ -55,155 +39,11 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
-def _f(v: Any, digits: int = 3) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
-
-
 def _ci(d: dict[str, Any] | None, key: str = "value") -> str:
     if not d or d.get(key) is None:
         return "n/a"
     ci = d.get("ci")
     return f"{d[key]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-
-
-def _figures(out: Path, run: dict[str, Any], evaluations: dict[str, Any]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    rounds = run.get("rounds", [])
-    if rounds:
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-        evaluated = [r for r in rounds if "evaluate" in r]
-        for key, style, label in (("auc", "o-", "AUC"), ("dice", "s-", "Dice")):
-            ax[0].plot(
-                [r["round"] for r in evaluated],
-                [r["evaluate"].get(key) or float("nan") for r in evaluated],
-                style,
-                label=label,
-            )
-        ax[0].set(xlabel="round", title="federated validation", ylim=(0, 1))
-        ax[0].legend()
-        ax[1].plot(
-            [r["round"] for r in rounds], [r.get("seconds", 0) for r in rounds], "o-"
-        )
-        ax[1].set(xlabel="round", ylabel="seconds", title="round time")
-        fig.tight_layout()
-        fig.savefig(out / "training.png", dpi=110)
-        plt.close(fig)
-        written.append("training.png")
-        eps: dict[str, list[tuple[int, float]]] = {}
-        for r in rounds:
-            for site, m in {**r.get("sites", {}), **r.get("declined", {})}.items():
-                if m.get("privacy"):
-                    eps.setdefault(site, []).append(
-                        (r["round"], m["privacy"]["epsilon"])
-                    )
-        if eps:
-            fig, ax1 = plt.subplots(figsize=(5, 3.2))
-            for site, pts in sorted(eps.items()):
-                ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=site)
-            ax1.set(
-                xlabel="round", ylabel="epsilon spent", title="DP-SGD budget per site"
-            )
-            ax1.legend()
-            fig.tight_layout()
-            fig.savefig(out / "privacy.png", dpi=110)
-            plt.close(fig)
-            written.append("privacy.png")
-    for cohort, ev in evaluations.items():
-        fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
-        roc = ev["overall"]["roc"]
-        if roc["fpr"]:
-            ax[0].plot(
-                roc["fpr"], roc["tpr"], "k-", lw=2, label=f"all (AUC {_f(ev['auc'])})"
-            )
-        for r in REGIMENS:
-            rr = ev["regimens"][r]["roc"]
-            if rr["fpr"]:
-                auc = ev["regimens"][r]["auc"]
-                ax[0].plot(
-                    rr["fpr"], rr["tpr"], label=f"{r} (AUC {_f(auc and auc['auc'])})"
-                )
-        ax[0].plot([0, 1], [0, 1], ":", color="grey")
-        ax[0].set(
-            xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, {cohort}"
-        )
-        ax[0].legend(fontsize=8)
-        cal = ev["overall"]["calibration"] or {"bins": []}
-        ax[1].plot([0, 1], [0, 1], ":", color="grey")
-        ax[1].plot(
-            [b["predicted"] for b in cal["bins"]],
-            [b["observed"] for b in cal["bins"]],
-            "o-",
-        )
-        ax[1].set(
-            xlabel="predicted pCR",
-            ylabel="observed pCR",
-            title="calibration",
-            xlim=(0, 1),
-            ylim=(0, 1),
-        )
-        dc = ev["decision_curve"]
-        ax[2].plot(dc["threshold"], dc["model"], label="model")
-        ax[2].plot(dc["threshold"], dc["treat_all"], label="treat all as responders")
-        ax[2].plot(dc["threshold"], dc["treat_none"], label="treat none")
-        top = max(max(dc["model"] + dc["treat_all"]), 0.05)
-        ax[2].set(
-            xlabel="threshold probability",
-            ylabel="net benefit",
-            title="decision curve",
-            ylim=(-0.05, top * 1.1),
-        )
-        ax[2].legend(fontsize=8)
-        fig.tight_layout()
-        name = f"evaluation_{cohort}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-        if ev.get("survival"):
-            written.append(_survival_figure(out, cohort, ev["survival"]))
-    return written
-
-
-def _survival_figure(out: Path, cohort: str, survival: dict[str, Any]) -> str:
-    """Kaplan-Meier curves of DFS by recommendation direction and by whether
-    the advised regimen was received (step functions from the event bins)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    panels = (
-        (ax[0], ("escalate", "maintain", "de-intensify"), "logrank_directions"),
-        (ax[1], ("followed", "not-followed"), "logrank_followed"),
-    )
-    for axis, groups, test in panels:
-        for g in groups:
-            km = survival["kaplan_meier"].get(g)
-            if not km:
-                continue
-            end = km.get("max_follow_up") or 0.0
-            axis.step(
-                [0.0, *km["times"], end],
-                [1.0, *km["survival"], (km["survival"] or [1.0])[-1]],
-                where="post",
-                label=f"{g} (n={km['n']})",
-            )
-        t = survival.get(test)
-        p = "" if t is None else f", log-rank p = {t['p_value']:.3f}"
-        axis.set(
-            xlabel="months",
-            ylabel="disease-free survival",
-            ylim=(0, 1.02),
-            title=f"DFS by advice, {cohort}{p}",
-        )
-        axis.legend(fontsize=8)
-    fig.tight_layout()
-    name = f"survival_{cohort}.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
 
 
 def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
@@ -229,11 +69,11 @@ def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
                 ],
                 [
                     _ci(o["auc"], "auc"),
-                    _f(o["brier"]),
-                    _f(cal.get("ece")),
-                    _f(cal.get("slope")),
-                    _f(cal.get("intercept")),
-                    _f(ev.get("dice")),
+                    format_metric(o["brier"]),
+                    format_metric(cal.get("ece")),
+                    format_metric(cal.get("slope")),
+                    format_metric(cal.get("intercept")),
+                    format_metric(ev.get("dice")),
                 ],
             ],
         )
@@ -262,7 +102,13 @@ def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
     for r in REGIMENS:
         g = ev["regimens"][r]
         rows.append(
-            [r, str(g["n"]), str(g["n_pcr"]), _ci(g["auc"], "auc"), _f(g["brier"])]
+            [
+                r,
+                str(g["n"]),
+                str(g["n_pcr"]),
+                _ci(g["auc"], "auc"),
+                format_metric(g["brier"]),
+            ]
         )
     blocks.append(Block("table", rows=rows))
     rows = [["site", "n", "AUC (95% CI)", "Dice", "doubly robust pCR under advice"]]
@@ -272,7 +118,7 @@ def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
                 site,
                 str(s["n"]),
                 _ci(s["auc"], "auc"),
-                _f(s.get("dice")),
+                format_metric(s.get("dice")),
                 _ci(s["policy_value"].get("dr")),
             ]
         )
@@ -322,14 +168,14 @@ def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
     if pv.get("oracle"):
         truth = pv["oracle"]
         share = truth.get("share_of_oracle_gain")
+        best = truth.get("best_fixed_regimen")
         rows.append(
             [
                 "under the advice, true (oracle)",
-                _f(truth["value"]),
+                format_metric(truth["value"]),
                 "simulation only: the cohort's potential outcomes; share of the "
-                f"oracle's gain ({_f(truth.get('optimal'))}) over all "
-                f"{truth.get('best_fixed_regimen')} "
-                f"({_f((truth.get('fixed') or {}).get(truth.get('best_fixed_regimen')))})"
+                f"oracle's gain ({format_metric(truth.get('optimal'))}) over all "
+                f"{best} ({format_metric((truth.get('fixed') or {}).get(best))})"
                 f": {format_share(share)}",
             ]
         )
@@ -352,7 +198,8 @@ def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
                 "Disease-free survival by advice (Kaplan-Meier from the sites' "
                 "counts of events and numbers at risk per month): 3-year DFS "
                 + ", ".join(
-                    f"{g} {_f(k['dfs_3y'], 2)} (n={k['n']})" for g, k in km.items()
+                    f"{g} {format_metric(k['dfs_3y'], 2)} (n={k['n']})"
+                    for g, k in km.items()
                 )
                 + ".",
             )
@@ -373,7 +220,7 @@ def build_report(
     eval_path = run_dir / "evaluation" / "metrics.json"
     evaluation = _read(eval_path) if eval_path.is_file() else {}
     cohorts: dict[str, Any] = {c: evaluation[c] for c in COHORTS if c in evaluation}
-    figures = set(_figures(run_dir, run, cohorts))
+    figures = set(draw_figures(run_dir, run, cohorts))
 
     rounds = run.get("rounds", [])
     blocks = [Block("h1", f"moefl report: {run_dir.name}")]
@@ -405,9 +252,9 @@ def build_report(
                 ", ".join(sorted(r.get("sites", {}))) or "-",
                 ", ".join(sorted(r.get("excluded", {}))) or "-",
                 ", ".join(sorted(r.get("declined", {}))) or "-",
-                withheld or _f(ev.get("auc")),
-                withheld or _f(ev.get("dice")),
-                _f(r.get("seconds"), 0),
+                withheld or format_metric(ev.get("auc")),
+                withheld or format_metric(ev.get("dice")),
+                format_metric(r.get("seconds"), 0),
             ]
         )
     blocks.append(Block("table", rows=rows))
@@ -422,10 +269,10 @@ def build_report(
             rows.append(
                 [
                     site,
-                    _f(p["epsilon"]),
+                    format_metric(p["epsilon"]),
                     f"{p['target_epsilon']:g}",
                     f"{p['delta']:g}",
-                    _f(p.get("noise_multiplier")),
+                    format_metric(p.get("noise_multiplier")),
                     f"{p['max_grad_norm']:g}",
                 ]
             )
@@ -474,7 +321,15 @@ def build_report(
         ]
         for cohort, points in comparison["mcnemar"].items():
             for name, m in points.items():
-                rows.append([cohort, name, str(m["b"]), str(m["c"]), _f(m["p_value"])])
+                rows.append(
+                    [
+                        cohort,
+                        name,
+                        str(m["b"]),
+                        str(m["c"]),
+                        format_metric(m["p_value"]),
+                    ]
+                )
         blocks.append(Block("table", rows=rows))
 
     if comparators:
@@ -502,12 +357,12 @@ def build_report(
                 if not ev:
                     continue
                 ops = list(ev["overall"]["operating_points"].values())
-                sens = [_f(op["sensitivity"]["value"]) for op in ops] + ["n/a"] * (
-                    2 - len(ops)
-                )
-                spec = [_f(op["specificity"]["value"]) for op in ops] + ["n/a"] * (
-                    2 - len(ops)
-                )
+                sens = [format_metric(op["sensitivity"]["value"]) for op in ops] + [
+                    "n/a"
+                ] * (2 - len(ops))
+                spec = [format_metric(op["specificity"]["value"]) for op in ops] + [
+                    "n/a"
+                ] * (2 - len(ops))
                 rows.append(
                     [
                         name,
@@ -517,7 +372,7 @@ def build_report(
                         spec[0],
                         sens[1],
                         spec[1],
-                        _f(ev["overall"]["brier"]),
+                        format_metric(ev["overall"]["brier"]),
                         _ci(ev["policy_value"].get("dr")),
                     ]
                 )
