@@ -287,9 +287,9 @@ def run_evaluation(
     """
     import json
 
-    from client.checkpoint import load_checkpoint, read_expert_support
     from client.engine import resolve_device
     from client.site_config import load_site_config
+    from shared_model.checkpoint import load_checkpoint, read_expert_support
 
     if min_expert_support < 0:
         raise ConfigError("--min-expert-support must be >= 0")

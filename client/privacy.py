@@ -25,7 +25,6 @@ across rounds, resumes and runs that used the same ``run_dir``.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 import warnings
@@ -42,6 +41,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from client.site_config import PrivacyConfig
 from shared_model.aggregation import epsilon_of
+from shared_model.checkpoint import write_atomic
 from shared_model.errors import ConfigError, DataError
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -180,27 +180,9 @@ class PrivacyLedger:
         """
         entries = [*self.entries, {**asdict(dp), "time": time.time(), **info}]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
         data = json.dumps({"version": LEDGER_VERSION, "entries": entries}, indent=1)
-        with open(tmp, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _fsync_folder(self.path.parent)
+        write_atomic(self.path, data.encode())
         self.entries = entries
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename is durable only after this)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a system whose folders cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def plan_round(

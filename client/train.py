@@ -28,7 +28,6 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from torch.utils.data import ConcatDataset
 
-from client.checkpoint import save_checkpoint
 from client.data import SiteDataset, build_site_datasets
 from client.engine import (
     CasePrediction,
@@ -42,6 +41,7 @@ from client.engine import (
 from client.feature_cache import FeatureSet, eval_view, load_or_build
 from client.heads import HeadConfig, train_heads
 from client.site_config import SiteConfig, load_site_config
+from shared_model.checkpoint import save_checkpoint
 from shared_model.clinical import REGIMENS, encode_clinical
 from shared_model.errors import ConfigError
 from shared_model.loss import LossConfig

@@ -26,8 +26,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ import numpy as np
 from safetensors.numpy import load, save
 
 from shared_model.aggregation import AdamState
+from shared_model.checkpoint import MODEL, checkpoint_files, json_bytes, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.model import ModelConfig
 from shared_model.plan import Plan
@@ -54,29 +53,6 @@ RESUMABLE_CHANGES = (
 )
 """Run-config keys a resume may change (``run-dir``: the folder was moved); any
 other change is refused unless the run config says ``resume-changed-config=true``."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def _json_bytes(value: Any) -> bytes:
-    return (json.dumps(value, indent=2, default=float) + "\n").encode()
 
 
 @dataclass
@@ -144,8 +120,8 @@ class RunFolder:
         ``extra_config``: more keys for ``config.json`` beside ``model`` (the
         experts' support)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        tensors = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
-        write_atomic(self._ckpt(rnd, ".safetensors"), tensors)
+        latest = checkpoint_files(arrays, model_cfg, plan, extra_config)
+        write_atomic(self._ckpt(rnd, ".safetensors"), latest[MODEL])
         adam = state.adam
         if adam.m:
             moments = {f"m/{k}": v for k, v in adam.m.items()} | {
@@ -153,12 +129,8 @@ class RunFolder:
             }
             write_atomic(self._ckpt(rnd, ".adam.safetensors"), save(moments))
         self.write_record(record)
-        write_atomic(self.path / "model.safetensors", tensors)
-        write_atomic(
-            self.path / "config.json",
-            _json_bytes({"model": model_cfg.to_dict(), **(extra_config or {})}),
-        )
-        write_atomic(self.path / "plan.json", _json_bytes(plan.to_dict()))
+        for name, data in latest.items():
+            write_atomic(self.path / name, data)
         marker = {
             "round": rnd,
             "adam_t": adam.t,
@@ -166,10 +138,10 @@ class RunFolder:
             "declared": state.declared,
             "client_dp_releases": state.client_dp_releases,
         }
-        write_atomic(self._ckpt(rnd, ".state.json"), _json_bytes(marker))
+        write_atomic(self._ckpt(rnd, ".state.json"), json_bytes(marker))
 
     def write_record(self, record: dict[str, Any]) -> None:
-        write_atomic(self.path / "metrics.json", _json_bytes(record))
+        write_atomic(self.path / "metrics.json", json_bytes(record))
 
     def read_record(self) -> dict[str, Any]:
         """The run record, or an empty one when missing or unreadable."""
@@ -261,7 +233,7 @@ class RunFolder:
                         "settings, choose another `run-dir`, or set "
                         "`resume-changed-config=true` to continue under the new ones"
                     )
-        write_atomic(path, _json_bytes(dict(run_config)))
+        write_atomic(path, json_bytes(dict(run_config)))
 
 
 def privacy_spent(record: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -26,11 +26,11 @@ def scores_on_test(checkpoint: Path, cohort: Path) -> dict[str, tuple[int, float
     """case id -> (pCR, predicted pCR under the received regimen) on the test cohort."""
     import torch
 
-    from client.checkpoint import load_checkpoint
     from client.data import SiteDataset
     from client.engine import evaluate
     from client.site_config import load_site_config
     from client.site_data import list_cases
+    from shared_model.checkpoint import load_checkpoint
 
     model, plan = load_checkpoint(checkpoint)
     out: dict[str, tuple[int, float]] = {}

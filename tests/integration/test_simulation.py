@@ -58,7 +58,7 @@ def test_federation_trains_experts_only_where_their_patients_are(sim_dir: Path) 
         ev["n"] == 7 and 0 <= ev["dice"] <= 1 and set(ev["sites"]) == set(r2["sites"])
     )
     # the model moved, and `moefl predict` can read the run folder
-    from client.checkpoint import load_checkpoint
+    from shared_model.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(run)
     assert sum(p.numel() for p in model.parameters()) > 0
@@ -132,7 +132,7 @@ def test_nct_expert_changes_only_through_the_nct_site(sim_dir: Path) -> None:
     ckpt = sim_dir / "federated" / "checkpoints"
     import torch
 
-    from client.checkpoint import load_checkpoint
+    from shared_model.checkpoint import load_checkpoint
     from shared_model.model import ModelConfig, build_model
 
     model, _ = load_checkpoint(sim_dir / "federated")

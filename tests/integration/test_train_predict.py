@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from client.checkpoint import load_checkpoint
 from client.predict import parse_clinical_args, predict_case
+from shared_model.checkpoint import load_checkpoint
 from shared_model.errors import ConfigError, DataError
 
 runner = CliRunner()

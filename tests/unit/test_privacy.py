@@ -429,8 +429,6 @@ def test_the_ledger_survives_a_crash_at_any_point_of_its_write(
     an entry is on the disk (file and folder flushed) once record returns."""
     import os
 
-    import client.privacy as privacy
-
     run_dir = tmp_path / "site"
     ledger = PrivacyLedger.for_site(run_dir)
     ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=1)
@@ -472,8 +470,8 @@ def test_the_ledger_survives_a_crash_at_any_point_of_its_write(
             return TornFile(f)
         return f
 
-    monkeypatch.setattr(privacy.os, "fsync", fsync)
-    monkeypatch.setattr(privacy.os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr("builtins.open", opener)
     with pytest.raises(Crash):
         ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=2)
@@ -492,8 +490,6 @@ def test_a_recorded_entry_is_flushed_with_its_folder(
 ) -> None:
     import os
 
-    import client.privacy as privacy
-
     kinds: list[str] = []
     real = os.fsync
 
@@ -501,7 +497,7 @@ def test_a_recorded_entry_is_flushed_with_its_folder(
         kinds.append("folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
         real(fd)
 
-    monkeypatch.setattr(privacy.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     PrivacyLedger.for_site(tmp_path).record(DPRound(1.0, 1.0, 0.1, 1, 10))
     assert kinds == ["file", "folder"]
 

@@ -1,0 +1,149 @@
+"""The checkpoint folder, the one owner of its format, and durable writes.
+
+A checkpoint is a folder of three files: ``model.safetensors`` (the weights;
+never pickle, so a file from another party cannot run code when read),
+``config.json`` (the model config under ``model``, and what trained it, e.g.
+the experts' support) and ``plan.json`` (the preprocessing plan). Local and
+pooled training write it with :func:`save_checkpoint`; the coordinator's run
+folder writes the same files (:func:`checkpoint_files`) at each round; every
+reader goes through :func:`load_checkpoint`.
+
+:func:`write_atomic` is how the project makes a file durable: a crash leaves
+the old file or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save
+from safetensors.torch import load_file
+
+from shared_model.clinical import REGIMENS
+from shared_model.errors import ConfigError
+from shared_model.model import ModelConfig, UNetMoECli, build_model
+from shared_model.plan import Plan
+
+MODEL, CONFIG, PLAN = "model.safetensors", "config.json", "plan.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file and a rename,
+    then flush the folder (a rename is durable only after that)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a system whose folders cannot be opened
+        return
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def json_bytes(value: Any) -> bytes:
+    """Indented JSON with a final newline (numpy scalars as floats)."""
+    return (json.dumps(value, indent=2, default=float) + "\n").encode()
+
+
+def checkpoint_files(
+    arrays: Mapping[str, np.ndarray],
+    model_cfg: ModelConfig,
+    plan: Plan,
+    extra_config: Mapping[str, Any] | None = None,
+) -> dict[str, bytes]:
+    """The checkpoint's files, name -> contents, weights first."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    return {
+        MODEL: save(tensors),
+        CONFIG: json_bytes({"model": model_cfg.to_dict(), **(extra_config or {})}),
+        PLAN: json_bytes(plan.to_dict()),
+    }
+
+
+def save_checkpoint(
+    model: UNetMoECli,
+    out: Path,
+    *,
+    plan: Plan,
+    extra_config: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``model``'s checkpoint folder ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    for name, data in checkpoint_files(
+        arrays, model.config, plan, extra_config
+    ).items():
+        write_atomic(out / name, data)
+
+
+def read_expert_support(folder: Path) -> dict[str, int] | None:
+    """Per regimen, the patients that trained its expert, from a checkpoint's
+    ``config.json`` (None when it does not say: every expert is then allowed)."""
+    path = Path(folder) / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from e
+    support = config.get("expert_support") if isinstance(config, dict) else None
+    if support is None:
+        return None
+    if not isinstance(support, dict) or not all(
+        r in support
+        and isinstance(support[r], int)
+        and not isinstance(support[r], bool)
+        and support[r] >= 0
+        for r in REGIMENS
+    ):
+        raise ConfigError(
+            f"{path}: `expert_support` must give a patient count for each of {REGIMENS}"
+        )
+    return {r: int(support[r]) for r in REGIMENS}
+
+
+def load_checkpoint(folder: Path) -> tuple[UNetMoECli, Plan]:
+    """Rebuild a model from a checkpoint folder (safetensors only, no pickle)."""
+    folder = Path(folder)
+    for name in (MODEL, CONFIG, PLAN):
+        if not (folder / name).is_file():
+            raise ConfigError(
+                f"{folder}: {name} is missing; a checkpoint folder holds "
+                f"{MODEL}, {CONFIG} and {PLAN}"
+            )
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        model_cfg = ModelConfig.from_dict(config["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{folder / CONFIG}: invalid ({e})") from e
+    plan = Plan.load(folder / PLAN)
+    model = build_model(model_cfg)
+    try:
+        state = load_file(str(folder / MODEL))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:  # safetensors raises its own errors on a bad file
+        raise ConfigError(
+            f"{folder / MODEL}: cannot be read as weights for this model "
+            f"({type(e).__name__}); the file may be truncated or from another "
+            "model: copy the checkpoint again"
+        ) from e
+    if missing or unexpected:
+        raise ConfigError(
+            f"{folder / MODEL}: weights do not match the model config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model, plan
