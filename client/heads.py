@@ -210,10 +210,3 @@ def _result(
         n_by_regimen={r: regimens.get(r, 0) for r in REGIMENS},
         final_lr=cfg.lr,
     )
-
-
-@torch.no_grad()
-def head_probabilities(model: UNetMoECli, data: FeatureSet) -> torch.Tensor:
-    """``(N, 3)`` pCR probability under every regimen from cached features."""
-    model.cpu().eval()
-    return torch.sigmoid(model.head(data.features, data.clinical))

@@ -276,13 +276,6 @@ def tumour_depth(
     return tumour, depth
 
 
-def tumour_mask(
-    dx: np.ndarray, dy: np.ndarray, z: np.ndarray, r: np.ndarray, anat: Anatomy
-) -> np.ndarray:
-    """Boolean tumour mask (see :func:`tumour_depth`)."""
-    return tumour_depth(dx, dy, z, r, anat)[0]
-
-
 def core_depth_for(anat: Anatomy, fraction: float, step_mm: float = 0.5) -> float:
     """The depth threshold whose core holds ``fraction`` of the tumour volume.
 
