@@ -3,7 +3,7 @@
 Each command parses its arguments, calls one library function, prints the
 result and exits non-zero on failure. A :class:`MoeflError` is printed as a
 plain message (no traceback): it already says what to fix. The commands live
-by owner: :mod:`cli.site` (a hospital), :mod:`cli.coordinator` and
+by owner: :mod:`cli.site` and :mod:`cli.site_deploy` (a hospital), :mod:`cli.coordinator` and
 :mod:`cli.simulation` (a researcher on one machine).
 """
 
@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from cli import coordinator, simulation, site
+from cli import coordinator, simulation, site, site_deploy
 
 app = typer.Typer(
     help="Federated UNet-MoE-Cli: synthetic cohorts, site checks, training, simulation.",
@@ -44,7 +44,9 @@ app.command("evaluate", context_settings=EXTRA_ARGS)(site.evaluate_cmd)
 app.command()(coordinator.report)
 app.command()(simulation.simulate)
 app.command()(coordinator.certs)
-app.command()(site.site_key)
+app.command()(site_deploy.site_key)
+app.command("app-hash")(site_deploy.app_hash_cmd)
+app.command("pinned-clientapp")(site_deploy.pinned_clientapp_cmd)
 app.command()(simulation.demo)
 
 

@@ -375,19 +375,3 @@ def evaluate_cmd(
         fail(e)
     typer.echo(headline(report))
     typer.echo(f"wrote {out / 'metrics.json'}")
-
-
-def site_key(
-    out: Annotated[Path, typer.Argument(help="Folder for <site>.key and <site>.pub.")],
-    site: Annotated[str, typer.Argument(help="The site's name (as in its YAML).")],
-) -> None:
-    """Site: an authentication key pair (send only the .pub to the coordinator)."""
-    from server.deploy import make_site_key
-
-    try:
-        private, public = make_site_key(out, site)
-    except MoeflError as e:
-        fail(e)
-    typer.echo(
-        f"wrote {private} (keep it on this site) and {public} (send to the coordinator)"
-    )

@@ -20,6 +20,8 @@ Schema (documented for sites in ``site_configs/README.md``)::
       public_backbones: []         # SHA-256 of the backbones the site accepts
                                    # (empty: the one the federation declares)
       release_evaluation: false    # send validation counts (not DP) to the server
+    approved_apps:                 # optional; the apps this site runs under app
+      - "<64 hex: moefl app-hash>" # pinning (client/app_pinning.py), by SHA-256
 
 Relative paths are resolved against the YAML file's folder.
 """
@@ -54,6 +56,7 @@ OPTIONAL_KEYS = (
     "val_fraction",
     "split_seed",
     "privacy",
+    "approved_apps",
 )
 PRIVACY_KEYS = ("target_epsilon", "delta", "max_grad_norm")
 PRIVACY_OPTIONAL_KEYS = ("secure_mode", "public_backbones", "release_evaluation")
@@ -88,6 +91,7 @@ class SiteConfig:
     val_fraction: float
     split_seed: int
     privacy: PrivacyConfig | None
+    approved_apps: tuple[str, ...] = ()
 
     @property
     def adc_scale(self) -> float:
@@ -317,6 +321,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
     privacy = None
     if raw.get("privacy") is not None:
         privacy = parse_privacy(raw["privacy"], problems)
+    approved_apps = parse_approved_apps(raw.get("approved_apps"), problems)
 
     if problems or dataset_dir is None:
         return None, problems
@@ -333,6 +338,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
         val_fraction=val_fraction,
         split_seed=split_seed,
         privacy=privacy,
+        approved_apps=approved_apps,
     ), []
 
 
@@ -405,6 +411,42 @@ def parse_privacy(raw: Any, problems: list[YamlProblem]) -> PrivacyConfig | None
     if len(problems) > n_before:
         return None
     return PrivacyConfig(**values)
+
+
+def parse_approved_apps(raw: Any, problems: list[YamlProblem]) -> tuple[str, ...]:
+    """``approved_apps``: the app hashes a site runs under app pinning.
+
+    Each entry is what ``client.app_pinning.app_hash`` prints for an app the site
+    has reviewed. A malformed entry is an error, not skipped: silently dropping it
+    would refuse the app the site meant to approve, or hide a typo.
+    """
+    if raw is None:
+        return ()
+    fix = (
+        "review the app, then copy the hash that `moefl app-hash <app folder or .fab>` "
+        'prints, quoted: - "<64 hex characters>"'
+    )
+    if not isinstance(raw, list):
+        problems.append(
+            YamlProblem(
+                "approved_apps",
+                f"`approved_apps` is {raw!r}; expected a list of SHA-256 hex digests",
+                fix,
+            )
+        )
+        return ()
+    n_before = len(problems)
+    for i, value in enumerate(raw):
+        if not (isinstance(value, str) and _SHA256.match(value)):
+            problems.append(
+                YamlProblem(
+                    f"approved_apps[{i}]",
+                    f"`approved_apps[{i}]` is {value!r}; expected 64 lower-case hex "
+                    "characters (a SHA-256)",
+                    fix,
+                )
+            )
+    return tuple(raw) if len(problems) == n_before else ()
 
 
 def load_site_config(path: Path) -> SiteConfig:
