@@ -41,7 +41,7 @@ def yamls_in(paths: list[Path]) -> list[Path]:
 
 def privacy_option(epsilon: float, delta: float, clip: float) -> dict[str, float]:
     """The ``privacy`` section for ``--dp-*`` options, checked like a site YAML's."""
-    from client.site_config import parse_privacy
+    from client.privacy_config import parse_privacy
 
     problems: list[Any] = []
     raw = {"target_epsilon": epsilon, "delta": delta, "max_grad_norm": clip}
@@ -52,7 +52,7 @@ def privacy_option(epsilon: float, delta: float, clip: float) -> dict[str, float
         }
         raise ConfigError(
             "; ".join(
-                f"{option.get(p.key, '--dp-clip')}: {p.message}" for p in problems
+                f"{option.get(p.where, '--dp-clip')}: {p.message}" for p in problems
             )
         )
     return raw

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
+from client.problem import Problem
 from client.site_config import SiteConfig
-from client.site_data import Problem
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,9 @@ import numpy as np
 
 from client.case_checks import check_case
 from client.dp_preflight import CANNOT_LEARN
+from client.problem import Problem
 from client.site_config import SiteConfig, parse_site_yaml
 from client.site_data import (
-    Problem,
     read_clinical_table,
     read_dataset_json,
     scan_dataset,
@@ -83,9 +83,7 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
     report = CheckReport(yaml=str(yaml_path))
     config, yaml_problems = parse_site_yaml(Path(yaml_path))
     for p in yaml_problems:
-        report.findings.append(
-            Problem("yaml", f"{yaml_path}:{p.key}", p.message, p.fix)
-        )
+        report.findings.append(replace(p, where=f"{yaml_path}:{p.where}"))
     if config is None:
         return report
     report.site, report.role = config.site_name, config.role

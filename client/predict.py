@@ -23,7 +23,7 @@ from scipy import ndimage
 from client.case_checks import adc_unit_problem, grid_problem, load_volume
 from client.data import build_preprocess
 from client.engine import resolve_device
-from client.site_data import Problem
+from client.problem import Problem
 from shared_model.checkpoint import load_checkpoint
 from shared_model.clinical import CLINICAL_FEATURES, REGIMENS, encode_clinical
 from shared_model.errors import DataError

@@ -39,7 +39,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from client.site_config import PrivacyConfig
+from client.privacy_config import PrivacyConfig
 from shared_model.aggregation import epsilon_of
 from shared_model.checkpoint import write_atomic
 from shared_model.errors import ConfigError, DataError

@@ -28,6 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from client.site_config import write_site_yaml
 from shared_model.errors import ConfigError, DataError
 from shared_model.federation_config import SITE_NAME
 
@@ -164,13 +165,17 @@ def import_msd(
     )
     unit = _adc_unit(p99)
     site_yaml = out / f"{site_name}.yaml"
-    site_yaml.write_text(
-        f"# public segmentation data imported from {task_dir.name}; for moefl pretrain\n"
-        f"site_name: {site_name}\n"
-        "role: public\n"
-        f"dataset_dir: {site_name}\n"
-        f'adc_unit: "{unit}"\n'
-        f"run_dir: runs/{site_name}\n"
-        f"min_cases: {min(10, len(done))}\n"
+    write_site_yaml(
+        site_yaml,
+        {
+            "site_name": site_name,
+            "role": "public",
+            "dataset_dir": site_name,
+            "adc_unit": unit,
+            "run_dir": f"runs/{site_name}",
+            "min_cases": min(10, len(done)),
+        },
+        comment=f"public segmentation data imported from {task_dir.name}; for "
+        "moefl pretrain",
     )
     return Imported(site_yaml, dataset, done, unit, skipped)

@@ -1,4 +1,5 @@
-"""The site YAML: a hospital's private settings, parsed in exactly one place.
+"""The site YAML: a hospital's private settings, parsed (and written) in exactly
+one place.
 
 Schema (documented for sites in ``site_configs/README.md``)::
 
@@ -28,7 +29,6 @@ Relative paths are resolved against the YAML file's folder.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from client.privacy_config import PrivacyConfig, parse_privacy
+from client.problem import Problem, yaml_number, yaml_problem
 from shared_model.errors import ConfigError
 from shared_model.federation_config import SITE_NAME
 
@@ -58,21 +60,7 @@ OPTIONAL_KEYS = (
     "privacy",
     "approved_apps",
 )
-PRIVACY_KEYS = ("target_epsilon", "delta", "max_grad_norm")
-PRIVACY_OPTIONAL_KEYS = ("secure_mode", "public_backbones", "release_evaluation")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """The differential-privacy budget a site accepts (sample-level DP-SGD)."""
-
-    target_epsilon: float
-    delta: float
-    max_grad_norm: float
-    secure_mode: bool = False
-    public_backbones: tuple[str, ...] = ()
-    release_evaluation: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,79 +87,19 @@ class SiteConfig:
         return 1.0 if self.adc_unit == "1e-3" else 1e-3
 
 
-@dataclass(frozen=True)
-class YamlProblem:
-    """One problem found in a site YAML: the key, what is wrong, how to fix it."""
-
-    key: str
-    message: str
-    fix: str
-
-
-def _number(
-    value: Any,
-    key: str,
-    problems: list[YamlProblem],
-    *,
-    kind: type,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> Any:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (kind is int and not isinstance(value, int))
-    ):
-        problems.append(
-            YamlProblem(
-                key,
-                f"`{key}` is {value!r}; expected a "
-                f"{'whole number' if kind is int else 'number'}",
-                f"set `{key}` to a {kind.__name__}",
-            )
-        )
-        return None
-    if not math.isfinite(value):
-        problems.append(
-            YamlProblem(
-                key,
-                f"`{key}` is {value}; expected a finite number",
-                f"set `{key}` to a finite {kind.__name__}",
-            )
-        )
-        return None
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and (value >= high if high_open else value > high)
-    if bad_low or bad_high:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-        rng = " and ".join(x for x in (lo, hi) if x)
-        problems.append(
-            YamlProblem(
-                key,
-                f"`{key}` is {value}; expected a value {rng}",
-                f"set `{key}` inside that range",
-            )
-        )
-        return None
-    return kind(value)
-
-
-def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
+def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
     """Read and validate a site YAML, collecting every problem in one pass.
 
     Returns:
         ``(config, problems)``: ``config`` is ``None`` when any problem is found.
     """
     path = Path(path)
-    problems: list[YamlProblem] = []
+    problems: list[Problem] = []
     try:
         text = path.read_text()
     except OSError as e:
         return None, [
-            YamlProblem(
+            yaml_problem(
                 "(file)",
                 f"cannot read the site YAML ({e.strerror})",
                 "check the path passed to moefl",
@@ -183,7 +111,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         return None, [
-            YamlProblem(
+            yaml_problem(
                 "(syntax)",
                 f"not valid YAML{where}: {e}",
                 "fix the YAML syntax (indentation, quotes, colons)",
@@ -191,7 +119,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
         ]
     if not isinstance(raw, dict):
         return None, [
-            YamlProblem(
+            yaml_problem(
                 "(top level)",
                 "the site YAML must be a mapping of keys",
                 "see site_configs/README.md for the schema",
@@ -201,7 +129,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
     for key in raw:
         if key not in REQUIRED_KEYS + OPTIONAL_KEYS:
             problems.append(
-                YamlProblem(
+                yaml_problem(
                     str(key),
                     f"unknown key `{key}`",
                     f"remove it or correct its spelling; allowed keys: "
@@ -211,7 +139,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
     for key in REQUIRED_KEYS:
         if raw.get(key) in (None, ""):
             problems.append(
-                YamlProblem(
+                yaml_problem(
                     key,
                     f"required key `{key}` is missing",
                     f"add `{key}:` (see site_configs/README.md)",
@@ -224,7 +152,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
         isinstance(site_name, str) and SITE_NAME.match(site_name)
     ):
         problems.append(
-            YamlProblem(
+            yaml_problem(
                 "site_name",
                 f"`site_name` is {site_name!r}",
                 "use lower-case letters, digits and _ (e.g. west_china)",
@@ -233,7 +161,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
     role = raw.get("role", "train")
     if role not in ROLES:
         problems.append(
-            YamlProblem(
+            yaml_problem(
                 "role",
                 f"`role` is {role!r}; expected one of {ROLES}",
                 "train: joins training; evaluate: validation only",
@@ -242,7 +170,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
     adc_unit = str(raw.get("adc_unit", "1e-3"))
     if adc_unit not in ADC_UNITS:
         problems.append(
-            YamlProblem(
+            yaml_problem(
                 "adc_unit",
                 f"`adc_unit` is {raw.get('adc_unit')!r}; expected one of {ADC_UNITS}",
                 'write the unit of the stored ADC values in mm^2/s, quoted: "1e-3" or "1e-6"',
@@ -254,7 +182,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
         dataset_dir = (base / raw["dataset_dir"]).resolve()
         if not dataset_dir.is_dir():
             problems.append(
-                YamlProblem(
+                yaml_problem(
                     "dataset_dir",
                     f"`dataset_dir` {dataset_dir} does not exist or is not a folder",
                     "point it at the nnU-Net raw dataset folder (DatasetNNN_Name)",
@@ -263,7 +191,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
             dataset_dir = None
     elif raw.get("dataset_dir") not in (None, ""):
         problems.append(
-            YamlProblem(
+            yaml_problem(
                 "dataset_dir",
                 "`dataset_dir` must be a path string",
                 "write the folder path as text",
@@ -272,7 +200,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
     run_raw = raw.get("run_dir")
     if run_raw is not None and not isinstance(run_raw, str):
         problems.append(
-            YamlProblem(
+            yaml_problem(
                 "run_dir",
                 "`run_dir` must be a path string",
                 "write the folder path as text",
@@ -283,7 +211,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
     run_dir = (base / (run_raw or f"runs/{name_for_run}")).resolve()
     if dataset_dir is not None and run_dir.is_relative_to(dataset_dir):
         problems.append(
-            YamlProblem(
+            yaml_problem(
                 "run_dir",
                 f"`run_dir` {run_dir} lies inside the dataset folder",
                 "moefl never writes into site data: choose a run_dir outside dataset_dir",
@@ -291,20 +219,20 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
         )
 
     default_min = 10 if role == "train" else 1
-    min_cases = _number(
+    min_cases = yaml_number(
         raw.get("min_cases", default_min), "min_cases", problems, kind=int, low=1
     )
     device = raw.get("device", "auto")
     if not (isinstance(device, str) and _DEVICE.match(device)):
         problems.append(
-            YamlProblem(
+            yaml_problem(
                 "device", f"`device` is {device!r}", "use auto, cpu, cuda or cuda:N"
             )
         )
-    num_workers = _number(
+    num_workers = yaml_number(
         raw.get("num_workers", 0), "num_workers", problems, kind=int, low=0
     )
-    val_fraction = _number(
+    val_fraction = yaml_number(
         raw.get("val_fraction", 0.2),
         "val_fraction",
         problems,
@@ -314,7 +242,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
         low_open=True,
         high_open=True,
     )
-    split_seed = _number(
+    split_seed = yaml_number(
         raw.get("split_seed", 0), "split_seed", problems, kind=int, low=0
     )
 
@@ -342,78 +270,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[YamlProblem]]:
     ), []
 
 
-def parse_privacy(raw: Any, problems: list[YamlProblem]) -> PrivacyConfig | None:
-    if not isinstance(raw, dict):
-        problems.append(
-            YamlProblem(
-                "privacy",
-                "`privacy` must be a mapping",
-                "give target_epsilon, delta and max_grad_norm under it",
-            )
-        )
-        return None
-    n_before = len(problems)
-    for key in raw:
-        if key not in PRIVACY_KEYS + PRIVACY_OPTIONAL_KEYS:
-            problems.append(
-                YamlProblem(
-                    f"privacy.{key}",
-                    f"unknown key `privacy.{key}`",
-                    f"allowed: {', '.join(PRIVACY_KEYS + PRIVACY_OPTIONAL_KEYS)}",
-                )
-            )
-    values: dict[str, Any] = {}
-    bounds: tuple[tuple[str, dict[str, Any]], ...] = (
-        ("target_epsilon", {"low": 0.0, "low_open": True}),
-        ("delta", {"low": 0.0, "high": 1.0, "low_open": True, "high_open": True}),
-        ("max_grad_norm", {"low": 0.0, "low_open": True}),
-    )
-    for key, kwargs in bounds:
-        if key not in raw:
-            problems.append(
-                YamlProblem(
-                    f"privacy.{key}",
-                    f"`privacy.{key}` is missing",
-                    "all three privacy keys are required together",
-                )
-            )
-            continue
-        values[key] = _number(
-            raw[key], f"privacy.{key}", problems, kind=float, **kwargs
-        )
-    for key in ("secure_mode", "release_evaluation"):
-        if key in raw:
-            if not isinstance(raw[key], bool):
-                problems.append(
-                    YamlProblem(
-                        f"privacy.{key}",
-                        f"`privacy.{key}` is {raw[key]!r}; expected true or false",
-                        f"set `privacy.{key}` to true or false",
-                    )
-                )
-            else:
-                values[key] = raw[key]
-    if "public_backbones" in raw:
-        hashes = raw["public_backbones"] or []
-        if not isinstance(hashes, list) or not all(
-            isinstance(h, str) and _SHA256.match(h) for h in hashes
-        ):
-            problems.append(
-                YamlProblem(
-                    "privacy.public_backbones",
-                    "`privacy.public_backbones` must be a list of SHA-256 hex digests",
-                    "copy each accepted backbone's `sha256` from `moefl pretrain`'s "
-                    "output (64 lower-case hex characters)",
-                )
-            )
-        else:
-            values["public_backbones"] = tuple(hashes)
-    if len(problems) > n_before:
-        return None
-    return PrivacyConfig(**values)
-
-
-def parse_approved_apps(raw: Any, problems: list[YamlProblem]) -> tuple[str, ...]:
+def parse_approved_apps(raw: Any, problems: list[Problem]) -> tuple[str, ...]:
     """``approved_apps``: the app hashes a site runs under app pinning.
 
     Each entry is what ``client.app_pinning.app_hash`` prints for an app the site
@@ -428,7 +285,7 @@ def parse_approved_apps(raw: Any, problems: list[YamlProblem]) -> tuple[str, ...
     )
     if not isinstance(raw, list):
         problems.append(
-            YamlProblem(
+            yaml_problem(
                 "approved_apps",
                 f"`approved_apps` is {raw!r}; expected a list of SHA-256 hex digests",
                 fix,
@@ -439,7 +296,7 @@ def parse_approved_apps(raw: Any, problems: list[YamlProblem]) -> tuple[str, ...
     for i, value in enumerate(raw):
         if not (isinstance(value, str) and _SHA256.match(value)):
             problems.append(
-                YamlProblem(
+                yaml_problem(
                     f"approved_apps[{i}]",
                     f"`approved_apps[{i}]` is {value!r}; expected 64 lower-case hex "
                     "characters (a SHA-256)",
@@ -453,6 +310,40 @@ def load_site_config(path: Path) -> SiteConfig:
     """Parse a site YAML or raise :class:`ConfigError` listing every problem."""
     config, problems = parse_site_yaml(path)
     if config is None:
-        lines = "\n".join(f"  - {p.key}: {p.message} (fix: {p.fix})" for p in problems)
+        lines = "\n".join(
+            f"  - {p.where}: {p.message} (fix: {p.fix})" for p in problems
+        )
         raise ConfigError(f"{path}: invalid site config\n{lines}")
     return config
+
+
+class _SiteYamlDumper(yaml.SafeDumper):
+    """Quotes a string that a YAML 1.2 reader would take for a number
+    (``adc_unit: "1e-3"``)."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = '"' if _NUMERIC.match(value) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_NUMERIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_SiteYamlDumper.add_representer(str, _str)
+
+
+def write_site_yaml(path: Path, values: dict[str, Any], *, comment: str = "") -> Path:
+    """Write a site YAML (the one writer; :func:`parse_site_yaml` the one reader).
+
+    ``values`` uses the schema's keys (an unknown key is a ConfigError, so a
+    writer cannot produce what the parser refuses); ``comment`` becomes ``#``
+    lines at the top.
+    """
+    unknown = sorted(set(values) - set(REQUIRED_KEYS + OPTIONAL_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown site YAML keys {unknown}")
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    body = yaml.dump(values, Dumper=_SiteYamlDumper, sort_keys=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + body)
+    return path

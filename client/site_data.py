@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from client.problem import Problem
 from shared_model.clinical import (
     CLINICAL_COLUMNS,
     CLINICAL_FEATURES,
@@ -36,17 +37,6 @@ from shared_model.errors import DataError
 CHANNELS: dict[str, str] = {"0": "T2", "1": "ADC"}
 LABELS: dict[str, int] = {"background": 0, "tumour": 1}
 FILE_ENDINGS = (".nii.gz", ".nii")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A problem in site data: a finding code, where it is, what and how to fix."""
-
-    code: str
-    where: str
-    message: str
-    fix: str
-    severity: str = "error"
 
 
 @dataclass

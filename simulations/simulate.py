@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from client.site_config import write_site_yaml
 from shared_model.errors import MoeflError
 from shared_model.federated_metrics import format_metric
 from shared_model.federation_config import FederationConfig
@@ -57,7 +58,7 @@ def write_private_sites(
         raw["dataset_dir"] = str((path.parent / raw["dataset_dir"]).resolve())
         raw["run_dir"] = str((folder / raw["site_name"]).resolve())
         raw["privacy"] = dict(privacy)
-        (folder / path.name).write_text(yaml.safe_dump(raw, sort_keys=False))
+        write_site_yaml(folder / path.name, raw, comment=f"{path} with a DP budget")
     return folder
 
 

@@ -39,6 +39,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+from client.site_config import write_site_yaml
 from shared_model.clinical import (
     CLINICAL_COLUMNS,
     CLINICAL_FEATURES,
@@ -137,27 +138,6 @@ def _dataset_json(n: int, name: str) -> dict[str, Any]:
         "numTraining": n,
         "file_ending": ".nii.gz",
     }
-
-
-def _site_yaml(
-    site: str,
-    role: str,
-    dataset_rel: str,
-    run_rel: str,
-    adc_unit: str,
-    min_cases: int,
-    cohort: str,
-) -> str:
-    return (
-        f"# Site config written by `moefl synth` ({cohort} cohort). Paths are relative\n"
-        f"# to this file. Schema: site_configs/README.md in the moefl repository.\n"
-        f"site_name: {site}\n"
-        f"role: {role}\n"
-        f"dataset_dir: {dataset_rel}\n"
-        f'adc_unit: "{adc_unit}"\n'
-        f"run_dir: {run_rel}\n"
-        f"min_cases: {min_cases}\n"
-    )
 
 
 def _geometry_summary(scanner: Scanner, geometry: Geometry) -> dict[str, Any]:
@@ -350,16 +330,19 @@ def synthesize(
                 if cohort == "retrospective"
                 else f"../runs/{site_name}_{cohort}"
             )
-            (cfg_dir / f"{site_name}.yaml").write_text(
-                _site_yaml(
-                    site_name,
-                    role,
-                    f"../sites/{folder}",
-                    run_rel,
-                    spec.scanner.adc_unit,
-                    cfg.min_cases if role == "train" else 1,
-                    cohort,
-                )
+            write_site_yaml(
+                cfg_dir / f"{site_name}.yaml",
+                {
+                    "site_name": site_name,
+                    "role": role,
+                    "dataset_dir": f"../sites/{folder}",
+                    "adc_unit": spec.scanner.adc_unit,
+                    "run_dir": run_rel,
+                    "min_cases": cfg.min_cases if role == "train" else 1,
+                },
+                comment=f"Site config written by `moefl synth` ({cohort} cohort). "
+                "Paths are relative\nto this file. Schema: site_configs/README.md "
+                "in the moefl repository.",
             )
             jobs.extend(
                 (p, spec.scanner, cfg.geometry, str(dataset_dir)) for p in members

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from client.site_config import write_site_yaml
 from shared_model.messages import COUNT_KEYS, SHARED
 from simulations.benchmarks.common import (
     MemorySampler,
@@ -143,18 +144,16 @@ def partition_cohort(
                 json.dumps({**meta, "numTraining": len(part)}, indent=1)
             )
             site_yaml = dest / "site_configs" / f"{name}.yaml"
-            site_yaml.write_text(
-                yaml.safe_dump(
-                    {
-                        "site_name": name,
-                        "role": "train",
-                        "dataset_dir": f"../sites/{name}",
-                        "adc_unit": raw["adc_unit"],
-                        "run_dir": f"../runs/{name}",
-                        "min_cases": min_cases,
-                    },
-                    sort_keys=False,
-                )
+            write_site_yaml(
+                site_yaml,
+                {
+                    "site_name": name,
+                    "role": "train",
+                    "dataset_dir": f"../sites/{name}",
+                    "adc_unit": raw["adc_unit"],
+                    "run_dir": f"../runs/{name}",
+                    "min_cases": min_cases,
+                },
             )
             yamls.append(site_yaml)
     summary = json.loads((source / "cohort.json").read_text())

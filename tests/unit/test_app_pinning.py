@@ -131,7 +131,7 @@ def test_a_malformed_hash_is_an_error_naming_the_key(
         write_site(tmp_path, f"approved_apps: {value}\n")
     )
     assert config is None
-    assert [p.key for p in problems] == [key]
+    assert [p.where for p in problems] == [key]
     assert f"`{key}`" in problems[0].message and "app-hash" in problems[0].fix
     with pytest.raises(ConfigError, match=r"approved_apps"):
         approved_apps(tmp_path / "site.yaml")

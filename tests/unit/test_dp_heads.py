@@ -181,7 +181,8 @@ def test_feasibility_reports_noise_and_warns_when_training_cannot_learn(
     tmp_path: Path,
 ) -> None:
     from client.dp_preflight import dp_feasibility
-    from client.site_config import PrivacyConfig, SiteConfig
+    from client.privacy_config import PrivacyConfig
+    from client.site_config import SiteConfig
     from shared_model.federation_config import FederationConfig
 
     config = SiteConfig(

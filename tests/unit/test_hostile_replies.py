@@ -248,7 +248,7 @@ def test_a_nifti_header_claiming_a_huge_volume_is_a_finding(tmp_path: Any) -> No
     import nibabel as nib
 
     from client.case_checks import load_volume
-    from client.site_data import Problem
+    from client.problem import Problem
 
     path = tmp_path / "huge.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(path))

@@ -20,7 +20,7 @@ from client.privacy import (
     epsilon_of,
     plan_round,
 )
-from client.site_config import PrivacyConfig, parse_privacy
+from client.privacy_config import PrivacyConfig, parse_privacy
 from shared_model.errors import ConfigError, DataError
 from shared_model.federation_config import FederationConfig
 from shared_model.loss import MoELoss
@@ -159,7 +159,7 @@ def test_epsilon_survives_a_restart_and_a_broken_ledger_is_an_error(
 def test_invalid_privacy_parameters_are_rejected(raw: dict, key: str) -> None:
     problems: list = []
     assert parse_privacy(raw, problems) is None
-    assert any(p.key == f"privacy.{key}" for p in problems), problems
+    assert any(p.where == f"privacy.{key}" for p in problems), problems
 
 
 def test_delta_must_be_below_one_over_n() -> None:
@@ -372,7 +372,7 @@ def test_non_finite_privacy_values_are_refused_naming_the_key(
     raw = {"target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0, key: value}
     problems: list = []
     assert parse_privacy(raw, problems) is None
-    assert [p.key for p in problems] == [f"privacy.{key}"]
+    assert [p.where for p in problems] == [f"privacy.{key}"]
     assert "finite" in problems[0].message
     # and through a YAML file, as `moefl check` and the site read it
     literal = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}[str(value)]
@@ -389,7 +389,7 @@ def test_non_finite_privacy_values_are_refused_naming_the_key(
     )
     config, problems = parse_site_yaml(yaml_path)
     assert config is None
-    assert [p.key for p in problems if p.key.startswith("privacy")] == [
+    assert [p.where for p in problems if p.where.startswith("privacy")] == [
         f"privacy.{key}"
     ]
 
@@ -415,7 +415,7 @@ def test_optional_privacy_keys_are_typed() -> None:
     ):
         problems = []
         assert parse_privacy({**base, **bad}, problems) is None
-        assert problems[0].key == f"privacy.{next(iter(bad))}"
+        assert problems[0].where == f"privacy.{next(iter(bad))}"
 
 
 _CRASH_POINTS = ("write", "fsync-file", "replace", "fsync-folder")

@@ -36,7 +36,7 @@ def test_all_problems_are_reported_in_one_pass(tmp_path: Path) -> None:
     )
     config, problems = parse_site_yaml(path)
     assert config is None
-    keys = {p.key for p in problems}
+    keys = {p.where for p in problems}
     assert keys >= {
         "site_name",
         "role",
@@ -47,7 +47,7 @@ def test_all_problems_are_reported_in_one_pass(tmp_path: Path) -> None:
         "device",
         "dataset_dir",
     }
-    unknown = next(p for p in problems if p.key == "seed")
+    unknown = next(p for p in problems if p.where == "seed")
     assert "unknown key" in unknown.message and "split_seed" in unknown.fix
 
 
@@ -61,14 +61,14 @@ def test_error_names_the_file_and_key(tmp_path: Path) -> None:
 
 def test_yaml_syntax_error_gives_line(tmp_path: Path) -> None:
     _, problems = parse_site_yaml(_write(tmp_path, "site_name: a\n  dataset_dir: [x\n"))
-    assert problems[0].key == "(syntax)" and "line" in problems[0].message
+    assert problems[0].where == "(syntax)" and "line" in problems[0].message
 
 
 def test_run_dir_inside_dataset_is_refused(tmp_path: Path) -> None:
     _, problems = parse_site_yaml(
         _write(tmp_path, "site_name: a\ndataset_dir: data\nrun_dir: data/runs\n")
     )
-    assert [p.key for p in problems] == ["run_dir"]
+    assert [p.where for p in problems] == ["run_dir"]
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_privacy_is_validated(tmp_path: Path, privacy: str, key: str) -> None:
     _, problems = parse_site_yaml(
         _write(tmp_path, f"site_name: a\ndataset_dir: data\nprivacy: {privacy}\n")
     )
-    assert [p.key for p in problems] == [key]
+    assert [p.where for p in problems] == [key]
 
 
 def test_valid_privacy(tmp_path: Path) -> None:
@@ -115,4 +115,44 @@ def test_example_site_configs_follow_the_schema() -> None:
     }
     for path in examples:
         _, problems = parse_site_yaml(path)
-        assert [p.key for p in problems] == ["dataset_dir"], problems
+        assert [p.where for p in problems] == ["dataset_dir"], problems
+
+
+def test_the_one_writer_writes_what_the_parser_reads(tmp_path: Path) -> None:
+    from client.site_config import write_site_yaml
+
+    (tmp_path / "data").mkdir()
+    values = {
+        "site_name": "west_china",
+        "dataset_dir": "data",
+        "adc_unit": "1e-6",
+        "min_cases": 3,
+        "privacy": {"target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0},
+    }
+    path = write_site_yaml(tmp_path / "s.yaml", values, comment="made here")
+    text = path.read_text()
+    assert text.startswith("# made here\n") and 'adc_unit: "1e-6"' in text
+    config, problems = parse_site_yaml(path)
+    assert not problems and config is not None
+    assert config.adc_unit == "1e-6" and config.min_cases == 3
+    assert config.privacy is not None and config.privacy.delta == 1e-5
+    with pytest.raises(ConfigError, match="unknown site YAML keys"):
+        write_site_yaml(tmp_path / "t.yaml", {**values, "seed": 1})
+
+
+def test_no_other_module_writes_a_site_yaml() -> None:
+    root = Path(__file__).resolve().parents[2]
+    writers = sorted(
+        str(p.relative_to(root))
+        for package in (
+            "shared_model",
+            "wire",
+            "client",
+            "server",
+            "simulations",
+            "cli",
+        )
+        for p in (root / package).rglob("*.py")
+        if "yaml.safe_dump" in p.read_text() or "yaml.dump" in p.read_text()
+    )
+    assert writers == ["client/site_config.py"]
