@@ -14,7 +14,8 @@ The run folder (``run-dir``, on the coordinator's machine; written through
                                         sites (counts, bytes, each site's DP-SGD
                                         accounting under "privacy"), excluded,
                                         declined (a site's budget refused the
-                                        round), missing, groups, client_dp,
+                                        round), missing, identified_by
+                                        (registration or reply), groups, client_dp,
                                         flags (counts below a declaration),
                                         evaluate; and "declared_counts": per
                                         site, the patients per group it declared
@@ -212,6 +213,8 @@ def _run_rounds(
                 "excluded": outcome.excluded,
                 "declined": outcome.declined,
                 "missing": missing,
+                # sites named by their nodes' registrations, or by their replies
+                "identified_by": "registration" if registered else "reply",
                 "groups": {
                     g: {"sites": r.sites, "n": r.n, "updated": r.updated}
                     for g, r in outcome.groups.items()

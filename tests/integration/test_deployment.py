@@ -242,6 +242,7 @@ def test_tls_authenticated_federation_runs_and_survives_losing_a_site(
     assert [r["stage"] for r in rounds] == ["segmentation", "heads", "heads"]
     for r in rounds[:2]:  # the two-round run over TLS with node authentication
         assert sorted(r["sites"]) == sorted(SITES)
+        assert r["identified_by"] == "registration"  # the nodes' registered names
         assert r["groups"]["expert/nCT"]["sites"] == ["west_china"]
     assert rounds[1]["evaluate"]["n"] == 7
     assert sorted(rounds[2]["sites"]) == ["sah_sysu", "west_china"]
