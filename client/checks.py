@@ -23,6 +23,7 @@ from client.dp_preflight import CANNOT_LEARN
 from client.problem import Problem
 from client.site_config import SiteConfig, parse_site_yaml
 from client.site_data import (
+    DatasetScan,
     read_clinical_table,
     read_dataset_json,
     scan_dataset,
@@ -87,8 +88,44 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
     if config is None:
         return report
     report.site, report.role = config.site_name, config.role
-    dataset_dir = config.dataset_dir
+    scan, records, ending = _check_layout(report, config)
+    stats: dict[str, list[float]] = {
+        "inplane": [],
+        "slice": [],
+        "adc_p99": [],
+        "tumour_ml": [],
+    }
+    usable = [
+        records[case_id]
+        for case_id in sorted(set(scan.channels) & set(records))
+        if check_case(
+            case_id,
+            scan.channels[case_id],
+            scan.labels.get(case_id),
+            config,
+            config.dataset_dir,
+            report,
+            stats,
+        )
+    ]
+    _check_cohort(report, config, usable)
+    report.summary = _summary(usable, stats)
+    if config.role == "public":  # placeholder records: no clinical summary
+        report.summary["by_regimen"] = {}
+    if config.privacy is not None and config.role == "train":
+        n_train = len(usable) - round(len(usable) * config.val_fraction)
+        _check_dp(report, config, n_train, fed or FederationConfig())
+    report.findings = _merge_repeated_warnings(report.findings)
+    return report
 
+
+def _check_layout(
+    report: CheckReport, config: SiteConfig
+) -> tuple[DatasetScan, dict[str, Any], str]:
+    """dataset.json, the folders, stray files, the clinical table and the match
+    between its rows and the images. Returns the scan, the table's records and
+    the file ending."""
+    dataset_dir = config.dataset_dir
     meta, meta_problems = read_dataset_json(dataset_dir)
     for problem in meta_problems:
         report.add(problem)
@@ -119,7 +156,6 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
                 "warning",
             )
         )
-
     if config.role == "public":  # a public segmentation dataset: no clinical.csv
         records = segmentation_records(scan.channels)
         table_problems: list[Problem] = []
@@ -129,10 +165,36 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
         )
     for problem in table_problems:
         report.add(problem)
+    _check_table_matches_images(report, scan, records, bool(table_problems), ending)
+    if (
+        meta
+        and isinstance(meta.get("numTraining"), int)
+        and meta["numTraining"] != len(scan.channels)
+    ):
+        report.add(
+            Problem(
+                "dataset-json-count",
+                "dataset.json:numTraining",
+                f"numTraining is {meta['numTraining']} but imagesTr holds "
+                f"{len(scan.channels)} cases",
+                "set numTraining to the case count",
+                "warning",
+            )
+        )
+    return scan, records, ending
 
+
+def _check_table_matches_images(
+    report: CheckReport,
+    scan: DatasetScan,
+    records: dict[str, Any],
+    table_broken: bool,
+    ending: str,
+) -> None:
+    """Every imaged case has a row and every row has images."""
     image_ids = set(scan.channels) | set(scan.labels)
     for case_id in sorted(image_ids - set(records)):
-        if records or not table_problems:
+        if records or not table_broken:
             report.add(
                 Problem(
                     "case-not-in-table",
@@ -151,98 +213,61 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
                 "or remove the row",
             )
         )
-    if (
-        meta
-        and isinstance(meta.get("numTraining"), int)
-        and meta["numTraining"] != len(scan.channels)
-    ):
-        report.add(
-            Problem(
-                "dataset-json-count",
-                "dataset.json:numTraining",
-                f"numTraining is {meta['numTraining']} but imagesTr holds "
-                f"{len(scan.channels)} cases",
-                "set numTraining to the case count",
-                "warning",
-            )
-        )
 
-    stats: dict[str, list[float]] = {
-        "inplane": [],
-        "slice": [],
-        "adc_p99": [],
-        "tumour_ml": [],
-    }
-    usable = []
-    for case_id in sorted(set(scan.channels) & set(records)):
-        if check_case(
-            case_id,
-            scan.channels[case_id],
-            scan.labels.get(case_id),
-            config,
-            dataset_dir,
-            report,
-            stats,
-        ):
-            usable.append(records[case_id])
 
+def _check_cohort(report: CheckReport, config: SiteConfig, usable: list) -> None:
+    """Enough usable cases; at a training site, each regimen's size, delta
+    against the training patients, and more than one outcome."""
     if len(usable) < config.min_cases:
         report.add(
             Problem(
                 "too-few-cases",
-                str(dataset_dir.name),
+                str(config.dataset_dir.name),
                 f"{len(usable)} usable cases; this site requires at least "
                 f"{config.min_cases} (min_cases)",
                 "fix the cases reported above or add cases; lower min_cases only "
                 "if the federation agrees",
             )
         )
+    if config.role != "train":
+        return
     by_regimen = Counter(r.regimen for r in usable)
-    if config.role == "train":
-        for regimen in REGIMENS:
-            if 0 < by_regimen[regimen] < MIN_PER_REGIMEN_WARN:
-                report.add(
-                    Problem(
-                        "regimen-small",
-                        "clinical.csv:regimen",
-                        f"only {by_regimen[regimen]} usable {regimen} cases; that "
-                        "expert learns little from this site",
-                        "expected with small cohorts; no action needed",
-                        "warning",
-                    )
-                )
-        n_train = len(usable) - round(len(usable) * config.val_fraction)
-        privacy = config.privacy
-        if privacy is not None and n_train > 0 and privacy.delta >= 1.0 / n_train:
+    for regimen in REGIMENS:
+        if 0 < by_regimen[regimen] < MIN_PER_REGIMEN_WARN:
             report.add(
                 Problem(
-                    "privacy-delta",
-                    "site YAML: privacy.delta",
-                    f"privacy.delta = {privacy.delta:g} is not below 1/N = 1/{n_train} "
-                    "(about N training patients after the validation split): a "
-                    "delta that large permits releasing a whole patient",
-                    f"set privacy.delta well below {1.0 / n_train:.2g} (1e-5 is usual)",
-                )
-            )
-        if usable and len({r.pcr for r in usable}) < 2:
-            report.add(
-                Problem(
-                    "single-outcome",
-                    "clinical.csv:pCR",
-                    "every usable case has the same pCR value; AUC cannot be "
-                    "computed at this site",
-                    "check the pCR column",
+                    "regimen-small",
+                    "clinical.csv:regimen",
+                    f"only {by_regimen[regimen]} usable {regimen} cases; that "
+                    "expert learns little from this site",
+                    "expected with small cohorts; no action needed",
                     "warning",
                 )
             )
-    report.summary = _summary(usable, stats)
-    if config.role == "public":  # placeholder records: no clinical summary
-        report.summary["by_regimen"] = {}
-    if config.privacy is not None and config.role == "train":
-        n_train = len(usable) - round(len(usable) * config.val_fraction)
-        _check_dp(report, config, n_train, fed or FederationConfig())
-    report.findings = _merge_repeated_warnings(report.findings)
-    return report
+    n_train = len(usable) - round(len(usable) * config.val_fraction)
+    privacy = config.privacy
+    if privacy is not None and n_train > 0 and privacy.delta >= 1.0 / n_train:
+        report.add(
+            Problem(
+                "privacy-delta",
+                "site YAML: privacy.delta",
+                f"privacy.delta = {privacy.delta:g} is not below 1/N = 1/{n_train} "
+                "(about N training patients after the validation split): a "
+                "delta that large permits releasing a whole patient",
+                f"set privacy.delta well below {1.0 / n_train:.2g} (1e-5 is usual)",
+            )
+        )
+    if usable and len({r.pcr for r in usable}) < 2:
+        report.add(
+            Problem(
+                "single-outcome",
+                "clinical.csv:pCR",
+                "every usable case has the same pCR value; AUC cannot be "
+                "computed at this site",
+                "check the pCR column",
+                "warning",
+            )
+        )
 
 
 def _check_dp(

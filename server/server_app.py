@@ -205,38 +205,11 @@ def _run_rounds(
             arrays = outcome.arrays
             for site in outcome.sites.values():
                 site["bytes_down"] = bytes_down
-            entry: dict[str, Any] = {
-                "round": rnd,
-                "stage": stage,
-                "updated": outcome.updated,
-                "sites": outcome.sites,
-                "excluded": outcome.excluded,
-                "declined": outcome.declined,
-                "missing": missing,
-                # sites named by their nodes' registrations, or by their replies
-                "identified_by": "registration" if registered else "reply",
-                "groups": {
-                    g: {"sites": r.sites, "n": r.n, "updated": r.updated}
-                    for g, r in outcome.groups.items()
-                },
-            }
-            if outcome.client_dp is not None:
-                entry["client_dp"] = outcome.client_dp
-            if outcome.flags:
-                entry["flags"] = outcome.flags
+            entry = _round_entry(rnd, stage, outcome, missing, bool(registered))
             if fed.evaluate_every and rnd % fed.evaluate_every == 0:
-                allowed, _ = supported_regimens(
-                    expert_support([*record["rounds"], entry]), fed.min_expert_support
-                )
-                ev_config = request_record(
-                    dataclasses.replace(begin.request, allowed_regimens=allowed)
-                )
-                ev_msgs = strategy.configure_evaluate(
-                    rnd, arrays_to_record(arrays), ev_config, grid
-                )
-                ev_replies = grid.send_and_receive(ev_msgs, timeout=fed.round_timeout)
-                entry["evaluate"] = strategy.aggregate_evaluation(
-                    ev_replies, registered
+                so_far = [*record["rounds"], entry]
+                entry["evaluate"] = _evaluate(
+                    grid, fed, begin, strategy, rnd, arrays, so_far, registered
                 )
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             record["rounds"].append(entry)
@@ -279,6 +252,53 @@ def _run_rounds(
     record["status"] = "finished"
     folder.write_record(record)
     return record
+
+
+def _round_entry(
+    rnd: int, stage: str, outcome: Any, missing: list[str], registered: bool
+) -> dict[str, Any]:
+    """The run record's entry for one round (evaluation and time added later)."""
+    entry: dict[str, Any] = {
+        "round": rnd,
+        "stage": stage,
+        "updated": outcome.updated,
+        "sites": outcome.sites,
+        "excluded": outcome.excluded,
+        "declined": outcome.declined,
+        "missing": missing,
+        # sites named by their nodes' registrations, or by their replies
+        "identified_by": "registration" if registered else "reply",
+        "groups": {
+            g: {"sites": r.sites, "n": r.n, "updated": r.updated}
+            for g, r in outcome.groups.items()
+        },
+    }
+    if outcome.client_dp is not None:
+        entry["client_dp"] = outcome.client_dp
+    if outcome.flags:
+        entry["flags"] = outcome.flags
+    return entry
+
+
+def _evaluate(
+    grid: Grid,
+    fed: FederationConfig,
+    begin: FederationStart,
+    strategy: GroupedStrategy,
+    rnd: int,
+    arrays: dict[str, np.ndarray],
+    rounds: list[dict[str, Any]],
+    registered: Mapping[int, str],
+) -> dict[str, Any]:
+    """Federated evaluation of ``arrays``: advice may name only the regimens
+    whose experts have enough support over ``rounds``."""
+    allowed, _ = supported_regimens(expert_support(rounds), fed.min_expert_support)
+    config = request_record(
+        dataclasses.replace(begin.request, allowed_regimens=allowed)
+    )
+    messages = strategy.configure_evaluate(rnd, arrays_to_record(arrays), config, grid)
+    replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
+    return strategy.aggregate_evaluation(replies, registered)
 
 
 def registered_names(grid: Grid, known: Mapping[int, str]) -> dict[int, str]:
