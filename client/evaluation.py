@@ -37,15 +37,17 @@ from shared_model.model import UNetMoECli
 from shared_model.plan import Plan
 from shared_model.policy import (
     DIRECTIONS,
-    OracleSums,
-    PolicySums,
     RecommendationRule,
     direction,
+    recommend,
+    supported_regimens,
+)
+from shared_model.policy_value import (
+    OracleSums,
+    PolicySums,
     fit_propensity,
     propensities,
-    recommend,
     site_policy_sums,
-    supported_regimens,
 )
 from shared_model.site_evaluation import (
     ADVICE_GROUPS,

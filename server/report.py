@@ -11,24 +11,15 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.report_blocks import Block, cohort_blocks, format_ci
 from server.report_figures import draw_figures
 from server.run_folder import privacy_spent
-from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.federated_metrics import format_metric
-from shared_model.policy import format_share
 from shared_model.site_evaluation import COHORTS
-
-
-@dataclass
-class Block:
-    kind: str  # "h1", "h2", "h3", "p", "table", "image"
-    text: str = ""
-    rows: list[list[str]] | None = None  # first row: header
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -37,175 +28,6 @@ def _read(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from e
     return data
-
-
-def _ci(d: dict[str, Any] | None, key: str = "value") -> str:
-    if not d or d.get(key) is None:
-        return "n/a"
-    ci = d.get("ci")
-    return f"{d[key]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-
-
-def _cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
-    o = ev["overall"]
-    blocks = [
-        Block(
-            "h3",
-            f"{cohort.capitalize()} cohort ({ev['n']} patients with a known outcome)",
-        )
-    ]
-    cal = o["calibration"] or {}
-    blocks.append(
-        Block(
-            "table",
-            rows=[
-                [
-                    "AUC (95% CI, DeLong)",
-                    "Brier",
-                    "ECE",
-                    "calibration slope",
-                    "intercept",
-                    "Dice",
-                ],
-                [
-                    _ci(o["auc"], "auc"),
-                    format_metric(o["brier"]),
-                    format_metric(cal.get("ece")),
-                    format_metric(cal.get("slope")),
-                    format_metric(cal.get("intercept")),
-                    format_metric(ev.get("dice")),
-                ],
-            ],
-        )
-    )
-    rows = [
-        ["threshold", "value", "sensitivity", "specificity", "PPV", "NPV", "accuracy"]
-    ]
-    for name, op in o["operating_points"].items():
-        rows.append(
-            [name, f"{op['threshold']:.3f}"]
-            + [
-                _ci(op[k])
-                for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")
-            ]
-        )
-    chosen = ev.get("threshold_chosen_on") or "no cohort (no responder in validation)"
-    blocks.append(
-        Block(
-            "p",
-            "Operating points (95% Wilson intervals). The target-sensitivity "
-            f"threshold was chosen on {chosen}.",
-        )
-    )
-    blocks.append(Block("table", rows=rows))
-    rows = [["regimen", "n", "pCR", "AUC (95% CI)", "Brier"]]
-    for r in REGIMENS:
-        g = ev["regimens"][r]
-        rows.append(
-            [
-                r,
-                str(g["n"]),
-                str(g["n_pcr"]),
-                _ci(g["auc"], "auc"),
-                format_metric(g["brier"]),
-            ]
-        )
-    blocks.append(Block("table", rows=rows))
-    rows = [["site", "n", "AUC (95% CI)", "Dice", "doubly robust pCR under advice"]]
-    for site, s in ev["sites"].items():
-        rows.append(
-            [
-                site,
-                str(s["n"]),
-                _ci(s["auc"], "auc"),
-                format_metric(s.get("dice")),
-                _ci(s["policy_value"].get("dr")),
-            ]
-        )
-    blocks.append(Block("table", rows=rows))
-    pv = ev["policy_value"]
-    blocks.append(Block("h3", f"Recommendations and their value, {cohort}"))
-    blocks.append(
-        Block(
-            "table",
-            rows=[
-                [
-                    "escalate",
-                    "maintain",
-                    "de-intensify",
-                    *[f"recommended {r}" for r in REGIMENS],
-                ],
-                [
-                    str(pv["directions"][k])
-                    for k in ("escalate", "maintain", "de-intensify")
-                ]
-                + [str(pv["recommended"][r]) for r in REGIMENS],
-            ],
-        )
-    )
-    rows = [["pCR rate", "estimate (95% CI)", "what it is"]]
-    rows.append(
-        [
-            "current practice (observed)",
-            _ci(pv.get("observed")),
-            "the outcomes as treated",
-        ]
-    )
-    rows.append(
-        [
-            "under the advice, IPW",
-            _ci(pv.get("ipw")),
-            "off-policy, site propensity models",
-        ]
-    )
-    rows.append(
-        [
-            "under the advice, doubly robust",
-            _ci(pv.get("dr")),
-            "off-policy, the honest estimate",
-        ]
-    )
-    if pv.get("oracle"):
-        truth = pv["oracle"]
-        share = truth.get("share_of_oracle_gain")
-        best = truth.get("best_fixed_regimen")
-        rows.append(
-            [
-                "under the advice, true (oracle)",
-                format_metric(truth["value"]),
-                "simulation only: the cohort's potential outcomes; share of the "
-                f"oracle's gain ({format_metric(truth.get('optimal'))}) over all "
-                f"{best} ({format_metric((truth.get('fixed') or {}).get(best))})"
-                f": {format_share(share)}",
-            ]
-        )
-    rows.append(
-        [
-            "under the advice, the model's own estimate",
-            _ci(pv.get("model_estimate")),
-            "circular: the model grading its own advice; not evidence",
-        ]
-    )
-    blocks.append(Block("table", rows=rows))
-    for w in pv["positivity"]["warnings"]:
-        blocks.append(Block("p", f"Warning: {w}."))
-    blocks.append(Block("image", f"evaluation_{cohort}.png"))
-    if ev.get("survival"):
-        km = ev["survival"]["kaplan_meier"]
-        blocks.append(
-            Block(
-                "p",
-                "Disease-free survival by advice (Kaplan-Meier from the sites' "
-                "counts of events and numbers at risk per month): 3-year DFS "
-                + ", ".join(
-                    f"{g} {format_metric(k['dfs_3y'], 2)} (n={k['n']})"
-                    for g, k in km.items()
-                )
-                + ".",
-            )
-        )
-        blocks.append(Block("image", f"survival_{cohort}.png"))
-    return blocks
 
 
 def build_report(
@@ -305,7 +127,7 @@ def build_report(
             )
         )
         for cohort, ev in cohorts.items():
-            blocks.extend(_cohort_blocks(cohort, ev))
+            blocks.extend(cohort_blocks(cohort, ev))
 
     comparison = evaluation.get("comparison")
     if comparison:
@@ -367,13 +189,13 @@ def build_report(
                     [
                         name,
                         cohort,
-                        _ci(ev["overall"]["auc"], "auc"),
+                        format_ci(ev["overall"]["auc"], "auc"),
                         sens[0],
                         spec[0],
                         sens[1],
                         spec[1],
                         format_metric(ev["overall"]["brier"]),
-                        _ci(ev["policy_value"].get("dr")),
+                        format_ci(ev["policy_value"].get("dr")),
                     ]
                 )
         blocks.append(Block("table", rows=rows))

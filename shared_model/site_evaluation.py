@@ -27,7 +27,8 @@ from shared_model.federated_metrics import (
     threshold_for_sensitivity,
 )
 from shared_model.messages import finite_number, whole_count
-from shared_model.policy import DIRECTIONS, OracleSums, PolicySums, policy_value
+from shared_model.policy import DIRECTIONS
+from shared_model.policy_value import OracleSums, PolicySums, policy_value
 from shared_model.survival import SurvivalCounts, kaplan_meier, logrank
 
 COHORTS = ("validation", "prospective", "test")

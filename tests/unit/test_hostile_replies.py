@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from server.strategy import GroupedStrategy
 from shared_model.federated_metrics import ScoreCounts
 from shared_model.federation_config import FederationConfig
-from shared_model.policy import PolicySums
+from shared_model.policy_value import PolicySums
 from shared_model.site_evaluation import SiteEvaluation
 from tests.unit.test_strategy import CURRENT, GROUPS, FakeReply, reply
 from wire.records import arrays_to_record

@@ -6,16 +6,14 @@ import numpy as np
 import pytest
 
 from shared_model.clinical import REGIMENS
-from shared_model.policy import (
+from shared_model.policy import RecommendationRule, direction, recommend
+from shared_model.policy_value import (
     OracleSums,
     PolicySums,
-    RecommendationRule,
-    direction,
     fit_propensity,
     policy_terms,
     policy_value,
     propensities,
-    recommend,
     site_policy_sums,
 )
 

@@ -248,7 +248,7 @@ def test_client_level_dp_noise_is_secret_unless_reproducible() -> None:
 def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
     from sklearn.metrics import brier_score_loss, roc_auc_score
 
-    from shared_model.policy import site_policy_sums
+    from shared_model.policy_value import site_policy_sums
     from shared_model.site_evaluation import SiteEvaluation
 
     rng = np.random.default_rng(1)
