@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from client.app_pinning import app_hash
+from tests.integration.local_ports import free_port, wait_for_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -112,22 +112,6 @@ def write_app(folder: Path, out: Path, variant: str) -> Path:
     (folder / "client" / "client_app.py").write_text(client)
     (folder / "pinprobe" / "server_app.py").write_text(SERVER_APP.format(out=str(out)))
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 class Site:
