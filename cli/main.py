@@ -3,8 +3,9 @@
 Each command parses its arguments, calls one library function, prints the
 result and exits non-zero on failure. A :class:`MoeflError` is printed as a
 plain message (no traceback): it already says what to fix. The commands live
-by owner: :mod:`cli.site` and :mod:`cli.site_deploy` (a hospital), :mod:`cli.coordinator` and
-:mod:`cli.simulation` (a researcher on one machine).
+by owner: :mod:`cli.site`, :mod:`cli.scoring` and :mod:`cli.site_deploy` (a
+hospital), :mod:`cli.coordinator`, and :mod:`cli.simulation` (a researcher on
+one machine).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from cli import coordinator, simulation, site, site_deploy
+from cli import coordinator, scoring, simulation, site, site_deploy
 
 app = typer.Typer(
     help="Federated UNet-MoE-Cli: synthetic cohorts, site checks, training, simulation.",
@@ -39,8 +40,8 @@ app.command()(site.check)
 app.command(context_settings=EXTRA_ARGS)(site.train)
 app.command()(site.pretrain)
 app.command("import-msd")(site.import_msd_cmd)
-app.command()(site.predict)
-app.command("evaluate", context_settings=EXTRA_ARGS)(site.evaluate_cmd)
+app.command()(scoring.predict)
+app.command("evaluate", context_settings=EXTRA_ARGS)(scoring.evaluate_cmd)
 app.command()(coordinator.report)
 app.command()(simulation.simulate)
 app.command()(coordinator.certs)

@@ -44,6 +44,10 @@ class CheckReport:
     role: str | None = None
     findings: list[Problem] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    # case ids: every case seen (images or table) and those that passed; they
+    # stay at the site (not in to_dict), for `moefl predict --site`
+    cases_seen: list[str] = field(default_factory=list)
+    usable_cases: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Problem]:
@@ -108,6 +112,12 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
             stats,
         )
     ]
+    report.cases_seen = sorted(set(scan.channels) | set(scan.labels) | set(records))
+    report.usable_cases = sorted(
+        case_id
+        for case_id in set(scan.channels) & set(records)
+        if any(r is records[case_id] for r in usable)
+    )
     _check_cohort(report, config, usable)
     report.summary = _summary(usable, stats)
     if config.role == "public":  # placeholder records: no clinical summary

@@ -188,6 +188,19 @@ class CropAroundLabeld(MapTransform):
         return d
 
 
+def geometry_steps(plan: Plan, keys: Sequence[str], modes: Sequence[str]) -> list[Any]:
+    """Read, reorient to RAS and resample to the plan's spacing: the grid every
+    volume is scored on (and masks are mapped back from)."""
+    d, h, w = plan.spacing
+    return [
+        LoadImaged(
+            keys, image_only=True, ensure_channel_first=True, reader="NibabelReader"
+        ),
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys, pixdim=(w, h, d), mode=list(modes)),
+    ]
+
+
 def build_preprocess(
     plan: Plan, *, adc_scale: float, has_label: bool = True, to_patch: bool = True
 ) -> Compose:
@@ -201,15 +214,10 @@ def build_preprocess(
     affines intact (inference maps masks back through them).
     """
     keys = ["t2", "adc"] + (["label"] if has_label else [])
-    d, h, w = plan.spacing
     lo, hi = plan.adc_clip
     modes = ["bilinear", "bilinear"] + (["nearest"] if has_label else [])
     steps: list[Any] = [
-        LoadImaged(
-            keys, image_only=True, ensure_channel_first=True, reader="NibabelReader"
-        ),
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys, pixdim=(w, h, d), mode=modes),
+        *geometry_steps(plan, keys, modes),
         Lambdad("adc", partial(_scale, factor=adc_scale)),
         ScaleIntensityRanged("adc", a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
         NormalizeIntensityd("t2", nonzero=True),
@@ -223,20 +231,28 @@ def build_preprocess(
 
 
 def build_sampling(
-    plan: Plan, *, train: bool, augment: bool = False, has_label: bool = True
+    plan: Plan,
+    *,
+    train: bool,
+    augment: bool = False,
+    has_label: bool = True,
+    whole: bool = False,
 ) -> Compose:
     """Random part: crop to the patch, augment, stack the channels.
 
     Training crops are centred on tumour voxels two times in three (nnU-Net's
     foreground oversampling); validation crops are centred on the tumour;
-    cases without a mask get a centre crop. Augmentation (training only):
+    cases without a mask get a centre crop; ``whole``: no crop (scoring,
+    :mod:`client.scoring`, finds the tumour itself). Augmentation (training only):
     in-plane rotation up to 15 degrees, scaling 0.9-1.1, left-right flips,
     Gaussian noise and T2W gamma.
     """
     keys = ["t2", "adc"] + (["label"] if has_label else [])
     image_keys = ["t2", "adc"]
     steps: list[Any] = []
-    if has_label and train:
+    if whole:
+        pass
+    elif has_label and train:
         steps.append(
             RandCropByPosNegLabeld(
                 keys,
@@ -285,6 +301,7 @@ class SiteDataset(torch.utils.data.Dataset):
         cache: keep each patient's preprocessed volume in memory after its
             first use (fast epochs; memory grows with the cohort).
         seed: seeds crops and augmentation.
+        whole: whole volumes, no crop (for :func:`client.scoring.score_dataset`).
     """
 
     def __init__(
@@ -297,14 +314,16 @@ class SiteDataset(torch.utils.data.Dataset):
         augment: bool = False,
         cache: bool = False,
         seed: int = 0,
+        whole: bool = False,
     ) -> None:
         self.cases = list(cases)
+        self.plan, self.adc_scale = plan, adc_scale
         self.has_label = all(c.label is not None for c in self.cases)
         self.preprocess = build_preprocess(
             plan, adc_scale=adc_scale, has_label=self.has_label
         )
         self.transform = build_sampling(
-            plan, train=train, augment=augment, has_label=self.has_label
+            plan, train=train, augment=augment, has_label=self.has_label, whole=whole
         )
         self.transform.set_random_state(seed=seed)
         self.cache = cache
@@ -312,6 +331,15 @@ class SiteDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.cases)
+
+    def whole_view(self) -> SiteDataset:
+        """The same patients as whole volumes (no crop, no augmentation),
+        sharing this dataset's in-memory volume cache."""
+        view = SiteDataset(
+            self.cases, self.plan, adc_scale=self.adc_scale, train=False, whole=True
+        )
+        view.cache, view._cache = self.cache, self._cache
+        return view
 
     def regimen_indices(self) -> list[int]:
         return [c.clinical.regimen_index for c in self.cases]

@@ -17,6 +17,7 @@ own, and so the share of the oracle's gain over the best fixed regimen.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from client.data import SiteDataset, build_site_datasets
-from client.engine import CasePrediction, EvalResult, evaluate
+from client.engine import CasePrediction, EvalResult
+from client.scoring import CaseScore, score_dataset
 from client.site_config import SiteConfig
 from client.site_data import CaseFiles, list_cases
 from shared_model.clinical import REGIMENS, ClinicalRecord, encode_clinical
@@ -162,41 +164,47 @@ def evaluate_dataset(
     rule: RecommendationRule | None = None,
     oracle: dict[str, list[float]] | None = None,
     clinical_model: ClinicalOnly | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SiteEvaluation:
-    """Score ``dataset``; the propensity model is fitted on ``fit_cases``.
+    """Score ``dataset`` as the clinic would (:mod:`client.scoring`: the patch
+    around the predicted tumour); the propensity model is fitted on
+    ``fit_cases``.
 
     With ``clinical_model`` the clinical-only comparator is scored instead of
     the network (no images are read; no Dice).
     """
+    result: Sequence[CasePrediction | CaseScore]
     if clinical_model is not None:
-        result = clinical_model.evaluate(dataset.cases)
+        result = clinical_model.evaluate(dataset.cases).cases
     else:
-        result = evaluate(model, dataset, device=device)
+        result = score_dataset(
+            model, dataset.whole_view(), dataset.plan, device=device, progress=progress
+        )
     counts = {
         r: ScoreCounts.from_scores(
-            [c.probs[j] for c in result.cases if c.regimen == j],
-            [c.pcr for c in result.cases if c.regimen == j],
+            [c.probs[j] for c in result if c.regimen == j],
+            [c.pcr for c in result if c.regimen == j],
         )
         for j, r in enumerate(REGIMENS)
     }
-    if not result.cases:
+    if not result:
         # a site with too few patients for a validation split adds nothing
         return SiteEvaluation(
             site, cohort, counts, 0.0, 0, PolicySums(), local_scores=np.zeros((0, 2))
         )
-    dice = [c.dice for c in result.cases if c.dice is not None]
-    losses = [c.loss for c in result.cases if not np.isnan(c.loss)]
+    dice = [c.dice for c in result if c.dice is not None]
+    losses = [c.loss for c in result if not np.isnan(c.loss)]
     by_id = {c.case_id: c for c in dataset.cases}
     fit, classes = fit_propensity(
         np.stack([encode_clinical(c.clinical.features) for c in fit_cases]),
         [c.clinical.regimen_index for c in fit_cases],
     )
     clinical = np.stack(
-        [encode_clinical(by_id[c.case_id].clinical.features) for c in result.cases]
+        [encode_clinical(by_id[c.case_id].clinical.features) for c in result]
     )
-    probs = np.array([c.probs for c in result.cases])
-    received = np.array([c.regimen for c in result.cases])
-    outcome = np.array([c.pcr for c in result.cases])
+    probs = np.array([c.probs for c in result])
+    received = np.array([c.regimen for c in result])
+    outcome = np.array([c.pcr for c in result])
     e = propensities(fit, classes, clinical)
     # a received regimen the training split never saw: treat its propensity as
     # rare rather than impossible (the patient is evidence that it is given)
@@ -204,7 +212,7 @@ def evaluate_dataset(
     e[rows, received] = np.maximum(e[rows, received], 1.0 / max(len(fit_cases), 1))
     policy = site_policy_sums(probs, received, outcome, e, rule)
     survival = _survival_by_advice(
-        [by_id[c.case_id].clinical for c in result.cases], probs, received, rule
+        [by_id[c.case_id].clinical for c in result], probs, received, rule
     )
     known_rows = ~np.isnan(outcome)
     out = SiteEvaluation(
@@ -224,7 +232,7 @@ def evaluate_dataset(
     if oracle is not None:
         known = ~np.isnan(outcome)
         rec = recommend(probs[known], rule, received[known])
-        ids = [c.case_id for c, k in zip(result.cases, known, strict=True) if k]
+        ids = [result[int(i)].case_id for i in np.flatnonzero(known)]
         missing = [i for i in ids if i not in oracle]
         if missing:
             raise DataError(f"the oracle has no row for case {missing[0]}")

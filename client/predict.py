@@ -17,16 +17,18 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
+from monai.transforms import Compose
 from scipy import ndimage
 
 from client.case_checks import adc_unit_problem, grid_problem, load_volume
-from client.data import build_preprocess
+from client.data import build_preprocess, geometry_steps
 from client.engine import resolve_device
 from client.problem import Problem
+from client.scoring import score_volume
 from shared_model.checkpoint import load_checkpoint
 from shared_model.clinical import CLINICAL_FEATURES, REGIMENS, encode_clinical
 from shared_model.errors import DataError
+from shared_model.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -99,29 +101,6 @@ def _check_inputs(t2: Path, adc: Path, adc_unit: str) -> nib.Nifti1Image:
     return loaded[0]
 
 
-def _centred_patch(
-    volume: torch.Tensor, mask: torch.Tensor, patch: tuple[int, ...]
-) -> torch.Tensor:
-    """Patch of ``volume`` (C, D, H, W) centred on ``mask``'s bounding box."""
-    idx = torch.nonzero(mask)
-    shape = volume.shape[1:]
-    if len(idx) == 0:
-        centre = [n // 2 for n in shape]
-    else:
-        centre = [int((idx[:, i].min() + idx[:, i].max()) // 2) for i in range(3)]
-    lo = [
-        min(max(c - p // 2, 0), max(n - p, 0))
-        for c, p, n in zip(centre, patch, shape, strict=True)
-    ]
-    crop = volume[
-        :, lo[0] : lo[0] + patch[0], lo[1] : lo[1] + patch[1], lo[2] : lo[2] + patch[2]
-    ]
-    pad = []
-    for n, p in zip(reversed(crop.shape[1:]), reversed(patch), strict=True):
-        pad += [0, p - n]
-    return torch.nn.functional.pad(crop, pad)
-
-
 @torch.no_grad()
 def predict_case(
     checkpoint: Path,
@@ -143,51 +122,62 @@ def predict_case(
     ref = _check_inputs(Path(t2), Path(adc), adc_unit)
     model, plan = load_checkpoint(Path(checkpoint))
     dev = resolve_device(device)
-    model.to(dev).eval()
-    prep = build_preprocess(
-        plan,
-        adc_scale=1.0 if adc_unit == "1e-3" else 1e-3,
-        has_label=False,
-        to_patch=False,
-    )
+    adc_scale = 1.0 if adc_unit == "1e-3" else 1e-3
+    prep = build_preprocess(plan, adc_scale=adc_scale, has_label=False)
     data = prep({"t2": str(t2), "adc": str(adc)})
-    processed_affine = np.asarray(data["t2"].affine, dtype=np.float64)
-    # (C, X, Y, Z) in RAS order -> (C, D, H, W)
-    image = (
-        torch.cat(
-            [
-                torch.as_tensor(np.asarray(data["t2"])),
-                torch.as_tensor(np.asarray(data["adc"])),
-            ]
-        )
-        .float()
-        .permute(0, 3, 2, 1)
-    )
-
-    def seg_only(x: torch.Tensor) -> torch.Tensor:
-        return model.backbone(x)
-
-    logits = sliding_window_inference(
-        image[None].to(dev),
-        roi_size=plan.patch_size,
-        sw_batch_size=2,
-        predictor=seg_only,
-        overlap=0.5,
-        mode="gaussian",
-    )
-    assert isinstance(logits, torch.Tensor)  # a tensor predictor gives a tensor
-    mask = logits.argmax(dim=1)[0].cpu()
-    patch = _centred_patch(image, mask, plan.patch_size)
-    clin = torch.from_numpy(encode_clinical(clinical))[None].to(dev)
-    out = model(patch[None].to(dev), clin, torch.zeros(1, dtype=torch.long, device=dev))
-    probs = torch.sigmoid(out.pcr_logits[0].float()).cpu().tolist()
+    image = torch.cat(
+        [
+            torch.as_tensor(np.asarray(data["t2"])),
+            torch.as_tensor(np.asarray(data["adc"])),
+        ]
+    ).float()
+    clin = torch.from_numpy(encode_clinical(clinical))
+    probs, mask, _, _ = score_volume(model, image, clin, 0, plan, dev)
     volume_ml = float(mask.sum()) * math.prod(plan.spacing) / 1000.0
-    mask_in = _to_input_grid(mask.numpy(), processed_affine, ref)
     return Prediction(
         pcr_probability={r: round(p, 4) for r, p in zip(REGIMENS, probs, strict=True)},
         tumour_volume_ml=volume_ml,
-        mask=mask_in,
+        mask=mask_on_input_grid(mask.numpy(), Path(t2), plan, ref=ref),
     )
+
+
+def mask_on_input_grid(
+    mask_dhw: np.ndarray,
+    t2: Path,
+    plan: Plan,
+    *,
+    ref: nib.Nifti1Image | None = None,
+) -> np.ndarray:
+    """A mask on the scored volume's grid (the plan's spacing, ``(D, H, W)``,
+    padded to the patch) back on ``t2``'s own grid (nearest neighbour)."""
+    if ref is None:
+        loaded = nib.load(str(t2))
+        assert isinstance(loaded, nib.Nifti1Image | nib.Nifti2Image)
+        ref = loaded  # type: ignore[assignment]
+    assert ref is not None
+    t2_ras = Compose(geometry_steps(plan, ["t2"], ["bilinear"]))({"t2": str(t2)})
+    xyz = tuple(int(n) for n in t2_ras["t2"].shape[1:])
+    affine = np.asarray(t2_ras["t2"].affine, dtype=np.float64)
+    # undo the symmetric pad to the patch (SpatialPadd: the smaller half first)
+    before = [
+        max(p - n, 0) // 2 for p, n in zip(plan.patch_size, xyz[::-1], strict=True)
+    ]
+    unpadded = mask_dhw[
+        before[0] : before[0] + xyz[2],
+        before[1] : before[1] + xyz[1],
+        before[2] : before[2] + xyz[0],
+    ]
+    return _to_input_grid(unpadded, affine, ref)
+
+
+def save_mask(mask: np.ndarray, reference: Path, path: Path) -> None:
+    """Write ``mask`` as NIfTI with the reference image's header geometry."""
+    ref = nib.load(str(reference))
+    assert isinstance(ref, nib.Nifti1Image | nib.Nifti2Image)  # checked on input
+    img = nib.Nifti1Image(mask.astype(np.uint8), ref.affine)
+    img.set_qform(ref.affine, code=1)
+    img.set_sform(ref.affine, code=1)
+    nib.save(img, str(path))
 
 
 def _to_input_grid(
@@ -204,13 +194,3 @@ def _to_input_grid(
     coords = to_proc[:3, :3] @ idx + to_proc[:3, 3:4]
     out = ndimage.map_coordinates(xyz, coords, order=0, mode="constant", cval=0.0)
     return out.reshape(ref.shape[:3]).astype(np.uint8)
-
-
-def save_mask(mask: np.ndarray, reference: Path, path: Path) -> None:
-    """Write ``mask`` as NIfTI with the reference image's header geometry."""
-    ref = nib.load(str(reference))
-    assert isinstance(ref, nib.Nifti1Image | nib.Nifti2Image)  # checked on input
-    img = nib.Nifti1Image(mask.astype(np.uint8), ref.affine)
-    img.set_qform(ref.affine, code=1)
-    img.set_sform(ref.affine, code=1)
-    nib.save(img, str(path))

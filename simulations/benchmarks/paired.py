@@ -23,11 +23,12 @@ from simulations.benchmarks.common import benchmark_parser, finish
 
 
 def scores_on_test(checkpoint: Path, cohort: Path) -> dict[str, tuple[int, float]]:
-    """case id -> (pCR, predicted pCR under the received regimen) on the test cohort."""
+    """case id -> (pCR, predicted pCR under the received regimen) on the test
+    cohort, scored as ``moefl evaluate`` scores (:mod:`client.scoring`)."""
     import torch
 
     from client.data import SiteDataset
-    from client.engine import evaluate
+    from client.scoring import score_dataset
     from client.site_config import load_site_config
     from client.site_data import list_cases
     from shared_model.checkpoint import load_checkpoint
@@ -37,9 +38,10 @@ def scores_on_test(checkpoint: Path, cohort: Path) -> dict[str, tuple[int, float
     for yaml in sorted((cohort / "test" / "site_configs").glob("*.yaml")):
         config = load_site_config(yaml)
         cases = list_cases(config.dataset_dir, require_outcome=True)
-        data = SiteDataset(cases, plan, adc_scale=config.adc_scale, train=False)
-        result = evaluate(model, data, device=torch.device("cpu"))
-        for c in result.cases:
+        data = SiteDataset(
+            cases, plan, adc_scale=config.adc_scale, train=False, whole=True
+        )
+        for c in score_dataset(model, data, plan, device=torch.device("cpu")):
             out[c.case_id] = (int(c.pcr), float(c.probs[c.regimen]))
     return out
 

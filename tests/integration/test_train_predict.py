@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from client.predict import parse_clinical_args, predict_case
 from shared_model.checkpoint import load_checkpoint
+from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError, DataError
 
 runner = CliRunner()
@@ -140,26 +141,29 @@ def test_mask_maps_back_through_the_resampling(
     """A known label, pushed through the same preprocessing and back, lands where
     it was: checks the inverse mapping independently of model quality."""
     from client.data import build_preprocess
-    from client.predict import _to_input_grid
+    from client.predict import mask_on_input_grid
+    from shared_model.plan import Plan
 
     _, plan = load_checkpoint(pooled_run)
     folder = tiny_cohort / "sites" / "Dataset101_WestChina"
     label = folder / "labelsTr" / "WCH_R0002.nii.gz"
-    prep = build_preprocess(plan, adc_scale=1.0, has_label=True, to_patch=False)
-    data = prep(
-        {
-            "t2": str(folder / "imagesTr" / "WCH_R0002_0000.nii.gz"),
-            "adc": str(folder / "imagesTr" / "WCH_R0002_0001.nii.gz"),
-            "label": str(label),
-        }
-    )
-    lab_dhw = np.transpose(np.asarray(data["label"])[0], (2, 1, 0)) > 0.5
-    back = _to_input_grid(
-        lab_dhw.astype(np.uint8), np.asarray(data["label"].affine), nib.load(str(label))
-    )
+    t2 = folder / "imagesTr" / "WCH_R0002_0000.nii.gz"
     truth = np.asarray(nib.load(str(label)).dataobj) > 0
-    dice = 2 * (back.astype(bool) & truth).sum() / (back.sum() + truth.sum())
-    assert dice > 0.8
+    # the checkpoint's plan, and one whose patch is larger than the volume on
+    # every axis (scoring pads symmetrically; the way back must undo it)
+    padded = Plan(patch_size=(32, 64, 64), spacing=plan.spacing)
+    for p in (plan, padded):
+        data = build_preprocess(p, adc_scale=1.0, has_label=True)(
+            {
+                "t2": str(t2),
+                "adc": str(folder / "imagesTr" / "WCH_R0002_0001.nii.gz"),
+                "label": str(label),
+            }
+        )
+        lab_dhw = np.asarray(data["label"])[0] > 0.5  # (D, H, W), padded to the patch
+        back = mask_on_input_grid(lab_dhw.astype(np.uint8), t2, p)
+        dice = 2 * (back.astype(bool) & truth).sum() / (back.sum() + truth.sum())
+        assert dice > 0.8, (p, dice)
 
 
 @pytest.mark.parametrize(
@@ -362,3 +366,129 @@ def test_support_guard_follows_the_checkpoint(pooled_run: Path, tmp_path: Path) 
     assert report["rule"]["allowed"] == [] and "advice is withheld" in output
     pv = report["validation"]["policy_value"]
     assert pv["directions"]["maintain"] == pv["n"]  # everyone keeps their regimen
+
+
+def _prospective_copy(tiny_cohort: Path, tmp_path: Path) -> Path:
+    """A writable copy of the prospective cohort; returns west_china's YAML."""
+    import shutil
+
+    dst = tmp_path / "prospective"
+    shutil.copytree(tiny_cohort / "prospective", dst)
+    return dst / "site_configs" / "west_china.yaml"
+
+
+def test_predict_site_scores_every_patient_as_predict_and_evaluate_do(
+    pooled_run: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """One row per patient; the one-patient form and `moefl evaluate`'s own
+    scoring give the same numbers for the same patients."""
+    import csv
+    import hashlib
+
+    import torch
+
+    from client.data import SiteDataset
+    from client.evaluation import evaluate_dataset
+    from client.predict import predict_case
+    from client.predict_site import COLUMNS, predict_site
+    from client.site_config import load_site_config
+    from client.site_data import list_cases
+
+    yaml = _prospective_copy(tiny_cohort, tmp_path)
+    config = load_site_config(yaml)
+    cases = list_cases(config.dataset_dir, require_outcome=False)
+    result = predict_site(
+        pooled_run, yaml, tmp_path / "t.csv", masks=tmp_path / "m", min_expert_support=0
+    )
+    with open(tmp_path / "t.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == COLUMNS
+    assert [r["case_id"] for r in table] == [c.case_id for c in cases]
+    assert not result.skipped
+    sha = hashlib.sha256((pooled_run / "model.safetensors").read_bytes()).hexdigest()
+    assert {r["model_sha256"] for r in table} == {sha} == {result.sha256}
+    for r in table:
+        p = [float(r[f"p_{g}"]) for g in REGIMENS]
+        assert all(0 < x < 1 for x in p) and r["recommended"] in REGIMENS
+        assert r["direction"] in ("escalate", "maintain", "de-intensify")
+        assert r["reason"].startswith(r["direction"]) and "within 0.05" in r["reason"]
+        assert Path(r["mask_file"]).is_file() and float(r["tumour_volume_ml"]) >= 0
+
+    # the support guard: experts below the threshold are never advised
+    from shared_model.checkpoint import read_expert_support
+
+    support = read_expert_support(pooled_run)
+    assert support is not None
+    cut = sorted(support.values())[1] + 1  # excludes the two least-supported
+    guarded = predict_site(
+        pooled_run, yaml, tmp_path / "g.csv", min_expert_support=cut
+    ).rows
+    allowed = {g for g, n in support.items() if n >= cut}
+    for r in guarded:
+        if allowed:
+            assert r["recommended"] in allowed
+        else:
+            assert r["recommended"] == r["planned_regimen"]
+            assert r["reason"].startswith("advice withheld")
+        for flag in filter(None, r["flags"].split(";")):
+            assert flag == "low-propensity" or flag.split(":")[1] not in allowed
+
+    # the one-patient form, for the first two patients
+    for case, row in zip(cases[:2], table[:2], strict=True):
+        one = predict_case(
+            pooled_run, t2=case.t2, adc=case.adc, clinical=case.clinical.features
+        )
+        assert one.pcr_probability == {g: float(row[f"p_{g}"]) for g in REGIMENS}
+        assert round(one.tumour_volume_ml, 3) == float(row["tumour_volume_ml"])
+        written = nib.load(row["mask_file"]).get_fdata()
+        assert np.array_equal(written.astype(np.uint8), one.mask)
+
+    # `moefl evaluate`'s scoring: the received regimen's probability per patient
+    model, plan = load_checkpoint(pooled_run)
+    dataset = SiteDataset(cases, plan, adc_scale=config.adc_scale, train=False)
+    ev = evaluate_dataset(
+        model,
+        config.site_name,
+        dataset,
+        cases,
+        cohort="prospective",
+        device=torch.device("cpu"),
+    )
+    known = [r for r in table if not np.isnan(float(_pcr(cases, r["case_id"])))]
+    from_table = [float(r[f"p_{r['planned_regimen']}"]) for r in known]
+    assert len(known) == len(ev.local_scores) > 0
+    assert np.allclose(ev.local_scores[:, 0], from_table, atol=5.1e-5)
+
+
+def _pcr(cases: list, case_id: str) -> float:
+    rec = next(c for c in cases if c.case_id == case_id).clinical
+    return float("nan") if rec.pcr is None else float(rec.pcr)
+
+
+def test_predict_site_names_a_broken_case_and_scores_the_others(
+    pooled_run: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    import csv
+
+    yaml = _prospective_copy(tiny_cohort, tmp_path)
+    folder = next((tmp_path / "prospective" / "sites").glob("*WestChina"))
+    adc = sorted((folder / "imagesTr").glob("*_0001.nii.gz"))[1]
+    broken = adc.name.removesuffix("_0001.nii.gz")
+    adc.write_bytes(adc.read_bytes()[:100])  # a truncated file
+    out = tmp_path / "t.csv"
+    result = runner.invoke(
+        app, ["predict", str(pooled_run), "--site", str(yaml), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"skipped {broken}: " in result.output and adc.name in result.output
+    assert "sha256" in result.output
+    with open(out, newline="") as f:
+        ids = [r["case_id"] for r in csv.DictReader(f)]
+    assert (
+        broken not in ids and len(ids) == len(list(folder.glob("imagesTr/*_0000*"))) - 1
+    )
+    # one form at a time
+    both = runner.invoke(
+        app, ["predict", str(pooled_run), "--site", str(yaml), "--t2w", str(adc)]
+    )
+    assert both.exit_code == 2 and "--site needs --out" in both.output

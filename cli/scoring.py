@@ -1,0 +1,230 @@
+"""Site scoring commands: advice for one patient or a whole site, and the
+evaluation of a model on a site's patients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import fail, site_yamls, yamls_in
+from shared_model.errors import ConfigError, MoeflError
+
+
+def predict(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="Folder with model.safetensors, config.json, plan.json."),
+    ],
+    t2w: Annotated[
+        Path | None, typer.Option("--t2w", help="One patient: T2-weighted NIfTI.")
+    ] = None,
+    adc: Annotated[
+        Path | None,
+        typer.Option("--adc", help="One patient: ADC NIfTI on the T2W grid."),
+    ] = None,
+    clinical: Annotated[
+        list[str],
+        typer.Option(
+            "--clinical",
+            help="One patient: KEY=VALUE, repeat for cT, cN, EMVI, CRM, LLN, location.",
+        ),
+    ] = [],  # noqa: B006
+    adc_unit: Annotated[
+        str, typer.Option(help="One patient: unit of the stored ADC, 1e-3 or 1e-6.")
+    ] = "1e-3",
+    mask_out: Annotated[
+        Path | None,
+        typer.Option(help="One patient: write the predicted mask here (input grid)."),
+    ] = None,
+    site: Annotated[
+        Path | None,
+        typer.Option(
+            "--site", help="A site YAML: score every patient of its dataset (--out)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="With --site: the table to write (CSV).")
+    ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(help="With --site: also write each predicted mask here."),
+    ] = None,
+    margin: Annotated[
+        float, typer.Option(help="With --site: recommendation margin on pCR.")
+    ] = 0.05,
+    min_expert_support: Annotated[
+        int,
+        typer.Option(
+            help="With --site: never advise a regimen whose expert the checkpoint "
+            "records as trained on fewer patients."
+        ),
+    ] = 30,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """One patient (--t2w --adc --clinical: JSON) or every patient of a site
+    (--site --out: a CSV of pCR per regimen, advice, flags, tumour volume)."""
+    if site is not None:
+        if out is None or t2w is not None or adc is not None or clinical:
+            fail(ConfigError("--site needs --out and takes no --t2w/--adc/--clinical"))
+        assert out is not None
+        _predict_site(checkpoint, site, out, masks, margin, min_expert_support, device)
+        return
+    if t2w is None or adc is None or not clinical:
+        fail(ConfigError("give --t2w, --adc and --clinical (one patient) or --site"))
+    assert t2w is not None and adc is not None
+    from client.predict import parse_clinical_args, predict_case, save_mask
+
+    try:
+        values = parse_clinical_args(clinical)
+        result = predict_case(
+            checkpoint,
+            t2=t2w,
+            adc=adc,
+            clinical=values,
+            adc_unit=adc_unit,
+            device=device,
+        )
+        if mask_out is not None:
+            save_mask(result.mask, t2w, mask_out)
+    except MoeflError as e:
+        fail(e)
+    typer.echo(json.dumps(result.to_dict(), indent=2))
+
+
+def _predict_site(
+    checkpoint: Path,
+    site: Path,
+    out: Path,
+    masks: Path | None,
+    margin: float,
+    min_expert_support: int,
+    device: str,
+) -> None:
+    """``moefl predict --site``: the table, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from client.predict_site import predict_site
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"scoring {site.name}", total=None)
+        try:
+            result = predict_site(
+                checkpoint,
+                site,
+                out,
+                masks=masks,
+                device=None if device == "auto" else device,
+                margin=margin,
+                min_expert_support=min_expert_support,
+                progress=lambda done, total: bar.update(
+                    task, completed=done, total=total
+                ),
+            )
+        except MoeflError as e:
+            fail(e)
+    for case, why in sorted(result.skipped.items()):
+        typer.echo(f"skipped {case}: {why}")
+    typer.echo(
+        f"wrote {out}: {len(result.rows)} patients, {len(result.skipped)} skipped; "
+        f"model {result.model} sha256 {result.sha256}"
+    )
+
+
+def evaluate_cmd(
+    ctx: typer.Context,
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="Folder with model.safetensors, config.json, plan.json."),
+    ],
+    sites: Annotated[
+        list[Path],
+        typer.Option(
+            "--sites",
+            help="Site YAMLs: training sites give their validation split, "
+            "evaluate sites (prospective) all their cases. Repeat or list.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json.")],
+    test: Annotated[
+        list[Path],
+        typer.Option(
+            "--test",
+            help="The held-out test cohort: a folder of evaluate-site YAMLs "
+            "(e.g. COHORT/test/site_configs) or one YAML; repeat for more. "
+            "Scored at the validation threshold; never used to choose anything.",
+        ),
+    ] = [],  # noqa: B006
+    oracle: Annotated[
+        Path | None,
+        typer.Option(
+            help="Simulation only: the cohort's oracle/ folder (adds the true "
+            "value of the advice and its share of the oracle's gain)."
+        ),
+    ] = None,
+    margin: Annotated[
+        float, typer.Option(help="Recommendation margin on predicted pCR.")
+    ] = 0.05,
+    min_expert_support: Annotated[
+        int,
+        typer.Option(
+            help="Never recommend a regimen whose expert the checkpoint records as "
+            "trained on fewer patients (summed over sites)."
+        ),
+    ] = 30,
+    target_sensitivity: Annotated[float, typer.Option()] = 0.8,
+    device: Annotated[str | None, typer.Option()] = None,
+    clinical_only: Annotated[
+        bool,
+        typer.Option(
+            help="Score the clinical-only comparator (logistic regression fitted "
+            "on the training sites' pooled training splits) instead of the network."
+        ),
+    ] = False,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            help="Paired comparison (exact McNemar) against another checkpoint "
+            "folder, or `clinical` for the clinical-only comparator."
+        ),
+    ] = None,
+) -> None:
+    """Evaluate a model: metrics with intervals, recommendations, policy value."""
+    from client.evaluation import run_evaluation
+    from client.evaluation_text import headline
+    from shared_model.policy import RecommendationRule
+
+    sites = site_yamls(sites, ctx)
+    try:
+        if not 0 < target_sensitivity <= 1:
+            raise ConfigError("--target-sensitivity must be in (0, 1]")
+        try:
+            rule = RecommendationRule(margin=margin)
+        except ValueError as e:
+            raise ConfigError(f"--margin: {e}") from e
+        report = run_evaluation(
+            checkpoint,
+            sites,
+            out,
+            test_yamls=yamls_in(test),
+            oracle=oracle,
+            min_expert_support=min_expert_support,
+            rule=rule,
+            target_sensitivity=target_sensitivity,
+            device=device,
+            clinical_only=clinical_only,
+            against=against,
+            echo=typer.echo,
+        )
+    except MoeflError as e:
+        fail(e)
+    typer.echo(headline(report))
+    typer.echo(f"wrote {out / 'metrics.json'}")

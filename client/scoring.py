@@ -1,0 +1,153 @@
+"""Scoring a patient as the clinic does: one path for ``moefl predict``, its
+batch form and ``moefl evaluate``.
+
+The whole preprocessed volume is segmented with a sliding window, and the pCR
+experts read a patch centred on the *predicted* tumour, never on a
+ground-truth mask (a new patient has none). Where a mask exists it is used
+only to measure: Dice over the whole volume, and the loss on the same patch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.metrics import compute_dice
+
+from client.data import SiteDataset
+from shared_model.loss import LossConfig, MoELoss
+from shared_model.model import UNetMoECli
+from shared_model.plan import Plan
+
+
+@dataclass(frozen=True)
+class CaseScore:
+    """One patient's scores (stays on the site)."""
+
+    case_id: str
+    regimen: int  # received or planned, index into REGIMENS
+    pcr: float  # NaN when unknown
+    probs: list[float]  # pCR probability under nCRT, TNT, nCT
+    volume_ml: float  # predicted tumour volume
+    mask: np.ndarray  # predicted mask on the plan's grid, (D, H, W) uint8
+    dice: float | None  # against the site's mask over the whole volume
+    loss: float  # on the scored patch, against the site's mask; NaN without one
+
+
+def centred_box(
+    mask: torch.Tensor, patch: tuple[int, ...], shape: tuple[int, ...]
+) -> list[int]:
+    """The patch's start per axis, centred on ``mask``'s bounding box (the
+    volume's centre when the mask is empty) and kept inside the volume."""
+    idx = torch.nonzero(mask)
+    if len(idx) == 0:
+        centre = [n // 2 for n in shape]
+    else:
+        centre = [int((idx[:, i].min() + idx[:, i].max()) // 2) for i in range(3)]
+    return [
+        min(max(c - p // 2, 0), max(n - p, 0))
+        for c, p, n in zip(centre, patch, shape, strict=True)
+    ]
+
+
+def crop_padded(
+    volume: torch.Tensor, lo: list[int], patch: tuple[int, ...]
+) -> torch.Tensor:
+    """``volume[..., lo:lo+patch]`` over the last three axes, zero-padded to
+    ``patch`` where the volume is smaller."""
+    crop = volume[
+        ...,
+        lo[0] : lo[0] + patch[0],
+        lo[1] : lo[1] + patch[1],
+        lo[2] : lo[2] + patch[2],
+    ]
+    pad: list[int] = []
+    for n, p in zip(reversed(crop.shape[-3:]), reversed(patch), strict=True):
+        pad += [0, p - n]
+    return torch.nn.functional.pad(crop, pad)
+
+
+@torch.no_grad()
+def score_volume(
+    model: UNetMoECli,
+    image: torch.Tensor,
+    clinical: torch.Tensor,
+    regimen: int,
+    plan: Plan,
+    device: torch.device,
+) -> tuple[list[float], torch.Tensor, list[int], torch.Tensor]:
+    """Segment ``image`` ``(C, D, H, W)`` and score pCR on the patch around the
+    predicted tumour. Returns the probabilities, the predicted mask
+    ``(D, H, W)``, the patch's start and the model's seg logits on the patch."""
+    model.to(device).eval()
+    logits = sliding_window_inference(
+        image[None].to(device),
+        roi_size=plan.patch_size,
+        sw_batch_size=2,
+        predictor=model.backbone,
+        overlap=0.5,
+        mode="gaussian",
+    )
+    assert isinstance(logits, torch.Tensor)  # a tensor predictor gives a tensor
+    mask = logits.argmax(dim=1)[0].cpu()
+    lo = centred_box(mask, plan.patch_size, tuple(image.shape[1:]))
+    patch = crop_padded(image, lo, plan.patch_size)
+    out = model(
+        patch[None].to(device),
+        clinical[None].to(device),
+        torch.tensor([regimen], dtype=torch.long, device=device),
+    )
+    probs = torch.sigmoid(out.pcr_logits[0].float()).cpu().tolist()
+    return probs, mask, lo, out
+
+
+def score_dataset(
+    model: UNetMoECli,
+    dataset: SiteDataset,
+    plan: Plan,
+    *,
+    device: torch.device,
+    loss_cfg: LossConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[CaseScore]:
+    """Score every patient of ``dataset`` (built with ``whole=True``)."""
+    loss_fn = MoELoss(loss_cfg)
+    voxel_ml = math.prod(plan.spacing) / 1000.0
+    scores = []
+    for i in range(len(dataset)):
+        s = dataset[i]
+        probs, mask, lo, out = score_volume(
+            model, s["image"], s["clinical"], int(s["regimen"]), plan, device
+        )
+        dice, loss = None, float("nan")
+        if "label" in s:
+            label = s["label"]  # (1, D, H, W)
+            pred_1h = torch.stack([mask == 0, mask == 1])[None].float()
+            lab_1h = torch.cat([label == 0, label == 1])[None].float()
+            d = compute_dice(
+                pred_1h, lab_1h, include_background=False, ignore_empty=True
+            )
+            dice = None if torch.isnan(d[0, 0]) else float(d[0, 0])
+            label_patch = crop_padded(label, lo, plan.patch_size)[None].to(device)
+            pcr = s["pcr"][None].to(device)
+            with torch.no_grad():
+                loss = float(loss_fn(out, label_patch, pcr)[0])
+        scores.append(
+            CaseScore(
+                case_id=s["case_id"],
+                regimen=int(s["regimen"]),
+                pcr=float(s["pcr"]),
+                probs=probs,
+                volume_ml=float(mask.sum()) * voxel_ml,
+                mask=mask.numpy().astype(np.uint8),
+                dice=dice,
+                loss=loss,
+            )
+        )
+        if progress is not None:
+            progress(i + 1, len(dataset))
+    return scores
