@@ -23,12 +23,14 @@ def run_demo(
     seed: int = 0,
     rounds: int = 8,
     echo: Callable[[str], None] = lambda s: None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> bool:
     """Make (or reuse) the cohort under ``out/cohort``, check every site, run
     ``rounds`` federated rounds in simulation under ``out/federated``, evaluate
     the model on the validation, prospective and held-out test cohorts (with
     the oracle's true policy value and share of its gain beside the estimates)
-    and write the report.
+    and write the report. ``progress(label, done, total)``: the cohort's
+    generation and the evaluation, patient by patient.
 
     Returns:
         True when every site passes its check (and the federation finished).
@@ -48,7 +50,15 @@ def run_demo(
         echo(f"reusing the {preset} cohort in {cohort_dir}")
     else:
         echo(f"generating the {preset} cohort in {cohort_dir} ...")
-        result = synthesize(cohort_dir, preset=preset, seed=seed, force=True)
+        result = synthesize(
+            cohort_dir,
+            preset=preset,
+            seed=seed,
+            force=True,
+            progress=None
+            if progress is None
+            else lambda done, total: progress(f"cohort {preset}", done, total),
+        )
         summary = result.summary
         echo(
             f"  {summary['n_retrospective']} retrospective + {summary['n_prospective']} "
@@ -110,6 +120,7 @@ def run_demo(
         test_yamls=tests,
         oracle=cohort_dir / "oracle",
         echo=echo,
+        progress=progress,
     )
     echo(headline(evaluation))
     md, page = build_report(federated)

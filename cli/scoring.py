@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import fail, site_yamls, yamls_in
+from cli.common import fail, progress_bar, site_yamls, yamls_in
 from shared_model.errors import ConfigError, MoeflError
 
 
@@ -104,18 +104,9 @@ def _predict_site(
     device: str,
 ) -> None:
     """``moefl predict --site``: the table, with a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     from client.predict_site import predict_site
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(f"scoring {site.name}", total=None)
+    with progress_bar() as update:
         try:
             result = predict_site(
                 checkpoint,
@@ -125,8 +116,8 @@ def _predict_site(
                 device=None if device == "auto" else device,
                 margin=margin,
                 min_expert_support=min_expert_support,
-                progress=lambda done, total: bar.update(
-                    task, completed=done, total=total
+                progress=lambda done, total: update(
+                    f"scoring {site.name}", done, total
                 ),
             )
         except MoeflError as e:
@@ -210,20 +201,22 @@ def evaluate_cmd(
             rule = RecommendationRule(margin=margin)
         except ValueError as e:
             raise ConfigError(f"--margin: {e}") from e
-        report = run_evaluation(
-            checkpoint,
-            sites,
-            out,
-            test_yamls=yamls_in(test),
-            oracle=oracle,
-            min_expert_support=min_expert_support,
-            rule=rule,
-            target_sensitivity=target_sensitivity,
-            device=device,
-            clinical_only=clinical_only,
-            against=against,
-            echo=typer.echo,
-        )
+        with progress_bar() as update:
+            report = run_evaluation(
+                checkpoint,
+                sites,
+                out,
+                test_yamls=yamls_in(test),
+                oracle=oracle,
+                min_expert_support=min_expert_support,
+                rule=rule,
+                target_sensitivity=target_sensitivity,
+                device=device,
+                clinical_only=clinical_only,
+                against=against,
+                echo=typer.echo,
+                progress=update,
+            )
     except MoeflError as e:
         fail(e)
     typer.echo(headline(report))

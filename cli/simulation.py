@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import fail, privacy_option
+from cli.common import fail, privacy_option, progress_bar
 from shared_model.errors import MoeflError
 
 
@@ -49,23 +49,10 @@ def synth(
     ] = False,
 ) -> None:
     """Generate a synthetic multi-centre rectal MRI cohort in nnU-Net raw format."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     from simulations.scoreboard import format_scoreboard
     from simulations.synth import synthesize
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(f"synth {preset}", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    with progress_bar() as update:
         try:
             result = synthesize(
                 out,
@@ -75,7 +62,7 @@ def synth(
                 test_size=test_size,
                 workers=workers or None,
                 force=force,
-                progress=progress,
+                progress=lambda done, total: update(f"synth {preset}", done, total),
             )
         except MoeflError as e:
             fail(e)
@@ -175,7 +162,15 @@ def demo(
     from cli.demo import run_demo
 
     try:
-        ok = run_demo(out, preset=preset, seed=seed, rounds=rounds, echo=typer.echo)
+        with progress_bar() as update:
+            ok = run_demo(
+                out,
+                preset=preset,
+                seed=seed,
+                rounds=rounds,
+                echo=typer.echo,
+                progress=update,
+            )
     except MoeflError as e:
         fail(e)
     raise typer.Exit(code=0 if ok else 1)

@@ -126,6 +126,7 @@ def evaluate_site(
     oracle: dict[str, list[float]] | None = None,
     clinical_model: ClinicalOnly | None = None,
     cohort: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SiteEvaluation:
     """Score a site's evaluation patients; return its counts and sums.
 
@@ -150,6 +151,7 @@ def evaluate_site(
         rule=rule,
         oracle=oracle,
         clinical_model=clinical_model,
+        progress=progress,
     )
 
 
@@ -281,6 +283,7 @@ def run_evaluation(
     against: str | None = None,
     min_expert_support: int = 30,
     echo: Any = lambda s: None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """``moefl evaluate``: score every site, combine by cohort, write metrics.json.
 
@@ -294,6 +297,7 @@ def run_evaluation(
     paired comparisons (exact McNemar from the sites' discordant counts).
     ``min_expert_support``: an expert that the checkpoint records as trained on
     fewer patients is never recommended (:func:`supported_regimens`).
+    ``progress(label, done, total)``: called after each patient scored.
     """
     import json
 
@@ -340,6 +344,7 @@ def run_evaluation(
                 else "all cases"
             )
             echo(f"scoring {cfg.site_name} ({which}) ...")
+            label = f"{cfg.site_name} ({which})"
             evaluations.append(
                 evaluate_site(
                     net,
@@ -350,6 +355,7 @@ def run_evaluation(
                     oracle=truth,
                     clinical_model=clin,
                     cohort=cohort,
+                    progress=_labelled(progress, label),
                 )
             )
         return evaluations
@@ -396,3 +402,17 @@ def run_evaluation(
         json.dumps(report, indent=2, default=float) + "\n"
     )
     return report
+
+
+def _labelled(
+    progress: Callable[[str, int, int], None] | None, label: str
+) -> Callable[[int, int], None] | None:
+    """``progress`` with its label bound (None stays None)."""
+    if progress is None:
+        return None
+    report = progress
+
+    def update(done: int, total: int) -> None:
+        report(label, done, total)
+
+    return update

@@ -132,7 +132,7 @@ def predict_case(
         ]
     ).float()
     clin = torch.from_numpy(encode_clinical(clinical))
-    probs, mask, _, _ = score_volume(model, image, clin, 0, plan, dev)
+    probs, mask = score_volume(model, image, clin, 0, plan, dev)
     volume_ml = float(mask.sum()) * math.prod(plan.spacing) / 1000.0
     return Prediction(
         pcr_probability={r: round(p, 4) for r, p in zip(REGIMENS, probs, strict=True)},

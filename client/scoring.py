@@ -9,9 +9,11 @@ only to measure: Dice over the whole volume, and the loss on the same patch.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,8 +21,10 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import compute_dice
 
 from client.data import SiteDataset
+from client.site_data import CaseFiles
+from shared_model.backbone import backbone_digest
 from shared_model.loss import LossConfig, MoELoss
-from shared_model.model import UNetMoECli
+from shared_model.model import ModelOutput, UNetMoECli
 from shared_model.plan import Plan
 
 
@@ -72,28 +76,37 @@ def crop_padded(
 
 
 @torch.no_grad()
-def score_volume(
-    model: UNetMoECli,
-    image: torch.Tensor,
-    clinical: torch.Tensor,
-    regimen: int,
-    plan: Plan,
-    device: torch.device,
-) -> tuple[list[float], torch.Tensor, list[int], torch.Tensor]:
-    """Segment ``image`` ``(C, D, H, W)`` and score pCR on the patch around the
-    predicted tumour. Returns the probabilities, the predicted mask
-    ``(D, H, W)``, the patch's start and the model's seg logits on the patch."""
+def segment(
+    model: UNetMoECli, image: torch.Tensor, plan: Plan, device: torch.device
+) -> torch.Tensor:
+    """The predicted tumour mask ``(D, H, W)`` of ``image`` ``(C, D, H, W)``:
+    a Gaussian-weighted sliding window of the patch, half-overlapping."""
     model.to(device).eval()
     logits = sliding_window_inference(
         image[None].to(device),
         roi_size=plan.patch_size,
-        sw_batch_size=2,
+        sw_batch_size=4,
         predictor=model.backbone,
         overlap=0.5,
         mode="gaussian",
     )
     assert isinstance(logits, torch.Tensor)  # a tensor predictor gives a tensor
-    mask = logits.argmax(dim=1)[0].cpu()
+    return logits.argmax(dim=1)[0].cpu()
+
+
+@torch.no_grad()
+def score_patch(
+    model: UNetMoECli,
+    image: torch.Tensor,
+    clinical: torch.Tensor,
+    regimen: int,
+    mask: torch.Tensor,
+    plan: Plan,
+    device: torch.device,
+) -> tuple[list[float], list[int], ModelOutput]:
+    """pCR under every regimen from the patch around ``mask``'s tumour.
+    Returns the probabilities, the patch's start and the model's output."""
+    model.to(device).eval()
     lo = centred_box(mask, plan.patch_size, tuple(image.shape[1:]))
     patch = crop_padded(image, lo, plan.patch_size)
     out = model(
@@ -101,8 +114,28 @@ def score_volume(
         clinical[None].to(device),
         torch.tensor([regimen], dtype=torch.long, device=device),
     )
-    probs = torch.sigmoid(out.pcr_logits[0].float()).cpu().tolist()
-    return probs, mask, lo, out
+    return torch.sigmoid(out.pcr_logits[0].float()).cpu().tolist(), lo, out
+
+
+def score_volume(
+    model: UNetMoECli,
+    image: torch.Tensor,
+    clinical: torch.Tensor,
+    regimen: int,
+    plan: Plan,
+    device: torch.device,
+) -> tuple[list[float], torch.Tensor]:
+    """Segment ``image`` and score pCR around the predicted tumour: the
+    probabilities and the predicted mask."""
+    mask = segment(model, image, plan, device)
+    probs, _, _ = score_patch(model, image, clinical, regimen, mask, plan, device)
+    return probs, mask
+
+
+_SEGMENTED: dict[str, dict[tuple[str, str], tuple[torch.Tensor, float | None]]] = {}
+"""Backbone digest -> (image files, plan) -> the predicted mask and its Dice.
+A frozen backbone (head rounds, repeated evaluation) segments each patient
+once per process; only the latest backbone is kept."""
 
 
 def score_dataset(
@@ -117,25 +150,29 @@ def score_dataset(
     """Score every patient of ``dataset`` (built with ``whole=True``)."""
     loss_fn = MoELoss(loss_cfg)
     voxel_ml = math.prod(plan.spacing) / 1000.0
+    digest = backbone_digest(model.state_dict())
+    if digest not in _SEGMENTED:
+        _SEGMENTED.clear()
+    memo = _SEGMENTED.setdefault(digest, {})
+    plan_key = json.dumps(plan.to_dict(), sort_keys=True)
     scores = []
     for i in range(len(dataset)):
         s = dataset[i]
-        probs, mask, lo, out = score_volume(
-            model, s["image"], s["clinical"], int(s["regimen"]), plan, device
+        key = (_files_key(dataset.cases[i], dataset.adc_scale), plan_key)
+        if key not in memo:
+            mask = segment(model, s["image"], plan, device)
+            memo[key] = (mask, _dice(mask, s.get("label")))
+        mask, dice = memo[key]
+        probs, lo, out = score_patch(
+            model, s["image"], s["clinical"], int(s["regimen"]), mask, plan, device
         )
-        dice, loss = None, float("nan")
+        loss = float("nan")
         if "label" in s:
-            label = s["label"]  # (1, D, H, W)
-            pred_1h = torch.stack([mask == 0, mask == 1])[None].float()
-            lab_1h = torch.cat([label == 0, label == 1])[None].float()
-            d = compute_dice(
-                pred_1h, lab_1h, include_background=False, ignore_empty=True
-            )
-            dice = None if torch.isnan(d[0, 0]) else float(d[0, 0])
-            label_patch = crop_padded(label, lo, plan.patch_size)[None].to(device)
-            pcr = s["pcr"][None].to(device)
+            label_patch = crop_padded(s["label"], lo, plan.patch_size)[None]
             with torch.no_grad():
-                loss = float(loss_fn(out, label_patch, pcr)[0])
+                loss = float(
+                    loss_fn(out, label_patch.to(device), s["pcr"][None].to(device))[0]
+                )
         scores.append(
             CaseScore(
                 case_id=s["case_id"],
@@ -151,3 +188,24 @@ def score_dataset(
         if progress is not None:
             progress(i + 1, len(dataset))
     return scores
+
+
+def _dice(mask: torch.Tensor, label: torch.Tensor | None) -> float | None:
+    """Dice of the predicted ``mask`` against the site's ``label`` ``(1, D, H,
+    W)`` over the whole volume (None without a label, or when both are empty)."""
+    if label is None:
+        return None
+    pred_1h = torch.stack([mask == 0, mask == 1])[None].float()
+    lab_1h = torch.cat([label == 0, label == 1])[None].float()
+    d = compute_dice(pred_1h, lab_1h, include_background=False, ignore_empty=True)
+    return None if torch.isnan(d[0, 0]) else float(d[0, 0])
+
+
+def _files_key(case: CaseFiles, adc_scale: float) -> str:
+    """A patient's image files as they are now (path, size, modification time)."""
+    parts = [str(adc_scale)]
+    for path in (case.t2, case.adc, case.label):
+        if path is not None:
+            st = Path(path).stat()
+            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
