@@ -145,9 +145,12 @@ def score_dataset(
     *,
     device: torch.device,
     loss_cfg: LossConfig | None = None,
+    batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[CaseScore]:
-    """Score every patient of ``dataset`` (built with ``whole=True``)."""
+    """Score every patient of ``dataset`` (built with ``whole=True``): each
+    segmented alone, the patches read ``batch_size`` at a time."""
+    model.to(device).eval()
     loss_fn = MoELoss(loss_cfg)
     voxel_ml = math.prod(plan.spacing) / 1000.0
     digest = backbone_digest(model.state_dict())
@@ -155,38 +158,62 @@ def score_dataset(
         _SEGMENTED.clear()
     memo = _SEGMENTED.setdefault(digest, {})
     plan_key = json.dumps(plan.to_dict(), sort_keys=True)
-    scores = []
-    for i in range(len(dataset)):
-        s = dataset[i]
-        key = (_files_key(dataset.cases[i], dataset.adc_scale), plan_key)
-        if key not in memo:
-            mask = segment(model, s["image"], plan, device)
-            memo[key] = (mask, _dice(mask, s.get("label")))
-        mask, dice = memo[key]
-        probs, lo, out = score_patch(
-            model, s["image"], s["clinical"], int(s["regimen"]), mask, plan, device
-        )
-        loss = float("nan")
-        if "label" in s:
-            label_patch = crop_padded(s["label"], lo, plan.patch_size)[None]
-            with torch.no_grad():
-                loss = float(
-                    loss_fn(out, label_patch.to(device), s["pcr"][None].to(device))[0]
-                )
-        scores.append(
-            CaseScore(
-                case_id=s["case_id"],
-                regimen=int(s["regimen"]),
-                pcr=float(s["pcr"]),
-                probs=probs,
-                volume_ml=float(mask.sum()) * voxel_ml,
-                mask=mask.numpy().astype(np.uint8),
-                dice=dice,
-                loss=loss,
+    scores: list[CaseScore] = []
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        samples, masks, dices, starts = [], [], [], []
+        for i in range(start, min(start + batch_size, n)):
+            s = dataset[i]
+            key = (_files_key(dataset.cases[i], dataset.adc_scale), plan_key)
+            if key not in memo:
+                mask = segment(model, s["image"], plan, device)
+                memo[key] = (mask, _dice(mask, s.get("label")))
+            mask, dice = memo[key]
+            samples.append(s)
+            masks.append(mask)
+            dices.append(dice)
+            starts.append(
+                centred_box(mask, plan.patch_size, tuple(s["image"].shape[1:]))
             )
-        )
+        with torch.no_grad():
+            out = model(
+                torch.stack(
+                    [
+                        crop_padded(s["image"], lo, plan.patch_size)
+                        for s, lo in zip(samples, starts, strict=True)
+                    ]
+                ).to(device),
+                torch.stack([s["clinical"] for s in samples]).to(device),
+                torch.stack([s["regimen"] for s in samples]).to(device),
+            )
+        probs = torch.sigmoid(out.pcr_logits.float()).cpu()
+        for j, s in enumerate(samples):
+            loss = float("nan")
+            if "label" in s:
+                one = out._replace(
+                    seg_logits=out.seg_logits[j : j + 1],
+                    pcr_logits=out.pcr_logits[j : j + 1],
+                    gated_logit=out.gated_logit[j : j + 1],
+                )
+                label = crop_padded(s["label"], starts[j], plan.patch_size)[None]
+                with torch.no_grad():
+                    loss = float(
+                        loss_fn(one, label.to(device), s["pcr"][None].to(device))[0]
+                    )
+            scores.append(
+                CaseScore(
+                    case_id=s["case_id"],
+                    regimen=int(s["regimen"]),
+                    pcr=float(s["pcr"]),
+                    probs=probs[j].tolist(),
+                    volume_ml=float(masks[j].sum()) * voxel_ml,
+                    mask=masks[j].numpy().astype(np.uint8),
+                    dice=dices[j],
+                    loss=loss,
+                )
+            )
         if progress is not None:
-            progress(i + 1, len(dataset))
+            progress(len(scores), n)
     return scores
 
 

@@ -438,7 +438,9 @@ def test_predict_site_scores_every_patient_as_predict_and_evaluate_do(
         one = predict_case(
             pooled_run, t2=case.t2, adc=case.adc, clinical=case.clinical.features
         )
-        assert one.pcr_probability == {g: float(row[f"p_{g}"]) for g in REGIMENS}
+        # the table reads patches four at a time: the same up to float rounding
+        for g in REGIMENS:
+            assert abs(one.pcr_probability[g] - float(row[f"p_{g}"])) <= 1.01e-4
         assert round(one.tumour_volume_ml, 3) == float(row["tumour_volume_ml"])
         written = nib.load(row["mask_file"]).get_fdata()
         assert np.array_equal(written.astype(np.uint8), one.mask)
@@ -457,7 +459,7 @@ def test_predict_site_scores_every_patient_as_predict_and_evaluate_do(
     known = [r for r in table if not np.isnan(float(_pcr(cases, r["case_id"])))]
     from_table = [float(r[f"p_{r['planned_regimen']}"]) for r in known]
     assert len(known) == len(ev.local_scores) > 0
-    assert np.allclose(ev.local_scores[:, 0], from_table, atol=5.1e-5)
+    assert np.allclose(ev.local_scores[:, 0], from_table, atol=5.01e-5)
 
 
 def _pcr(cases: list, case_id: str) -> float:
