@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import fail, site_yamls, yamls_in
+from cli.common import fail, progress_bar, site_yamls, yamls_in
 from shared_model.errors import ConfigError, MoeflError
 from shared_model.federated_metrics import format_metric
 
@@ -27,6 +27,18 @@ def check(
             "worked out for it (default: the run config's defaults)."
         ),
     ] = "",
+    prepare: Annotated[
+        bool,
+        typer.Option(
+            "--prepare",
+            help="When the check passes, preprocess every case once into the "
+            "site's store (run_dir/preprocessed) for the federation's plan.",
+        ),
+    ] = False,
+    plan: Annotated[
+        Path | None,
+        typer.Option(help="With --prepare: the federation's plan.json."),
+    ] = None,
 ) -> None:
     """Preflight a site's data and config; exit 0 when clean, 1 on errors."""
     from client.checks import format_report, run_check
@@ -41,7 +53,30 @@ def check(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         typer.echo(format_report(report))
+    if prepare and report.ok:
+        _prepare(site_yaml, plan)
     raise typer.Exit(code=0 if report.ok else 1)
+
+
+def _prepare(site_yaml: Path, plan_path: Path | None) -> None:
+    """``moefl check --prepare``: the site's store, with a progress bar."""
+    from client.site_config import load_site_config
+    from client.train import find_plan
+    from client.volume_store import VolumeStore, prepare_site
+
+    try:
+        config = load_site_config(site_yaml)
+        plan = find_plan([site_yaml], plan_path)
+        with progress_bar() as update:
+            fresh, kept = prepare_site(
+                config,
+                plan,
+                progress=lambda d, t: update(f"preprocessing {config.site_name}", d, t),
+            )
+    except MoeflError as e:
+        fail(e)
+    folder = VolumeStore(config.run_dir / "preprocessed", plan, config.adc_scale).folder
+    typer.echo(f"prepared {fresh} cases ({kept} already stored) in {folder}")
 
 
 def train(

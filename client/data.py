@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 
 from client.site_config import SiteConfig
 from client.site_data import CaseFiles, list_cases
+from client.volume_store import VolumeStore
 from shared_model.clinical import encode_clinical
 from shared_model.errors import DataError
 from shared_model.plan import Plan
@@ -300,6 +302,8 @@ class SiteDataset(torch.utils.data.Dataset):
         augment: MONAI augmentation on training crops.
         cache: keep each patient's preprocessed volume in memory after its
             first use (fast epochs; memory grows with the cohort).
+        store: keep it on the site's disk too (:mod:`client.volume_store`),
+            so a later process reads it instead of preprocessing again.
         seed: seeds crops and augmentation.
         whole: whole volumes, no crop (for :func:`client.scoring.score_dataset`).
     """
@@ -315,6 +319,7 @@ class SiteDataset(torch.utils.data.Dataset):
         cache: bool = False,
         seed: int = 0,
         whole: bool = False,
+        store: Path | None = None,
     ) -> None:
         self.cases = list(cases)
         self.plan, self.adc_scale = plan, adc_scale
@@ -328,6 +333,8 @@ class SiteDataset(torch.utils.data.Dataset):
         self.transform.set_random_state(seed=seed)
         self.cache = cache
         self._cache: dict[int, dict[str, Any]] = {}
+        self.store_root = store
+        self.store = None if store is None else VolumeStore(store, plan, adc_scale)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -336,7 +343,12 @@ class SiteDataset(torch.utils.data.Dataset):
         """The same patients as whole volumes (no crop, no augmentation),
         sharing this dataset's in-memory volume cache."""
         view = SiteDataset(
-            self.cases, self.plan, adc_scale=self.adc_scale, train=False, whole=True
+            self.cases,
+            self.plan,
+            adc_scale=self.adc_scale,
+            train=False,
+            whole=True,
+            store=self.store_root,
         )
         view.cache, view._cache = self.cache, self._cache
         return view
@@ -348,10 +360,17 @@ class SiteDataset(torch.utils.data.Dataset):
         if index in self._cache:
             return dict(self._cache[index])
         case = self.cases[index]
-        item: dict[str, Any] = {"t2": str(case.t2), "adc": str(case.adc)}
-        if self.has_label:
-            item["label"] = str(case.label)
-        out = self.preprocess(item)
+        out = None if self.store is None else self.store.load(case)
+        if out is None or ("label" in out) != self.has_label:
+            item: dict[str, Any] = {"t2": str(case.t2), "adc": str(case.adc)}
+            if self.has_label:
+                item["label"] = str(case.label)
+            out = {
+                k: torch.as_tensor(v).as_subclass(torch.Tensor)
+                for k, v in self.preprocess(item).items()
+            }
+            if self.store is not None:
+                self.store.save(case, out)
         if self.cache:
             self._cache[index] = out
         return dict(out)
@@ -389,6 +408,7 @@ def build_site_datasets(
     seed: int = 0,
     augment: bool = False,
     cache: bool = False,
+    store: Path | None = None,
 ) -> tuple[SiteDataset, SiteDataset, Split]:
     """Train and validation datasets of a checked site, with its persistent split."""
     cases = list_cases(
@@ -406,6 +426,7 @@ def build_site_datasets(
         augment=augment,
         cache=cache,
         seed=seed,
+        store=store,
     )
     val = SiteDataset(
         [by_id[i] for i in split.val],
@@ -414,5 +435,6 @@ def build_site_datasets(
         train=False,
         cache=cache,
         seed=seed,
+        store=store,
     )
     return train, val, split

@@ -85,7 +85,12 @@ def load_site(
     if key not in _SITES:
         config = load_site_config(path)
         train, val, _ = build_site_datasets(
-            config, plan, seed=fed.seed, augment=fed.augment, cache=True
+            config,
+            plan,
+            seed=fed.seed,
+            augment=fed.augment,
+            cache=True,
+            store=config.run_dir / "preprocessed",
         )
         if config.privacy is not None:
             check_delta(config.privacy, len(train), str(path))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from client.app_pinning import app_hash
-from tests.integration.local_ports import free_port, wait_for_port
+from tests.integration.local_ports import flower_env, free_port, wait_for_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -122,13 +122,7 @@ class Site:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.link_port, self.runtime_port = free_port(), free_port()
         self.env = {
-            **os.environ,
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_LOG_LEVEL": "INFO",
-            "PYTHONPATH": str(ROOT),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            **flower_env(),
             "TMPDIR": str(root / "tmp"),  # where the launcher unpacks approved apps
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # the launcher's (default 1 s)
         }

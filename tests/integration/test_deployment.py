@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from server.deploy import make_certificates, make_site_key
-from tests.integration.local_ports import free_port, wait_for_port
+from tests.integration.local_ports import flower_env, free_port, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,13 +37,7 @@ class Federation:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.port = free_port()
         self.env = {
-            **os.environ,
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_LOG_LEVEL": "INFO",
-            "PYTHONPATH": str(ROOT),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            **flower_env(),
         }
         self.certs = make_certificates(root / "certs")
         self.cli_home = root / "home_cli"

@@ -1,0 +1,122 @@
+"""Preprocessed volumes on the site's own disk, paid for once.
+
+Reading, reorienting, resampling and normalising a patient's NIfTI files is
+most of what a deployed round costs when every message starts a fresh
+process. The store keeps the result (``t2``, ``adc`` and the mask, each
+``(1, D, H, W)`` on the plan's grid, padded to the patch) as one safetensors
+file per patient (never pickle) under ``run_dir/preprocessed/<plan>/``. A file
+is used only when its key matches: the plan, the ADC unit, the preprocessing
+version and each source file's path, size and modification time; a stale file
+is replaced, a corrupt one is rebuilt (with a warning), never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from client.site_config import SiteConfig
+from client.site_data import CaseFiles, list_cases
+from shared_model.checkpoint import write_atomic
+from shared_model.plan import Plan
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+"""Bumped whenever preprocessing changes what it produces."""
+
+
+class VolumeStore:
+    """One site's preprocessed volumes under one plan."""
+
+    def __init__(self, root: Path, plan: Plan, adc_scale: float) -> None:
+        self.plan, self.adc_scale = plan, adc_scale
+        self.plan_key = json.dumps(plan.to_dict(), sort_keys=True)
+        digest = hashlib.sha256(self.plan_key.encode()).hexdigest()
+        self.folder = Path(root) / digest[:16]
+
+    def path(self, case: CaseFiles) -> Path:
+        return self.folder / f"{case.case_id}.safetensors"
+
+    def key(self, case: CaseFiles) -> str:
+        """What the stored file must have been made from."""
+        files = []
+        for p in (case.t2, case.adc, case.label):
+            if p is not None:
+                st = os.stat(p)
+                files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+        blob = json.dumps([VERSION, self.plan_key, self.adc_scale, files])
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def load(self, case: CaseFiles) -> dict[str, torch.Tensor] | None:
+        """The stored volumes, or None when missing or stale (a corrupt file is
+        removed with a warning, so it is rebuilt)."""
+        path = self.path(case)
+        if not path.is_file():
+            return None
+        try:
+            data = path.read_bytes()
+            volumes = load(data)
+            stored_key = volumes.pop("__key__").numpy().tobytes().decode()
+        except (OSError, SafetensorError, KeyError, UnicodeDecodeError) as e:
+            log.warning("preprocessed %s is unreadable (%s); rebuilding it", path, e)
+            path.unlink(missing_ok=True)
+            return None
+        if stored_key != self.key(case):
+            return None  # the data or the plan changed: rebuild
+        if set(volumes) - {"t2", "adc", "label"} or not all(
+            v.ndim == 4 and torch.isfinite(v).all() for v in volumes.values()
+        ):
+            log.warning("preprocessed %s has wrong contents; rebuilding it", path)
+            path.unlink(missing_ok=True)
+            return None
+        return volumes
+
+    def save(self, case: CaseFiles, volumes: dict[str, torch.Tensor]) -> None:
+        """Store ``volumes`` for ``case`` (atomically)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = torch.frombuffer(bytearray(self.key(case).encode()), dtype=torch.uint8)
+        tensors = {k: v.contiguous() for k, v in volumes.items()}
+        write_atomic(self.path(case), save({**tensors, "__key__": key}))
+
+
+def prepare_site(
+    config: SiteConfig,
+    plan: Plan,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
+    """Preprocess every case of a checked site into its store
+    (``run_dir/preprocessed``). Returns (cases stored now, cases already
+    stored)."""
+    from client.data import SiteDataset
+
+    cases = list_cases(
+        config.dataset_dir,
+        require_outcome=config.role == "train",
+        clinical=config.role != "public",
+    )
+    dataset = SiteDataset(
+        cases,
+        plan,
+        adc_scale=config.adc_scale,
+        train=False,
+        store=config.run_dir / "preprocessed",
+    )
+    assert dataset.store is not None
+    fresh = 0
+    for i, case in enumerate(cases):
+        if dataset.store.load(case) is None:
+            dataset._volume(i)
+            fresh += 1
+        if progress is not None:
+            progress(i + 1, len(cases))
+    return fresh, len(cases) - fresh
