@@ -49,6 +49,7 @@ app.command()(site_deploy.site_key)
 app.command("app-hash")(site_deploy.app_hash_cmd)
 app.command("pinned-clientapp")(site_deploy.pinned_clientapp_cmd)
 app.command()(simulation.demo)
+app.command()(simulation.plan)
 
 
 if __name__ == "__main__":  # pragma: no cover

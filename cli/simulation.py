@@ -174,3 +174,51 @@ def demo(
     except MoeflError as e:
         fail(e)
     raise typer.Exit(code=0 if ok else 1)
+
+
+def plan(
+    sites: Annotated[
+        list[Path], typer.Argument(help="Site YAMLs (or folders of them) to plan for.")
+    ],
+    out: Annotated[Path, typer.Option(help="The plan.json to write.")] = Path(
+        "plan.json"
+    ),
+) -> None:
+    """One plan for sites on this machine from their aggregate fingerprints
+    (nnU-Net's rules); writes plan.json and plan_fingerprint.json beside it."""
+    import json
+
+    from cli.common import yamls_in
+    from client.fingerprint import site_fingerprint
+    from client.site_config import load_site_config
+    from shared_model.fingerprint import plan_from_fingerprint
+
+    try:
+        configs = [load_site_config(y) for y in yamls_in(sites)]
+        fingerprints = [site_fingerprint(c) for c in configs]
+        pooled = fingerprints[0]
+        for fp in fingerprints[1:]:
+            pooled = pooled.merge(fp)
+        result = plan_from_fingerprint(pooled)
+    except MoeflError as e:
+        fail(e)
+    result.save(out)
+    record = out.with_name("plan_fingerprint.json")
+    record.write_text(
+        json.dumps(
+            {
+                "sites": [c.site_name for c in configs],
+                "cases": {
+                    c.site_name: fp.n_cases
+                    for c, fp in zip(configs, fingerprints, strict=True)
+                },
+                "plan": result.to_dict(),
+                "fingerprint": pooled.to_values(),
+            }
+        )
+        + "\n"
+    )
+    typer.echo(
+        f"wrote {out}: spacing {result.spacing} mm, patch {result.patch_size} "
+        f"({pooled.n_cases} cases at {len(configs)} sites); fingerprint in {record}"
+    )
