@@ -73,8 +73,7 @@ def cache_key(model: UNetMoECli, plan: Plan, cases: Sequence[CaseFiles]) -> str:
     h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(plan.to_dict(), sort_keys=True).encode())
     for case in cases:
-        files = [case.t2, case.adc] + ([case.label] if case.label else [])
-        stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        stats = case.file_stats()
         record = case.clinical
         h.update(
             json.dumps(

@@ -13,7 +13,6 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +20,6 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import compute_dice
 
 from client.data import SiteDataset
-from client.site_data import CaseFiles
 from shared_model.backbone import backbone_digest
 from shared_model.loss import LossConfig, MoELoss
 from shared_model.model import ModelOutput, UNetMoECli
@@ -164,7 +162,8 @@ def score_dataset(
         samples, masks, dices, starts = [], [], [], []
         for i in range(start, min(start + batch_size, n)):
             s = dataset[i]
-            key = (_files_key(dataset.cases[i], dataset.adc_scale), plan_key)
+            files = json.dumps([dataset.adc_scale, dataset.cases[i].file_stats()])
+            key = (files, plan_key)
             if key not in memo:
                 mask = segment(model, s["image"], plan, device)
                 memo[key] = (mask, _dice(mask, s.get("label")))
@@ -226,13 +225,3 @@ def _dice(mask: torch.Tensor, label: torch.Tensor | None) -> float | None:
     lab_1h = torch.cat([label == 0, label == 1])[None].float()
     d = compute_dice(pred_1h, lab_1h, include_background=False, ignore_empty=True)
     return None if torch.isnan(d[0, 0]) else float(d[0, 0])
-
-
-def _files_key(case: CaseFiles, adc_scale: float) -> str:
-    """A patient's image files as they are now (path, size, modification time)."""
-    parts = [str(adc_scale)]
-    for path in (case.t2, case.adc, case.label):
-        if path is not None:
-            st = Path(path).stat()
-            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)

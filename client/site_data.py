@@ -58,6 +58,16 @@ class CaseFiles:
     label: Path | None
     clinical: ClinicalRecord
 
+    def file_stats(self) -> list[tuple[str, int, int]]:
+        """Each image file's path, size and modification time (ns): what a
+        cache made from them is keyed on."""
+        files = [self.t2, self.adc] + ([self.label] if self.label else [])
+        out = []
+        for p in files:
+            st = Path(p).stat()
+            out.append((str(p), st.st_size, st.st_mtime_ns))
+        return out
+
 
 def read_dataset_json(
     dataset_dir: Path,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,12 +47,7 @@ class VolumeStore:
 
     def key(self, case: CaseFiles) -> str:
         """What the stored file must have been made from."""
-        files = []
-        for p in (case.t2, case.adc, case.label):
-            if p is not None:
-                st = os.stat(p)
-                files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
-        blob = json.dumps([VERSION, self.plan_key, self.adc_scale, files])
+        blob = json.dumps([VERSION, self.plan_key, self.adc_scale, case.file_stats()])
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def load(self, case: CaseFiles) -> dict[str, torch.Tensor] | None:
