@@ -183,42 +183,96 @@ def plan(
     out: Annotated[Path, typer.Option(help="The plan.json to write.")] = Path(
         "plan.json"
     ),
+    simulate: Annotated[
+        bool,
+        typer.Option(
+            "--simulate",
+            help="Ask the sites over Flower's simulation runtime (the planning "
+            "query a federation sends; DP sites noise their fingerprints) instead "
+            "of reading their data here.",
+        ),
+    ] = False,
+    memory_gb: Annotated[
+        float, typer.Option(help="GPU memory a patch may take (nnU-Net: 8).")
+    ] = 8.0,
 ) -> None:
-    """One plan for sites on this machine from their aggregate fingerprints
-    (nnU-Net's rules); writes plan.json and plan_fingerprint.json beside it."""
-    import json
-
+    """One plan for the sites from their aggregate fingerprints (nnU-Net's
+    rules); writes plan.json and plan_fingerprint.json beside it."""
     from cli.common import yamls_in
+    from shared_model.errors import ConfigError
+
+    try:
+        yamls = yamls_in(sites)
+        if simulate:
+            record = _simulated_planning(yamls, out, memory_gb)
+        else:
+            record = _local_planning(yamls, memory_gb)
+    except (MoeflError, ValueError) as e:
+        fail(e if isinstance(e, MoeflError) else ConfigError(str(e)))
+    from server.planning import save_plan
+    from shared_model.plan import Plan
+
+    result = Plan.from_dict(record["plan"])
+    save_plan(out, result, record)
+    typer.echo(
+        f"wrote {out}: spacing {result.spacing} mm, patch {result.patch_size}, ADC "
+        f"clip {result.adc_clip} ({sum(record['cases'].values())} cases at "
+        f"{len(record['sites'])} sites); fingerprint in "
+        f"{out.parent / 'plan_fingerprint.json'}"
+    )
+    for site, reason in record.get("excluded", {}).items():
+        typer.echo(f"  excluded {site}: {reason}")
+
+
+def _local_planning(yamls: list[Path], memory_gb: float) -> dict:
+    """The planning record from site data readable on this machine (exact)."""
     from client.fingerprint import site_fingerprint
     from client.site_config import load_site_config
     from shared_model.fingerprint import plan_from_fingerprint
 
-    try:
-        configs = [load_site_config(y) for y in yamls_in(sites)]
-        fingerprints = [site_fingerprint(c) for c in configs]
-        pooled = fingerprints[0]
-        for fp in fingerprints[1:]:
-            pooled = pooled.merge(fp)
-        result = plan_from_fingerprint(pooled)
-    except MoeflError as e:
-        fail(e)
-    result.save(out)
-    record = out.with_name("plan_fingerprint.json")
-    record.write_text(
-        json.dumps(
+    configs = [load_site_config(y) for y in yamls]
+    fingerprints = {c.site_name: site_fingerprint(c) for c in configs}
+    names = sorted(fingerprints)
+    pooled = fingerprints[names[0]]
+    for name in names[1:]:
+        pooled = pooled.merge(fingerprints[name])
+    result = plan_from_fingerprint(pooled, budget_gb=memory_gb)
+    return {
+        "sites": names,
+        "cases": {n: fingerprints[n].n_cases for n in names},
+        "excluded": {},
+        "plan_memory_gb": memory_gb,
+        "summary": pooled.summary(),
+        "plan": result.to_dict(),
+        "fingerprint": pooled.to_values(),
+    }
+
+
+def _simulated_planning(yamls: list[Path], out: Path, memory_gb: float) -> dict:
+    """The planning record of a plan-only federation in Flower's simulation."""
+    import json
+    import os
+    import tempfile
+
+    from simulations.simulate import run_flower_simulation
+
+    with tempfile.TemporaryDirectory(prefix="moefl-plan-") as tmp:
+        sites_dir = Path(tmp) / "sites"
+        sites_dir.mkdir()
+        for y in yamls:  # the partitions take the YAMLs in name order
+            os.symlink(y.resolve(), sites_dir / y.name)
+        run_dir = Path(tmp) / "run"
+        run_flower_simulation(
             {
-                "sites": [c.site_name for c in configs],
-                "cases": {
-                    c.site_name: fp.n_cases
-                    for c, fp in zip(configs, fingerprints, strict=True)
-                },
-                "plan": result.to_dict(),
-                "fingerprint": pooled.to_values(),
-            }
+                "sites-dir": str(sites_dir),
+                "run-dir": str(run_dir),
+                "plan-only": True,
+                "plan-memory-gb": memory_gb,
+                "min-sites": len(yamls),
+            },
+            len(yamls),
         )
-        + "\n"
-    )
-    typer.echo(
-        f"wrote {out}: spacing {result.spacing} mm, patch {result.patch_size} "
-        f"({pooled.n_cases} cases at {len(configs)} sites); fingerprint in {record}"
-    )
+        path = run_dir / "plan_fingerprint.json"
+        if not path.is_file():
+            raise MoeflError(f"the planning query wrote no plan for {out}; see the log")
+        return dict(json.loads(path.read_text()))

@@ -3,8 +3,9 @@
 
 Each handler reads the coordinator's request and the global weights
 (:func:`wire.records.read_request`), calls the plain function
-(:func:`client.site_round.train_round` or
-:func:`client.site_round.evaluate_round`) with the node config (``site-config``:
+(:func:`client.site_round.train_round`,
+:func:`client.site_round.evaluate_round` or, for the planning query,
+:func:`client.site_round.fingerprint_round`) with the node config (``site-config``:
 the site YAML; in simulation ``partition-id``), and packs its result
 (:mod:`wire.records`).
 
@@ -21,9 +22,15 @@ import logging
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from client.site_round import evaluate_round, train_round
-from shared_model.errors import ConfigError, DataError, MoeflError
-from wire.records import evaluation_content, read_request, train_reply_content
+from client.site_round import evaluate_round, fingerprint_round, train_round
+from shared_model.errors import ConfigError, DataError, MoeflError, PlanRefused
+from wire.records import (
+    evaluation_content,
+    fingerprint_content,
+    read_fingerprint_query_msg,
+    read_request,
+    train_reply_content,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,10 @@ app = ClientApp()
 
 SITE_ERRORS: dict[str, tuple[int, str]] = {
     "config": (1001, "the site refused its configuration or the run's settings"),
+    "plan": (
+        1004,
+        "the site refused the federation's plan (its data would be unusable)",
+    ),
     "data": (1002, "the site could not read or prepare its data"),
     "site": (1003, "the site could not complete the task"),
     "internal": (1099, "the site failed with an unexpected error"),
@@ -42,7 +53,9 @@ reason text is fixed, so no case id, path or exception text leaves the site."""
 def error_reply(msg: Message, error: BaseException, task: str) -> Message:
     """Log ``error`` in full here; reply with its code and a fixed message."""
     kind = (
-        "config"
+        "plan"
+        if isinstance(error, PlanRefused)
+        else "config"
         if isinstance(error, ConfigError)
         else "data"
         if isinstance(error, DataError)
@@ -80,3 +93,15 @@ def evaluate(msg: Message, context: Context) -> Message:
         return Message(evaluation_content(site, values), reply_to=msg)
     except Exception as e:
         return error_reply(msg, e, "evaluation")
+
+
+@app.query("fingerprint")
+def fingerprint(msg: Message, context: Context) -> Message:
+    """The planning query: the site's dataset fingerprint (aggregate counts;
+    noised and charged to the site's DP ledger under a ``privacy`` section)."""
+    try:
+        run_config = read_fingerprint_query_msg(msg)
+        reply = fingerprint_round(run_config, dict(context.node_config))
+        return Message(fingerprint_content(reply), reply_to=msg)
+    except Exception as e:
+        return error_reply(msg, e, "fingerprinting")

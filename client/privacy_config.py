@@ -9,7 +9,12 @@ from typing import Any
 from client.problem import Problem, yaml_number, yaml_problem
 
 PRIVACY_KEYS = ("target_epsilon", "delta", "max_grad_norm")
-PRIVACY_OPTIONAL_KEYS = ("secure_mode", "public_backbones", "release_evaluation")
+PRIVACY_OPTIONAL_KEYS = (
+    "secure_mode",
+    "public_backbones",
+    "release_evaluation",
+    "fingerprint_epsilon",
+)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -23,6 +28,8 @@ class PrivacyConfig:
     secure_mode: bool = False
     public_backbones: tuple[str, ...] = ()
     release_evaluation: bool = False
+    fingerprint_epsilon: float = 1.0
+    """What the dataset fingerprint's release (federated planning) may spend."""
 
 
 def parse_privacy(raw: Any, problems: list[Problem]) -> PrivacyConfig | None:
@@ -64,6 +71,15 @@ def parse_privacy(raw: Any, problems: list[Problem]) -> PrivacyConfig | None:
             continue
         values[key] = yaml_number(
             raw[key], f"privacy.{key}", problems, kind=float, **kwargs
+        )
+    if "fingerprint_epsilon" in raw:
+        values["fingerprint_epsilon"] = yaml_number(
+            raw["fingerprint_epsilon"],
+            "privacy.fingerprint_epsilon",
+            problems,
+            kind=float,
+            low=0.01,
+            high=10.0,
         )
     for key in ("secure_mode", "release_evaluation"):
         if key in raw:

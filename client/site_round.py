@@ -17,7 +17,11 @@ over its feature cache (:func:`client.heads.train_heads_private`).
 scores; a DP site withholds them unless its YAML sets
 ``privacy.release_evaluation`` (they are not DP).
 
-The ClientApp (:mod:`client.client_app`) is a thin adapter over these two;
+:func:`fingerprint_round` answers the planning query with the site's dataset
+fingerprint (:mod:`client.fingerprint`): aggregate counts, noised and charged
+to the ledger at a DP site.
+
+The ClientApp (:mod:`client.client_app`) is a thin adapter over these;
 the overhead benchmark calls them directly.
 """
 
@@ -37,6 +41,7 @@ import torch
 from client.engine import TrainConfig, TrainResult, train_local
 from client.evaluation import evaluate_dataset
 from client.feature_cache import eval_view, load_or_build
+from client.fingerprint import released_fingerprint
 from client.heads import HeadConfig, train_heads, train_heads_private
 from client.privacy import (
     HEAD_MAX_NOISE,
@@ -46,14 +51,17 @@ from client.privacy import (
     dp_generator,
     plan_round,
 )
-from client.site_state import RoundSetup, prepare_round
+from client.site_config import load_site_config
+from client.site_state import RoundSetup, prepare_round, site_yaml_for
 from shared_model.backbone import backbone_digest
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
+from shared_model.federation_config import FederationConfig
 from shared_model.loss import LossConfig
 from shared_model.messages import (
     GROUPS,
     SHARED,
+    FingerprintReply,
     RoundRequest,
     SiteTrainReply,
     TrainReply,
@@ -365,3 +373,19 @@ def evaluate_round(
         **result.to_values(),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def fingerprint_round(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> FingerprintReply:
+    """The site's answer to the planning query: its fingerprint (under a
+    ``privacy`` section noised, and charged to its ledger first)."""
+    fed = FederationConfig.from_run_config(dict(run_config))
+    config = load_site_config(site_yaml_for(node_config, fed))
+    seed = (
+        [fed.seed, zlib.crc32(config.site_name.encode())]
+        if fed.dp_reproducible
+        else None
+    )
+    fp, privacy = released_fingerprint(config, fed.dp_accountant, seed=seed)
+    return FingerprintReply(config.site_name, fp.to_values(), privacy)

@@ -19,6 +19,7 @@ import torch
 
 from client.data import SiteDataset, build_site_datasets
 from client.engine import resolve_device
+from client.fingerprint import check_plan_usable
 from client.privacy import check_delta
 from client.site_config import SiteConfig, load_site_config
 from shared_model.clinical import REGIMENS
@@ -62,9 +63,10 @@ def site_yaml_for(node_config: Mapping[str, Any], fed: FederationConfig) -> Path
         return Path(str(node_config["site-config"]))
     if "partition-id" not in node_config:
         raise ConfigError("node config needs `site-config` (the site YAML path)")
-    if not fed.cohort_dir:
+    if not (fed.cohort_dir or fed.sites_dir):
         raise ConfigError(
-            "simulation needs run config `cohort-dir` (a synthetic cohort)"
+            "simulation needs run config `cohort-dir` (a synthetic cohort) or "
+            "`sites-dir` (a folder of site YAMLs)"
         )
     folder = Path(fed.sites_dir or Path(fed.cohort_dir) / "site_configs")
     yamls = sorted(folder.glob("*.yaml"))
@@ -84,6 +86,7 @@ def load_site(
     key = (str(path.resolve()), json.dumps(plan.to_dict(), sort_keys=True))
     if key not in _SITES:
         config = load_site_config(path)
+        check_plan_usable(config, plan)
         train, val, _ = build_site_datasets(
             config,
             plan,

@@ -44,8 +44,9 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from server import planning
 from server.run_folder import RunFolder, StrategyState
-from server.strategy import GroupedStrategy
+from server.strategy import GroupedStrategy, registered_names
 from shared_model.backbone import Backbone, apply_backbone, load_backbone
 from shared_model.errors import ConfigError
 from shared_model.federated_metrics import format_metric
@@ -98,13 +99,16 @@ class FederationStart:
     backbone: dict[str, Any] | None = None  # the pretrained backbone's record
 
 
-def start_federation(fed: FederationConfig) -> FederationStart:
-    """Seed, resolve the plan, build the initial model, strategy and round config."""
+def start_federation(
+    fed: FederationConfig, plan: Plan | None = None
+) -> FederationStart:
+    """Seed, resolve the plan (unless the planning query gave ``plan``), build
+    the initial model, strategy and round config."""
     random.seed(fed.seed)
     np.random.seed(fed.seed)
     torch.manual_seed(fed.seed)
     backbone = load_backbone(Path(fed.backbone)) if fed.backbone else None
-    plan = resolve_plan(fed, backbone)
+    plan = plan or resolve_plan(fed, backbone)
     model_cfg = model_config_for(fed, plan)
     if backbone is not None and backbone.feature_centre and fed.features == "tumour":
         model_cfg = dataclasses.replace(
@@ -148,20 +152,64 @@ def start_federation(fed: FederationConfig) -> FederationStart:
 def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The coordinator's loop. Returns the run record (also in metrics.json)."""
     fed = FederationConfig.from_run_config(run_config)
-    begin = start_federation(fed)
     folder = RunFolder(Path(fed.run_dir))
     with folder.locked():
-        return _run_rounds(grid, fed, begin, folder)
+        planned = (
+            _plan_step(grid, fed, folder) if fed.plans_from_fingerprints() else None
+        )
+        if fed.plan_only:
+            assert planned is not None
+            record = {
+                "status": "finished",
+                "planning": planning.run_summary(planned[1]),
+                "rounds": [],
+            }
+            folder.write_record(record)
+            return record
+        begin = start_federation(fed, None if planned is None else planned[0])
+        return _run_rounds(
+            grid, fed, begin, folder, None if planned is None else planned[1]
+        )
+
+
+def _plan_step(
+    grid: Grid, fed: FederationConfig, folder: RunFolder
+) -> tuple[Plan, dict[str, Any]]:
+    """The federated plan: this run folder's earlier one on a resume, else the
+    planning query's (written before any round)."""
+    saved = planning.saved_plan(folder.path) if fed.resume else None
+    if saved is not None and not fed.plan_only:
+        log.info("plan from %s (the run's planning step)", planning.RECORD)
+        return saved
+    t0 = time.perf_counter()
+    plan, record = planning.federated_plan(grid, fed)
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    planning.save_plan(folder.path / "plan.json", plan, record)
+    log.info(
+        "plan from the fingerprints of %d sites (%d cases): spacing %s mm, patch %s%s",
+        len(record["sites"]),
+        sum(record["cases"].values()),
+        plan.spacing,
+        plan.patch_size,
+        f"; excluded {sorted(record['excluded'])}" if record["excluded"] else "",
+    )
+    return plan, record
 
 
 def _run_rounds(
-    grid: Grid, fed: FederationConfig, begin: FederationStart, folder: RunFolder
+    grid: Grid,
+    fed: FederationConfig,
+    begin: FederationStart,
+    folder: RunFolder,
+    planned: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The rounds, under the run folder's lock."""
     plan, model_cfg, strategy = begin.plan, begin.model_cfg, begin.strategy
     config = request_record(begin.request)
     resumed = folder.last_complete() if fed.resume else None
     record: dict[str, Any] = {"status": "running", "rounds": []}
+    if planned is not None:
+        record["planning"] = planning.run_summary(planned)
     if begin.backbone is not None:
         record["backbone"] = begin.backbone
     if resumed is not None:
@@ -299,17 +347,6 @@ def _evaluate(
     messages = strategy.configure_evaluate(rnd, arrays_to_record(arrays), config, grid)
     replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
     return strategy.aggregate_evaluation(replies, registered)
-
-
-def registered_names(grid: Grid, known: Mapping[int, str]) -> dict[int, str]:
-    """Flower node id -> the name its node was registered under
-    (``flwr supernode register --name``); empty in simulation and for nodes
-    registered without a name. A failure to ask keeps what was known."""
-    try:
-        return {n.node_id: n.name for n in grid.get_nodes() if getattr(n, "name", "")}
-    except Exception as e:  # the SuperLink's node list is advisory here
-        log.warning("could not read the nodes' registered names: %s", e)
-        return dict(known)
 
 
 def _learn_sites(

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Message
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from shared_model.aggregation import (
@@ -87,6 +88,17 @@ def site_identity(
         if name:
             return name
     return claimed_site(msg) or fallback
+
+
+def registered_names(grid: Grid, known: Mapping[int, str]) -> dict[int, str]:
+    """Flower node id -> the name its node was registered under
+    (``flwr supernode register --name``); empty in simulation and for nodes
+    registered without a name. A failure to ask keeps what was known."""
+    try:
+        return {n.node_id: n.name for n in grid.get_nodes() if getattr(n, "name", "")}
+    except Exception as e:  # the SuperLink's node list is advisory here
+        log.warning("could not read the nodes' registered names: %s", e)
+        return dict(known)
 
 
 def _verify_claim(

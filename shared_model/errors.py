@@ -19,3 +19,8 @@ class ConfigError(MoeflError, ValueError):
 
 class DataError(MoeflError, ValueError):
     """Site data cannot be read or does not follow the site data format."""
+
+
+class PlanRefused(ConfigError):
+    """A site refuses the federation's plan: under it, its data would be
+    unusable (names the axis, the plan's value and the site's)."""

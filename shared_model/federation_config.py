@@ -26,7 +26,13 @@ keys and out-of-range values are errors that name the key.
 | run-dir | runs/federated | checkpoints and metrics.json (on the coordinator) |
 | resume | true | continue from the run folder's last checkpoint |
 | cohort-dir | "" | simulation: the synthetic cohort whose site YAMLs the partitions use |
-| plan | "" | plan.json (default: the cohort's, else the demo plan) |
+| plan | "" | plan.json, or `federated`: the plan from the sites' fingerprints (the planning
+  query). Default: the cohort's plan.json (simulation), else the pretrained backbone's,
+  else `federated` |
+| plan-only | false | run the planning query, write plan.json and plan_fingerprint.json
+  in `run-dir`, and stop |
+| plan-memory-gb | 8.0 | federated planning: the GPU memory a patch may take (nnU-Net's
+  8 GB reference budget scales with it) |
 | base-filters, max-filters | 8, 256 | network widths (nnU-Net: 32, 320) |
 | augment | true | MONAI augmentation at the sites |
 | seed | 0 | seeds the server and every site |
@@ -81,6 +87,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from shared_model.errors import ConfigError
@@ -94,6 +101,10 @@ backbone on segmentation alone, or the pCR heads over cached features."""
 SITE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 """A site's name, everywhere it appears (site YAML, site keys, run records):
 lower-case letters, digits and _, starting with a letter; also a safe file name."""
+
+
+FEDERATED_PLAN = "federated"
+"""The run config's ``plan`` value that asks the sites for their fingerprints."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,8 @@ class FederationConfig:
     resume_changed_config: bool = False
     cohort_dir: str = ""
     plan: str = ""
+    plan_only: bool = False
+    plan_memory_gb: float = 8.0
     base_filters: int = 8
     max_filters: int = 256
     augment: bool = True
@@ -149,6 +162,16 @@ class FederationConfig:
     backbone: str = ""
     dp_head_sample_rate: float = 0.5
     dp_head_lr: float = 0.03
+
+    def plans_from_fingerprints(self) -> bool:
+        """Whether the run's first step is the planning query: ``plan`` says
+        so, or there is no plan.json, cohort plan or backbone to take one from."""
+        if self.plan == FEDERATED_PLAN or self.plan_only:
+            return True
+        cohort_plan = (
+            bool(self.cohort_dir) and (Path(self.cohort_dir) / "plan.json").is_file()
+        )
+        return not (self.plan or cohort_plan or self.backbone)
 
     @property
     def segmentation_rounds(self) -> int:
@@ -217,6 +240,12 @@ class FederationConfig:
                 "in (0, 604800] seconds",
             ),
             (self.evaluate_every >= 0, "evaluate-every", ">= 0"),
+            (0.25 <= self.plan_memory_gb <= 1024, "plan-memory-gb", "0.25..1024"),
+            (
+                not (self.backbone and self.plan == FEDERATED_PLAN),
+                "plan",
+                "not `federated` with a pretrained `backbone` (its plan is fixed)",
+            ),
             (
                 1 <= self.base_filters <= self.max_filters <= 2048,
                 "base-filters/max-filters",

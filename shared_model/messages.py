@@ -243,3 +243,63 @@ class RoundRequest:
             backbone_sha256=None if digest is None else str(digest),
             allowed_regimens=allowed,
         )
+
+
+FINGERPRINT = "fingerprint"  # the info record's key of a fingerprint reply
+MAX_FINGERPRINT_CHARS = 1_000_000
+
+
+def fingerprint_query_values(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The planning query: the federation's run config (the site's DP
+    accountant is one of its keys)."""
+    return {"run-config": json.dumps(dict(run_config))}
+
+
+def read_fingerprint_query(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A site reads the planning query; ConfigError names what is wrong."""
+    try:
+        out = json.loads(str(values["run-config"]))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ConfigError("the planning query lacks a JSON `run-config`") from e
+    if not isinstance(out, dict):
+        raise ConfigError("the planning query's `run-config` is not a JSON object")
+    return out
+
+
+@dataclass(frozen=True)
+class FingerprintReply:
+    """A site's answer to the planning query: its name, its fingerprint's
+    values (:meth:`shared_model.fingerprint.Fingerprint.to_values`) and, when
+    noised under DP, the accounting of that release."""
+
+    site: str
+    fingerprint: Mapping[str, Any]
+    privacy: Mapping[str, float] | None = None
+
+    def info_values(self) -> dict[str, Any]:
+        return {SITE: self.site, FINGERPRINT: json.dumps(dict(self.fingerprint))}
+
+    def metric_values(self) -> dict[str, float]:
+        return privacy_values(self.privacy) if self.privacy else {}
+
+    @classmethod
+    def from_values(
+        cls, info: Mapping[str, Any], metrics: Mapping[str, Any]
+    ) -> FingerprintReply:
+        """Read an untrusted reply (its fingerprint is checked by
+        ``Fingerprint.from_values``); ValueError says what is wrong."""
+        site, text = info.get(SITE), info.get(FINGERPRINT)
+        if not isinstance(site, str) or not site:
+            raise ValueError(f"the reply names no site (`{INFO}` record, `{SITE}`)")
+        if not isinstance(text, str) or len(text) > MAX_FINGERPRINT_CHARS:
+            raise ValueError(
+                f"`{FINGERPRINT}` must be a JSON text under {MAX_FINGERPRINT_CHARS} "
+                "characters"
+            )
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"`{FINGERPRINT}` is not JSON") from e
+        if not isinstance(values, dict):
+            raise ValueError(f"`{FINGERPRINT}` is not a JSON object")
+        return cls(site, values, read_privacy(metrics))

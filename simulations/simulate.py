@@ -86,11 +86,6 @@ def run_simulated_federation(
     Raises:
         MoeflError: the run did not finish (the reason is in metrics.json).
     """
-    quiet_flower()
-    from flwr.simulation import run_simulation
-
-    from client.client_app import app as client_app
-    from server.server_app import make_server_app
     from simulations.synth import synthesize
 
     out = Path(out)
@@ -148,6 +143,30 @@ def run_simulated_federation(
         )
         + f", strategy {fed.strategy}; run folder {fed.run_dir}"
     )
+    run_flower_simulation(config, len(yamls))
+    metrics = Path(fed.run_dir) / "metrics.json"
+    if not metrics.is_file():
+        raise MoeflError(f"the simulation wrote no {metrics}; see the log above")
+    record: dict[str, Any] = json.loads(metrics.read_text())
+    if record.get("status") != "finished":
+        raise MoeflError(
+            f"the federated run did not finish (status "
+            f"{record.get('status')!r}: {record.get('error', 'no error recorded')}); "
+            f"see {metrics}"
+        )
+    return record
+
+
+def run_flower_simulation(config: Mapping[str, Any], n_sites: int) -> None:
+    """Run the ServerApp with run config ``config`` and ``n_sites`` simulated
+    ClientApps in Flower's simulation runtime (the server's log lines shown,
+    Flower's quiet)."""
+    quiet_flower()
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.server_app import make_server_app
+
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False  # Flower has its own console handler
     notice = _RunSimulationNotice()
@@ -162,7 +181,7 @@ def run_simulated_federation(
         run_simulation(
             server_app=make_server_app(config, simulation=True),
             client_app=client_app,
-            num_supernodes=len(yamls),
+            num_supernodes=n_sites,
             backend_config={
                 "client_resources": {
                     "num_cpus": max(1, os.cpu_count() or 1),
@@ -179,17 +198,6 @@ def run_simulated_federation(
         flwr_logger.removeFilter(notice)
         server_logger.removeHandler(handler)
         server_logger.propagate = propagate
-    metrics = Path(fed.run_dir) / "metrics.json"
-    if not metrics.is_file():
-        raise MoeflError(f"the simulation wrote no {metrics}; see the log above")
-    record: dict[str, Any] = json.loads(metrics.read_text())
-    if record.get("status") != "finished":
-        raise MoeflError(
-            f"the federated run did not finish (status "
-            f"{record.get('status')!r}: {record.get('error', 'no error recorded')}); "
-            f"see {metrics}"
-        )
-    return record
 
 
 def format_run_summary(record: dict[str, Any]) -> str:

@@ -24,9 +24,12 @@ from shared_model.messages import (
     METRICS,
     SITE,
     WITHHELD,
+    FingerprintReply,
     RoundRequest,
     SiteTrainReply,
     TrainReply,
+    fingerprint_query_values,
+    read_fingerprint_query,
     read_privacy,
 )
 
@@ -122,3 +125,44 @@ def read_evaluation_reply(msg: Message) -> dict[str, Any] | None:
             return None
         raise ValueError(f"the reply has no `{METRICS}` record")
     return dict(content.metric_records[METRICS])
+
+
+FINGERPRINT_QUERY = "query.fingerprint"
+"""The message type of the planning query (Flower routes it to the
+ClientApp's ``@app.query("fingerprint")``)."""
+
+
+def fingerprint_query(run_config: dict[str, Any]) -> RecordDict:
+    """The planning query's content."""
+    return RecordDict({CONFIG: ConfigRecord(fingerprint_query_values(run_config))})
+
+
+def read_fingerprint_query_msg(msg: Message) -> dict[str, Any]:
+    """A site reads the planning query: the federation's run config."""
+    if CONFIG not in msg.content.config_records:
+        raise ConfigError("the planning query lacks its config")
+    return read_fingerprint_query(dict(msg.content.config_records[CONFIG]))
+
+
+def fingerprint_content(reply: FingerprintReply) -> RecordDict:
+    """A site's answer to the planning query."""
+    return RecordDict(
+        {
+            INFO: ConfigRecord(reply.info_values()),
+            METRICS: MetricRecord(dict[str, Any](reply.metric_values())),
+        }
+    )
+
+
+def read_fingerprint_reply(msg: Message) -> FingerprintReply:
+    """The server reads an untrusted planning reply; ValueError says what is
+    wrong (an error reply included)."""
+    if msg.has_error():
+        raise ValueError(f"site reported an error: {msg.error.reason}")
+    content = msg.content
+    if INFO not in content.config_records:
+        raise ValueError(f"the reply has no `{INFO}` record")
+    metrics = content.metric_records.get(METRICS)
+    return FingerprintReply.from_values(
+        dict(content.config_records[INFO]), dict(metrics or {})
+    )

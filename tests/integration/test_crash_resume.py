@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,17 +127,8 @@ class FakeGrid:
 
 
 @pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    """Flower's Message reads the running task's identity, which only its runtime
-    sets; give the in-process loop one (as simulations/benchmarks/overhead.py)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 0, 0, 0
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+def _task_identity(flower_task_identity: None) -> None:
+    """Messages built in-process need a task identity (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
