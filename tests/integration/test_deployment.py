@@ -162,8 +162,9 @@ def federation(tiny_cohort: Path, tmp_path: Path) -> Iterator[Federation]:
 def test_tls_authenticated_federation_runs_and_survives_losing_a_site(
     federation: Federation, tmp_path: Path
 ) -> None:
-    """Three registered SuperNodes complete two rounds over TLS; then one site's
-    SuperNode is killed and the third round goes on with the other two."""
+    """Three registered SuperNodes answer the planning query and complete two
+    rounds over TLS; then one site's SuperNode is killed and the third round
+    goes on with the other two."""
     nodes = {}
     for site in SITES:
         _, pub = make_site_key(tmp_path / "keys", site)
@@ -214,6 +215,12 @@ def test_tls_authenticated_federation_runs_and_survives_losing_a_site(
     assert final.get("status") == "finished", (
         json.dumps(final)[-2000:] + federation.log("superlink")[-2000:]
     )
+    # no plan given: the run began with the planning query over TLS
+    planning = final["planning"]
+    assert planning["sites"] == sorted(SITES) and not planning["excluded"]
+    assert planning["identified_by"] == "registration"
+    assert json.loads((run_dir / "plan.json").read_text()) == planning["plan"]
+    assert planning["plan"]["patch_size"] == [12, 40, 40]  # moefl plan's, nnU-Net's
     rounds = final["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     # staged: a segmentation round, then head rounds over the sites' caches
