@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from client.app_pinning import app_hash
-from tests.integration.local_ports import flower_env, free_port, wait_for_port
+from simulations.local_deployment import flower_env, free_port, wait_for_port
 
 pytestmark = [
     pytest.mark.integration,

@@ -6,9 +6,7 @@ is stopped here.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,133 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from server.deploy import make_certificates, make_site_key
-from tests.integration.local_ports import flower_env, free_port, wait_for_port
+from server.deploy import make_site_key
+from simulations.local_deployment import LocalDeployment as Federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SITES = ("sah_sysu", "sysucc", "west_china")
-
-
-class Federation:
-    """Processes of a local TLS deployment; `stop()` ends them all."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.port = free_port()
-        self.env = {
-            **flower_env(),
-        }
-        self.certs = make_certificates(root / "certs")
-        self.cli_home = root / "home_cli"
-        self.cli_home.mkdir()
-        (self.cli_home / "config.toml").write_text(
-            '[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-            f'address = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.certs["ca_cert"]}"\n'
-        )
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        home = self.root / f"home_{name}"
-        home.mkdir(exist_ok=True)
-        log = (self.root / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            args,
-            env={**self.env, "FLWR_HOME": str(home)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.root,
-            start_new_session=True,  # its own process group: stop() ends its children
-        )
-        self.procs.append(proc)
-        return proc
-
-    def superlink(self) -> None:
-        c = self.certs
-        self.start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--ssl-ca-certfile",
-                str(c["ca_cert"]),
-                "--ssl-certfile",
-                str(c["server_cert"]),
-                "--ssl-keyfile",
-                str(c["server_key"]),
-                "--enable-supernode-auth",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--database",
-                str(self.root / "link.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        wait_for_port(self.port)
-
-    def flwr(
-        self, *args: str, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "flwr"), *args],
-            env={**self.env, "FLWR_HOME": str(self.cli_home)},
-            cwd=ROOT,
-            text=True,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def supernode(
-        self, name: str, key: Path, site_yaml: Path
-    ) -> subprocess.Popen[bytes]:
-        return self.start(
-            name,
-            [
-                str(BIN / "flower-supernode"),
-                "--superlink",
-                f"127.0.0.1:{self.port}",
-                "--root-certificates",
-                str(self.certs["ca_cert"]),
-                "--auth-supernode-private-key",
-                str(key),
-                "--port",
-                str(free_port()),
-                "--max-retries",
-                "3",
-                "--max-wait-time",
-                "20",
-                "--node-config",
-                f"site-config='{site_yaml}'",
-            ],
-        )
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    @staticmethod
-    def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-        """Signal a process and everything it started (its own session)."""
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:  # not a group leader, or already gone
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            self.kill(proc)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill(proc, signal.SIGKILL)
-                proc.wait(timeout=15)
 
 
 @pytest.fixture()

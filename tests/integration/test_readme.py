@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.local_ports import free_port
+from simulations.local_deployment import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
