@@ -20,6 +20,7 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import compute_dice
 
 from client.data import SiteDataset
+from client.volume_store import SegmentationStore
 from shared_model.backbone import backbone_digest
 from shared_model.loss import LossConfig, MoELoss
 from shared_model.model import ModelOutput, UNetMoECli
@@ -133,7 +134,9 @@ def score_volume(
 _SEGMENTED: dict[str, dict[tuple[str, str], tuple[torch.Tensor, float | None]]] = {}
 """Backbone digest -> (image files, plan) -> the predicted mask and its Dice.
 A frozen backbone (head rounds, repeated evaluation) segments each patient
-once per process; only the latest backbone is kept."""
+once per process; only the latest backbone is kept. A dataset with a volume
+store also keeps them on the site's disk
+(:class:`client.volume_store.SegmentationStore`), for the next process."""
 
 
 def score_dataset(
@@ -156,6 +159,7 @@ def score_dataset(
         _SEGMENTED.clear()
     memo = _SEGMENTED.setdefault(digest, {})
     plan_key = json.dumps(plan.to_dict(), sort_keys=True)
+    disk = None if dataset.store is None else SegmentationStore(dataset.store, digest)
     scores: list[CaseScore] = []
     n = len(dataset)
     for start in range(0, n, batch_size):
@@ -165,8 +169,14 @@ def score_dataset(
             files = json.dumps([dataset.adc_scale, dataset.cases[i].file_stats()])
             key = (files, plan_key)
             if key not in memo:
-                mask = segment(model, s["image"], plan, device)
-                memo[key] = (mask, _dice(mask, s.get("label")))
+                case = dataset.cases[i]
+                found = None if disk is None else disk.load(case)
+                if found is None:
+                    mask = segment(model, s["image"], plan, device)
+                    found = (mask, _dice(mask, s.get("label")))
+                    if disk is not None:
+                        disk.save(case, *found)
+                memo[key] = found
             mask, dice = memo[key]
             samples.append(s)
             masks.append(mask)

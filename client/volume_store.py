@@ -114,3 +114,52 @@ def prepare_site(
         if progress is not None:
             progress(i + 1, len(cases))
     return fresh, len(cases) - fresh
+
+
+class SegmentationStore:
+    """A frozen backbone's predicted masks beside the volumes they came from
+    (``<store>/segmented/<backbone sha256[:16]>/<case>.safetensors``): scoring
+    under the same backbone (head rounds, repeated evaluation) segments each
+    patient once, across processes. Keyed like the volumes plus the backbone;
+    only the latest backbone's folder is kept; an unreadable file is removed."""
+
+    def __init__(self, volumes: VolumeStore, backbone: str) -> None:
+        self.volumes, self.backbone = volumes, backbone
+        self.root = volumes.folder / "segmented"
+        self.folder = self.root / backbone[:16]
+
+    def _key(self, case: CaseFiles) -> str:
+        return hashlib.sha256(
+            (self.volumes.key(case) + self.backbone).encode()
+        ).hexdigest()
+
+    def load(self, case: CaseFiles) -> tuple[torch.Tensor, float | None] | None:
+        path = self.folder / f"{case.case_id}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            stored = load(path.read_bytes())
+            key = stored["__key__"].numpy().tobytes().decode()
+            mask, dice = stored["mask"], float(stored["dice"])
+        except (OSError, SafetensorError, KeyError, UnicodeDecodeError) as e:
+            log.warning("segmentation %s is unreadable (%s); redoing it", path, e)
+            path.unlink(missing_ok=True)
+            return None
+        if key != self._key(case) or mask.ndim != 3:
+            return None
+        return mask.long(), None if dice != dice else dice  # NaN: nothing to measure
+
+    def save(self, case: CaseFiles, mask: torch.Tensor, dice: float | None) -> None:
+        if not self.folder.is_dir() and self.root.is_dir():
+            for old in self.root.iterdir():  # an earlier backbone's masks
+                for f in old.glob("*"):
+                    f.unlink(missing_ok=True)
+                old.rmdir()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = torch.frombuffer(bytearray(self._key(case).encode()), dtype=torch.uint8)
+        tensors = {
+            "mask": mask.to(torch.uint8).contiguous(),
+            "dice": torch.tensor(float("nan") if dice is None else dice),
+            "__key__": key,
+        }
+        write_atomic(self.folder / f"{case.case_id}.safetensors", save(tensors))

@@ -98,3 +98,41 @@ def test_check_prepare_fills_the_store_once(tiny_copy: Path) -> None:
     assert len(list((config.run_dir / "preprocessed").rglob("*.safetensors"))) == n
     second = runner.invoke(app, ["check", str(site), "--prepare"])
     assert f"prepared 0 cases ({n} already stored)" in second.output
+
+
+def test_a_frozen_backbones_masks_are_reused_by_the_next_process(
+    tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client import scoring
+    from shared_model.model import ModelConfig, build_model
+
+    site = tiny_copy / "site_configs" / "sysucc.yaml"
+    plan = Plan.load(tiny_copy / "plan.json")
+    dataset = _dataset(site, plan, tmp_path / "store").whole_view()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_plan(plan, base_filters=4, max_filters=16))
+    cpu = torch.device("cpu")
+    scoring._SEGMENTED.clear()
+    first = scoring.score_dataset(model, dataset, plan, device=cpu)
+    masks = sorted((tmp_path / "store").rglob("segmented/*/*.safetensors"))
+    assert len(masks) == 3
+    scoring._SEGMENTED.clear()  # a new process: nothing in memory
+    monkeypatch.setattr(scoring, "segment", _refuse)
+    again = scoring.score_dataset(model, dataset, plan, device=cpu)
+    for a, b in zip(first, again, strict=True):
+        assert a.probs == b.probs and a.dice == b.dice
+        assert (a.mask == b.mask).all() and a.volume_ml == b.volume_ml
+    # another backbone segments again, and replaces the old masks
+    monkeypatch.undo()
+    with torch.no_grad():
+        next(model.parameters()).add_(0.1)
+    scoring._SEGMENTED.clear()
+    scoring.score_dataset(model, dataset, plan, device=cpu)
+    folders = list((masks[0].parents[1]).iterdir())
+    assert len(folders) == 1 and folders[0] != masks[0].parent
+    # a corrupt mask file is redone
+    victim = next(folders[0].glob("*.safetensors"))
+    victim.write_bytes(b"broken")
+    scoring._SEGMENTED.clear()
+    scoring.score_dataset(model, dataset, plan, device=cpu)
+    assert victim.stat().st_size > 100
