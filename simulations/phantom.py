@@ -226,17 +226,36 @@ def scanner_grids(
     return t2, adc
 
 
+def place_case(
+    patient: Patient, rng: np.random.Generator
+) -> tuple[Anatomy, np.ndarray]:
+    """The patient's anatomy and the centre (world mm) of its image stacks, the
+    first draws from the case's generator (``patient.image_seed``)."""
+    anat = draw_anatomy(patient, rng)
+    centre = np.array(
+        [rng.normal(0, 4), rng.normal(0, 4), anat.tumour_z0 + rng.normal(0, 2)]
+    )
+    return anat, centre
+
+
+def case_grids(
+    patient: Patient, scanner: Scanner, geometry: Geometry
+) -> tuple[Grid, Grid]:
+    """The T2W and ADC grids of the patient's case, exactly those
+    :func:`generate_case` images (without imaging it): the T2W grid's shape
+    and affine are those of the case's three NIfTI files."""
+    _, centre = place_case(patient, np.random.default_rng(patient.image_seed))
+    return scanner_grids(scanner, geometry, centre)
+
+
 def generate_case(patient: Patient, scanner: Scanner, geometry: Geometry) -> CaseImages:
     """Generate one patient's T2W, ADC (on the T2W grid) and tumour mask.
 
     Deterministic for ``patient.image_seed``.
     """
     rng = np.random.default_rng(patient.image_seed)
-    anat = draw_anatomy(patient, rng)
+    anat, centre = place_case(patient, rng)
     anat = replace(anat, core_depth=core_depth_for(anat, patient.core_fraction))
-    centre = np.array(
-        [rng.normal(0, 4), rng.normal(0, 4), anat.tumour_z0 + rng.normal(0, 2)]
-    )
     t2_grid, adc_grid = scanner_grids(scanner, geometry, centre)
 
     # Tumour texture lives in physical space: sample it on a 1 mm lattice around

@@ -273,3 +273,27 @@ def test_noised_fingerprints_of_sites_of_a_hundred_cases_give_the_exact_plan() -
     small = _protocol_site(10, (3.0, 0.7, 0.7), (24, 256, 256), 3)
     with pytest.raises(ValueError, match="empty"):
         plan_from_fingerprint(small.noised(std, np.random.default_rng(0)))
+
+
+def test_coarsening_keeps_spacing_and_centres_each_block() -> None:
+    from shared_model.fingerprint import DP_BLOCKS, HISTOGRAMS, adc_clip
+
+    site = _protocol_site(40, (3.0, 0.55, 0.55), (24, 256, 256), 4)
+    coarse = site.coarsened()
+    assert np.array_equal(coarse.histograms["spacing"], site.histograms["spacing"])
+    for name, block in DP_BLOCKS.items():
+        assert block % 2 == 1  # odd: each block's middle bin is its centre
+        assert (coarse.histograms[name].sum(1) == site.histograms[name].sum(1)).all()
+        width = float(HISTOGRAMS[name][1] - HISTOGRAMS[name][0])
+        if site.histograms[name].sum() and name != "spacing":
+            shift = coarse.quantile(name, 0.5) - site.quantile(name, 0.5)
+            assert np.abs(shift).max() <= width * (block // 2)
+    # the ADC clip needs only the 99.5th percentiles' row, even if noise emptied
+    # the others
+    values = {**site.to_values()}
+    adc = np.zeros((3, len(HISTOGRAMS["adc_range"]) - 1), int)
+    adc[2, 150] = 40  # 3.0 x 10^-3 mm^2/s
+    noised = Fingerprint.from_values(
+        {**values, "adc_range": adc.tolist(), "noise_std": 1.0}
+    )
+    assert adc_clip(noised) == (0.0, 3.0)
