@@ -249,9 +249,11 @@ def test_site_runs_the_approved_app_and_refuses_a_changed_one(
     assert len(refusal) == 1 and hash_b in refusal[0] and hash_a in refusal[0], logs
     assert str(site_yaml) in refusal[0]
 
-    def unpacked() -> list[Path]:  # beside the fork server's own socket folder
+    def unpacked() -> list[Path]:  # beside the fork server's and PyTorch's folders
         return [
-            p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("pymp-")
+            p
+            for p in (tmp_path / "tmp").iterdir()
+            if not p.name.startswith(("pymp-", "torchinductor_"))
         ]
 
     deadline = time.monotonic() + 15  # task processes remove what they unpacked
