@@ -115,6 +115,7 @@ def run_deployed(
     *,
     pinned: bool,
     runs: int = 1,
+    site_threads: int = 0,
     echo: Echo = print,
 ) -> list[list[float]]:
     """``runs`` runs of one deployment on one copy of the sites; each run's
@@ -126,6 +127,8 @@ def run_deployed(
     root.mkdir(parents=True)
     yamls = _sites_copy(cohort, root, app_hash(ROOT) if pinned else None)
     dep = LocalDeployment(root)
+    if site_threads:  # PyTorch's threads per site process (0: its default)
+        dep.env["OMP_NUM_THREADS"] = str(site_threads)
     out = []
     try:
         dep.superlink()
@@ -168,7 +171,13 @@ def _warm(seconds: list[float]) -> float:
 
 
 def run_benchmark(
-    out: Path, *, cohort: Path | None, quick: bool, rounds: int, echo: Echo = print
+    out: Path,
+    *,
+    cohort: Path | None,
+    quick: bool,
+    rounds: int,
+    site_threads: int = 0,
+    echo: Echo = print,
 ) -> dict[str, Any]:
     from simulations.synth import synthesize
 
@@ -183,7 +192,11 @@ def run_benchmark(
         preset = "tiny" if quick else "demo"
         echo(f"making the {preset} cohort in {cohort_dir} ...")
         synthesize(cohort_dir, preset=preset, seed=0, force=True)
-    result: dict[str, Any] = {"rounds": rounds, "quick": quick}
+    result: dict[str, Any] = {
+        "rounds": rounds,
+        "quick": quick,
+        "site_threads": site_threads,
+    }
     t0 = time.perf_counter()
     echo("simulated ...")
     result["simulated"] = {
@@ -196,7 +209,14 @@ def run_benchmark(
     result["deployed_flower"] = {"rounds": flower[0]}
     echo("deployed, pinned (fork server), two runs on the same sites ...")
     pinned = run_deployed(
-        cohort_dir, out / "pinned", rounds, quick, pinned=True, runs=2, echo=echo
+        cohort_dir,
+        out / "pinned",
+        rounds,
+        quick,
+        pinned=True,
+        runs=2,
+        site_threads=site_threads,
+        echo=echo,
     )
     result["deployed_pinned"] = {"rounds": pinned[0]}
     result["deployed_pinned_second_run"] = {"rounds": pinned[1]}
@@ -234,9 +254,20 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__, "deployed", "tiny cohort, small widths")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--site-threads",
+        type=int,
+        default=0,
+        help="PyTorch threads per deployed site process (OMP_NUM_THREADS; 0: "
+        "PyTorch's default, every core, so three sites on one machine oversubscribe it)",
+    )
     args = parser.parse_args(argv)
     result = run_benchmark(
-        args.out, cohort=args.cohort, quick=args.quick, rounds=args.rounds
+        args.out,
+        cohort=args.cohort,
+        quick=args.quick,
+        rounds=args.rounds,
+        site_threads=args.site_threads,
     )
     finish(args, "deployed", report(result), result)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 
 from client.client_app import SITE_ERRORS, fingerprint, train
 from client.fingerprint import check_plan_usable, released_fingerprint
@@ -22,6 +22,7 @@ from shared_model.errors import ConfigError, PlanRefused
 from shared_model.federation_config import FederationConfig
 from shared_model.fingerprint import SENSITIVITY_ROWS, Fingerprint
 from shared_model.plan import PRESET_PLANS, Plan
+from tests.unit.test_site_errors import _context  # a deployed site's node
 from wire.records import FINGERPRINT_QUERY, fingerprint_query
 
 SITES = ("sah_sysu", "sysucc", "west_china")
@@ -40,16 +41,6 @@ def _query(run_config: dict, node: int = 7) -> Message:
         message_type=FINGERPRINT_QUERY,
     )
     return Message(fingerprint_query(run_config), metadata=metadata)
-
-
-def _context(site_yaml: Path) -> Context:
-    return Context(
-        run_id=1,
-        node_id=7,
-        node_config={"site-config": str(site_yaml)},
-        state=RecordDict(),
-        run_config={},
-    )
 
 
 def _yaml(cohort: Path, site: str) -> Path:
@@ -231,7 +222,7 @@ def test_a_site_refuses_a_plan_that_would_make_its_data_unusable(
         check_plan_usable(config, Plan(spacing=(0.1, 0.1, 0.1)))
 
     # at the ClientApp: code 1004 to the server, the reason in the site's log
-    from tests.unit.test_site_errors import _instruction
+    from tests.unit.test_site_errors import _instruction  # a training message
 
     msg = _instruction("train", FederationConfig().to_run_config())
     msg.content.config_records["config"]["plan"] = json.dumps(
