@@ -228,24 +228,13 @@ def _local_planning(yamls: list[Path], memory_gb: float) -> dict:
     """The planning record from site data readable on this machine (exact)."""
     from client.fingerprint import site_fingerprint
     from client.site_config import load_site_config
-    from shared_model.fingerprint import plan_from_fingerprint
+    from server.planning import plan_record
 
     configs = [load_site_config(y) for y in yamls]
-    fingerprints = {c.site_name: site_fingerprint(c) for c in configs}
-    names = sorted(fingerprints)
-    pooled = fingerprints[names[0]]
-    for name in names[1:]:
-        pooled = pooled.merge(fingerprints[name])
-    result = plan_from_fingerprint(pooled, budget_gb=memory_gb)
-    return {
-        "sites": names,
-        "cases": {n: fingerprints[n].n_cases for n in names},
-        "excluded": {},
-        "plan_memory_gb": memory_gb,
-        "summary": pooled.summary(),
-        "plan": result.to_dict(),
-        "fingerprint": pooled.to_values(),
-    }
+    _, record = plan_record(
+        {c.site_name: site_fingerprint(c) for c in configs}, memory_gb
+    )
+    return record
 
 
 def _simulated_planning(yamls: list[Path], out: Path, memory_gb: float) -> dict:

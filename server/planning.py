@@ -110,12 +110,22 @@ def federated_plan(grid: Grid, fed: FederationConfig) -> tuple[Plan, dict[str, A
             f"{fed.min_sites}; {record['nodes']} node(s) connected, excluded "
             f"{record['excluded'] or 'none'}, missing {record['missing'] or 'none'}"
         )
+    plan, planned = plan_record(accepted, fed.plan_memory_gb)
+    return plan, {**planned, **record}
+
+
+def plan_record(
+    accepted: dict[str, Fingerprint], budget_gb: float
+) -> tuple[Plan, dict[str, Any]]:
+    """The plan of the sites' pooled fingerprints and what its record holds of
+    them (sites, case counts, medians, the pooled histograms). ConfigError
+    when the pooled counts are unusable (every count noised away)."""
     sites = sorted(accepted)
     pooled = accepted[sites[0]]
     for site in sites[1:]:
         pooled = pooled.merge(accepted[site])
     try:
-        plan = plan_from_fingerprint(pooled, budget_gb=fed.plan_memory_gb)
+        plan = plan_from_fingerprint(pooled, budget_gb=budget_gb)
     except ValueError as e:  # every count noised away
         hint = (
             "; the DP sites' noised counts hold too few cases to plan from: give "
@@ -130,8 +140,8 @@ def federated_plan(grid: Grid, fed: FederationConfig) -> tuple[Plan, dict[str, A
     return plan, {
         "sites": sites,
         "cases": {s: accepted[s].n_cases for s in sites},
-        **record,
-        "plan_memory_gb": fed.plan_memory_gb,
+        "excluded": {},
+        "plan_memory_gb": budget_gb,
         "summary": pooled.summary(),
         "plan": plan.to_dict(),
         "fingerprint": pooled.to_values(),
