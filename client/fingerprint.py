@@ -25,6 +25,7 @@ from client.site_data import CaseFiles, list_cases
 from shared_model.aggregation import epsilon_of
 from shared_model.errors import ConfigError, DataError, PlanRefused
 from shared_model.fingerprint import PERCENTILES, SENSITIVITY_ROWS, Fingerprint
+from shared_model.messages import PrivacyAccount
 from shared_model.plan import Plan
 
 
@@ -105,7 +106,7 @@ def fingerprint_noise(epsilon: float, delta: float, accountant: str = "rdp") -> 
 
 def released_fingerprint(
     config: SiteConfig, accountant: str = "rdp", *, seed: list[int] | None = None
-) -> tuple[Fingerprint, dict[str, float] | None]:
+) -> tuple[Fingerprint, PrivacyAccount | None]:
     """What the site sends: the exact fingerprint, or under its ``privacy``
     section the noised one, charged to its ledger first. Returns it and the
     DP accounting (None without DP). ConfigError when the budget cannot pay.
@@ -130,12 +131,12 @@ def released_fingerprint(
         )
     rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
     noised = exact.noised(z * sensitivity, rng)
-    return noised, {
-        "noise_multiplier": z,
-        "epsilon": after,
-        "target_epsilon": privacy.target_epsilon,
-        "delta": privacy.delta,
-    }
+    return noised, PrivacyAccount(
+        epsilon=after,
+        target_epsilon=privacy.target_epsilon,
+        delta=privacy.delta,
+        noise_multiplier=z,
+    )
 
 
 MAX_COARSENING = 4.0

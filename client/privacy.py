@@ -43,6 +43,7 @@ from client.privacy_config import PrivacyConfig
 from shared_model.aggregation import epsilon_of
 from shared_model.checkpoint import write_atomic
 from shared_model.errors import ConfigError, DataError
+from shared_model.messages import PrivacyAccount
 
 ACCOUNTANTS = ("rdp", "prv")
 MAX_NOISE = 10.0
@@ -359,18 +360,17 @@ class PrivateTraining:
         self.module._close()
 
 
-def describe(plan: RoundPlan, privacy: PrivacyConfig) -> dict[str, float]:
+def describe(plan: RoundPlan, privacy: PrivacyConfig) -> PrivacyAccount:
     """The DP accounting of a round for the reply (epsilon is cumulative, after
-    the round); :class:`shared_model.messages.TrainReply` names its keys."""
-    out: dict[str, float] = {
-        "epsilon": plan.epsilon_after,
-        "epsilon_before": plan.epsilon_spent,
-        "target_epsilon": privacy.target_epsilon,
-        "delta": privacy.delta,
-        "max_grad_norm": privacy.max_grad_norm,
-    }
-    if plan.dp is not None:
-        out["noise_multiplier"] = plan.dp.noise_multiplier
-        out["sample_rate"] = plan.dp.sample_rate
-        out["steps"] = plan.dp.steps
-    return out
+    the round)."""
+    dp = plan.dp
+    return PrivacyAccount(
+        epsilon=plan.epsilon_after,
+        target_epsilon=privacy.target_epsilon,
+        delta=privacy.delta,
+        epsilon_before=plan.epsilon_spent,
+        max_grad_norm=privacy.max_grad_norm,
+        noise_multiplier=None if dp is None else dp.noise_multiplier,
+        sample_rate=None if dp is None else dp.sample_rate,
+        steps=None if dp is None else dp.steps,
+    )

@@ -30,7 +30,7 @@ import numpy as np
 
 from client.site_config import write_site_yaml
 from shared_model.errors import ConfigError, DataError
-from shared_model.federation_config import SITE_NAME
+from shared_model.federation_config import is_site_name
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def import_msd(
     hold both channels is skipped and named in the result; the task itself is
     only read.
     """
-    if not SITE_NAME.match(site_name):
+    if not is_site_name(site_name):
         raise ConfigError(
             f"site name {site_name!r}: lower-case letters, digits and _, starting "
             "with a letter"

@@ -39,7 +39,7 @@ import yaml
 from client.privacy_config import PrivacyConfig, parse_privacy
 from client.problem import Problem, yaml_number, yaml_problem
 from shared_model.errors import ConfigError
-from shared_model.federation_config import SITE_NAME
+from shared_model.federation_config import is_site_name
 
 ROLES = ("train", "evaluate", "public")
 """``public``: a public segmentation dataset (images and masks, no clinical.csv)
@@ -148,9 +148,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
     base = path.resolve().parent
 
     site_name = raw.get("site_name")
-    if site_name is not None and not (
-        isinstance(site_name, str) and SITE_NAME.match(site_name)
-    ):
+    if site_name is not None and not is_site_name(site_name):
         problems.append(
             yaml_problem(
                 "site_name",

@@ -57,19 +57,25 @@ class RoundSetup:
 _SITES: dict[tuple[str, str], SiteState] = {}
 
 
-def site_yaml_for(node_config: Mapping[str, Any], fed: FederationConfig) -> Path:
-    """The node's site YAML: ``site-config``, else the partition's cohort site."""
-    if "site-config" in node_config:
-        return Path(str(node_config["site-config"]))
-    if "partition-id" not in node_config:
-        raise ConfigError("node config needs `site-config` (the site YAML path)")
+def simulation_site_yamls(fed: FederationConfig) -> tuple[Path, list[Path]]:
+    """The folder of a simulation's site YAMLs and the YAMLs in partition order
+    (by file name): simulated node ``partition-id`` i reads the i-th."""
     if not (fed.cohort_dir or fed.sites_dir):
         raise ConfigError(
             "simulation needs run config `cohort-dir` (a synthetic cohort) or "
             "`sites-dir` (a folder of site YAMLs)"
         )
     folder = Path(fed.sites_dir or Path(fed.cohort_dir) / "site_configs")
-    yamls = sorted(folder.glob("*.yaml"))
+    return folder, sorted(folder.glob("*.yaml"))
+
+
+def site_yaml_for(node_config: Mapping[str, Any], fed: FederationConfig) -> Path:
+    """The node's site YAML: ``site-config``, else the partition's cohort site."""
+    if "site-config" in node_config:
+        return Path(str(node_config["site-config"]))
+    if "partition-id" not in node_config:
+        raise ConfigError("node config needs `site-config` (the site YAML path)")
+    folder, yamls = simulation_site_yamls(fed)
     pid = int(node_config["partition-id"])
     if not 0 <= pid < len(yamls):
         raise ConfigError(

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared_model.errors import MoeflError
-from shared_model.federation_config import SITE_NAME
+from shared_model.federation_config import is_site_name
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -146,7 +146,7 @@ def make_site_key(out: Path, site: str) -> tuple[Path, Path]:
         MoeflError: ``site`` is not a site name (it would also name files
             outside ``out``, e.g. ``../escaped``).
     """
-    if not SITE_NAME.match(site):
+    if not is_site_name(site):
         raise MoeflError(
             f"site name {site!r} is not valid: use lower-case letters, digits and "
             "_ (starting with a letter, at most 64), as `site_name` in the site YAML"

@@ -4,9 +4,10 @@ without a plan (run config ``plan``, :meth:`FederationConfig.plans_from_fingerpr
 The server sends every node the planning query (message type
 ``query.fingerprint``); each site answers with its
 :class:`shared_model.fingerprint.Fingerprint` (aggregate counts; noised under
-a DP budget). Replies are untrusted: a malformed fingerprint, a reply naming
-another site than its node's registration, a second reply for one site and an
-error reply are excluded with the reason, never fatal. The accepted ones are
+a DP budget). Replies are untrusted: a malformed fingerprint, a reply from a
+node that cannot be attributed to a site or naming another site than its
+node's (:mod:`server.identity`), a second reply for one site and an error
+reply are excluded with the reason, never fatal. The accepted ones are
 merged and planned with nnU-Net's rules
 (:func:`shared_model.fingerprint.plan_from_fingerprint`), within
 ``plan-memory-gb``. Fewer than ``min-sites`` accepted fingerprints end the run
@@ -29,7 +30,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from server.strategy import registered_names, site_identity
+from server.identity import NodeSites, RegisteredNodes, Unidentified, round_identities
 from shared_model.checkpoint import json_bytes, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
@@ -54,7 +55,7 @@ def connected_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 
 
 def ask_fingerprints(
-    grid: Grid, fed: FederationConfig
+    grid: Grid, fed: FederationConfig, node_sites: NodeSites | None = None
 ) -> tuple[dict[str, Fingerprint], dict[str, Any]]:
     """Send the planning query to every node; the accepted fingerprints by
     site, and what the record says of the others and of DP."""
@@ -65,7 +66,13 @@ def ask_fingerprints(
         for node in nodes
     ]
     replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
-    registered = registered_names(grid, {})
+    identities, _ = round_identities(
+        grid,
+        allow_claims=fed.allow_unregistered_sites,
+        node_sites=node_sites,
+        known=RegisteredNodes(),
+        bound={},
+    )
     accepted: dict[str, Fingerprint] = {}
     excluded: dict[str, str] = {}
     privacy: dict[str, dict[str, float]] = {}
@@ -73,13 +80,14 @@ def ask_fingerprints(
     for position, msg in enumerate(replies):
         node = msg.metadata.src_node_id
         answered.add(node)
-        name = site_identity(msg, registered, f"reply {position}")
+        try:
+            name = identities.identify(msg, position)
+        except Unidentified as e:
+            log.warning("planning: %s excluded: %s", e.key, e.reason)
+            excluded[e.key if e.key not in excluded else f"{e.key} ({node})"] = e.reason
+            continue
         try:
             reply = read_fingerprint_reply(msg)
-            if registered.get(node) and reply.site != name:
-                raise ValueError(
-                    f"the node registered as {name} replies as {reply.site!r}"
-                )
             if name in accepted:
                 raise ValueError("a second fingerprint for the same site")
             fp = Fingerprint.from_values(reply.fingerprint)
@@ -89,20 +97,24 @@ def ask_fingerprints(
             continue
         accepted[name] = fp
         if reply.privacy:
-            privacy[name] = dict(reply.privacy)
-    missing = sorted(registered.get(n, f"node {n}") for n in nodes if n not in answered)
+            privacy[name] = reply.privacy.to_dict()
+    missing = sorted(
+        identities.names.get(n, f"node {n}") for n in nodes if n not in answered
+    )
     return accepted, {
         "nodes": len(nodes),
         "excluded": excluded,
         "missing": missing,
-        "identified_by": "registration" if registered else "reply",
+        "identified_by": identities.source,
         "privacy": privacy,
     }
 
 
-def federated_plan(grid: Grid, fed: FederationConfig) -> tuple[Plan, dict[str, Any]]:
+def federated_plan(
+    grid: Grid, fed: FederationConfig, node_sites: NodeSites | None = None
+) -> tuple[Plan, dict[str, Any]]:
     """Ask, check and plan: the plan and its record (see the module docstring)."""
-    accepted, record = ask_fingerprints(grid, fed)
+    accepted, record = ask_fingerprints(grid, fed, node_sites)
     if len(accepted) < fed.min_sites or not accepted:
         raise ConfigError(
             f"planning: {len(accepted)} usable fingerprint(s) "

@@ -30,6 +30,13 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
+def _number(value: Any) -> str:
+    """A record's number in its shortest form, ``n/a`` when it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a"
+    return f"{value:g}"
+
+
 def build_report(
     run_dir: Path, comparators: dict[str, Path] | None = None
 ) -> tuple[Path, Path]:
@@ -44,7 +51,7 @@ def build_report(
     cohorts: dict[str, Any] = {c: evaluation[c] for c in COHORTS if c in evaluation}
     figures = set(draw_figures(run_dir, run, cohorts))
 
-    rounds = run.get("rounds", [])
+    rounds = [r for r in run.get("rounds", []) if isinstance(r, dict)]
     blocks = [Block("h1", f"moefl report: {run_dir.name}")]
     blocks.append(
         Block(
@@ -70,7 +77,7 @@ def build_report(
         withheld = "withheld (DP)" if ev.get("withheld") and not ev.get("n") else ""
         rows.append(
             [
-                str(r["round"]),
+                str(r.get("round", "?")),
                 ", ".join(sorted(r.get("sites", {}))) or "-",
                 ", ".join(sorted(r.get("excluded", {}))) or "-",
                 ", ".join(sorted(r.get("declined", {}))) or "-",
@@ -91,11 +98,11 @@ def build_report(
             rows.append(
                 [
                     site,
-                    format_metric(p["epsilon"]),
-                    f"{p['target_epsilon']:g}",
-                    f"{p['delta']:g}",
+                    format_metric(p.get("epsilon")),
+                    _number(p.get("target_epsilon")),
+                    _number(p.get("delta")),
                     format_metric(p.get("noise_multiplier")),
-                    f"{p['max_grad_norm']:g}",
+                    _number(p.get("max_grad_norm")),
                 ]
             )
         blocks.append(Block("table", rows=rows))
@@ -109,9 +116,11 @@ def build_report(
         blocks.append(
             Block(
                 "p",
-                f"Client-level DP: epsilon {central['epsilon']:.3f} at delta "
-                f"{central['delta']:g} after {central['releases']} rounds (noise "
-                f"{central['noise_multiplier']:g}, clip {central['clip']:g}).",
+                f"Client-level DP: epsilon {format_metric(central.get('epsilon'))} at "
+                f"delta {_number(central.get('delta'))} after "
+                f"{_number(central.get('releases'))} rounds (noise "
+                f"{_number(central.get('noise_multiplier'))}, clip "
+                f"{_number(central.get('clip'))}).",
             )
         )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from server.run_folder import account_epsilon
 from shared_model.clinical import REGIMENS
 from shared_model.federated_metrics import format_metric
 
@@ -44,10 +45,8 @@ def draw_figures(
         eps: dict[str, list[tuple[int, float]]] = {}
         for r in rounds:
             for site, m in {**r.get("sites", {}), **r.get("declined", {})}.items():
-                if m.get("privacy"):
-                    eps.setdefault(site, []).append(
-                        (r["round"], m["privacy"]["epsilon"])
-                    )
+                if (epsilon := account_epsilon(m)) is not None:
+                    eps.setdefault(site, []).append((r["round"], epsilon))
         if eps:
             fig, ax1 = plt.subplots(figsize=(5, 3.2))
             for site, pts in sorted(eps.items()):

@@ -236,20 +236,33 @@ class RunFolder:
         write_atomic(path, json_bytes(dict(run_config)))
 
 
+def account_epsilon(entry: Any) -> float | None:
+    """The epsilon of a run record's site entry (``{"privacy": {...}}``), or
+    None when it has no readable DP account (records are read defensively: a
+    folder written by an older version, or edited, must not break a report)."""
+    account = entry.get("privacy") if isinstance(entry, dict) else None
+    epsilon = account.get("epsilon") if isinstance(account, dict) else None
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        return None
+    return float(epsilon)
+
+
 def privacy_spent(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each DP site's latest accounting in a run record, with its rounds trained."""
+    """Each DP site's latest accounting in a run record, with its rounds
+    trained; entries without a readable account are skipped."""
     out: dict[str, dict[str, Any]] = {}
     for r in record.get("rounds", []):
-        for site, m in r.get("sites", {}).items():
-            if m.get("privacy"):
-                prev = out.get(site, {}).get("rounds_trained", 0)
-                out[site] = {**m["privacy"], "rounds_trained": prev + 1}
-        for site, d in r.get("declined", {}).items():
-            if d.get("privacy"):
+        if not isinstance(r, dict):
+            continue
+        for key, trained in (("sites", 1), ("declined", 0)):
+            entries = r.get(key)
+            for site, m in (entries if isinstance(entries, dict) else {}).items():
+                if account_epsilon(m) is None:
+                    continue
                 prev = out.get(site, {}).get("rounds_trained", 0)
                 out[site] = {
                     **out.get(site, {}),
-                    **d["privacy"],
-                    "rounds_trained": prev,
+                    **m["privacy"],
+                    "rounds_trained": prev + trained,
                 }
     return out

@@ -45,8 +45,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server import planning
+from server.identity import (
+    NodeSites,
+    RegisteredNodes,
+    SiteIdentities,
+    round_identities,
+)
+from server.roster import Roster
 from server.run_folder import RunFolder, StrategyState
-from server.strategy import GroupedStrategy, registered_names
+from server.strategy import GroupedStrategy
 from shared_model.backbone import Backbone, apply_backbone, load_backbone
 from shared_model.errors import ConfigError
 from shared_model.federated_metrics import format_metric
@@ -149,13 +156,22 @@ def start_federation(
     )
 
 
-def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The coordinator's loop. Returns the run record (also in metrics.json)."""
+def run_federation(
+    grid: Grid, run_config: Mapping[str, Any], node_sites: NodeSites | None = None
+) -> dict[str, Any]:
+    """The coordinator's loop. Returns the run record (also in metrics.json).
+
+    ``node_sites``: a simulation's own map of its nodes to sites
+    (:mod:`server.identity`); None in deployment, where sites are their nodes'
+    registered names.
+    """
     fed = FederationConfig.from_run_config(run_config)
     folder = RunFolder(Path(fed.run_dir))
     with folder.locked():
         planned = (
-            _plan_step(grid, fed, folder) if fed.plans_from_fingerprints() else None
+            _plan_step(grid, fed, folder, node_sites)
+            if fed.plans_from_fingerprints()
+            else None
         )
         if fed.plan_only:
             assert planned is not None
@@ -167,13 +183,22 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             folder.write_record(record)
             return record
         begin = start_federation(fed, None if planned is None else planned[0])
+        begin.strategy.roster = Roster.load(folder.path)
         return _run_rounds(
-            grid, fed, begin, folder, None if planned is None else planned[1]
+            grid,
+            fed,
+            begin,
+            folder,
+            None if planned is None else planned[1],
+            node_sites,
         )
 
 
 def _plan_step(
-    grid: Grid, fed: FederationConfig, folder: RunFolder
+    grid: Grid,
+    fed: FederationConfig,
+    folder: RunFolder,
+    node_sites: NodeSites | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
     """The federated plan: this run folder's earlier one on a resume, else the
     planning query's (written before any round)."""
@@ -182,7 +207,7 @@ def _plan_step(
         log.info("plan from %s (the run's planning step)", planning.RECORD)
         return saved
     t0 = time.perf_counter()
-    plan, record = planning.federated_plan(grid, fed)
+    plan, record = planning.federated_plan(grid, fed, node_sites)
     record["seconds"] = round(time.perf_counter() - t0, 2)
     planning.save_plan(folder.path / "plan.json", plan, record)
     log.info(
@@ -202,6 +227,7 @@ def _run_rounds(
     begin: FederationStart,
     folder: RunFolder,
     planned: dict[str, Any] | None = None,
+    node_sites: NodeSites | None = None,
 ) -> dict[str, Any]:
     """The rounds, under the run folder's lock."""
     plan, model_cfg, strategy = begin.plan, begin.model_cfg, begin.strategy
@@ -212,6 +238,8 @@ def _run_rounds(
         record["planning"] = planning.run_summary(planned)
     if begin.backbone is not None:
         record["backbone"] = begin.backbone
+    if strategy.roster is not None:
+        record["roster"] = strategy.roster.describe()
     if resumed is not None:
         folder.check_run_config(
             fed.to_run_config(), allow_changes=fed.resume_changed_config
@@ -229,8 +257,9 @@ def _run_rounds(
         start, arrays = 0, begin.arrays
 
     bytes_down = int(sum(a.nbytes for a in arrays.values()))
-    node_sites: dict[int, str] = {}  # Flower node id -> site name, learnt from replies
-    registered: dict[int, str] = {}  # Flower node id -> its registered name
+    heard: dict[int, str] = {}  # Flower node id -> site name, from its replies
+    known = RegisteredNodes()  # the nodes' registered names and keys
+    bound: dict[str, int] = {}  # site -> node, where replies name their site
     try:
         for rnd in range(start + 1, fed.total_rounds + 1):
             t0 = time.perf_counter()
@@ -240,8 +269,14 @@ def _run_rounds(
                 strategy.configure_train(rnd, arrays_to_record(arrays), config, grid)
             )
             replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
-            registered = registered_names(grid, registered)
-            missing = _learn_sites(node_sites, messages, replies, registered)
+            identities, known = round_identities(
+                grid,
+                allow_claims=fed.allow_unregistered_sites,
+                node_sites=node_sites,
+                known=known,
+                bound=bound,
+            )
+            missing = _learn_sites(heard, messages, replies, identities.names)
             if missing:
                 log.warning(
                     "round %d: no reply within %.0f s from %s",
@@ -249,15 +284,15 @@ def _run_rounds(
                     fed.round_timeout,
                     ", ".join(missing),
                 )
-            outcome = strategy.aggregate_round(rnd, replies, arrays, registered)
+            outcome = strategy.aggregate_round(rnd, replies, arrays, identities)
             arrays = outcome.arrays
             for site in outcome.sites.values():
                 site["bytes_down"] = bytes_down
-            entry = _round_entry(rnd, stage, outcome, missing, bool(registered))
+            entry = _round_entry(rnd, stage, outcome, missing, identities.source)
             if fed.evaluate_every and rnd % fed.evaluate_every == 0:
                 so_far = [*record["rounds"], entry]
                 entry["evaluate"] = _evaluate(
-                    grid, fed, begin, strategy, rnd, arrays, so_far, registered
+                    grid, fed, begin, strategy, rnd, arrays, so_far, identities
                 )
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             record["rounds"].append(entry)
@@ -303,7 +338,7 @@ def _run_rounds(
 
 
 def _round_entry(
-    rnd: int, stage: str, outcome: Any, missing: list[str], registered: bool
+    rnd: int, stage: str, outcome: Any, missing: list[str], identified_by: str
 ) -> dict[str, Any]:
     """The run record's entry for one round (evaluation and time added later)."""
     entry: dict[str, Any] = {
@@ -314,8 +349,9 @@ def _round_entry(
         "excluded": outcome.excluded,
         "declined": outcome.declined,
         "missing": missing,
-        # sites named by their nodes' registrations, or by their replies
-        "identified_by": "registration" if registered else "reply",
+        # sites named by their nodes' registrations, the simulation's map of
+        # its nodes, or (allow-unregistered-sites) their replies
+        "identified_by": identified_by,
         "groups": {
             g: {"sites": r.sites, "n": r.n, "updated": r.updated}
             for g, r in outcome.groups.items()
@@ -323,6 +359,8 @@ def _round_entry(
     }
     if outcome.client_dp is not None:
         entry["client_dp"] = outcome.client_dp
+    if outcome.bounds is not None:
+        entry["bounds"] = outcome.bounds
     if outcome.flags:
         entry["flags"] = outcome.flags
     return entry
@@ -336,7 +374,7 @@ def _evaluate(
     rnd: int,
     arrays: dict[str, np.ndarray],
     rounds: list[dict[str, Any]],
-    registered: Mapping[int, str],
+    identities: SiteIdentities,
 ) -> dict[str, Any]:
     """Federated evaluation of ``arrays``: advice may name only the regimens
     whose experts have enough support over ``rounds``."""
@@ -346,31 +384,32 @@ def _evaluate(
     )
     messages = strategy.configure_evaluate(rnd, arrays_to_record(arrays), config, grid)
     replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
-    return strategy.aggregate_evaluation(replies, registered)
+    return strategy.aggregate_evaluation(replies, identities)
 
 
 def _learn_sites(
-    node_sites: dict[int, str],
+    heard: dict[int, str],
     sent: list[Any],
     replies: list[Any],
-    registered: Mapping[int, str],
+    names: Mapping[int, str],
 ) -> list[str]:
     """Remember which node is which site; name the nodes that did not reply.
 
     Node ids are random per run, so they only map replies within this run; a
-    node never heard from is reported by its registered name, else by id.
+    node that did not reply is reported by its known name (``names``: the
+    round's identities), else by the site its replies named, else by id.
     """
     answered = set()
     for msg in replies:
         node = msg.metadata.src_node_id
         answered.add(node)
-        name = registered.get(node) or claimed_site(msg)
+        name = names.get(node) or claimed_site(msg)
         if name:
-            node_sites[node] = name
+            heard[node] = name
     return sorted(
-        node_sites.get(
+        names.get(
             m.metadata.dst_node_id,
-            registered.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}"),
+            heard.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}"),
         )
         for m in sent
         if m.metadata.dst_node_id not in answered
@@ -380,12 +419,13 @@ def _learn_sites(
 def _privacy_line(entry: dict[str, Any]) -> str:
     """``; epsilon site 1.23/8 ...`` for the sites that trained under DP."""
     parts = [
-        f"{site} {p['epsilon']:.2f}/{p['target_epsilon']:g}"
+        f"{site} {format_metric(p.get('epsilon'), 2)}/"
+        f"{format_metric(p.get('target_epsilon'), 1)}"
         for site, m in sorted({**entry["sites"], **entry["declined"]}.items())
-        if (p := m.get("privacy"))
+        if isinstance(m, dict) and isinstance(p := m.get("privacy"), dict)
     ]
     if entry.get("client_dp"):
-        parts.append(f"client-level {entry['client_dp']['epsilon']:.2f}")
+        parts.append(f"client-level {format_metric(entry['client_dp'].get('epsilon'))}")
     return f"; epsilon {', '.join(parts)}" if parts else ""
 
 
@@ -399,14 +439,18 @@ def verify_for_runtime(fed: FederationConfig, *, simulation: bool) -> None:
 
 
 def make_server_app(
-    overrides: Mapping[str, Any] | None = None, *, simulation: bool = False
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    simulation: bool = False,
+    node_sites: NodeSites | None = None,
 ) -> ServerApp:
     """A ServerApp whose run config is Flower's plus ``overrides``.
 
     ``simulation``: the app runs in ``moefl simulate`` (one machine, synthetic
     sites), the only place ``dp-reproducible`` is accepted: it derives the
     central DP noise from the run's seed, which anyone who knows the seed
-    could then remove.
+    could then remove. ``node_sites``: the simulation's map of its nodes to
+    sites (:mod:`server.identity`).
     """
     server = ServerApp()
 
@@ -417,7 +461,7 @@ def make_server_app(
             verify_for_runtime(
                 FederationConfig.from_run_config(merged), simulation=simulation
             )
-            run_federation(grid, merged)
+            run_federation(grid, merged, node_sites)
         except ConfigError as e:
             log.error("invalid federation config: %s", e)
             raise

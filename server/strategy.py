@@ -2,25 +2,26 @@
 
 Sampling and message construction come from Flower's ``FedAvg``; aggregation
 is ours: replies are untrusted input, checked one by one, and anything wrong
-with one (an error reply, a wrong dtype or shape, NaN/Inf, an unknown key, a
-metric that is not a finite number, a count above what the site declared when
-it joined, a site name claimed by two replies, or any exception while reading
-it) excludes that site for the round with a reason; the round goes on. Valid
-replies are sorted by site name and folded with
-:func:`shared_model.aggregation.grouped_mean`; FedAdam optionally moves the
-trained groups with server-side Adam. A site is named by the name its
-authenticated node was registered under (``flwr supernode register --name``)
-when the SuperLink knows one, and a reply claiming another name is excluded;
-otherwise (simulation, an insecure deployment) by the ``site`` entry of its
-reply; never by Flower node id (random per run). Replies are read through
+with one (an error reply, a wrong dtype or shape, NaN/Inf, an unknown key or
+record, a partial DP account, a metric that is not a finite number, a count
+above what the site declared when it joined or outside its enrolment, a node
+that cannot be attributed to a site, or any exception while reading it)
+excludes that site for the round with a reason; the round goes on. A site is
+named by its node (:mod:`server.identity`), never by its own claim or its
+Flower node id. Valid replies are bounded (:mod:`shared_model.robust`: each
+update scaled to the round's bound, ``client-dp-clip``), sorted by site name
+and folded with :func:`shared_model.aggregation.grouped_mean` under the
+``aggregation`` rule and the ``max-site-share`` cap; FedAdam optionally moves
+the trained groups with server-side Adam. Replies are read through
 :mod:`wire.records`; :meth:`GroupedStrategy.aggregate_replies` takes typed
 replies, which is what a loop without Flower's runtime calls.
 
-Declared counts: a site's first valid reply declares its patients per group;
-later replies may not claim more (an aggregation weight a site could inflate
-at will would let it take the model), and a smaller count is accepted and
-flagged. The declarations are part of the strategy's state, checkpointed with
-each round and shown in the run record.
+Declared counts: a site's first valid reply declares its patients per group
+(inside its roster range when the run folder has ``roster.yaml``,
+:mod:`server.roster`); later replies may not claim more (an aggregation
+weight a site could inflate at will would let it take the model), and a
+smaller count is accepted and flagged. The declarations are part of the
+strategy's state, checkpointed with each round and shown in the run record.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Message
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from server.identity import ReplyRejected, SiteIdentities, Unidentified
+from server.roster import Roster
 from shared_model.aggregation import (
     AdamState,
     GroupResult,
@@ -49,8 +51,9 @@ from shared_model.aggregation import (
 )
 from shared_model.federation_config import FederationConfig
 from shared_model.messages import COUNT_KEYS, SHARED, SiteTrainReply
+from shared_model.robust import bound_updates
 from shared_model.site_evaluation import SiteEvaluation, combine
-from wire.records import claimed_site, read_evaluation_reply, read_train_reply
+from wire.records import read_evaluation_reply, read_train_reply
 
 log = logging.getLogger(__name__)
 
@@ -65,52 +68,9 @@ class RoundOutcome:
     excluded: dict[str, list[str]] = field(default_factory=dict)
     declined: dict[str, dict[str, Any]] = field(default_factory=dict)
     client_dp: dict[str, Any] | None = None
+    bounds: dict[str, Any] | None = None
     updated: bool = False
     flags: dict[str, list[str]] = field(default_factory=dict)
-
-
-class ReplyRejected(Exception):
-    """One reply is unusable; ``reason`` says why (the site is excluded)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def site_identity(
-    msg: Message, registered: Mapping[int, str] | None, fallback: str
-) -> str:
-    """Who sent ``msg``: the registered name of its authenticated node when the
-    SuperLink knows one, else the name the reply gives itself, else
-    ``fallback`` (its position)."""
-    if registered:
-        name = registered.get(msg.metadata.src_node_id)
-        if name:
-            return name
-    return claimed_site(msg) or fallback
-
-
-def registered_names(grid: Grid, known: Mapping[int, str]) -> dict[int, str]:
-    """Flower node id -> the name its node was registered under
-    (``flwr supernode register --name``); empty in simulation and for nodes
-    registered without a name. A failure to ask keeps what was known."""
-    try:
-        return {n.node_id: n.name for n in grid.get_nodes() if getattr(n, "name", "")}
-    except Exception as e:  # the SuperLink's node list is advisory here
-        log.warning("could not read the nodes' registered names: %s", e)
-        return dict(known)
-
-
-def _verify_claim(
-    msg: Message, name: str, registered: Mapping[int, str] | None
-) -> None:
-    """A reply from a registered node must not claim another site's name."""
-    claimed = claimed_site(msg)
-    if registered and registered.get(msg.metadata.src_node_id) and claimed != name:
-        raise ReplyRejected(
-            f"the node registered as {name} replies as {claimed!r}; it is "
-            "excluded (a site's name is its registration)"
-        )
 
 
 class GroupedStrategy(FedAvg):
@@ -126,6 +86,7 @@ class GroupedStrategy(FedAvg):
         )
         self.fed = fed
         self.groups = groups
+        self.roster: Roster | None = None  # the run folder's enrolment roster
         self.adam = AdamState()
         self.client_dp_releases = 0  # rounds released under client-level DP
         # site -> patients per group it declared in its first valid reply
@@ -161,27 +122,28 @@ class GroupedStrategy(FedAvg):
         server_round: int,
         replies: Iterable[Message],
         current: dict[str, np.ndarray],
-        registered: Mapping[int, str] | None = None,
+        identities: SiteIdentities,
     ) -> RoundOutcome:
         """Read every reply in its own guard, then aggregate the valid ones.
 
-        ``registered``: Flower node id -> the name the node was registered
-        under (node authentication); that name, not the reply's own claim, is
-        the site's identity.
+        ``identities``: who each node is (:mod:`server.identity`); a reply is
+        filed under its node's site, never under the name it claims.
         """
         outcome = RoundOutcome(arrays=current)
-        replies = list(replies)
-        names = [
-            site_identity(msg, registered, f"node-{i}") for i, msg in enumerate(replies)
-        ]
         read: list[SiteTrainReply] = []
-        for name, msg in zip(names, replies, strict=True):
+        claimed: Counter[str] = Counter()
+        keys: dict[str, bytes | None] = {}
+        for i, msg in enumerate(replies):
             try:
-                _verify_claim(msg, name, registered)
-                got = read_train_reply(msg)
-            except ReplyRejected as e:
-                outcome.excluded.setdefault(name, []).append(e.reason)
+                name = identities.identify(msg, i)
+            except Unidentified as e:
+                outcome.excluded.setdefault(e.key, []).append(e.reason)
                 continue
+            if msg.has_content():
+                claimed[name] += 1
+            keys[name] = identities.node_key(msg)
+            try:
+                got = read_train_reply(msg)
             except ValueError as e:
                 outcome.excluded.setdefault(name, []).append(str(e))
                 continue
@@ -191,10 +153,9 @@ class GroupedStrategy(FedAvg):
                 )
                 continue
             read.append(dataclasses.replace(got, site=name))
-        claimed = Counter(
-            n for n, msg in zip(names, replies, strict=True) if msg.has_content()
+        return self.aggregate_replies(
+            server_round, read, current, outcome, claimed, keys
         )
-        return self.aggregate_replies(server_round, read, current, outcome, claimed)
 
     def aggregate_replies(
         self,
@@ -203,10 +164,13 @@ class GroupedStrategy(FedAvg):
         current: dict[str, np.ndarray],
         outcome: RoundOutcome | None = None,
         claimed: Mapping[str, int] | None = None,
+        node_keys: Mapping[str, bytes | None] | None = None,
     ) -> RoundOutcome:
-        """Check typed replies (bounds, declarations, names claimed twice) and
-        aggregate the valid ones by group. ``claimed``: how many replies gave
-        each name, readable or not (default: counted from ``replies``)."""
+        """Check typed replies (counts, declarations, enrolment, names claimed
+        twice), bound them and aggregate the valid ones by group. ``claimed``:
+        how many replies came from each site, readable or not (default:
+        counted from ``replies``); ``node_keys``: each site's node key, for
+        the roster."""
         outcome = outcome or RoundOutcome(arrays=current)
         claimed = claimed or Counter(r.site for r in replies)
         updates: list[SiteUpdate] = []
@@ -219,7 +183,9 @@ class GroupedStrategy(FedAvg):
                 ]
                 continue
             try:
-                accepted = self._accept(got, current, outcome)
+                accepted = self._accept(
+                    got, current, outcome, (node_keys or {}).get(name)
+                )
             except ReplyRejected as e:
                 outcome.excluded.setdefault(name, []).append(e.reason)
                 continue
@@ -252,19 +218,27 @@ class GroupedStrategy(FedAvg):
             g: (1 if g == SHARED else self.fed.min_sites_per_expert)
             for g in self.groups
         }
-        if self.fed.client_dp_noise_multiplier > 0:
+        noise = self.fed.client_dp_noise_multiplier
+        updates, report = bound_updates(
+            current,
+            updates,
+            self.groups,
+            multiple=self.fed.update_bound,
+            fixed_clip=self.fed.client_dp_clip if noise == 0 else 0.0,
+        )
+        if noise > 0:
             mean, outcome.groups, dp = central_dp_mean(
                 current,
                 updates,
                 self.groups,
                 clip=self.fed.client_dp_clip,
-                noise_multiplier=self.fed.client_dp_noise_multiplier,
+                noise_multiplier=noise,
                 rng=self._central_rng(server_round),
                 min_sites=min_sites,
             )
             self.client_dp_releases += 1
             outcome.client_dp = {
-                "noise_multiplier": self.fed.client_dp_noise_multiplier,
+                "noise_multiplier": noise,
                 "clip": self.fed.client_dp_clip,
                 "delta": self.fed.client_dp_delta,
                 "releases": self.client_dp_releases,
@@ -275,7 +249,22 @@ class GroupedStrategy(FedAvg):
             }
         else:
             mean, outcome.groups = grouped_mean(
-                current, updates, self.groups, min_sites=min_sites
+                current,
+                updates,
+                self.groups,
+                min_sites=min_sites,
+                rule=self.fed.aggregation,
+                max_share=self.fed.max_site_share,
+                trim_fraction=self.fed.trim_fraction,
+                shares_out=report.shares,
+            )
+        outcome.bounds = {"aggregation": self.fed.aggregation, **report.to_record()}
+        for site, scaled in report.clipped.items():
+            log.warning(
+                "round %d: site %s's update scaled to the bound (%s)",
+                server_round,
+                site,
+                ", ".join(f"{g} x{f:.3g}" for g, f in scaled.items()),
             )
         if self.fed.strategy == "fedadam":
             moved = [
@@ -303,15 +292,26 @@ class GroupedStrategy(FedAvg):
         got: SiteTrainReply,
         current: dict[str, np.ndarray],
         outcome: RoundOutcome,
+        node_key: bytes | None = None,
     ) -> tuple[SiteUpdate, dict[str, Any]] | None:
         """One read reply, checked: the update and its run-record entry, or
         None for a declined round (recorded in ``outcome``). Raises
         ReplyRejected when the reply is unusable."""
+        if self.roster is not None:
+            refused = self.roster.verify_node(got.site, node_key)
+            if (
+                refused is None
+                and got.declined is None
+                and got.site not in self.declared
+            ):
+                refused = self.roster.verify_counts(got.site, got.reply.counts)
+            if refused is not None:
+                raise ReplyRejected(refused)
         name, reply = got.site, got.reply
         if got.declined is not None:
             outcome.declined[name] = {
                 "reason": got.declined,
-                "privacy": None if reply.privacy is None else dict(reply.privacy),
+                "privacy": None if reply.privacy is None else reply.privacy.to_dict(),
             }
             log.warning("site %s declined: %s", name, got.declined)
             return None
@@ -337,7 +337,7 @@ class GroupedStrategy(FedAvg):
             "train_loss": (reply.losses or {}).get("train"),  # not sent under DP
             "seconds": reply.seconds,
             "bytes_up": int(sum(a.nbytes for a in arrays.values())),
-            "privacy": None if reply.privacy is None else dict(reply.privacy),
+            "privacy": None if reply.privacy is None else reply.privacy.to_dict(),
         }
         return update, entry
 
@@ -360,7 +360,7 @@ class GroupedStrategy(FedAvg):
             ]
 
     def aggregate_evaluation(
-        self, replies: Iterable[Message], registered: Mapping[int, str] | None = None
+        self, replies: Iterable[Message], identities: SiteIdentities
     ) -> dict[str, Any]:
         """Federated validation metrics from the sites' counts and sums.
 
@@ -376,11 +376,18 @@ class GroupedStrategy(FedAvg):
         claimed: Counter[str] = Counter()
         withheld: set[str] = set()
         for i, msg in enumerate(replies):
-            name = site_identity(msg, registered, f"node-{i}")
+            try:
+                name = identities.identify(msg, i)
+            except Unidentified as e:
+                log.warning("evaluation: excluded %s: %s", e.key, e.reason)
+                continue
             if msg.has_content():  # an error reply claims nothing
                 claimed[name] += 1
             try:
-                _verify_claim(msg, name, registered)
+                if self.roster is not None and (
+                    refused := self.roster.verify_node(name, identities.node_key(msg))
+                ):
+                    raise ReplyRejected(refused)
                 values = read_evaluation_reply(msg)
                 if values is None:
                     withheld.add(name)  # a DP site that does not release its counts

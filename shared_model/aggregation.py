@@ -19,21 +19,21 @@ groups that were trained this round move.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from shared_model.messages import MAX_SITE_PATIENTS
+from shared_model.robust import (
+    SiteUpdate,
+    bound_updates,
+    capped_shares,
+    coordinate_rule,
+)
 
-
-@dataclass(frozen=True)
-class SiteUpdate:
-    """One site's reply: the arrays it trained and its counts per group."""
-
-    site: str
-    arrays: Mapping[str, np.ndarray]
-    counts: Mapping[str, int]  # group -> number of patients that trained it
+__all__ = ["SiteUpdate", "grouped_mean", "verify_update"]
 
 
 def verify_update(
@@ -101,8 +101,12 @@ def grouped_mean(
     groups: Mapping[str, Sequence[str]],
     *,
     min_sites: Mapping[str, int] | None = None,
+    rule: str = "mean",
+    max_share: float = 1.0,
+    trim_fraction: float = 0.2,
+    shares_out: dict[str, dict[str, float]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, GroupResult]]:
-    """Count-weighted mean per group over the sites that trained it.
+    """Aggregate each group over the sites that trained it.
 
     Args:
         current: the global arrays before the round.
@@ -110,6 +114,14 @@ def grouped_mean(
         groups: group -> parameter names.
         min_sites: group -> minimum number of sites that must have trained it
             for it to change this round (default 1).
+        rule: ``mean`` (count-weighted), ``median`` or ``trimmed-mean``
+            (coordinate-wise over the contributing sites, unweighted).
+        max_share: ``mean``: no site's share of a group's weight above this
+            while two or more sites trained it
+            (:func:`shared_model.robust.capped_shares`).
+        trim_fraction: ``trimmed-mean``: the share cut from each end.
+        shares_out: filled with group -> site -> share where the cap changed
+            the count-weighted shares.
 
     Returns:
         The new arrays (unchanged groups are the exact previous values) and,
@@ -128,14 +140,24 @@ def grouped_mean(
         need = (min_sites or {}).get(group, 1)
         if not contributors or len(contributors) < need:
             continue
-        total = float(res.n)
+        counts = {u.site: u.counts[group] for u in contributors}
+        shares = capped_shares(counts, max_share)
+        natural = {s: n / float(res.n) for s, n in counts.items()}
+        if shares_out is not None and any(
+            abs(shares[s] - natural[s]) > 1e-12 for s in shares
+        ):
+            shares_out[group] = shares
         for name in names:
-            acc = np.zeros(current[name].shape, dtype=np.float64)
-            for u in contributors:
-                acc += float(u.counts[group]) * np.asarray(
-                    u.arrays[name], dtype=np.float64
+            if rule == "mean":
+                acc = np.zeros(current[name].shape, dtype=np.float64)
+                for u in contributors:
+                    acc += shares[u.site] * np.asarray(u.arrays[name], np.float64)
+            else:
+                stacked = np.stack(
+                    [np.asarray(u.arrays[name], np.float64) for u in contributors]
                 )
-            out[name] = (acc / total).astype(current[name].dtype)
+                acc = coordinate_rule(stacked, rule, trim_fraction)
+            out[name] = acc.astype(current[name].dtype)
         res.updated = True
     return out, info
 
@@ -215,28 +237,19 @@ def central_dp_mean(
     sensitivity.
     """
     result = CentralDPResult()
-    clipped: list[SiteUpdate] = []
-    for u in sorted(updates, key=lambda u: u.site):
-        used = [
-            n
-            for g, n_g in u.counts.items()
-            if n_g > 0 and g in groups
-            for n in groups[g]
-        ]
-        diff = {
-            n: np.asarray(u.arrays[n], np.float64) - np.asarray(current[n], np.float64)
-            for n in used
-        }
-        norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in diff.values())))
-        scale = min(1.0, clip / norm) if norm > 0 else 1.0
-        result.norms[u.site] = norm
-        if scale < 1.0:
-            result.clipped.append(u.site)
-        arrays = {
-            n: np.asarray(current[n], np.float64) + scale * d for n, d in diff.items()
-        }
-        counts = {g: (1 if n_g > 0 else 0) for g, n_g in u.counts.items()}
-        clipped.append(SiteUpdate(u.site, arrays, counts))
+    ordered = sorted(updates, key=lambda u: u.site)
+    scaled, report = bound_updates(
+        current, ordered, groups, multiple=0.0, fixed_clip=clip
+    )
+    result.norms = {
+        s: math.sqrt(sum(v * v for v in norms.values()))
+        for s, norms in report.norms.items()
+    }
+    result.clipped = sorted(report.fixed_clip)
+    clipped = [
+        SiteUpdate(u.site, u.arrays, {g: int(n_g > 0) for g, n_g in u.counts.items()})
+        for u in scaled
+    ]
     mean, info = grouped_mean(current, clipped, groups, min_sites=min_sites)
     by_site = {u.site: u for u in updates}
     for group, res in info.items():

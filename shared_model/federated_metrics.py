@@ -357,6 +357,9 @@ def binary_report(
     }
 
 
-def format_metric(value: float | None, digits: int = 3) -> str:
-    """A metric for people: ``0.731``, or ``n/a`` when it could not be computed."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def format_metric(value: Any, digits: int = 3) -> str:
+    """A metric for people: ``0.731``, or ``n/a`` when it could not be computed
+    (or is not a number: records are read defensively)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a"
+    return f"{value:.{digits}f}"

@@ -79,6 +79,17 @@ keys and out-of-range values are errors that name the key.
   scaling amplifies the DP noise (measured: AUC 0.53 against 0.72 on the demo cohort) |
 | dp-reproducible | false | simulation only: seed the central DP noise from `seed`. Never in
   deployment: whoever knows the seed could subtract the noise |
+| aggregation | mean | mean (count-weighted), median or trimmed-mean (coordinate-wise over
+  the sites that trained a group, unweighted) |
+| trim-fraction | 0.2 | trimmed-mean: the share of sites cut from each end per coordinate |
+| update-bound | 4.0 | each site's update of a group is scaled down to this multiple of the
+  round's reference step (the lower median of the sites' RMS steps) times the square root
+  of the group's size; 0 turns the bound off (:mod:`shared_model.robust`) |
+| max-site-share | 0.5 | no site's share of a group's weight above this while two or more
+  sites trained the group |
+| allow-unregistered-sites | false | deployment: accept a reply from a node registered
+  without a name under the site name the reply claims (insecure: a name is not an
+  identity); the default refuses such replies |
 """
 
 from __future__ import annotations
@@ -91,6 +102,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.errors import ConfigError
+from shared_model.robust import AGGREGATIONS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 TRAININGS = ("staged", "joint")
@@ -98,9 +110,16 @@ STAGES = ("joint", "segmentation", "heads")
 """What a round trains: everything with the multi-task loss (``joint``), the
 backbone on segmentation alone, or the pCR heads over cached features."""
 
-SITE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-"""A site's name, everywhere it appears (site YAML, site keys, run records):
-lower-case letters, digits and _, starting with a letter; also a safe file name."""
+SITE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
+r"""A site's name, everywhere it appears (site YAML, site keys, run records,
+replies): lower-case letters, digits and _, starting with a letter, at most 64
+characters; also a safe file name. Match it with ``fullmatch`` (``\Z``: no
+trailing newline slips through)."""
+
+
+def is_site_name(value: object) -> bool:
+    """Whether ``value`` is a valid site name (:data:`SITE_NAME`)."""
+    return isinstance(value, str) and SITE_NAME.fullmatch(value) is not None
 
 
 FEDERATED_PLAN = "federated"
@@ -162,6 +181,11 @@ class FederationConfig:
     backbone: str = ""
     dp_head_sample_rate: float = 0.5
     dp_head_lr: float = 0.03
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    update_bound: float = 4.0
+    max_site_share: float = 0.5
+    allow_unregistered_sites: bool = False
 
     def plans_from_fingerprints(self) -> bool:
         """Whether the run's first step is the planning query: ``plan`` says
@@ -320,6 +344,18 @@ class FederationConfig:
                 "training",
                 "joint when features is stem (staged training caches tumour features)",
             ),
+            (
+                self.aggregation in AGGREGATIONS,
+                "aggregation",
+                " or ".join(AGGREGATIONS),
+            ),
+            (0 <= self.trim_fraction < 0.5, "trim-fraction", "in [0, 0.5)"),
+            (
+                self.update_bound == 0 or 1 <= self.update_bound <= 1e6,
+                "update-bound",
+                "0 (off) or a multiple from 1 to 1000000",
+            ),
+            (0 < self.max_site_share <= 1, "max-site-share", "in (0, 1]"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -27,6 +27,7 @@ import numpy as np
 
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
+from shared_model.federation_config import is_site_name
 
 SHARED = "shared"
 
@@ -56,6 +57,10 @@ the model)."""
 
 LOSS_KEYS = {"train": "train-loss", "seg": "seg-loss", "pcr": "pcr-loss"}
 PRIVACY_PREFIX = "dp-"
+TRAIN_REPLY_KEYS = frozenset(
+    {*COUNT_KEYS.values(), *LOSS_KEYS.values(), "steps", "seconds"}
+)
+"""The metric keys of a training reply besides its ``dp-*`` accounting."""
 
 
 def finite_number(value: Any, key: str) -> float:
@@ -85,19 +90,107 @@ def whole_count(value: Any, key: str, upper: int = MAX_SITE_PATIENTS) -> int:
     return int(value)
 
 
-def privacy_values(privacy: Mapping[str, float]) -> dict[str, float]:
-    """DP accounting (snake_case names) as reply values (``dp-`` keys)."""
-    return {f"{PRIVACY_PREFIX}{k.replace('_', '-')}": v for k, v in privacy.items()}
+_PRIVACY_FIELDS: dict[str, tuple[bool, float, float]] = {
+    # name: (required, lowest, highest)
+    "epsilon": (True, 0.0, 1e6),
+    "target_epsilon": (True, 1e-9, 1e6),
+    "delta": (True, 1e-300, 1.0 - 1e-12),
+    "epsilon_before": (False, 0.0, 1e6),
+    "max_grad_norm": (False, 1e-12, 1e6),
+    "noise_multiplier": (False, 0.0, 1e6),
+    "sample_rate": (False, 1e-12, 1.0),
+    "steps": (False, 0.0, 1e9),
+}
 
 
-def read_privacy(values: Mapping[str, Any]) -> dict[str, float] | None:
-    """The DP accounting in a reply (``dp-*`` keys), each a finite number."""
-    out = {
-        k[len(PRIVACY_PREFIX) :].replace("-", "_"): finite_number(v, k)
-        for k, v in values.items()
-        if k.startswith(PRIVACY_PREFIX)
-    }
-    return out or None
+@dataclass(frozen=True)
+class PrivacyAccount:
+    """A site's DP accounting of one release (a training round or its
+    fingerprint), as its reply carries it under ``dp-*`` keys.
+
+    Attributes:
+        epsilon: the site's cumulative epsilon after this release.
+        target_epsilon: the budget its YAML accepts.
+        delta: the delta both are stated at.
+        epsilon_before: epsilon before this round (training replies).
+        max_grad_norm: DP-SGD's per-sample clip.
+        noise_multiplier: the Gaussian noise multiplier of the release.
+        sample_rate: DP-SGD's Poisson sampling rate.
+        steps: DP-SGD steps this round.
+    """
+
+    epsilon: float
+    target_epsilon: float
+    delta: float
+    epsilon_before: float | None = None
+    max_grad_norm: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
+
+    def to_dict(self) -> dict[str, float]:
+        """The fields that are set (snake_case), as the run record keeps them."""
+        return {
+            name: getattr(self, name)
+            for name in _PRIVACY_FIELDS
+            if getattr(self, name) is not None
+        }
+
+    def to_values(self) -> dict[str, float]:
+        """Reply values (``dp-`` keys)."""
+        return {
+            f"{PRIVACY_PREFIX}{k.replace('_', '-')}": v
+            for k, v in self.to_dict().items()
+        }
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> PrivacyAccount | None:
+        """The account in an untrusted reply's values (None: no ``dp-*`` key).
+
+        A partial account (any ``dp-*`` key without ``dp-epsilon``,
+        ``dp-target-epsilon`` and ``dp-delta``), an unknown ``dp-*`` key, a
+        value that is not a finite number in its range, or an epsilon before
+        the round above the one after, raise ValueError naming the key.
+        """
+        raw = {
+            k[len(PRIVACY_PREFIX) :].replace("-", "_"): (k, v)
+            for k, v in values.items()
+            if k.startswith(PRIVACY_PREFIX)
+        }
+        if not raw:
+            return None
+        unknown = sorted(
+            key for name, (key, _) in raw.items() if name not in _PRIVACY_FIELDS
+        )
+        if unknown:
+            raise ValueError(
+                f"unknown DP accounting key `{unknown[0][:40]}`; known: "
+                + ", ".join(f"dp-{k.replace('_', '-')}" for k in _PRIVACY_FIELDS)
+            )
+        missing = [
+            f"dp-{name.replace('_', '-')}"
+            for name, (required, _, _) in _PRIVACY_FIELDS.items()
+            if required and name not in raw
+        ]
+        if missing:
+            raise ValueError(
+                f"partial DP accounting: `{missing[0]}` is missing (a DP reply "
+                "carries dp-epsilon, dp-target-epsilon and dp-delta)"
+            )
+        out: dict[str, Any] = {}
+        for name, (key, value) in raw.items():
+            _, low, high = _PRIVACY_FIELDS[name]
+            number = finite_number(value, key)
+            if not low <= number <= high:
+                raise ValueError(f"`{key}` is {number:g}; expected {low:g} to {high:g}")
+            out[name] = whole_count(value, key, 10**9) if name == "steps" else number
+        account = cls(**out)
+        if (
+            account.epsilon_before is not None
+            and account.epsilon_before > account.epsilon
+        ):
+            raise ValueError("`dp-epsilon-before` is above `dp-epsilon`")
+        return account
 
 
 @dataclass(frozen=True)
@@ -111,14 +204,14 @@ class TrainReply:
         seconds: wall time of the round at the site.
         losses: mean ``train``, ``seg`` and ``pcr`` losses; None under DP
             (computed from the patients without noise, so never released).
-        privacy: DP-SGD accounting (``epsilon``, ``delta``, ...); None without DP.
+        privacy: DP-SGD accounting; None without DP.
     """
 
     counts: Mapping[str, int]
     steps: int | None = None
     seconds: float | None = None
     losses: Mapping[str, float] | None = None
-    privacy: Mapping[str, float] | None = None
+    privacy: PrivacyAccount | None = None
 
     def to_values(self) -> dict[str, Any]:
         """Flat values for a Flower MetricRecord (what the site sends)."""
@@ -131,12 +224,21 @@ class TrainReply:
             out["seconds"] = float(self.seconds)
         for name, value in (self.losses or {}).items():
             out[LOSS_KEYS[name]] = float(value)
-        out |= privacy_values(self.privacy or {})
+        if self.privacy is not None:
+            out |= self.privacy.to_values()
         return out
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> TrainReply:
-        """Read an untrusted reply's values; ValueError says what is wrong."""
+        """Read an untrusted reply's values; ValueError says what is wrong
+        (an unknown key included: nothing is accepted unread)."""
+        unknown = sorted(
+            k
+            for k in values
+            if k not in TRAIN_REPLY_KEYS and not k.startswith(PRIVACY_PREFIX)
+        )
+        if unknown:
+            raise ValueError(f"unknown metric `{unknown[0][:40]}` in the reply")
         missing = [k for k in COUNT_KEYS.values() if k not in values]
         if missing:
             raise ValueError(f"the reply lacks `{missing[0]}`")
@@ -156,7 +258,7 @@ class TrainReply:
                 else None
             ),
             losses=losses or None,
-            privacy=read_privacy(values),
+            privacy=PrivacyAccount.from_values(values),
         )
 
 
@@ -274,13 +376,13 @@ class FingerprintReply:
 
     site: str
     fingerprint: Mapping[str, Any]
-    privacy: Mapping[str, float] | None = None
+    privacy: PrivacyAccount | None = None
 
     def info_values(self) -> dict[str, Any]:
         return {SITE: self.site, FINGERPRINT: json.dumps(dict(self.fingerprint))}
 
     def metric_values(self) -> dict[str, float]:
-        return privacy_values(self.privacy) if self.privacy else {}
+        return self.privacy.to_values() if self.privacy else {}
 
     @classmethod
     def from_values(
@@ -289,8 +391,15 @@ class FingerprintReply:
         """Read an untrusted reply (its fingerprint is checked by
         ``Fingerprint.from_values``); ValueError says what is wrong."""
         site, text = info.get(SITE), info.get(FINGERPRINT)
-        if not isinstance(site, str) or not site:
-            raise ValueError(f"the reply names no site (`{INFO}` record, `{SITE}`)")
+        if not is_site_name(site):
+            raise ValueError(
+                f"the reply names no valid site (`{INFO}` record, `{SITE}`)"
+            )
+        unknown = sorted(set(info) - {SITE, FINGERPRINT}) + sorted(
+            k for k in metrics if not k.startswith(PRIVACY_PREFIX)
+        )
+        if unknown:
+            raise ValueError(f"unknown key `{unknown[0][:40]}` in the reply")
         if not isinstance(text, str) or len(text) > MAX_FINGERPRINT_CHARS:
             raise ValueError(
                 f"`{FINGERPRINT}` must be a JSON text under {MAX_FINGERPRINT_CHARS} "
@@ -302,4 +411,4 @@ class FingerprintReply:
             raise ValueError(f"`{FINGERPRINT}` is not JSON") from e
         if not isinstance(values, dict):
             raise ValueError(f"`{FINGERPRINT}` is not a JSON object")
-        return cls(site, values, read_privacy(metrics))
+        return cls(str(site), values, PrivacyAccount.from_values(metrics))

@@ -80,7 +80,16 @@ class SiteEvaluation:
     def from_values(
         cls, site: str, cohort: str, values: dict[str, Any]
     ) -> SiteEvaluation:
-        """Server side; raises KeyError, TypeError or ValueError when malformed."""
+        """Server side; raises KeyError, TypeError or ValueError when malformed
+        (a key this evaluation would not send included)."""
+        out = cls._read(site, cohort, values)
+        unknown = sorted(set(values) - set(out.to_values()))
+        if unknown:
+            raise ValueError(f"unknown key `{unknown[0][:40]}` in the evaluation")
+        return out
+
+    @classmethod
+    def _read(cls, site: str, cohort: str, values: dict[str, Any]) -> SiteEvaluation:
         dice_n = whole_count(values["dice-n"], "dice-n")
         loss_n = whole_count(values["loss-n"], "loss-n")
         dice_sum = finite_number(values["dice-sum"], "dice-sum")

@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-from client.site_config import write_site_yaml
+from client.site_config import load_site_config, write_site_yaml
+from client.site_state import simulation_site_yamls
+from server.identity import NodeSites
 from shared_model.errors import MoeflError
 from shared_model.federated_metrics import format_metric
 from shared_model.federation_config import FederationConfig
@@ -157,15 +159,49 @@ def run_simulated_federation(
     return record
 
 
+def simulated_node_sites(config: Mapping[str, Any], n_sites: int) -> NodeSites:
+    """The simulation's own map of its nodes to sites, for the ServerApp.
+
+    Flower's simulation creates its nodes one by one, node i serving partition
+    i, and its in-memory link state keeps them in that order; partition i
+    reads the i-th site YAML (:func:`client.site_state.simulation_site_yamls`).
+    So node i is that YAML's site, whatever its replies claim.
+    """
+    fed = FederationConfig.from_run_config(config)
+    folder, yamls = simulation_site_yamls(fed)
+    names = [load_site_config(p).site_name for p in yamls[:n_sites]]
+    if len(names) != n_sites:
+        raise MoeflError(f"{folder} holds {len(yamls)} site YAMLs, not {n_sites}")
+
+    def node_sites(grid: Any) -> dict[int, str]:
+        state = getattr(grid, "state", None)
+        if state is None:
+            raise MoeflError(
+                "the simulation's node map needs Flower's in-memory grid; run "
+                "the ServerApp with `moefl simulate`"
+            )
+        nodes = [n.node_id for n in state.get_node_info()]
+        if len(nodes) != len(names):
+            raise MoeflError(
+                f"the simulation has {len(nodes)} nodes for {len(names)} sites"
+            )
+        return dict(zip(nodes, names, strict=True))
+
+    return node_sites
+
+
 def run_flower_simulation(config: Mapping[str, Any], n_sites: int) -> None:
     """Run the ServerApp with run config ``config`` and ``n_sites`` simulated
     ClientApps in Flower's simulation runtime (the server's log lines shown,
-    Flower's quiet)."""
+    Flower's quiet). The ServerApp knows which node is which site from the
+    simulation itself (:func:`simulated_node_sites`)."""
     quiet_flower()
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
     from server.server_app import make_server_app
+
+    node_sites = simulated_node_sites(config, n_sites)
 
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False  # Flower has its own console handler
@@ -179,7 +215,7 @@ def run_flower_simulation(config: Mapping[str, Any], n_sites: int) -> None:
     propagate, server_logger.propagate = server_logger.propagate, False
     try:
         run_simulation(
-            server_app=make_server_app(config, simulation=True),
+            server_app=make_server_app(config, simulation=True, node_sites=node_sites),
             client_app=client_app,
             num_supernodes=n_sites,
             backend_config={

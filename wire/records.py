@@ -16,10 +16,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from shared_model.errors import ConfigError
+from shared_model.federation_config import is_site_name
 from shared_model.messages import (
     ARRAYS,
     CONFIG,
     DECLINED,
+    FINGERPRINT,
     INFO,
     METRICS,
     SITE,
@@ -30,7 +32,6 @@ from shared_model.messages import (
     TrainReply,
     fingerprint_query_values,
     read_fingerprint_query,
-    read_privacy,
 )
 
 
@@ -78,7 +79,8 @@ def evaluation_content(site: str, values: dict[str, Any] | str) -> RecordDict:
 
 
 def claimed_site(msg: Message) -> str | None:
-    """The site name a reply gives itself (None: an error reply, or none readable)."""
+    """The site name a reply gives itself, when it is a valid site name (None:
+    an error reply, no name, or one that is not a site name)."""
     try:
         if not msg.has_content():
             return None
@@ -86,24 +88,64 @@ def claimed_site(msg: Message) -> str | None:
         name = None if info is None or SITE not in info else info[SITE]
     except Exception:  # a malformed reply
         return None
-    return name if isinstance(name, str) and name else None
+    return name if is_site_name(name) else None
+
+
+MAX_DECLINE_REASON = 500
+"""Characters of a declined round's reason kept in the run record."""
+
+
+def _verify_layout(
+    content: RecordDict, records: dict[str, set[str]], info_keys: set[str]
+) -> None:
+    """Only the records (name -> kind) and info keys a reply of this kind has;
+    ValueError names the first stranger."""
+    kinds = {
+        "arrays": content.array_records,
+        "metrics": content.metric_records,
+        "config": content.config_records,
+    }
+    for kind, present in kinds.items():
+        extra = sorted(k for k in present if kind not in records.get(k, set()))
+        if extra:
+            raise ValueError(f"unexpected {kind} record `{extra[0][:40]}` in the reply")
+    info = content.config_records.get(INFO)
+    extra = sorted(set(info or {}) - info_keys)
+    if extra:
+        raise ValueError(f"unexpected key `{extra[0][:40]}` in the `{INFO}` record")
 
 
 def read_train_reply(msg: Message) -> SiteTrainReply:
     """The server reads an untrusted training reply; ValueError says what is
     wrong with it (an error reply included)."""
     if msg.has_error():
-        raise ValueError(f"site reported an error: {msg.error.reason}")
+        raise ValueError(f"site reported an error: {error_text(msg)}")
     site = claimed_site(msg)
     if site is None:
-        raise ValueError(f"the reply names no site (`{INFO}` record, `{SITE}`)")
+        raise ValueError(f"the reply names no valid site (`{INFO}` record, `{SITE}`)")
     content = msg.content
     info = content.config_records[INFO]
     try:
         values = dict(content.metric_records[METRICS])
         if DECLINED in info:  # no weights: only its DP accounting is read
-            reply = TrainReply(counts={}, privacy=read_privacy(values))
-            return SiteTrainReply(site, reply, declined=str(info[DECLINED]))
+            _verify_layout(
+                content, {METRICS: {"metrics"}, INFO: {"config"}}, {SITE, DECLINED}
+            )
+            reason = info[DECLINED]
+            if not isinstance(reason, str):
+                raise ValueError(f"`{DECLINED}` is not a text")
+            account = TrainReply.from_values(values).privacy
+            reply = TrainReply(counts={}, privacy=account)
+            if account is None:
+                raise ValueError("a declined round's reply lacks its DP accounting")
+            return SiteTrainReply(
+                site, reply, declined=_printable(reason, MAX_DECLINE_REASON)
+            )
+        _verify_layout(
+            content,
+            {ARRAYS: {"arrays"}, METRICS: {"metrics"}, INFO: {"config"}},
+            {SITE},
+        )
         reply = TrainReply.from_values(values)
         arrays = record_to_arrays(content.array_records[ARRAYS])
     except KeyError as e:
@@ -113,13 +155,30 @@ def read_train_reply(msg: Message) -> SiteTrainReply:
     return SiteTrainReply(site, reply, arrays)
 
 
+def _printable(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, control characters replaced: it
+    goes into logs and the run record."""
+    cut = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cut + ("..." if len(text) > limit else "")
+
+
+def error_text(msg: Message) -> str:
+    """An error reply's code and reason, made safe for logs and records (a
+    site's reason is untrusted text)."""
+    error = msg.error
+    return f"code {getattr(error, 'code', '?')}: " + _printable(
+        str(getattr(error, "reason", "")), MAX_DECLINE_REASON
+    )
+
+
 def read_evaluation_reply(msg: Message) -> dict[str, Any] | None:
     """An untrusted evaluation reply's values; None when the site withholds
     them. ValueError says what is wrong."""
     if msg.has_error():
-        raise ValueError(f"site reported an error: {msg.error.reason}")
+        raise ValueError(f"site reported an error: {error_text(msg)}")
     content = msg.content
     info = content.config_records.get(INFO)
+    _verify_layout(content, {METRICS: {"metrics"}, INFO: {"config"}}, {SITE, WITHHELD})
     if METRICS not in content.metric_records:
         if info is not None and WITHHELD in info:
             return None
@@ -158,8 +217,11 @@ def read_fingerprint_reply(msg: Message) -> FingerprintReply:
     """The server reads an untrusted planning reply; ValueError says what is
     wrong (an error reply included)."""
     if msg.has_error():
-        raise ValueError(f"site reported an error: {msg.error.reason}")
+        raise ValueError(f"site reported an error: {error_text(msg)}")
     content = msg.content
+    _verify_layout(
+        content, {METRICS: {"metrics"}, INFO: {"config"}}, {SITE, FINGERPRINT}
+    )
     if INFO not in content.config_records:
         raise ValueError(f"the reply has no `{INFO}` record")
     metrics = content.metric_records.get(METRICS)

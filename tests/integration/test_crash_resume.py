@@ -88,7 +88,7 @@ class FakeGrid:
         return list(self.sites)
 
     def get_nodes(self) -> list[Node]:
-        return [Node(node_id) for node_id in self.sites]
+        return [Node(node_id, name) for node_id, name in self.sites.items()]
 
     def send_and_receive(
         self, messages: list[Message], *, timeout: float | None = None

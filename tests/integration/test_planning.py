@@ -37,7 +37,7 @@ def test_the_planning_query_gives_the_plan_read_on_one_machine(
     b = json.loads((tmp_path / "b/plan_fingerprint.json").read_text())
     assert a["plan"] == b["plan"] and a["fingerprint"] == b["fingerprint"]
     assert b["sites"] == SITES and b["cases"] == a["cases"] and not b["excluded"]
-    assert b["identified_by"] == "reply" and not b["privacy"]
+    assert b["identified_by"] == "simulation" and not b["privacy"]
     assert Plan.load(tmp_path / "b/plan.json") == Plan.from_dict(a["plan"])
 
 

@@ -199,7 +199,7 @@ def test_dp_simulation_stays_within_every_sites_budget_across_a_resume(
     sites = ["sah_sysu", "sysucc", "west_china"]
     for r in record["rounds"]:
         assert sorted(r["sites"]) == sites and r["updated"]
-        assert r["identified_by"] == "reply"  # simulated nodes have no registration
+        assert r["identified_by"] == "simulation"  # the simulation maps its nodes
         for m in r["sites"].values():
             p = m["privacy"]
             assert 0 < p["epsilon"] <= 2.0 and p["noise_multiplier"] > 0.3

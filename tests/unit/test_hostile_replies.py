@@ -14,7 +14,8 @@ from shared_model.federated_metrics import ScoreCounts
 from shared_model.federation_config import FederationConfig
 from shared_model.policy_value import PolicySums
 from shared_model.site_evaluation import SiteEvaluation
-from tests.unit.test_strategy import CURRENT, GROUPS, FakeReply, reply
+from server.identity import SiteIdentities
+from tests.unit.test_strategy import CURRENT, GROUPS, FakeReply, claims, reply
 from wire.records import arrays_to_record
 
 
@@ -71,22 +72,27 @@ HOSTILE: dict[str, FakeReply] = {
 }
 
 
+NODES = SiteIdentities({1: "a", 2: "b", 3: "c", 4: "evil"}, "simulation")
+"""Four nodes, each known as its site (a simulation's map, or registrations)."""
+
+
+def _from(node: int, r: FakeReply) -> FakeReply:
+    return FakeReply(r.content, error=r.error.reason if r.error else None, node=node)
+
+
 def _round(hostile: FakeReply) -> Any:
     strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
-    honest = [reply("a", 1.0), reply("b", 3.0), reply("c", 2.0)]
-    return strategy.aggregate_round(1, [*honest, hostile], CURRENT)
+    honest = [_from(1, reply("a", 1.0)), _from(2, reply("b", 3.0))]
+    honest.append(_from(3, reply("c", 2.0)))
+    return strategy.aggregate_round(1, [*honest, _from(4, hostile)], CURRENT, NODES)
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 def test_a_hostile_reply_is_excluded_and_the_honest_mean_stands(kind: str) -> None:
     out = _round(HOSTILE[kind])
     assert out.updated
-    if kind == "impostor of an honest site":
-        # both replies under "a" go; b and c remain
-        assert "a" in out.excluded and set(out.sites) == {"b", "c"}
-        assert np.allclose(out.arrays["enc"], 2.5)
-        return
     assert set(out.sites) == {"a", "b", "c"}, out.excluded
+    assert list(out.excluded) == ["evil"]
     assert np.allclose(out.arrays["enc"], 2.0)
     assert np.allclose(out.arrays["e0"], 2.0)
     assert len(out.excluded) == 1
@@ -100,17 +106,19 @@ def test_at_least_fifteen_kinds() -> None:
 
 def test_a_site_cannot_claim_more_patients_than_it_declared() -> None:
     strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
-    first = strategy.aggregate_round(1, [reply("a", 1.0), reply("b", 3.0)], CURRENT)
+    first = strategy.aggregate_round(
+        1, [reply("a", 1.0), reply("b", 3.0)], CURRENT, claims()
+    )
     assert strategy.declared["a"]["shared"] == 10 and not first.excluded
     inflated = reply("a", 99.0, **{"n-shared": 1000, "n-nCRT": 1000})
     out = strategy.aggregate_round(
-        2, [inflated, reply("b", 3.0), reply("c", 1.0)], CURRENT
+        2, [inflated, reply("b", 3.0), reply("c", 1.0)], CURRENT, claims()
     )
     assert "more than the 10 it declared" in out.excluded["a"][0]
     assert np.allclose(out.arrays["enc"], 2.0)
     # fewer than declared is accepted and flagged
     fewer = reply("a", 1.0, **{"n-shared": 8, "n-nCRT": 8})
-    out = strategy.aggregate_round(3, [fewer, reply("b", 3.0)], CURRENT)
+    out = strategy.aggregate_round(3, [fewer, reply("b", 3.0)], CURRENT, claims())
     assert "a" in out.sites and "declared 10" in out.flags["a"][0]
 
 
@@ -152,7 +160,9 @@ def _evaluation(site: str, **override: Any) -> FakeReply:
 def test_a_hostile_evaluation_is_left_out(override: dict[str, Any]) -> None:
     strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
     honest = [_evaluation("a"), _evaluation("b")]
-    ev = strategy.aggregate_evaluation([*honest, _evaluation("evil", **override)])
+    ev = strategy.aggregate_evaluation(
+        [*honest, _evaluation("evil", **override)], claims()
+    )
     assert set(ev["sites"]) == {"a", "b"} and ev["n"] == 120
     assert ev["dice"] == pytest.approx(0.5)  # 10 / 20 at each honest site
 
@@ -183,6 +193,7 @@ def test_declared_counts_survive_a_resume(tmp_path: Any) -> None:
         2,
         [reply("a", 9.0, **{"n-shared": 11}), reply("b", 1.0), reply("c", 3.0)],
         CURRENT,
+        claims(),
     )
     assert "a" in out.excluded and np.allclose(out.arrays["enc"], 2.0)
 
@@ -275,24 +286,83 @@ def test_reproducible_central_noise_is_refused_outside_simulation() -> None:
     verify_for_runtime(FederationConfig(), simulation=False)
 
 
-def test_a_site_is_its_registered_name_not_its_claim() -> None:
-    """With node authentication the registered name is the identity: an
-    impostor claiming an honest site's name is excluded under its own
-    registration, and the honest site is kept."""
-    registered = {1: "a", 2: "b", 3: "c", 4: "evil"}
+def test_a_site_is_its_nodes_name_not_its_claim() -> None:
+    """The node's name (registration, or the simulation's map) is the
+    identity: an impostor claiming an honest site's name is excluded under its
+    own name and the honest site is kept; an unregistered node is refused
+    unless the coordinator accepts claimed names."""
     honest = [
         FakeReply(reply(s, v).content, node=n)
         for n, s, v in ((1, "a", 1.0), (2, "b", 3.0), (3, "c", 2.0))
     ]
     impostor = FakeReply(reply("a", 99.0).content, node=4)
     strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
+    registered = SiteIdentities(NODES.names, "registration")
     out = strategy.aggregate_round(1, [*honest, impostor], CURRENT, registered)
     assert sorted(out.sites) == ["a", "b", "c"]
     assert list(out.excluded) == ["evil"]
-    assert "registered as evil replies as 'a'" in out.excluded["evil"][0]
+    assert "known as evil (registration) replies as 'a'" in out.excluded["evil"][0]
     assert np.allclose(out.arrays["enc"], 2.0)
-    # an unregistered node falls back to the name its reply gives
-    out = strategy.aggregate_round(
-        2, [*honest, FakeReply(reply("d", 2.0).content, node=9)], CURRENT, registered
-    )
+    stranger = FakeReply(reply("d", 2.0).content, node=9)
+    out = strategy.aggregate_round(2, [*honest, stranger], CURRENT, registered)
+    assert sorted(out.sites) == ["a", "b", "c"]
+    assert "no registered name" in out.excluded["node-9"][0]
+    opted_in = SiteIdentities(NODES.names, "registration", allow_claims=True)
+    out = strategy.aggregate_round(3, [*honest, stranger], CURRENT, opted_in)
     assert sorted(out.sites) == ["a", "b", "c", "d"] and not out.excluded
+
+
+def test_an_impostor_cannot_take_the_name_of_a_site_absent_that_round() -> None:
+    """The impostor's node is its own site; its small declaration never
+    attaches to the real site, which joins later with its own counts."""
+    strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
+    small = FakeReply(reply("a", 99.0, **{"n-shared": 1, "n-nCRT": 1}).content, node=4)
+    first = [FakeReply(reply("b", 3.0).content, node=2), small]
+    first.append(FakeReply(reply("c", 1.0).content, node=3))
+    out = strategy.aggregate_round(1, first, CURRENT, NODES)
+    assert "a" not in strategy.declared and list(out.excluded) == ["evil"]
+    assert np.allclose(out.arrays["enc"], 2.0)
+    later = [
+        FakeReply(reply(s, v).content, node=n)
+        for n, s, v in ((1, "a", 1.0), (2, "b", 3.0))
+    ]
+    out = strategy.aggregate_round(2, later, CURRENT, NODES)
+    assert sorted(out.sites) == ["a", "b"] and strategy.declared["a"]["shared"] == 10
+
+
+def test_claimed_names_bind_to_the_first_node_that_used_them() -> None:
+    """With allow-unregistered-sites, a name is held by the node that first
+    used it; another node claiming it later is refused, the holder stays."""
+    strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
+    held = SiteIdentities({}, "reply", allow_claims=True)
+    honest = [
+        FakeReply(reply(s, v).content, node=n)
+        for n, s, v in ((1, "a", 1.0), (2, "b", 3.0))
+    ]
+    strategy.aggregate_round(1, honest, CURRENT, held)
+    impostor = FakeReply(reply("a", 99.0).content, node=7)
+    out = strategy.aggregate_round(2, [*honest, impostor], CURRENT, held)
+    assert (
+        sorted(out.sites) == ["a", "b"]
+        and "first used by a different node" in (out.excluded["reply-2"][0])
+    )
+    assert np.allclose(out.arrays["enc"], 2.0)
+
+
+@pytest.mark.parametrize(
+    "name", ["../escaped", "a\nb", "West", "x" * 65, "x" * 1_000_000, "", "a b"]
+)
+def test_a_claimed_name_that_is_not_a_site_name_never_reaches_the_record(
+    name: str,
+) -> None:
+    strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
+    held = SiteIdentities({}, "reply", allow_claims=True)
+    honest = [
+        FakeReply(reply(s, v).content, node=n)
+        for n, s, v in ((1, "a", 1.0), (2, "b", 3.0))
+    ]
+    bad = FakeReply(reply(name, 99.0).content, node=5)
+    out = strategy.aggregate_round(1, [*honest, bad], CURRENT, held)
+    assert sorted(out.sites) == ["a", "b"] and list(out.excluded) == ["reply-2"]
+    assert len(out.excluded["reply-2"][0]) < 200
+    assert "\n" not in out.excluded["reply-2"][0]

@@ -92,7 +92,7 @@ def test_reply_keys_are_named_in_one_place() -> None:
 
 
 def test_train_reply_round_trips_and_refuses_nonsense() -> None:
-    from shared_model.messages import COUNT_KEYS, GROUPS, TrainReply
+    from shared_model.messages import COUNT_KEYS, GROUPS, PrivacyAccount, TrainReply
 
     reply = TrainReply(
         counts={g: i for i, g in enumerate(GROUPS)},
@@ -101,10 +101,11 @@ def test_train_reply_round_trips_and_refuses_nonsense() -> None:
         losses={"train": 1.0, "seg": 0.6, "pcr": 0.4},
     )
     assert TrainReply.from_values(reply.to_values()) == reply
-    private = TrainReply(counts=dict.fromkeys(GROUPS, 4), privacy={"epsilon": 2.0})
+    account = PrivacyAccount(epsilon=2.0, target_epsilon=8.0, delta=1e-5, steps=3)
+    private = TrainReply(counts=dict.fromkeys(GROUPS, 4), privacy=account)
     values = private.to_values()
     assert values["dp-epsilon"] == 2.0 and "train-loss" not in values
-    assert TrainReply.from_values(values).privacy == {"epsilon": 2.0}
+    assert TrainReply.from_values(values).privacy == account
     for bad in ({COUNT_KEYS["shared"]: -1}, {"seconds": float("nan")}, {"steps": 1.5}):
         with pytest.raises(ValueError):
             TrainReply.from_values({**reply.to_values(), **bad})

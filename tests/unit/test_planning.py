@@ -96,15 +96,15 @@ def test_a_dp_site_noises_its_fingerprint_and_charges_its_ledger(
     assert exact.noise_std == 0
     noised, privacy = released_fingerprint(config, seed=[0, 1])
     assert privacy is not None
-    assert privacy["epsilon"] == pytest.approx(1.0, rel=0.01)  # the whole release
-    z = privacy["noise_multiplier"]
+    assert privacy.epsilon == pytest.approx(1.0, rel=0.01)  # the whole release
+    z = privacy.noise_multiplier
     assert noised.noise_std == pytest.approx(z * np.sqrt(SENSITIVITY_ROWS))
     # what leaves is readable by the server although its rows no longer add up
     again = Fingerprint.from_values(json.loads(json.dumps(noised.to_values())))
     assert again.noise_std > 0
     ledger = PrivacyLedger.for_site(config.run_dir)
     assert [e["kind"] for e in ledger.entries] == ["fingerprint"]
-    assert ledger.epsilon(1e-3) == pytest.approx(privacy["epsilon"])
+    assert ledger.epsilon(1e-3) == pytest.approx(privacy.epsilon)
     # the budget pays for the release: past it, the site refuses to send one
     released_fingerprint(config, seed=[0, 2])
     released_fingerprint(config, seed=[0, 3])
@@ -180,7 +180,12 @@ def test_the_server_plans_from_the_honest_fingerprints_alone(
     tiny_cohort: Path, flower_task_identity: None
 ) -> None:
     fed = FederationConfig(min_sites=3)
-    plan, honest = federated_plan(_PlanningGrid(tiny_cohort), fed)
+    # unregistered nodes are refused unless the coordinator accepts claimed names
+    with pytest.raises(ConfigError, match="no registered name"):
+        federated_plan(_PlanningGrid(tiny_cohort), fed)
+    claims = FederationConfig(min_sites=3, allow_unregistered_sites=True)
+    plan, honest = federated_plan(_PlanningGrid(tiny_cohort), claims)
+    assert honest["identified_by"] == "reply"
     assert honest["sites"] == list(SITES) and not honest["excluded"]
     assert plan.patch_size == (12, 40, 40) and plan.spacing == (3.0, 2.5, 2.5)
     assert sum(honest["cases"].values()) == honest["fingerprint"]["n_cases"] == 33

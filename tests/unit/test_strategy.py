@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from server.identity import SiteIdentities
 from server.strategy import GroupedStrategy
 from shared_model.errors import ConfigError
 from shared_model.federated_metrics import ScoreCounts
@@ -23,6 +24,16 @@ GROUPS = {
     "expert/nCT": ["e2"],
 }
 CURRENT = {k: np.zeros(3, np.float32) for k in ("enc", "e0", "e1", "e2")}
+
+
+DP_ACCOUNT = {"dp-epsilon": 1.0, "dp-target-epsilon": 8.0, "dp-delta": 1e-5}
+"""The keys every DP reply carries."""
+
+
+def claims() -> SiteIdentities:
+    """Replies named by their own claims (the unit tests' replies have no
+    nodes of their own)."""
+    return SiteIdentities.from_claims()
 
 
 @dataclass
@@ -116,9 +127,9 @@ def test_bad_replies_are_excluded_and_the_round_goes_on() -> None:
         ),
         FakeReply(None, error="ClientApp raised RuntimeError"),
     ]
-    out = strategy().aggregate_round(1, replies, CURRENT)
+    out = strategy().aggregate_round(1, replies, CURRENT, claims())
     assert out.updated and sorted(out.sites) == ["a", "b"]
-    assert set(out.excluded) == {"nan", "shape", "unknown", "node-5"}
+    assert set(out.excluded) == {"nan", "shape", "unknown", "reply-5"}
     assert "NaN" in out.excluded["nan"][0] and "shape" in out.excluded["shape"][0]
     assert np.allclose(out.arrays["enc"], 2.0)  # (10*1 + 10*3) / 20
     assert np.allclose(out.arrays["e2"], 3.0)  # only b trained nCT
@@ -127,7 +138,7 @@ def test_bad_replies_are_excluded_and_the_round_goes_on() -> None:
 
 
 def test_below_min_sites_keeps_the_model() -> None:
-    out = strategy().aggregate_round(1, [reply("a", 1.0)], CURRENT)
+    out = strategy().aggregate_round(1, [reply("a", 1.0)], CURRENT, claims())
     assert not out.updated and all(
         np.array_equal(out.arrays[k], CURRENT[k]) for k in CURRENT
     )
@@ -135,7 +146,7 @@ def test_below_min_sites_keeps_the_model() -> None:
 
 def test_min_sites_per_expert() -> None:
     out = strategy(min_sites_per_expert=2).aggregate_round(
-        1, [reply("a", 1.0), reply("b", 3.0, n_ct=5)], CURRENT
+        1, [reply("a", 1.0), reply("b", 3.0, n_ct=5)], CURRENT, claims()
     )
     assert np.array_equal(out.arrays["e2"], CURRENT["e2"])
     assert np.allclose(out.arrays["e0"], 2.0)
@@ -144,7 +155,10 @@ def test_min_sites_per_expert() -> None:
 def test_a_site_name_claimed_twice_excludes_both_replies() -> None:
     """An impostor cannot push the real site out (nor in): both go."""
     out = strategy().aggregate_round(
-        1, [reply("a", 1.0), reply("a", 5.0), reply("b", 3.0), reply("c", 5.0)], CURRENT
+        1,
+        [reply("a", 1.0), reply("a", 5.0), reply("b", 3.0), reply("c", 5.0)],
+        CURRENT,
+        claims(),
     )
     assert out.excluded["a"] == [
         "the site name was claimed by 2 replies; all are excluded"
@@ -155,7 +169,7 @@ def test_a_site_name_claimed_twice_excludes_both_replies() -> None:
 
 def test_fedadam_strategy_moves_trained_groups_only() -> None:
     s = strategy(strategy="fedadam", server_lr=0.1)
-    out = s.aggregate_round(1, [reply("a", 1.0), reply("b", 3.0)], CURRENT)
+    out = s.aggregate_round(1, [reply("a", 1.0), reply("b", 3.0)], CURRENT, claims())
     assert s.adam.t == 1 and not np.allclose(out.arrays["enc"], 2.0)
     assert np.array_equal(out.arrays["e1"], CURRENT["e1"])
 
@@ -165,15 +179,20 @@ def test_a_declined_site_is_recorded_not_aggregated() -> None:
         RecordDict(
             {
                 "metrics": MetricRecord(
-                    {"n-shared": 10, "dp-epsilon": 7.9, "dp-target-epsilon": 8.0}
+                    {
+                        **dict.fromkeys(("n-shared", "n-nCRT"), 10),
+                        **dict.fromkeys(("n-TNT", "n-nCT"), 0),
+                        **DP_ACCOUNT,
+                        "dp-epsilon": 7.9,
+                    }
                 ),
                 "info": ConfigRecord({"site": "c", "declined": "privacy budget: ..."}),
             }
         )
     )
-    dp = {"dp-epsilon": 2.5, "dp-target-epsilon": 8.0, "dp-noise-multiplier": 1.1}
+    dp = {**DP_ACCOUNT, "dp-epsilon": 2.5, "dp-noise-multiplier": 1.1}
     out = strategy().aggregate_round(
-        1, [reply("a", 1.0, **dp), reply("b", 3.0), declined], CURRENT
+        1, [reply("a", 1.0, **dp), reply("b", 3.0), declined], CURRENT, claims()
     )
     assert out.updated and sorted(out.sites) == ["a", "b"] and not out.excluded
     assert out.declined["c"]["reason"].startswith("privacy budget")
@@ -182,7 +201,7 @@ def test_a_declined_site_is_recorded_not_aggregated() -> None:
     assert out.sites["b"]["privacy"] is None
     assert np.allclose(out.arrays["enc"], 2.0)
     # two declines leave one valid reply: below min-sites, the model stays
-    out = strategy().aggregate_round(1, [reply("a", 1.0), declined], CURRENT)
+    out = strategy().aggregate_round(1, [reply("a", 1.0), declined], CURRENT, claims())
     assert not out.updated
 
 
@@ -203,8 +222,11 @@ def test_client_level_dp_clips_each_site_and_adds_calibrated_noise() -> None:
 
     replies = [site("a", 0.001), site("b", 0.1, n_ct=5), site("c", -0.002)]
     clip = 1.0
-    s = strategy(client_dp_noise_multiplier=1e-9, client_dp_clip=clip, seed=3)
-    out = s.aggregate_round(1, replies, big)
+    # the update bound off: this is the fixed clip's own arithmetic
+    s = strategy(
+        client_dp_noise_multiplier=1e-9, client_dp_clip=clip, seed=3, update_bound=0
+    )
+    out = s.aggregate_round(1, replies, big, claims())
     norms = out.client_dp["update_norms"]
     assert norms["a"] == pytest.approx(0.001 * np.sqrt(40000), rel=1e-5)
     assert out.client_dp["clipped"] == ["b"]  # 0.1 * sqrt(60000) = 24.5 > 1
@@ -215,8 +237,10 @@ def test_client_level_dp_clips_each_site_and_adds_calibrated_noise() -> None:
     assert np.array_equal(out.arrays["e1"], big["e1"])
 
     sigma = 2.0
-    noisy = strategy(client_dp_noise_multiplier=sigma, client_dp_clip=clip)
-    out = noisy.aggregate_round(1, replies, big)
+    noisy = strategy(
+        client_dp_noise_multiplier=sigma, client_dp_clip=clip, update_bound=0
+    )
+    out = noisy.aggregate_round(1, replies, big, claims())
     assert out.client_dp["noise_std"]["shared"] == pytest.approx(sigma * clip / 3)
     assert np.std(out.arrays["enc"] - expected_enc) == pytest.approx(
         sigma * clip / 3, rel=0.05
@@ -224,7 +248,7 @@ def test_client_level_dp_clips_each_site_and_adds_calibrated_noise() -> None:
     assert np.std(out.arrays["e2"] - 0.1 * b_scale) == pytest.approx(
         sigma * clip, rel=0.05
     )
-    noisy.aggregate_round(2, replies, big)
+    noisy.aggregate_round(2, replies, big, claims())
     eps = noisy.client_dp_epsilon()
     for half, key in ((2.0, "epsilon"), (1.0, "epsilon_add_remove")):
         acc = RDPAccountant()
@@ -239,7 +263,7 @@ def test_client_level_dp_noise_is_secret_unless_reproducible() -> None:
 
     def run(**kw: Any) -> np.ndarray:
         s = strategy(client_dp_noise_multiplier=1.0, client_dp_clip=1.0, **kw)
-        return s.aggregate_round(1, replies, CURRENT).arrays["enc"]
+        return s.aggregate_round(1, replies, CURRENT, claims()).arrays["enc"]
 
     assert np.array_equal(run(dp_reproducible=True), run(dp_reproducible=True))
     assert not np.array_equal(run(), run())
@@ -269,7 +293,7 @@ def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
         evaluation = SiteEvaluation(
             site, "validation", counts, 1.6, 2, policy, loss_sum=1.0, loss_n=2
         )
-        metrics = {"n": 90, **evaluation.to_values()}
+        metrics = evaluation.to_values()
         replies.append(
             FakeReply(
                 RecordDict(
@@ -280,7 +304,7 @@ def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
                 )
             )
         )
-    ev = strategy().aggregate_evaluation(replies)
+    ev = strategy().aggregate_evaluation(replies, claims())
     y, s = np.concatenate(all_y), np.concatenate(all_s)
     assert ev["n"] == 270 and abs(ev["auc"] - roc_auc_score(y, s)) < 0.002
     assert ev["dice"] == pytest.approx(0.8) and set(ev["sites"]) == {"a", "b", "c"}
@@ -303,17 +327,17 @@ def test_federated_evaluation_from_counts_matches_pooled_sklearn() -> None:
             }
         )
     )
-    ev2 = strategy().aggregate_evaluation([*replies, bad])
+    ev2 = strategy().aggregate_evaluation([*replies, bad], claims())
     assert ev2["n"] == 270 and set(ev2["sites"]) == {"a", "b", "c"}
     # a name claimed twice: both replies are left out
-    ev3 = strategy().aggregate_evaluation([*replies, replies[0]])
+    ev3 = strategy().aggregate_evaluation([*replies, replies[0]], claims())
     assert ev3["n"] == 180 and set(ev3["sites"]) == {"b", "c"}
     assert ev["policy_value"]["n"] == 270 and ev["loss"] == pytest.approx(0.5)
     # a DP site that withholds its counts is named, not counted
     withheld = FakeReply(
         RecordDict({"info": ConfigRecord({"site": "dp", "withheld": "privacy"})})
     )
-    ev4 = strategy().aggregate_evaluation([*replies, withheld])
+    ev4 = strategy().aggregate_evaluation([*replies, withheld], claims())
     assert ev4["n"] == 270 and ev4["withheld"] == ["dp"] and "dp" not in ev4["sites"]
 
 
