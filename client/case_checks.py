@@ -42,6 +42,16 @@ def load_volume(path: Path, rel: str) -> tuple[nib.Nifti1Image, np.ndarray] | Pr
             return Problem(
                 "unreadable", rel, "not a NIfTI image", "convert it to NIfTI (.nii.gz)"
             )
+        dtype = np.dtype(img.get_data_dtype())
+        if dtype.kind not in "biuf":
+            return Problem(
+                "dtype",
+                rel,
+                f"the image stores {dtype} voxels (complex or RGB); expected real "
+                "numbers (integers or floats)",
+                "re-export the magnitude image (T2W) or the ADC map as a real-valued "
+                "NIfTI; training would otherwise read only part of each voxel",
+            )
         voxels = int(np.prod([int(n) for n in img.shape], dtype=np.int64))
         if voxels > MAX_VOXELS:
             return Problem(
@@ -54,6 +64,13 @@ def load_volume(path: Path, rel: str) -> tuple[nib.Nifti1Image, np.ndarray] | Pr
                 "volume); re-export the 3-D T2W or ADC volume",
             )
         data = np.asanyarray(img.dataobj)
+        if data.dtype.kind not in "biuf":  # scaling can change the type
+            return Problem(
+                "dtype",
+                rel,
+                f"the image's voxels read as {data.dtype}; expected real numbers",
+                "re-export it as a real-valued NIfTI",
+            )
     except (
         OSError,
         EOFError,
@@ -183,6 +200,7 @@ def check_case(
                     f"case {case_id} has no {name} image (channel {ch:04d})",
                     f"add imagesTr/{case_id}_{ch:04d}.nii.gz or remove the case "
                     "from clinical.csv",
+                    case=case_id,
                 )
             )
             usable = False

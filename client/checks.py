@@ -102,7 +102,8 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
     usable = [
         records[case_id]
         for case_id in sorted(set(scan.channels) & set(records))
-        if check_case(
+        if not scan.refused_case(case_id)
+        and check_case(
             case_id,
             scan.channels[case_id],
             scan.labels.get(case_id),
@@ -112,7 +113,10 @@ def run_check(yaml_path: Path, fed: FederationConfig | None = None) -> CheckRepo
             stats,
         )
     ]
-    report.cases_seen = sorted(set(scan.channels) | set(scan.labels) | set(records))
+    refused = {p.case for p in scan.refused if p.case}
+    report.cases_seen = sorted(
+        set(scan.channels) | set(scan.labels) | set(records) | refused
+    )
     report.usable_cases = sorted(
         case_id
         for case_id in set(scan.channels) & set(records)
@@ -155,7 +159,9 @@ def _check_layout(
                     f"create {folder}/ in the nnU-Net raw layout",
                 )
             )
-    scan = scan_dataset(dataset_dir, ending)
+    scan = scan_dataset(dataset_dir, ending, config.image_roots)
+    for refused in scan.refused:
+        report.add(refused)
     for stray in scan.stray:
         report.add(
             Problem(
@@ -175,7 +181,10 @@ def _check_layout(
         )
     for problem in table_problems:
         report.add(problem)
-    _check_table_matches_images(report, scan, records, bool(table_problems), ending)
+    invalid_rows = {p.case for p in table_problems if p.case}
+    _check_table_matches_images(
+        report, scan, records, (bool(table_problems), invalid_rows), ending
+    )
     if (
         meta
         and isinstance(meta.get("numTraining"), int)
@@ -198,12 +207,15 @@ def _check_table_matches_images(
     report: CheckReport,
     scan: DatasetScan,
     records: dict[str, Any],
-    table_broken: bool,
+    table: tuple[bool, set[str]],
     ending: str,
 ) -> None:
-    """Every imaged case has a row and every row has images."""
+    """Every imaged case has a row and every row has images. ``table``: whether
+    the table had problems, and the cases whose row is there but invalid; such
+    a case, or one whose files were refused, is named by that finding alone."""
     image_ids = set(scan.channels) | set(scan.labels)
-    for case_id in sorted(image_ids - set(records)):
+    table_broken, invalid_rows = table
+    for case_id in sorted(image_ids - set(records) - invalid_rows):
         if records or not table_broken:
             report.add(
                 Problem(
@@ -214,6 +226,8 @@ def _check_table_matches_images(
                 )
             )
     for case_id in sorted(set(records) - image_ids):
+        if scan.refused_case(case_id):
+            continue
         report.add(
             Problem(
                 "case-without-images",

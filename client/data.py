@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import (
@@ -190,11 +191,27 @@ class CropAroundLabeld(MapTransform):
         return d
 
 
+def verify_real_voxels(path: Any) -> Any:
+    """``path`` unchanged when its NIfTI header stores real numbers; a
+    DataError naming the file otherwise (a complex or RGB image would be read
+    as its real part, silently)."""
+    image = nib.load(str(path))  # the header only
+    dtype = np.dtype(getattr(image, "get_data_dtype", lambda: np.float32)())
+    if dtype.kind not in "biuf":
+        raise DataError(
+            f"{path}: the image stores {dtype} voxels; expected real numbers "
+            "(run `moefl check` on the site)"
+        )
+    return path
+
+
 def geometry_steps(plan: Plan, keys: Sequence[str], modes: Sequence[str]) -> list[Any]:
-    """Read, reorient to RAS and resample to the plan's spacing: the grid every
-    volume is scored on (and masks are mapped back from)."""
+    """Read (real-valued images only), reorient to RAS and resample to the
+    plan's spacing: the grid every volume is scored on (and masks are mapped
+    back from)."""
     d, h, w = plan.spacing
     return [
+        Lambdad(keys, verify_real_voxels),
         LoadImaged(
             keys, image_only=True, ensure_channel_first=True, reader="NibabelReader"
         ),
@@ -415,6 +432,7 @@ def build_site_datasets(
         config.dataset_dir,
         require_outcome=config.role == "train",
         clinical=config.role != "public",
+        image_roots=config.image_roots,
     )
     split = load_or_make_split(config, cases)
     by_id = {c.case_id: c for c in cases}

@@ -138,7 +138,9 @@ def evaluate_site(
         train, dataset, _ = build_site_datasets(config, plan)
         fit_cases = train.cases
     else:
-        cases = list_cases(config.dataset_dir, require_outcome=False)
+        cases = list_cases(
+            config.dataset_dir, require_outcome=False, image_roots=config.image_roots
+        )
         dataset = SiteDataset(cases, plan, adc_scale=config.adc_scale, train=False)
         fit_cases = cases
     return evaluate_dataset(

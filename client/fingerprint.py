@@ -66,6 +66,7 @@ def site_fingerprint(config: SiteConfig, *, intensities: bool = True) -> Fingerp
         config.dataset_dir,
         require_outcome=False,
         clinical=config.role != "public",
+        image_roots=config.image_roots,
     )
     if not cases:
         raise DataError(f"{config.dataset_dir}: no case to fingerprint")
@@ -151,7 +152,10 @@ def check_plan_usable(config: SiteConfig, plan: Plan) -> None:
     (:class:`PlanRefused` says why: too coarse a spacing, images too small on
     its grid, or one too large to hold in memory)."""
     cases = list_cases(
-        config.dataset_dir, require_outcome=False, clinical=config.role != "public"
+        config.dataset_dir,
+        require_outcome=False,
+        clinical=config.role != "public",
+        image_roots=config.image_roots,
     )
     if not cases:
         return

@@ -1,10 +1,11 @@
 """``moefl predict --site``: advice for every patient of a site, in one table.
 
 Every case of the site's dataset (``clinical.csv`` with or without pCR) goes
-through ``moefl check``'s preflight first: a case that fails it is named with
-its reason and skipped, never scored. The others are scored as ``moefl
-evaluate`` scores them (:mod:`client.scoring`), and each gets one row: the pCR
-probability under each regimen, the recommended regimen with the rule's
+through ``moefl check``'s preflight first: a case that fails it is never
+scored; its row in the table names the finding that refused it (``skipped``).
+The others are scored as ``moefl evaluate`` scores them
+(:mod:`client.scoring`), and each gets one row: the pCR probability under each
+regimen, the recommended regimen with the rule's
 reason (escalate / maintain / de-intensify against the planned regimen, and
 the margin), guard flags, and the predicted tumour volume; optionally its
 predicted mask on its own T2W grid. The table names the model file and its
@@ -27,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +76,10 @@ COLUMNS = (
     "mask_file",
     "model",
     "model_sha256",
+    "skipped",
 )
+"""The table's columns. A case the preflight refused has a row too: its id,
+the model, and under ``skipped`` the finding that refused it; no scores."""
 
 
 @dataclass
@@ -144,7 +149,7 @@ def predict_site(
         progress=progress,
     )
     advice = _advice(scores, cases, rule, reasons, low_propensity)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for case, score, (rec, why, flags) in zip(cases, scores, advice, strict=True):
         mask_file = ""
         if masks is not None:
@@ -168,21 +173,30 @@ def predict_site(
                 "mask_file": mask_file,
                 "model": str(Path(checkpoint).resolve() / MODEL),
                 "model_sha256": sha256,
+                "skipped": "",
             }
         )
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    model_file = str(Path(checkpoint).resolve() / MODEL)
+    refused: list[dict[str, Any]] = [
+        {"case_id": case, "model": model_file, "model_sha256": sha256, "skipped": why}
+        for case, why in sorted(skipped.items())
+    ]
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n", restval="")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(rows + refused)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, buffer.getvalue().encode())
     return SitePredictions(out, rows, skipped, Path(checkpoint) / MODEL, sha256)
 
 
 def _why(findings: list[Any], case: str) -> str:
-    """The first error the preflight found for ``case``."""
-    for f in findings:
-        if f.severity == "error" and case in f.where:
+    """The first error the preflight found for ``case``: one that names the
+    case, else one whose place is one of the case's files."""
+    errors = [f for f in findings if f.severity == "error"]
+    files = re.compile(rf"(^|/){re.escape(case)}(_\d{{4}})?(\.nii(\.gz)?)?$")
+    for f in [*(f for f in errors if f.case == case), *errors]:
+        if f.case == case or (f.case is None and files.search(f.where)):
             return f"{f.where}: {f.message}"
     return "it did not pass the preflight; run `moefl check` on the site"
 
@@ -191,7 +205,7 @@ def _usable_cases(config: SiteConfig, usable: list[str]) -> list[CaseFiles]:
     """The files and clinical rows of the cases that passed the preflight."""
     meta, _ = read_dataset_json(config.dataset_dir)
     ending = str((meta or {}).get("file_ending", ".nii.gz"))
-    scan = scan_dataset(config.dataset_dir, ending)
+    scan = scan_dataset(config.dataset_dir, ending, config.image_roots)
     records, _ = read_clinical_table(
         config.dataset_dir / "clinical.csv", require_outcome=False
     )

@@ -22,6 +22,7 @@ class Problem:
     message: str
     fix: str
     severity: str = "error"
+    case: str | None = None  # the case it concerns, when it concerns one
 
 
 def yaml_problem(key: str, message: str, fix: str) -> Problem:

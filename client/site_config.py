@@ -59,6 +59,7 @@ OPTIONAL_KEYS = (
     "split_seed",
     "privacy",
     "approved_apps",
+    "image_roots",
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -80,6 +81,7 @@ class SiteConfig:
     split_seed: int
     privacy: PrivacyConfig | None
     approved_apps: tuple[str, ...] = ()
+    image_roots: tuple[Path, ...] = ()  # folders images may resolve into
 
     @property
     def adc_scale(self) -> float:
@@ -248,6 +250,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
     if raw.get("privacy") is not None:
         privacy = parse_privacy(raw["privacy"], problems)
     approved_apps = parse_approved_apps(raw.get("approved_apps"), problems)
+    image_roots = parse_image_roots(raw.get("image_roots"), base, problems)
 
     if problems or dataset_dir is None:
         return None, problems
@@ -265,7 +268,37 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
         split_seed=split_seed,
         privacy=privacy,
         approved_apps=approved_apps,
+        image_roots=image_roots,
     ), []
+
+
+def parse_image_roots(
+    raw: Any, base: Path, problems: list[Problem]
+) -> tuple[Path, ...]:
+    """``image_roots``: folders outside ``dataset_dir`` that the dataset's
+    images may resolve into (a dataset of symbolic links into a PACS export,
+    say). Without it, an image that resolves outside the dataset folder is
+    refused: a link must not pull in files the site did not mean to use."""
+    if raw is None:
+        return ()
+    fix = "list existing folders, e.g. image_roots: [/srv/pacs_export]"
+    if not isinstance(raw, list) or not all(isinstance(v, str) and v for v in raw):
+        problems.append(
+            yaml_problem(
+                "image_roots", f"`image_roots` is {raw!r}; expected folder paths", fix
+            )
+        )
+        return ()
+    roots = tuple((base / v).resolve() for v in raw)
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:
+        problems.append(
+            yaml_problem(
+                "image_roots", f"`image_roots` folder {missing[0]} does not exist", fix
+            )
+        )
+        return ()
+    return roots
 
 
 def parse_approved_apps(raw: Any, problems: list[Problem]) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,11 +42,21 @@ FILE_ENDINGS = (".nii.gz", ".nii")
 
 @dataclass
 class DatasetScan:
-    """Files found in ``imagesTr`` and ``labelsTr``, grouped by case id."""
+    """Files found in ``imagesTr`` and ``labelsTr``, grouped by case id.
+
+    ``refused``: image files left out, with the finding that says why (a
+    symbolic link whose target is missing, or one that leads outside the
+    dataset folder and the site's ``image_roots``).
+    """
 
     channels: dict[str, dict[int, Path]] = field(default_factory=dict)
     labels: dict[str, Path] = field(default_factory=dict)
     stray: list[Path] = field(default_factory=list)
+    refused: list[Problem] = field(default_factory=list)
+
+    def refused_case(self, case_id: str) -> bool:
+        """Whether a file of ``case_id`` was refused (its finding names it)."""
+        return any(p.case == case_id for p in self.refused)
 
 
 @dataclass(frozen=True)
@@ -148,14 +159,26 @@ def read_dataset_json(
     return data, problems
 
 
-def scan_dataset(dataset_dir: Path, file_ending: str) -> DatasetScan:
-    """Group the files of ``imagesTr``/``labelsTr`` by case id and channel."""
+def scan_dataset(
+    dataset_dir: Path, file_ending: str, image_roots: Sequence[Path] = ()
+) -> DatasetScan:
+    """Group the files of ``imagesTr``/``labelsTr`` by case id and channel.
+
+    A file must resolve (symbolic links followed) inside ``dataset_dir`` or one
+    of ``image_roots`` (the site YAML's ``image_roots``); a link that leads
+    elsewhere, or nowhere, is refused with a finding (``scan.refused``), so a
+    dataset folder cannot pull in files the site did not mean to share.
+    """
     scan = DatasetScan()
     pattern = re.compile(rf"^(?P<case>.+)_(?P<ch>\d{{4}}){re.escape(file_ending)}$")
+    roots = [Path(dataset_dir).resolve(), *(Path(r).resolve() for r in image_roots)]
     images = dataset_dir / "imagesTr"
     if images.is_dir():
         for p in sorted(images.iterdir()):
             m = pattern.match(p.name)
+            case = None if m is None else m["case"]
+            if case is not None and _refused(p, dataset_dir, roots, case, scan):
+                continue
             if m is None or not p.is_file():
                 scan.stray.append(p)
                 continue
@@ -163,11 +186,49 @@ def scan_dataset(dataset_dir: Path, file_ending: str) -> DatasetScan:
     labels = dataset_dir / "labelsTr"
     if labels.is_dir():
         for p in sorted(labels.iterdir()):
-            if p.is_file() and p.name.endswith(file_ending):
+            named = p.name.endswith(file_ending)
+            case = p.name[: -len(file_ending)] if named else None
+            if case is not None and _refused(p, dataset_dir, roots, case, scan):
+                continue
+            if p.is_file() and named:
                 scan.labels[p.name[: -len(file_ending)]] = p
             else:
                 scan.stray.append(p)
     return scan
+
+
+def _refused(
+    path: Path, dataset_dir: Path, roots: Sequence[Path], case: str, scan: DatasetScan
+) -> bool:
+    """Record (and return True) when ``path`` is a dangling link or resolves
+    outside every allowed root."""
+    rel = str(path.relative_to(dataset_dir))
+    if path.is_symlink() and not path.exists():
+        scan.refused.append(
+            Problem(
+                "dangling-link",
+                rel,
+                f"{rel} is a symbolic link to {os.readlink(path)}, which does not "
+                "exist",
+                "restore the target or replace the link with the file",
+                case=case,
+            )
+        )
+        return True
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in roots):
+        scan.refused.append(
+            Problem(
+                "outside-dataset",
+                rel,
+                f"{rel} resolves to {target}, outside the dataset folder",
+                "copy the file into the dataset folder, or name its folder under "
+                "`image_roots` in the site YAML if the site means to use it",
+                case=case,
+            )
+        )
+        return True
+    return False
 
 
 def read_clinical_table(
@@ -237,6 +298,7 @@ def read_clinical_table(
                             str(e),
                             "correct the value (allowed values: "
                             "site_configs/README.md)",
+                            case=(row.get("case_id") or "").strip() or None,
                         )
                     )
                     continue
@@ -327,12 +389,18 @@ def segmentation_records(case_ids: Iterable[str]) -> dict[str, ClinicalRecord]:
 
 
 def list_cases(
-    dataset_dir: Path, *, require_outcome: bool, clinical: bool = True
+    dataset_dir: Path,
+    *,
+    require_outcome: bool,
+    clinical: bool = True,
+    image_roots: Sequence[Path] = (),
 ) -> list[CaseFiles]:
     """The cases of a site that has passed ``moefl check``, sorted by case id.
 
     ``clinical=False``: a public segmentation dataset; its cases are those with
     both channels and a mask, with :func:`segmentation_records`.
+    ``image_roots``: the site YAML's folders images may resolve into besides
+    ``dataset_dir`` (a file resolving elsewhere is refused).
 
     Raises:
         DataError: the folder is inconsistent; run ``moefl check`` for a full report.
@@ -343,7 +411,12 @@ def list_cases(
             f"{dataset_dir}: {problems[0].where}: {problems[0].message}; "
             "run `moefl check` on the site YAML for a full report"
         )
-    scan = scan_dataset(dataset_dir, str(data["file_ending"]))
+    scan = scan_dataset(dataset_dir, str(data["file_ending"]), image_roots)
+    if scan.refused:
+        raise DataError(
+            f"{dataset_dir}: {scan.refused[0].where}: {scan.refused[0].message}; "
+            "run `moefl check` on the site YAML for a full report"
+        )
     if not clinical:
         labelled = sorted(set(scan.channels) & set(scan.labels))
         records, problems = segmentation_records(labelled), []

@@ -60,6 +60,7 @@ from shared_model.federation_config import FederationConfig
 from shared_model.loss import LossConfig
 from shared_model.messages import (
     GROUPS,
+    SECONDS,
     SHARED,
     FingerprintReply,
     RoundRequest,
@@ -369,9 +370,8 @@ def evaluate_round(
         ),
     )
     return site.config.site_name, {
-        "n": sum(c.n for c in result.counts.values()),
         **result.to_values(),
-        "seconds": time.perf_counter() - t0,
+        SECONDS: time.perf_counter() - t0,
     }
 
 

@@ -97,6 +97,7 @@ def prepare_site(
         config.dataset_dir,
         require_outcome=config.role == "train",
         clinical=config.role != "public",
+        image_roots=config.image_roots,
     )
     dataset = SiteDataset(
         cases,

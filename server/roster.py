@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from shared_model.errors import ConfigError
 from shared_model.federation_config import is_site_name
@@ -47,11 +49,9 @@ class Enrolment:
 
 def _pem_of(openssh: str, where: str) -> bytes:
     """A site's OpenSSH public key line as the PEM the SuperLink keeps."""
-    from cryptography.hazmat.primitives import serialization
-
     try:
         key = serialization.load_ssh_public_key(openssh.strip().encode())
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise ConfigError(
             f"{where}: `node_key` is not an OpenSSH public key line (paste the "
             "site's .pub file, e.g. 'ecdsa-sha2-nistp384 AAAA...')"

@@ -99,7 +99,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from shared_model.errors import ConfigError
 from shared_model.robust import AGGREGATIONS
@@ -117,7 +117,7 @@ characters; also a safe file name. Match it with ``fullmatch`` (``\Z``: no
 trailing newline slips through)."""
 
 
-def is_site_name(value: object) -> bool:
+def is_site_name(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a valid site name (:data:`SITE_NAME`)."""
     return isinstance(value, str) and SITE_NAME.fullmatch(value) is not None
 

@@ -34,6 +34,7 @@ SHARED = "shared"
 # The records of a message (Flower RecordDict keys) and the info record's keys.
 ARRAYS, METRICS, INFO, CONFIG = "arrays", "metrics", "info", "config"
 SITE, DECLINED, WITHHELD = "site", "declined", "withheld"
+SECONDS = "seconds"  # a reply's wall time at the site
 
 
 def expert_group(regimen: str) -> str:
@@ -58,7 +59,7 @@ the model)."""
 LOSS_KEYS = {"train": "train-loss", "seg": "seg-loss", "pcr": "pcr-loss"}
 PRIVACY_PREFIX = "dp-"
 TRAIN_REPLY_KEYS = frozenset(
-    {*COUNT_KEYS.values(), *LOSS_KEYS.values(), "steps", "seconds"}
+    {*COUNT_KEYS.values(), *LOSS_KEYS.values(), "steps", SECONDS}
 )
 """The metric keys of a training reply besides its ``dp-*`` accounting."""
 

@@ -153,32 +153,31 @@ def bound_updates(
     diffs = {u.site: deltas(current, u, groups) for u in updates}
     sizes = {g: sum(int(np.size(current[n])) for n in groups[g]) for g in groups}
     for u in updates:
-        parts = diffs[u.site]
-        report.norms[u.site] = {g: l2(d) for g, d in parts.items()}
-        coords = sum(sizes[g] for g in parts)
+        report.norms[u.site] = {g: l2(d) for g, d in diffs[u.site].items()}
+        coords = sum(sizes[g] for g in diffs[u.site])
         total = math.sqrt(sum(v * v for v in report.norms[u.site].values()))
         report.rms[u.site] = total / math.sqrt(coords) if coords else 0.0
     trained = [s for s in report.rms if diffs[s]]
     if multiple > 0 and trained:
         report.reference = lower_median([report.rms[s] for s in trained])
         for u in updates:
-            for g, parts in diffs[u.site].items():
+            for g, group in diffs[u.site].items():
                 bound = multiple * report.reference * math.sqrt(sizes[g])
                 norm = report.norms[u.site][g]
                 if norm > bound:
                     scale = bound / norm
                     report.clipped.setdefault(u.site, {})[g] = scale
-                    for n in parts:
-                        parts[n] = parts[n] * scale
+                    for n in group:
+                        group[n] = group[n] * scale
     if fixed_clip > 0:
         for u in updates:
             norm = math.sqrt(sum(l2(d) ** 2 for d in diffs[u.site].values()))
             if norm > fixed_clip:
                 scale = fixed_clip / norm
                 report.fixed_clip[u.site] = scale
-                for parts in diffs[u.site].values():
-                    for n in parts:
-                        parts[n] = parts[n] * scale
+                for group in diffs[u.site].values():
+                    for n in group:
+                        group[n] = group[n] * scale
     changed = set(report.clipped) | set(report.fixed_clip)
     out = [
         _rebuild(current, u, diffs[u.site]) if u.site in changed else u for u in updates

@@ -26,7 +26,7 @@ from shared_model.federated_metrics import (
     net_benefit,
     threshold_for_sensitivity,
 )
-from shared_model.messages import finite_number, whole_count
+from shared_model.messages import SECONDS, finite_number, whole_count
 from shared_model.policy import DIRECTIONS
 from shared_model.policy_value import OracleSums, PolicySums, policy_value
 from shared_model.survival import SurvivalCounts, kaplan_meier, logrank
@@ -83,9 +83,11 @@ class SiteEvaluation:
         """Server side; raises KeyError, TypeError or ValueError when malformed
         (a key this evaluation would not send included)."""
         out = cls._read(site, cohort, values)
-        unknown = sorted(set(values) - set(out.to_values()))
+        unknown = sorted(set(values) - set(out.to_values()) - {SECONDS})
         if unknown:
             raise ValueError(f"unknown key `{unknown[0][:40]}` in the evaluation")
+        if SECONDS in values:
+            finite_number(values[SECONDS], SECONDS)
         return out
 
     @classmethod

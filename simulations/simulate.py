@@ -72,6 +72,7 @@ def run_simulated_federation(
     overrides: Mapping[str, Any] | None = None,
     privacy: Mapping[str, float] | None = None,
     echo: Callable[[str], None] = lambda s: None,
+    client_app: Any = None,
 ) -> dict[str, Any]:
     """Run a simulated federation; return its run record.
 
@@ -84,6 +85,8 @@ def run_simulated_federation(
             trains with DP-SGD under that budget (site YAML copies under
             ``federated/sites/``; see :func:`write_private_sites`).
         echo: progress lines.
+        client_app: the sites' ClientApp (default: moefl's own;
+            :func:`simulations.hostile.scaling_client_app` plays an attacker).
 
     Raises:
         MoeflError: the run did not finish (the reason is in metrics.json).
@@ -145,7 +148,7 @@ def run_simulated_federation(
         )
         + f", strategy {fed.strategy}; run folder {fed.run_dir}"
     )
-    run_flower_simulation(config, len(yamls))
+    run_flower_simulation(config, len(yamls), client_app)
     metrics = Path(fed.run_dir) / "metrics.json"
     if not metrics.is_file():
         raise MoeflError(f"the simulation wrote no {metrics}; see the log above")
@@ -190,7 +193,9 @@ def simulated_node_sites(config: Mapping[str, Any], n_sites: int) -> NodeSites:
     return node_sites
 
 
-def run_flower_simulation(config: Mapping[str, Any], n_sites: int) -> None:
+def run_flower_simulation(
+    config: Mapping[str, Any], n_sites: int, client_app: Any = None
+) -> None:
     """Run the ServerApp with run config ``config`` and ``n_sites`` simulated
     ClientApps in Flower's simulation runtime (the server's log lines shown,
     Flower's quiet). The ServerApp knows which node is which site from the
@@ -198,7 +203,7 @@ def run_flower_simulation(config: Mapping[str, Any], n_sites: int) -> None:
     quiet_flower()
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
+    from client.client_app import app as moefl_client_app
     from server.server_app import make_server_app
 
     node_sites = simulated_node_sites(config, n_sites)
@@ -216,7 +221,7 @@ def run_flower_simulation(config: Mapping[str, Any], n_sites: int) -> None:
     try:
         run_simulation(
             server_app=make_server_app(config, simulation=True, node_sites=node_sites),
-            client_app=client_app,
+            client_app=client_app or moefl_client_app,
             num_supernodes=n_sites,
             backend_config={
                 "client_resources": {

@@ -49,12 +49,8 @@ def pytest_collection_modifyitems(
 @pytest.fixture()
 def flower_task_identity() -> Iterator[None]:
     """Flower's Message reads the running task's identity, which only its runtime
-    sets; give the in-process loop one (as simulations/benchmarks/overhead.py)."""
-    from flwr.supercore.task_identity import TaskIdentity
+    sets; give the in-process loop one."""
+    from simulations.hostile import in_process_task
 
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 0, 0, 0
-    try:
+    with in_process_task():
         yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

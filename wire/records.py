@@ -100,17 +100,17 @@ def _verify_layout(
 ) -> None:
     """Only the records (name -> kind) and info keys a reply of this kind has;
     ValueError names the first stranger."""
-    kinds = {
-        "arrays": content.array_records,
-        "metrics": content.metric_records,
-        "config": content.config_records,
+    kinds: dict[str, list[str]] = {
+        "arrays": list(content.array_records),
+        "metrics": list(content.metric_records),
+        "config": list(content.config_records),
     }
     for kind, present in kinds.items():
         extra = sorted(k for k in present if kind not in records.get(k, set()))
         if extra:
             raise ValueError(f"unexpected {kind} record `{extra[0][:40]}` in the reply")
     info = content.config_records.get(INFO)
-    extra = sorted(set(info or {}) - info_keys)
+    extra = sorted(set(info.keys() if info is not None else ()) - info_keys)
     if extra:
         raise ValueError(f"unexpected key `{extra[0][:40]}` in the `{INFO}` record")
 

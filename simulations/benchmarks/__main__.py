@@ -52,6 +52,7 @@ def commands(quick: bool, cohort: Path | None, out: Path) -> dict[str, list[str]
             str(out / "dp_heads"),
         ],
         "scale": ["scale", *q, *co, "--out", str(out / "scale")],
+        "hostile": ["hostile", "--quick", "--out", str(out / "hostile")],
         "model_step": ["model_step"],
     }
     return {

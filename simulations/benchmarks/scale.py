@@ -88,7 +88,8 @@ def partition_cohort(
 
     ``n_sites``: all patients, dealt to that many sites (see the module doc).
     ``per_site``: one site per centre with its first ``per_site`` patients
-    (in a seeded shuffle). Images are symbolic links to the source's files;
+    (in a seeded shuffle). Images are symbolic links to the source's files
+    (each site YAML names the source's dataset folder under ``image_roots``);
     each new site has its own clinical table, ``dataset.json`` and run folder
     (so its own split). ``dest`` gets the source's ``plan.json`` and a
     ``cohort.json`` that names the source.
@@ -153,6 +154,7 @@ def partition_cohort(
                     "adc_unit": raw["adc_unit"],
                     "run_dir": f"../runs/{name}",
                     "min_cases": min_cases,
+                    "image_roots": [str(dataset.resolve())],  # the links' targets
                 },
             )
             yamls.append(site_yaml)

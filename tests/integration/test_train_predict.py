@@ -477,6 +477,12 @@ def test_predict_site_names_a_broken_case_and_scores_the_others(
     adc = sorted((folder / "imagesTr").glob("*_0001.nii.gz"))[1]
     broken = adc.name.removesuffix("_0001.nii.gz")
     adc.write_bytes(adc.read_bytes()[:100])  # a truncated file
+    table = folder / "clinical.csv"
+    lines = table.read_text().splitlines()
+    bad_row = lines[-1].split(",")[0]  # a clinical value outside its set
+    lines[-1] = lines[-1].replace(",low,", ",lowish,").replace(",mid,", ",lowish,")
+    lines[-1] = lines[-1].replace(",high,", ",lowish,")
+    table.write_text("\n".join(lines) + "\n")
     out = tmp_path / "t.csv"
     result = runner.invoke(
         app, ["predict", str(pooled_run), "--site", str(yaml), "--out", str(out)]
@@ -485,9 +491,16 @@ def test_predict_site_names_a_broken_case_and_scores_the_others(
     assert f"skipped {broken}: " in result.output and adc.name in result.output
     assert "sha256" in result.output
     with open(out, newline="") as f:
-        ids = [r["case_id"] for r in csv.DictReader(f)]
-    assert (
-        broken not in ids and len(ids) == len(list(folder.glob("imagesTr/*_0000*"))) - 1
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    n_cases = len(list(folder.glob("imagesTr/*_0000*")))
+    assert len(rows) == n_cases  # every case has its row, scored or not
+    skipped = {c: r["skipped"] for c, r in rows.items() if r["skipped"]}
+    assert sorted(skipped) == sorted([broken, bad_row])
+    assert adc.name in skipped[broken] and rows[broken]["p_TNT"] == ""
+    # the real reason: the clinical value, not "no row in clinical.csv"
+    assert "lowish" in skipped[bad_row] and "no row" not in skipped[bad_row]
+    assert all(
+        r["p_TNT"] and not r["skipped"] for c, r in rows.items() if c not in skipped
     )
     # one form at a time
     both = runner.invoke(

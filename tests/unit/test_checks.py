@@ -221,6 +221,34 @@ def c_privacy_delta(root: Path) -> None:
     )
 
 
+def c_complex(root: Path) -> None:
+    _rewrite(
+        _img(root, f"{CASE}_0000"), lambda d, a: (d.astype(np.complex64) * (1 + 1j), a)
+    )
+
+
+def _outside(root: Path) -> Path:
+    """A copy of the case's T2W image outside the dataset folder."""
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    target = elsewhere / f"{CASE}_0000.nii.gz"
+    target.write_bytes(_img(root, f"{CASE}_0000").read_bytes())
+    return target
+
+
+def c_outside_link(root: Path) -> None:
+    target = _outside(root)
+    link = _img(root, f"{CASE}_0000")
+    link.unlink()
+    link.symlink_to(target)
+
+
+def c_dangling_link(root: Path) -> None:
+    link = _img(root, f"{CASE}_0001")
+    link.unlink()
+    link.symlink_to(root / "gone" / "adc.nii.gz")
+
+
 CORRUPTIONS = [
     # (corruption, finding code, text that `where` must contain)
     (c_yaml_unknown_key, "yaml", "batchsize"),
@@ -249,6 +277,9 @@ CORRUPTIONS = [
     (c_case_without_images, "case-without-images", CASE),
     (c_too_few, "too-few-cases", "Dataset101_WestChina"),
     (c_privacy_delta, "privacy-delta", "privacy.delta"),
+    (c_complex, "dtype", f"{CASE}_0000.nii.gz"),
+    (c_outside_link, "outside-dataset", f"{CASE}_0000.nii.gz"),
+    (c_dangling_link, "dangling-link", f"{CASE}_0001.nii.gz"),
 ]
 
 
@@ -308,3 +339,43 @@ def test_thick_slices_are_a_warning_naming_the_file(tiny_copy: Path) -> None:
     spacing = [f for f in report.warnings if f.code == "spacing-unusual"]
     assert spacing and f"{CASE}_0000.nii.gz" in spacing[0].where
     assert "9.00 mm" in spacing[0].message
+
+
+@pytest.mark.parametrize(
+    "corrupt", [c_outside_link, c_dangling_link, c_clinical_value, c_complex]
+)
+def test_a_refused_case_is_named_once_with_the_real_reason(
+    tiny_copy: Path, corrupt: Callable[[Path], None]
+) -> None:
+    """No second, false finding beside the real one ("no T2W image" for a
+    link, "no row in clinical.csv" for a bad value)."""
+    corrupt(tiny_copy)
+    report = run_check(_yaml(tiny_copy))
+    about = [f for f in report.errors if CASE in f.where or f.case == CASE]
+    assert len(about) == 1, [(f.code, f.where, f.message) for f in about]
+    assert CASE not in report.usable_cases and CASE in report.cases_seen
+
+
+def test_a_named_image_root_admits_files_outside_the_dataset(tiny_copy: Path) -> None:
+    c_outside_link(tiny_copy)
+    path = _yaml(tiny_copy)
+    path.write_text(path.read_text() + f"image_roots: [{tiny_copy / 'elsewhere'}]\n")
+    report = run_check(path)
+    assert report.ok and CASE in report.usable_cases
+
+
+def test_training_refuses_a_link_out_of_the_dataset(tiny_copy: Path) -> None:
+    """The loader a site trains and scores with refuses it too, not only
+    ``moefl check``."""
+    from client.site_data import list_cases
+    from shared_model.errors import DataError
+
+    c_outside_link(tiny_copy)
+    with pytest.raises(DataError, match="outside the dataset folder"):
+        list_cases(tiny_copy / DATASET, require_outcome=True)
+    cases = list_cases(
+        tiny_copy / DATASET,
+        require_outcome=True,
+        image_roots=[tiny_copy / "elsewhere"],
+    )
+    assert CASE in {c.case_id for c in cases}

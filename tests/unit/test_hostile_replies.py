@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from server.identity import SiteIdentities
 from server.strategy import GroupedStrategy
 from shared_model.federated_metrics import ScoreCounts
 from shared_model.federation_config import FederationConfig
 from shared_model.policy_value import PolicySums
 from shared_model.site_evaluation import SiteEvaluation
-from server.identity import SiteIdentities
 from tests.unit.test_strategy import CURRENT, GROUPS, FakeReply, claims, reply
 from wire.records import arrays_to_record
 

@@ -368,3 +368,52 @@ def test_pyproject_app_config_matches_the_typed_defaults() -> None:
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     declared = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
     assert declared == FederationConfig().to_run_config()
+
+
+def test_client_dp_clip_clips_without_noise_too() -> None:
+    """`client-dp-clip` alone was accepted and clipped nothing."""
+    big = {k: np.zeros(100, np.float32) for k in ("enc", "e0", "e1", "e2")}
+
+    def site(name: str, value: float) -> FakeReply:
+        arrays = {"enc": np.full(100, value, np.float32)}
+        arrays["e0"] = np.full(100, value, np.float32)
+        return reply(name, value, arrays=arrays)
+
+    s = strategy(client_dp_clip=1.0, update_bound=0)
+    out = s.aggregate_round(1, [site("a", 0.01), site("b", 5.0)], big, claims())
+    assert out.client_dp is None  # no noise: not a DP release
+    scale = out.bounds["fixed_clip"]["b"]
+    assert scale == pytest.approx(1.0 / (5.0 * np.sqrt(200)), rel=1e-5)
+    assert list(out.bounds["fixed_clip"]) == ["b"]
+    expected = 0.5 * 0.01 + 0.5 * 5.0 * scale  # count-weighted (10 and 10)
+    assert np.allclose(out.arrays["enc"], expected, rtol=1e-5)
+
+
+def test_the_update_bound_scales_an_outlier_to_the_honest_majority() -> None:
+    """Each group of each update is scaled to `update-bound` times the round's
+    reference RMS step (the lower median of the sites') times sqrt(size)."""
+    s = strategy(update_bound=4.0)
+    replies = [reply("a", 1.0), reply("b", 2.0), reply("c", 1000.0, n_ct=5)]
+    out = s.aggregate_round(1, replies, CURRENT, claims())
+    bounds = out.bounds
+    assert bounds["reference_rms"] == pytest.approx(2.0)  # a: 1, b: 2, c: 1000
+    assert set(bounds["clipped"]) == {"c"}
+    assert bounds["clipped"]["c"]["shared"] == pytest.approx(8.0 / 1000.0)
+    # c's update of each group is now 8 per coordinate: the mean moves by at most 8
+    assert np.allclose(out.arrays["enc"], (1.0 + 2.0 + 8.0) / 3)
+    assert np.allclose(out.arrays["e2"], 8.0)  # a group only c trains: bounded too
+    assert bounds["norms"]["c"]["shared"] == pytest.approx(1000.0 * np.sqrt(3))
+
+
+def test_robust_rules_by_name() -> None:
+    replies = [reply("a", 1.0), reply("b", 2.0), reply("c", 9.0)]
+    median = strategy(aggregation="median", update_bound=0)
+    assert np.allclose(
+        median.aggregate_round(1, replies, CURRENT, claims()).arrays["enc"], 2.0
+    )
+    trimmed = strategy(aggregation="trimmed-mean", trim_fraction=0.34, update_bound=0)
+    assert np.allclose(
+        trimmed.aggregate_round(1, replies, CURRENT, claims()).arrays["enc"], 2.0
+    )
+    with pytest.raises(ConfigError, match="aggregation"):
+        strategy(aggregation="krum")
