@@ -52,16 +52,23 @@ def predict(
         Path | None,
         typer.Option(help="With --site: also write each predicted mask here."),
     ] = None,
-    margin: Annotated[
-        float, typer.Option(help="With --site: recommendation margin on pCR.")
-    ] = 0.05,
-    min_expert_support: Annotated[
-        int,
+    what_if: Annotated[
+        str | None,
         typer.Option(
-            help="With --site: never advise a regimen whose expert the checkpoint "
-            "records as trained on fewer patients."
+            "--what-if",
+            help="With --site: score under another advice rule than the "
+            "checkpoint's (margin[:M], argmax, fixed:REGIMEN, switch[:Q]); "
+            "printed and written in the table.",
         ),
-    ] = 30,
+    ] = None,
+    min_expert_support: Annotated[
+        int | None,
+        typer.Option(
+            help="With --site, a what-if: never advise a regimen whose expert the "
+            "checkpoint records as trained on fewer patients (default: the "
+            "checkpoint's rule)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """One patient (--t2w --adc --clinical: JSON) or every patient of a site
@@ -70,7 +77,7 @@ def predict(
         if out is None or t2w is not None or adc is not None or clinical:
             fail(ConfigError("--site needs --out and takes no --t2w/--adc/--clinical"))
         assert out is not None
-        _predict_site(checkpoint, site, out, masks, margin, min_expert_support, device)
+        _predict_site(checkpoint, site, out, masks, what_if, min_expert_support, device)
         return
     if t2w is None or adc is None or not clinical:
         fail(ConfigError("give --t2w, --adc and --clinical (one patient) or --site"))
@@ -99,8 +106,8 @@ def _predict_site(
     site: Path,
     out: Path,
     masks: Path | None,
-    margin: float,
-    min_expert_support: int,
+    what_if: str | None,
+    min_expert_support: int | None,
     device: str,
 ) -> None:
     """``moefl predict --site``: the table, with a progress bar."""
@@ -114,7 +121,7 @@ def _predict_site(
                 out,
                 masks=masks,
                 device=None if device == "auto" else device,
-                margin=margin,
+                what_if=what_if,
                 min_expert_support=min_expert_support,
                 progress=lambda done, total: update(
                     f"scoring {site.name}", done, total
@@ -122,6 +129,10 @@ def _predict_site(
             )
         except MoeflError as e:
             fail(e)
+    if result.what_if:
+        typer.echo(
+            f"what-if: advice under {result.rule} instead of the checkpoint's rule"
+        )
     for case, why in sorted(result.skipped.items()):
         typer.echo(f"skipped {case}: {why}")
     typer.echo(
@@ -161,16 +172,22 @@ def evaluate_cmd(
             "value of the advice and its share of the oracle's gain)."
         ),
     ] = None,
-    margin: Annotated[
-        float, typer.Option(help="Recommendation margin on predicted pCR.")
-    ] = 0.05,
-    min_expert_support: Annotated[
-        int,
+    what_if: Annotated[
+        str | None,
         typer.Option(
-            help="Never recommend a regimen whose expert the checkpoint records as "
-            "trained on fewer patients (summed over sites)."
+            "--what-if",
+            help="Score under another advice rule than the checkpoint's "
+            "(margin[:M], argmax, fixed:REGIMEN, switch[:Q]); printed and "
+            "recorded in metrics.json.",
         ),
-    ] = 30,
+    ] = None,
+    min_expert_support: Annotated[
+        int | None,
+        typer.Option(
+            help="A what-if: never recommend a regimen whose expert the checkpoint "
+            "records as trained on fewer patients (default: the checkpoint's rule)."
+        ),
+    ] = None,
     target_sensitivity: Annotated[float, typer.Option()] = 0.8,
     device: Annotated[str | None, typer.Option()] = None,
     clinical_only: Annotated[
@@ -191,16 +208,11 @@ def evaluate_cmd(
     """Evaluate a model: metrics with intervals, recommendations, policy value."""
     from client.evaluation import run_evaluation
     from client.evaluation_text import headline
-    from shared_model.policy import RecommendationRule
 
     sites = site_yamls(sites, ctx)
     try:
         if not 0 < target_sensitivity <= 1:
             raise ConfigError("--target-sensitivity must be in (0, 1]")
-        try:
-            rule = RecommendationRule(margin=margin)
-        except ValueError as e:
-            raise ConfigError(f"--margin: {e}") from e
         with progress_bar() as update:
             report = run_evaluation(
                 checkpoint,
@@ -209,7 +221,7 @@ def evaluate_cmd(
                 test_yamls=yamls_in(test),
                 oracle=oracle,
                 min_expert_support=min_expert_support,
-                rule=rule,
+                what_if=what_if,
                 target_sensitivity=target_sensitivity,
                 device=device,
                 clinical_only=clinical_only,

@@ -4,8 +4,9 @@
 Each handler reads the coordinator's request and the global weights
 (:func:`wire.records.read_request`), calls the plain function
 (:func:`client.site_round.train_round`,
-:func:`client.site_round.evaluate_round` or, for the planning query,
-:func:`client.site_round.fingerprint_round`) with the node config (``site-config``:
+:func:`client.site_round.evaluate_round`, for the planning query
+:func:`client.site_round.fingerprint_round`, and for the Newton fit of the
+linear head :func:`client.posterior_round.newton_round`) with the node config (``site-config``:
 the site YAML; in simulation ``partition-id``), and packs its result
 (:mod:`wire.records`).
 
@@ -22,12 +23,16 @@ import logging
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from client.posterior_round import newton_round
 from client.site_round import evaluate_round, fingerprint_round, train_round
 from shared_model.errors import ConfigError, DataError, MoeflError, PlanRefused
 from wire.records import (
     evaluation_content,
     fingerprint_content,
+    newton_reply_content,
     read_fingerprint_query_msg,
+    read_newton_query,
+    read_posterior,
     read_request,
     train_reply_content,
 )
@@ -89,7 +94,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Validation counts and sums; an error reply with a code on failure."""
     try:
         request, arrays = read_request(msg)
-        site, values = evaluate_round(request, arrays, dict(context.node_config))
+        site, values = evaluate_round(
+            request, arrays, dict(context.node_config), read_posterior(msg)
+        )
         return Message(evaluation_content(site, values), reply_to=msg)
     except Exception as e:
         return error_reply(msg, e, "evaluation")
@@ -105,3 +112,15 @@ def fingerprint(msg: Message, context: Context) -> Message:
         return Message(fingerprint_content(reply), reply_to=msg)
     except Exception as e:
         return error_reply(msg, e, "fingerprinting")
+
+
+@app.query("newton")
+def newton(msg: Message, context: Context) -> Message:
+    """One Newton step's sums for the linear head (gradients, Hessians and
+    log-likelihoods summed over the site's patients; refused at a DP site)."""
+    try:
+        request, arrays, beta = read_newton_query(msg)
+        reply = newton_round(request, arrays, beta, dict(context.node_config))
+        return Message(newton_reply_content(reply), reply_to=msg)
+    except Exception as e:
+        return error_reply(msg, e, "the Newton query")

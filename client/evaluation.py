@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,18 @@ from shared_model.federated_metrics import (
 from shared_model.model import UNetMoECli
 from shared_model.plan import Plan
 from shared_model.policy import (
+    DEFAULT_MIN_SUPPORT,
     DIRECTIONS,
     RecommendationRule,
     direction,
     recommend,
     supported_regimens,
+    what_if_rule,
 )
 from shared_model.policy_value import (
     OracleSums,
     PolicySums,
+    candidate_sums,
     fit_propensity,
     propensities,
     site_policy_sums,
@@ -169,13 +173,16 @@ def evaluate_dataset(
     oracle: dict[str, list[float]] | None = None,
     clinical_model: ClinicalOnly | None = None,
     progress: Callable[[int, int], None] | None = None,
+    candidates: Sequence[RecommendationRule] | None = None,
 ) -> SiteEvaluation:
     """Score ``dataset`` as the clinic would (:mod:`client.scoring`: the patch
     around the predicted tumour); the propensity model is fitted on
     ``fit_cases``.
 
     With ``clinical_model`` the clinical-only comparator is scored instead of
-    the network (no images are read; no Dice).
+    the network (no images are read; no Dice). ``candidates``: rules whose
+    doubly robust sums are added (:func:`candidate_sums`), for the choice of
+    the federation's rule.
     """
     result: Sequence[CasePrediction | CaseScore]
     if clinical_model is not None:
@@ -209,14 +216,16 @@ def evaluate_dataset(
     probs = np.array([c.probs for c in result])
     received = np.array([c.regimen for c in result])
     outcome = np.array([c.pcr for c in result])
+    designs = [getattr(c, "design", None) for c in result]
+    design = None if any(d is None for d in designs) else np.array(designs)
     e = propensities(fit, classes, clinical)
     # a received regimen the training split never saw: treat its propensity as
     # rare rather than impossible (the patient is evidence that it is given)
     rows = np.arange(len(received))
     e[rows, received] = np.maximum(e[rows, received], 1.0 / max(len(fit_cases), 1))
-    policy = site_policy_sums(probs, received, outcome, e, rule)
+    policy = site_policy_sums(probs, received, outcome, e, rule, design=design)
     survival = _survival_by_advice(
-        [by_id[c.case_id].clinical for c in result], probs, received, rule
+        [by_id[c.case_id].clinical for c in result], probs, received, rule, design
     )
     known_rows = ~np.isnan(outcome)
     out = SiteEvaluation(
@@ -232,10 +241,18 @@ def evaluate_dataset(
         local_scores=np.stack(
             [probs[rows, received][known_rows], outcome[known_rows]], axis=1
         ),
+        candidates=None
+        if not candidates
+        else candidate_sums(probs, received, outcome, e, candidates, design),
     )
     if oracle is not None:
         known = ~np.isnan(outcome)
-        rec = recommend(probs[known], rule, received[known])
+        rec = recommend(
+            probs[known],
+            rule,
+            received[known],
+            None if design is None else design[known],
+        )
         ids = [result[int(i)].case_id for i in np.flatnonzero(known)]
         missing = [i for i in ids if i not in oracle]
         if missing:
@@ -251,13 +268,16 @@ def _survival_by_advice(
     probs: np.ndarray,
     received: np.ndarray,
     rule: RecommendationRule | None,
+    design: np.ndarray | None = None,
 ) -> dict[str, SurvivalCounts] | None:
     """DFS counts per advice group (ADVICE_GROUPS) over the patients whose
     clinical table has DFS; None when none has."""
     has = np.array([r.dfs_months is not None for r in records])
     if not has.any():
         return None
-    rec = recommend(probs[has], rule, received[has])
+    rec = recommend(
+        probs[has], rule, received[has], None if design is None else design[has]
+    )
     got = received[has]
     months = np.array([r.dfs_months for r in records if r.dfs_months is not None])
     events = np.array([r.dfs_event for r in records if r.dfs_months is not None])
@@ -271,6 +291,49 @@ def _survival_by_advice(
     }
 
 
+def scoring_rule(
+    checkpoint: Path,
+    *,
+    what_if: str | None = None,
+    min_expert_support: int | None = None,
+) -> tuple[RecommendationRule, dict[str, Any]]:
+    """The rule to score a checkpoint with, and what the report says of it.
+
+    The checkpoint's own rule (decided at the end of training) unless a
+    what-if is asked for: ``what_if`` (:func:`what_if_rule`), or
+    ``min_expert_support`` (the support guard recomputed from the experts'
+    recorded support). A checkpoint that records no rule (an older one, or
+    local training) is scored with the margin rule and a support of 30.
+    """
+    from shared_model.checkpoint import load_rule, read_expert_support
+
+    saved = load_rule(checkpoint)
+    support = read_expert_support(checkpoint)
+    base = saved or RecommendationRule(
+        allowed=supported_regimens(support, DEFAULT_MIN_SUPPORT)[0]
+    )
+    record: dict[str, Any] = {"from_checkpoint": saved is not None}
+    rule = base
+    if min_expert_support is not None:
+        if min_expert_support < 0:
+            raise ConfigError("--min-expert-support must be >= 0")
+        allowed, excluded = supported_regimens(support, min_expert_support)
+        record["not_recommended"] = excluded
+        record["min_expert_support"] = min_expert_support
+        rule = replace(rule, allowed=allowed)
+    if what_if is not None:
+        try:
+            rule = what_if_rule(what_if, rule)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    if rule != base:
+        record["what_if"] = {"instead_of": base.to_dict()}
+    record |= rule.to_dict()
+    record["in_words"] = rule.describe()
+    record["expert_support"] = support
+    return rule, record
+
+
 def run_evaluation(
     checkpoint: Path,
     site_yamls: list[Path],
@@ -278,12 +341,12 @@ def run_evaluation(
     *,
     test_yamls: list[Path] | None = None,
     oracle: Path | None = None,
-    rule: RecommendationRule | None = None,
+    what_if: str | None = None,
     target_sensitivity: float = 0.8,
     device: str | None = None,
     clinical_only: bool = False,
     against: str | None = None,
-    min_expert_support: int = 30,
+    min_expert_support: int | None = None,
     echo: Any = lambda s: None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -297,25 +360,29 @@ def run_evaluation(
     sites' training splits) instead of the checkpoint's network. ``against``:
     another checkpoint folder, or ``clinical``, scored on the same patients for
     paired comparisons (exact McNemar from the sites' discordant counts).
-    ``min_expert_support``: an expert that the checkpoint records as trained on
-    fewer patients is never recommended (:func:`supported_regimens`).
+    The advice is scored under the checkpoint's own rule (:func:`scoring_rule`);
+    ``what_if`` and ``min_expert_support`` change it for a what-if, which the
+    report records under ``rule.what_if``.
     ``progress(label, done, total)``: called after each patient scored.
     """
     import json
 
     from client.engine import resolve_device
     from client.site_config import load_site_config
-    from shared_model.checkpoint import load_checkpoint, read_expert_support
+    from shared_model.checkpoint import load_checkpoint
 
-    if min_expert_support < 0:
-        raise ConfigError("--min-expert-support must be >= 0")
     model, plan = load_checkpoint(checkpoint)
-    support = None if clinical_only else read_expert_support(checkpoint)
-    allowed, excluded = supported_regimens(support, min_expert_support)
-    base = rule or RecommendationRule()
-    rule = RecommendationRule(
-        margin=base.margin, allowed=tuple(r for r in base.allowed if r in allowed)
-    )
+    if clinical_only:  # no posterior: a rule on its predictions alone
+        rule = what_if_rule(what_if or "margin", RecommendationRule())
+        rule_record = {**rule.to_dict(), "in_words": rule.describe()}
+    else:
+        rule, rule_record = scoring_rule(
+            checkpoint, what_if=what_if, min_expert_support=min_expert_support
+        )
+    if "what_if" in rule_record:
+        echo(
+            f"what-if: scoring under {rule.describe()} instead of the checkpoint's rule"
+        )
     configs = [load_site_config(Path(p)) for p in site_yamls]
     tests = [load_site_config(Path(p)) for p in test_yamls or []]
     trainers = [c.site_name for c in tests if c.role == "train"]
@@ -335,6 +402,8 @@ def run_evaluation(
                 train_cases.extend(train.cases)
         clinical = ClinicalOnly(train_cases)
 
+    plain = RecommendationRule(allowed=rule.allowed)
+
     def score_all(net: UNetMoECli, clin: ClinicalOnly | None) -> list[SiteEvaluation]:
         evaluations = []
         for cfg, cohort in [(c, None) for c in configs] + [(c, "test") for c in tests]:
@@ -353,7 +422,9 @@ def run_evaluation(
                     cfg,
                     plan,
                     device=dev,
-                    rule=rule,
+                    # the comparator has no posterior: its own argmax of the
+                    # margin rule when the network's rule needs one
+                    rule=rule if clin is None or rule.kind != "switch" else plain,
                     oracle=truth,
                     clinical_model=clin,
                     cohort=cohort,
@@ -368,16 +439,16 @@ def run_evaluation(
         "model": "clinical-only logistic regression (pooled)"
         if clinical_only
         else "network",
-        "rule": {
-            "margin": rule.margin,
-            "allowed": list(rule.allowed),
-            "expert_support": support,
-            "min_expert_support": min_expert_support,
-            "not_recommended": excluded,
-        },
+        "rule": rule_record,
         "target_sensitivity": target_sensitivity,
     }
     report |= combine_by_cohort(evaluations, target_sensitivity)
+    if oracle is not None:  # simulation: what the world lets one learn
+        summary = Path(oracle).parent / "cohort.json"
+        if summary.is_file():
+            board = json.loads(summary.read_text()).get("scoreboard", {})
+            if board.get("learnable_share"):
+                report["learnable_share"] = board["learnable_share"]
     if against is not None:
         if against == "clinical":
             other_evals = score_all(model, clinical)

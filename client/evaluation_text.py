@@ -11,7 +11,11 @@ from shared_model.site_evaluation import COHORTS
 def headline(report: dict[str, Any]) -> str:
     """The evaluation's key numbers, one cohort per block."""
     rule = report.get("rule", {})
-    lines = [
+    lines = []
+    if rule.get("in_words"):
+        what_if = " (a what-if, not the checkpoint's rule)" if "what_if" in rule else ""
+        lines.append(f"advice rule{what_if}: {rule['in_words']}")
+    lines += [
         f"{regimen} is never recommended: {why}"
         for regimen, why in rule.get("not_recommended", {}).items()
     ]
@@ -55,6 +59,19 @@ def headline(report: dict[str, Any]) -> str:
         lines.append("  pCR rate under the recommendations: " + ", ".join(parts))
         if pv.get("oracle"):
             lines.append("  " + oracle_line(pv["oracle"]))
+            learnable = (report.get("learnable_share") or {}).get(cohort)
+            if learnable:
+                lines.append(
+                    "  learnable share (per-regimen regressions on the world's "
+                    "noise-free readouts, switch at q): "
+                    + ", ".join(f"q {q}: {v}" for q, v in learnable.items())
+                )
+        if pv.get("confidence"):
+            lines.append(
+                "  confidence behind the advice (likeliest better regimen beats the "
+                "reference with probability): "
+                + ", ".join(f"{k} {v}" for k, v in pv["confidence"].items())
+            )
         if r.get("survival"):
             lines.append("  " + survival_line(r["survival"]))
         lines.append(

@@ -30,7 +30,7 @@ import hashlib
 import io
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import numpy as np
 from client.checks import run_check
 from client.data import SiteDataset
 from client.engine import resolve_device
+from client.evaluation import scoring_rule
 from client.predict import mask_on_input_grid, save_mask
 from client.scoring import CaseScore, score_dataset
 from client.site_config import SiteConfig, load_site_config
@@ -57,8 +58,10 @@ from shared_model.checkpoint import (
 from shared_model.clinical import REGIMENS, encode_clinical
 from shared_model.errors import ConfigError
 from shared_model.policy import (
+    DEFAULT_MIN_SUPPORT,
     RecommendationRule,
     direction,
+    gain_probabilities,
     recommend,
     supported_regimens,
 )
@@ -71,6 +74,8 @@ COLUMNS = (
     "recommended",
     "direction",
     "reason",
+    "reference",
+    "p_gain",
     "flags",
     "tumour_volume_ml",
     "mask_file",
@@ -91,6 +96,8 @@ class SitePredictions:
     skipped: dict[str, str] = field(default_factory=dict)  # case id -> why
     model: Path = Path()
     sha256: str = ""
+    rule: str = ""  # the advice rule, in words
+    what_if: bool = False  # another rule than the checkpoint's
 
 
 def file_sha256(path: Path) -> str:
@@ -108,8 +115,8 @@ def predict_site(
     *,
     masks: Path | None = None,
     device: str | None = None,
-    margin: float = 0.05,
-    min_expert_support: int = 30,
+    what_if: str | None = None,
+    min_expert_support: int | None = None,
     low_propensity: float = 0.05,
     progress: Callable[[int, int], None] | None = None,
 ) -> SitePredictions:
@@ -134,10 +141,11 @@ def predict_site(
         )
     model, plan = load_checkpoint(Path(checkpoint))
     sha256 = file_sha256(Path(checkpoint) / MODEL)
-    allowed, reasons = supported_regimens(
-        read_expert_support(Path(checkpoint)), min_expert_support
+    rule, record = scoring_rule(
+        Path(checkpoint), what_if=what_if, min_expert_support=min_expert_support
     )
-    rule = RecommendationRule(margin=margin, allowed=allowed)
+    support = read_expert_support(Path(checkpoint))
+    _, reasons = supported_regimens(support, DEFAULT_MIN_SUPPORT)
     dataset = SiteDataset(
         cases, plan, adc_scale=config.adc_scale, train=False, whole=True
     )
@@ -150,7 +158,7 @@ def predict_site(
     )
     advice = _advice(scores, cases, rule, reasons, low_propensity)
     rows: list[dict[str, Any]] = []
-    for case, score, (rec, why, flags) in zip(cases, scores, advice, strict=True):
+    for case, score, (rec, why, flags, gain) in zip(cases, scores, advice, strict=True):
         mask_file = ""
         if masks is not None:
             masks.mkdir(parents=True, exist_ok=True)
@@ -168,6 +176,8 @@ def predict_site(
                 "recommended": REGIMENS[rec],
                 "direction": direction(rec, score.regimen),
                 "reason": why,
+                "reference": rule.reference if rule.kind in ("switch", "fixed") else "",
+                "p_gain": "" if gain is None else round(gain, 3),
                 "flags": ";".join(flags),
                 "tumour_volume_ml": round(score.volume_ml, 3),
                 "mask_file": mask_file,
@@ -187,7 +197,15 @@ def predict_site(
     writer.writerows(rows + refused)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, buffer.getvalue().encode())
-    return SitePredictions(out, rows, skipped, Path(checkpoint) / MODEL, sha256)
+    return SitePredictions(
+        out,
+        rows,
+        skipped,
+        Path(checkpoint) / MODEL,
+        sha256,
+        rule.describe(),
+        "what_if" in record,
+    )
 
 
 def _why(findings: list[Any], case: str) -> str:
@@ -227,12 +245,21 @@ def _advice(
     rule: RecommendationRule,
     reasons: dict[str, str],
     low: float,
-) -> list[tuple[int, str, list[str]]]:
-    """Per patient: the recommended regimen, the rule's reason and the flags."""
+) -> list[tuple[int, str, list[str], float | None]]:
+    """Per patient: the recommended regimen, the rule's reason in words, the
+    flags, and (switch rule) the posterior probability that the advised
+    regimen, or when the reference is kept the best alternative, gives a
+    higher pCR than the reference."""
     probs = np.array([s.probs for s in scores])
     planned = np.array([s.regimen for s in scores])
-    rec = recommend(probs, rule, planned)
-    unrestricted = recommend(probs, RecommendationRule(margin=rule.margin), planned)
+    design = (
+        None
+        if any(s.design is None for s in scores)
+        else np.array([s.design for s in scores])
+    )
+    rec = recommend(probs, rule, planned, design)
+    unrestricted = recommend(probs, replace(rule, allowed=REGIMENS), planned, design)
+    gain = gain_probabilities(rule, design) if rule.kind == "switch" else None
     clinical = np.stack([encode_clinical(c.clinical.features) for c in cases])
     fit, classes = fit_propensity(clinical, planned)
     e = propensities(fit, classes, clinical)
@@ -243,17 +270,39 @@ def _advice(
             flags.append(f"expert-support:{REGIMENS[unrestricted[i]]}")
         if e[i, rec[i]] < low:
             flags.append("low-propensity")
+        step = direction(int(rec[i]), int(planned[i]))
+        p_gain = None
         if rule.withheld:
             why = (
                 "advice withheld: no expert has enough training support; the "
                 "planned regimen stands"
             )
+        elif rule.kind == "switch" and gain is not None:
+            ref = REGIMENS.index(rule.reference)
+            alts = [j for j, r in enumerate(REGIMENS) if r in rule.allowed and j != ref]
+            best = max(alts, key=lambda j: gain[i, j]) if alts else ref
+            p_gain = float(gain[i, int(rec[i])] if rec[i] != ref else gain[i, best])
+            if rec[i] != ref:
+                why = (
+                    f"{step}: switch to {REGIMENS[rec[i]]}, which gives a higher pCR "
+                    f"than {rule.reference} with probability {p_gain:.2f} (the rule "
+                    f"needs {rule.q:g})"
+                )
+            else:
+                why = (
+                    f"{step}: no switch, not confident enough: {rule.reference} is "
+                    f"the reference, and the likeliest better regimen "
+                    f"({REGIMENS[best]}) is better with probability {p_gain:.2f}, "
+                    f"under the {rule.q:g} a switch needs"
+                )
+        elif rule.kind == "fixed":
+            why = f"{step}: {rule.reference} for every patient"
         else:
-            best = float(probs[i, [REGIMENS.index(r) for r in rule.allowed]].max())
+            best_p = float(probs[i, [REGIMENS.index(r) for r in rule.allowed]].max())
+            margin = rule.margin if rule.kind == "margin" else 0.0
             why = (
-                f"{direction(int(rec[i]), int(planned[i]))}: {REGIMENS[rec[i]]} is the "
-                f"least intensive regimen within {rule.margin:g} of the best predicted "
-                f"pCR ({best:.3f})"
+                f"{step}: {REGIMENS[rec[i]]} is the least intensive regimen within "
+                f"{margin:g} of the best predicted pCR ({best_p:.3f})"
             )
-        out.append((int(rec[i]), why, flags))
+        out.append((int(rec[i]), why, flags, p_gain))
     return out

@@ -39,6 +39,7 @@ class CaseScore:
     mask: np.ndarray  # predicted mask on the plan's grid, (D, H, W) uint8
     dice: float | None  # against the site's mask over the whole volume
     loss: float  # on the scored patch, against the site's mask; NaN without one
+    design: list[float] | None = None  # the experts' input z (tumour features)
 
 
 def centred_box(
@@ -196,6 +197,7 @@ def score_dataset(
                 torch.stack([s["regimen"] for s in samples]).to(device),
             )
         probs = torch.sigmoid(out.pcr_logits.float()).cpu()
+        design = None if out.head_input is None else out.head_input.double().cpu()
         for j, s in enumerate(samples):
             loss = float("nan")
             if "label" in s:
@@ -219,6 +221,7 @@ def score_dataset(
                     mask=masks[j].numpy().astype(np.uint8),
                     dice=dices[j],
                     loss=loss,
+                    design=None if design is None else design[j].tolist(),
                 )
             )
         if progress is not None:

@@ -69,6 +69,7 @@ from shared_model.messages import (
 )
 from shared_model.model import UNetMoECli, stage_parameter_groups
 from shared_model.policy import RecommendationRule
+from shared_model.posterior import Posterior
 
 log = logging.getLogger(__name__)
 
@@ -340,9 +341,14 @@ def evaluate_round(
     request: RoundRequest,
     arrays: Mapping[str, np.ndarray],
     node_config: Mapping[str, Any],
+    posterior: Posterior | None = None,
 ) -> tuple[str, dict[str, Any] | str]:
     """Score the validation split: the site's name and its counts and sums, or
     the reason it withholds them.
+
+    The advice is scored under the request's rule (the one the federation
+    decided, with its ``posterior``), else the run config's margin rule; the
+    request's candidate rules add their doubly robust sums.
 
     A site with a ``privacy`` section withholds them unless its YAML sets
     ``privacy.release_evaluation``: the counts are not differentially private,
@@ -353,6 +359,18 @@ def evaluate_round(
     site, privacy = r.site, r.site.config.privacy
     if privacy is not None and not privacy.release_evaluation:
         return site.config.site_name, WITHHELD
+    allowed = REGIMENS if request.allowed_regimens is None else request.allowed_regimens
+    try:
+        rule = (
+            RecommendationRule(margin=r.fed.recommendation_margin, allowed=allowed)
+            if request.advice_rule is None
+            else RecommendationRule.from_dict(request.advice_rule, posterior)
+        )
+        candidates = [
+            RecommendationRule.from_dict(c, posterior) for c in request.candidates or ()
+        ]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"the round's advice rule is unusable ({e})") from e
     result = evaluate_dataset(
         r.model,
         site.config.site_name,
@@ -360,14 +378,8 @@ def evaluate_round(
         site.train.cases,
         cohort="validation",
         device=r.device,
-        rule=RecommendationRule(
-            margin=r.fed.recommendation_margin,
-            allowed=(
-                REGIMENS
-                if request.allowed_regimens is None
-                else request.allowed_regimens
-            ),
-        ),
+        rule=rule,
+        candidates=candidates,
     )
     return site.config.site_name, {
         **result.to_values(),

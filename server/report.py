@@ -126,13 +126,14 @@ def build_report(
 
     if cohorts:
         blocks.append(Block("h2", "Evaluation"))
+        rule = evaluation.get("rule") or {}
+        what_if = " (a what-if, not the checkpoint's rule)" if "what_if" in rule else ""
         blocks.append(
             Block(
                 "p",
-                f"Recommendation rule: the least intensive regimen (nCT < nCRT < TNT) whose "
-                f"predicted pCR is within {evaluation['rule']['margin']:g} of the best. "
-                "Metrics are computed from the sites' counts and sums; no per-patient score "
-                "left a site.",
+                f"Advice rule{what_if}: {rule.get('in_words', 'not recorded')}. "
+                "Metrics are computed from the sites' counts and sums; no per-patient "
+                "score left a site.",
             )
         )
         for cohort, ev in cohorts.items():

@@ -169,9 +169,21 @@ def cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
     blocks.append(Block("table", rows=rows))
     for w in pv["positivity"]["warnings"]:
         blocks.append(Block("p", f"Warning: {w}."))
+    if pv.get("confidence"):
+        conf = pv["confidence"]
+        blocks.append(
+            Block(
+                "p",
+                "Confidence behind the advice: patients by the posterior probability "
+                "that the likeliest better regimen beats the reference: "
+                + ", ".join(f"{k}: {v}" for k, v in conf.items())
+                + ".",
+            )
+        )
     blocks.append(Block("image", f"evaluation_{cohort}.png"))
     if ev.get("survival"):
         km = ev["survival"]["kaplan_meier"]
+        truth = pv.get("oracle")
         blocks.append(
             Block(
                 "p",
@@ -181,7 +193,18 @@ def cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
                     f"{g} {format_metric(k['dfs_3y'], 2)} (n={k['n']})"
                     for g, k in km.items()
                 )
-                + ".",
+                + ". This comparison is confounded: who received the advised "
+                "regimen was not random (sites chose by stage and risk), so a "
+                "difference between followed and not followed, and its log-rank p, "
+                "is not evidence that the advice works."
+                + (
+                    ""
+                    if not truth
+                    else " In this simulation the advice's true value is known: "
+                    f"mean true pCR {format_metric(truth.get('value'))}, "
+                    f"{format_share(truth.get('share_of_oracle_gain'))} of the "
+                    "oracle's gain over the best fixed regimen."
+                ),
             )
         )
         blocks.append(Block("image", f"survival_{cohort}.png"))

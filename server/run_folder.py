@@ -36,10 +36,19 @@ import numpy as np
 from safetensors.numpy import load, save
 
 from shared_model.aggregation import AdamState
-from shared_model.checkpoint import MODEL, checkpoint_files, json_bytes, write_atomic
+from shared_model.checkpoint import (
+    ADVICE,
+    CONFIG,
+    MODEL,
+    PLAN,
+    checkpoint_files,
+    json_bytes,
+    write_atomic,
+)
 from shared_model.errors import ConfigError
 from shared_model.model import ModelConfig
 from shared_model.plan import Plan
+from shared_model.policy import RecommendationRule
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +148,25 @@ class RunFolder:
             "client_dp_releases": state.client_dp_releases,
         }
         write_atomic(self._ckpt(rnd, ".state.json"), json_bytes(marker))
+
+    def save_advice(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        record: dict[str, Any],
+        model_cfg: ModelConfig,
+        plan: Plan,
+        rule: RecommendationRule,
+        *,
+        extra_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write the model the advice step ended with (the fitted head, its
+        rule and posterior) as the latest model, then the record that says so
+        (a crash before the record leaves a run that does the step again)."""
+        files = checkpoint_files(arrays, model_cfg, plan, extra_config, rule)
+        for name in (ADVICE, MODEL, PLAN, CONFIG):
+            if name in files:
+                write_atomic(self.path / name, files[name])
+        self.write_record(record)
 
     def write_record(self, record: dict[str, Any]) -> None:
         write_atomic(self.path / "metrics.json", json_bytes(record))

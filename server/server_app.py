@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server import planning
+from server.advice_step import evaluate_with, fit_and_choose
 from server.identity import (
     NodeSites,
     RegisteredNodes,
@@ -327,6 +328,20 @@ def _run_rounds(
                 entry["seconds"],
                 _privacy_line(entry),
             )
+        if fed.fits_posterior:
+
+            def current() -> SiteIdentities:
+                nonlocal known
+                found, known = round_identities(
+                    grid,
+                    allow_claims=fed.allow_unregistered_sites,
+                    node_sites=node_sites,
+                    known=known,
+                    bound=bound,
+                )
+                return found
+
+            _advice_step(grid, fed, begin, folder, record, arrays, current)
     except Exception as e:
         record["status"] = "failed"
         record["error"] = repr(e)
@@ -335,6 +350,65 @@ def _run_rounds(
     record["status"] = "finished"
     folder.write_record(record)
     return record
+
+
+def _advice_step(
+    grid: Grid,
+    fed: FederationConfig,
+    begin: FederationStart,
+    folder: RunFolder,
+    record: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    identities: Callable[[], SiteIdentities],
+) -> None:
+    """The head's Newton fit, its posterior and the advice rule
+    (:mod:`server.advice_step`), then the final evaluation under that rule;
+    written as the latest model (a resume does the step again when the record
+    does not hold it)."""
+    server_round = fed.total_rounds + 1
+    done = fit_and_choose(
+        grid,
+        fed,
+        begin.strategy,
+        begin.request,
+        arrays,
+        begin.model_cfg,
+        identities,
+        server_round,
+    )
+    request = dataclasses.replace(
+        begin.request,
+        model_config=done.model_cfg.to_dict(),
+        advice_rule=done.rule.to_dict(),
+    )
+    done.record["evaluate"] = evaluate_with(
+        grid,
+        begin.strategy,
+        request,
+        done.arrays,
+        done.rule.posterior,
+        identities(),
+        server_round,
+    )
+    record["advice"] = done.record
+    ev = done.record["evaluate"]
+    log.info(
+        "final model: val AUC %s, Dice %s; advice: %s",
+        format_metric(ev.get("auc")),
+        format_metric(ev.get("dice")),
+        done.rule.describe(),
+    )
+    folder.save_advice(
+        done.arrays,
+        record,
+        done.model_cfg,
+        begin.plan,
+        done.rule,
+        extra_config={
+            "expert_support": done.record["fit"]["expert_support"],
+            **({"backbone": begin.backbone} if begin.backbone else {}),
+        },
+    )
 
 
 def _round_entry(

@@ -320,7 +320,8 @@ class GroupedStrategy(FedAvg):
         update = SiteUpdate(name, arrays, counts)
         problems = verify_update(update, current, self.groups)
         if problems:
-            raise ReplyRejected("; ".join(problems))
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise ReplyRejected("; ".join(problems[:3]) + more)
         above = {
             g: (n, self.declared[name][g])
             for g, n in counts.items()

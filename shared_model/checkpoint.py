@@ -3,7 +3,11 @@
 A checkpoint is a folder of three files: ``model.safetensors`` (the weights;
 never pickle, so a file from another party cannot run code when read),
 ``config.json`` (the model config under ``model``, and what trained it, e.g.
-the experts' support) and ``plan.json`` (the preprocessing plan). Local and
+the experts' support, and the advice rule decided at the end of training
+under ``advice_rule``) and ``plan.json`` (the preprocessing plan); a model
+whose rule uses a posterior over its head has a fourth, ``advice.safetensors``
+(:class:`shared_model.posterior.Posterior`). Every scorer reads the rule with
+:func:`load_rule`. Local and
 pooled training write it with :func:`save_checkpoint`; the coordinator's run
 folder writes the same files (:func:`checkpoint_files`) at each round; every
 reader goes through :func:`load_checkpoint`.
@@ -22,15 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save
+from safetensors.numpy import load, save
 from safetensors.torch import load_file
 
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.model import ModelConfig, UNetMoECli, build_model
 from shared_model.plan import Plan
+from shared_model.policy import RecommendationRule
+from shared_model.posterior import Posterior
 
 MODEL, CONFIG, PLAN = "model.safetensors", "config.json", "plan.json"
+ADVICE = "advice.safetensors"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -66,14 +73,51 @@ def checkpoint_files(
     model_cfg: ModelConfig,
     plan: Plan,
     extra_config: Mapping[str, Any] | None = None,
+    rule: RecommendationRule | None = None,
 ) -> dict[str, bytes]:
-    """The checkpoint's files, name -> contents, weights first."""
+    """The checkpoint's files, name -> contents, weights first; with ``rule``,
+    the advice rule in config.json and its posterior in ``advice.safetensors``."""
     tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    return {
+    config = {"model": model_cfg.to_dict(), **(extra_config or {})}
+    if rule is not None:
+        config["advice_rule"] = rule.to_dict()
+    out = {
         MODEL: save(tensors),
-        CONFIG: json_bytes({"model": model_cfg.to_dict(), **(extra_config or {})}),
+        CONFIG: json_bytes(config),
         PLAN: json_bytes(plan.to_dict()),
     }
+    if rule is not None and rule.posterior is not None:
+        out[ADVICE] = save(rule.posterior.to_arrays())
+    return out
+
+
+def load_rule(folder: Path) -> RecommendationRule | None:
+    """The advice rule a checkpoint was decided with (None: an older
+    checkpoint that records none; scorers then use the margin rule).
+    ConfigError names the file when the record is unusable."""
+    path = Path(folder) / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from e
+    raw = config.get("advice_rule") if isinstance(config, dict) else None
+    if raw is None:
+        return None
+    posterior = None
+    if isinstance(raw, dict) and raw.get("kind") == "switch":
+        try:
+            posterior = Posterior.from_arrays(
+                load((Path(folder) / ADVICE).read_bytes())
+            )
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(
+                f"{Path(folder) / ADVICE}: the posterior the advice rule needs is "
+                f"missing or unusable ({e}); copy the checkpoint folder again"
+            ) from e
+    try:
+        return RecommendationRule.from_dict(raw, posterior)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: `advice_rule` is invalid ({e})") from e
 
 
 def save_checkpoint(
@@ -82,12 +126,13 @@ def save_checkpoint(
     *,
     plan: Plan,
     extra_config: Mapping[str, Any] | None = None,
+    rule: RecommendationRule | None = None,
 ) -> None:
-    """Write ``model``'s checkpoint folder ``out``."""
+    """Write ``model``'s checkpoint folder ``out`` (with its advice ``rule``)."""
     out.mkdir(parents=True, exist_ok=True)
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     for name, data in checkpoint_files(
-        arrays, model.config, plan, extra_config
+        arrays, model.config, plan, extra_config, rule
     ).items():
         write_atomic(out / name, data)
 

@@ -90,6 +90,19 @@ keys and out-of-range values are errors that name the key.
 | allow-unregistered-sites | false | deployment: accept a reply from a node registered
   without a name under the site name the reply claims (insecure: a name is not an
   identity); the default refuses such replies |
+| head-fit | rounds | staged: rounds (FedAvg of the heads over `head-rounds` rounds), or
+  newton (head-type linear: the pooled Bayesian logistic regression by federated Newton
+  steps, its Laplace posterior, and the advice rule chosen on the validation split;
+  :mod:`shared_model.posterior`) |
+| prior-grid | "0.3 1 3 10 30" | newton: the prior precisions fitted side by side; the one
+  with the lowest federated validation log-loss is kept |
+| newton-rounds | 12 | newton: at most this many Newton steps (each one message wave) |
+| advice-rule | switch | newton: switch (keep a reference regimen unless the posterior
+  says another gains with probability >= q), margin or argmax |
+| gain-threshold | choose | switch: q, or `choose`: the q among 0.8, 0.9, 0.95 (or never
+  switching) with the best doubly robust value on the federated validation split |
+| guideline-regimen | TNT | switch: the reference unless another regimen is better with
+  confidence on the validation split |
 """
 
 from __future__ import annotations
@@ -186,6 +199,23 @@ class FederationConfig:
     update_bound: float = 4.0
     max_site_share: float = 0.5
     allow_unregistered_sites: bool = False
+    head_fit: str = "rounds"
+    prior_grid: str = "0.3 1 3 10 30"
+    newton_rounds: int = 12
+    advice_rule: str = "switch"
+    gain_threshold: str = "choose"
+    guideline_regimen: str = "TNT"
+
+    @property
+    def fits_posterior(self) -> bool:
+        """Whether the heads are fitted by federated Newton steps (after the
+        segmentation rounds) instead of head rounds."""
+        return self.training == "staged" and self.head_fit == "newton"
+
+    @property
+    def priors(self) -> tuple[float, ...]:
+        """``prior-grid`` as numbers."""
+        return tuple(float(x) for x in self.prior_grid.split())
 
     def plans_from_fingerprints(self) -> bool:
         """Whether the run's first step is the planning query: ``plan`` says
@@ -206,9 +236,12 @@ class FederationConfig:
 
     @property
     def total_rounds(self) -> int:
-        """Rounds of the whole run (segmentation and head rounds when staged)."""
+        """Rounds of the whole run (segmentation and head rounds when staged;
+        no head rounds when the heads are fitted by Newton steps)."""
         if self.training == "joint":
             return self.num_server_rounds
+        if self.fits_posterior:
+            return self.segmentation_rounds
         return self.segmentation_rounds + self.head_rounds
 
     def local_steps_for(self, n_patients: int) -> int:
@@ -335,7 +368,7 @@ class FederationConfig:
                 "frozen; joint training would change it)",
             ),
             (
-                not self.backbone or self.head_rounds >= 1,
+                not self.backbone or self.head_rounds >= 1 or self.head_fit == "newton",
                 "head-rounds",
                 ">= 1 with a pretrained `backbone` (the run trains the heads alone)",
             ),
@@ -356,6 +389,32 @@ class FederationConfig:
                 "0 (off) or a multiple from 1 to 1000000",
             ),
             (0 < self.max_site_share <= 1, "max-site-share", "in (0, 1]"),
+            (self.head_fit in ("rounds", "newton"), "head-fit", "rounds or newton"),
+            (
+                self.head_fit == "rounds"
+                or (self.head_type == "linear" and self.experts == "residual"),
+                "head-fit",
+                "newton only with head-type linear and experts residual (a "
+                "logistic regression)",
+            ),
+            (_numbers(self.prior_grid, 1e-6, 1e6), "prior-grid", "positive numbers"),
+            (1 <= self.newton_rounds <= 100, "newton-rounds", "1..100"),
+            (
+                self.advice_rule in ("switch", "margin", "argmax"),
+                "advice-rule",
+                "switch, margin or argmax",
+            ),
+            (
+                self.gain_threshold == "choose"
+                or _numbers(self.gain_threshold, 0.5, 1.0, one=True),
+                "gain-threshold",
+                "choose, or a number in [0.5, 1]",
+            ),
+            (
+                self.guideline_regimen in ("nCRT", "TNT", "nCT"),
+                "guideline-regimen",
+                "nCRT, TNT or nCT",
+            ),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -397,6 +456,19 @@ class FederationConfig:
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _numbers(text: str, low: float, high: float, *, one: bool = False) -> bool:
+    """Whether ``text`` is one (``one``) or more numbers, each in [low, high]."""
+    try:
+        values = [float(x) for x in str(text).split()]
+    except ValueError:
+        return False
+    return (
+        bool(values)
+        and (len(values) == 1 or not one)
+        and all(math.isfinite(v) and low <= v <= high for v in values)
+    )
 
 
 def parse_run_config(text: str) -> dict[str, Any]:

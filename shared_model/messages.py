@@ -287,6 +287,11 @@ class RoundRequest:
         backbone_sha256: the pretrained backbone the federation declares.
         allowed_regimens: evaluation only: the regimens advice may name
             (experts with enough support); None allows all.
+        advice_rule: evaluation only: the advice rule to score
+            (:meth:`shared_model.policy.RecommendationRule.to_dict`); None:
+            the run config's.
+        candidates: evaluation only: rules whose doubly robust value on the
+            validation split the site also sums (the rule's choice).
     """
 
     run_config: Mapping[str, Any]
@@ -295,6 +300,8 @@ class RoundRequest:
     server_round: int = 0
     backbone_sha256: str | None = None
     allowed_regimens: tuple[str, ...] | None = None
+    advice_rule: Mapping[str, Any] | None = None
+    candidates: tuple[Mapping[str, Any], ...] | None = None
 
     def to_values(self) -> dict[str, Any]:
         """Flat values for a Flower ConfigRecord (``server-round`` is added by
@@ -308,6 +315,10 @@ class RoundRequest:
             out["backbone-sha256"] = self.backbone_sha256
         if self.allowed_regimens is not None:
             out["allowed-regimens"] = json.dumps(list(self.allowed_regimens))
+        if self.advice_rule is not None:
+            out["advice-rule"] = json.dumps(dict(self.advice_rule))
+        if self.candidates is not None:
+            out["candidates"] = json.dumps([dict(c) for c in self.candidates])
         return out
 
     @classmethod
@@ -338,6 +349,18 @@ class RoundRequest:
             if not isinstance(raw, list) or any(r not in REGIMENS for r in raw):
                 raise ConfigError(f"`allowed-regimens` must be a subset of {REGIMENS}")
             allowed = tuple(r for r in REGIMENS if r in raw)
+        rule = obj("advice-rule") if "advice-rule" in values else None
+        candidates = None
+        if "candidates" in values:
+            try:
+                raw_candidates = json.loads(str(values["candidates"]))
+            except json.JSONDecodeError as e:
+                raise ConfigError("`candidates` is not JSON") from e
+            if not isinstance(raw_candidates, list) or not all(
+                isinstance(c, dict) for c in raw_candidates
+            ):
+                raise ConfigError("`candidates` must be a list of advice rules")
+            candidates = tuple(raw_candidates[:64])
         return cls(
             run_config=obj("run-config"),
             plan=obj("plan"),
@@ -345,6 +368,8 @@ class RoundRequest:
             server_round=rnd,
             backbone_sha256=None if digest is None else str(digest),
             allowed_regimens=allowed,
+            advice_rule=rule,
+            candidates=candidates,
         )
 
 
@@ -413,3 +438,109 @@ class FingerprintReply:
         if not isinstance(values, dict):
             raise ValueError(f"`{FINGERPRINT}` is not a JSON object")
         return cls(str(site), values, PrivacyAccount.from_values(metrics))
+
+
+GLM = "glm"  # the Newton query's and reply's arrays record
+NEWTON_QUERY = "newton"  # its Flower message type is ``query.newton``
+
+
+@dataclass(frozen=True)
+class NewtonReply:
+    """A site's answer to a Newton query: for each candidate prior's current
+    coefficients, the sums of its training patients' negative log-likelihood
+    gradient and Hessian and its log-likelihood, and the validation split's
+    log-likelihood; plus the training features' sums and sums of squares (the
+    pooled standardisation).
+
+    Attributes:
+        site: the site's name.
+        n: training patients with an outcome; ``val_n``: validation ones.
+        loglik, val_loglik: ``(K,)``.
+        grad: ``(K, S)``; hess: ``(K, S, S)`` (``S = 4P``).
+        feature_n: training patients in the moments; ``feature_sum``,
+            ``feature_sq``: ``(F,)`` over the raw tumour features.
+        regimens: training patients with an outcome per regimen (each
+            expert's support).
+    """
+
+    site: str
+    n: int
+    loglik: np.ndarray
+    grad: np.ndarray
+    hess: np.ndarray
+    val_n: int
+    val_loglik: np.ndarray
+    feature_n: int
+    feature_sum: np.ndarray
+    feature_sq: np.ndarray
+    regimens: Mapping[str, int] = field(default_factory=dict)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "grad": self.grad,
+            "hess": self.hess,
+            "loglik": self.loglik,
+            "val-loglik": self.val_loglik,
+            "feature-sum": self.feature_sum,
+            "feature-sq": self.feature_sq,
+        }
+
+    def values(self) -> dict[str, int]:
+        return {
+            "n": self.n,
+            "val-n": self.val_n,
+            "feature-n": self.feature_n,
+            **{
+                COUNT_KEYS[expert_group(r)]: int(self.regimens.get(r, 0))
+                for r in REGIMENS
+            },
+        }
+
+    @classmethod
+    def read(
+        cls,
+        site: str,
+        arrays: Mapping[str, np.ndarray],
+        values: Mapping[str, Any],
+        *,
+        candidates: int,
+        size: int,
+        features: int,
+    ) -> NewtonReply:
+        """Read an untrusted reply; ValueError says what is wrong (shapes,
+        dtypes, counts, non-finite values)."""
+        expect = {
+            "grad": (candidates, size),
+            "hess": (candidates, size, size),
+            "loglik": (candidates,),
+            "val-loglik": (candidates,),
+            "feature-sum": (features,),
+            "feature-sq": (features,),
+        }
+        counts = {"n", "val-n", "feature-n"} | {
+            COUNT_KEYS[expert_group(r)] for r in REGIMENS
+        }
+        if set(arrays) != set(expect) or set(values) != counts:
+            raise ValueError(
+                f"a Newton reply holds the arrays {sorted(expect)} and the counts "
+                f"{sorted(counts)}"
+            )
+        for key, shape in expect.items():
+            a = arrays[key]
+            if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or a.shape != shape:
+                raise ValueError(f"`{key}` is not a float array of shape {shape}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"`{key}` holds NaN or infinite values")
+        return cls(
+            site,
+            whole_count(values["n"], "n"),
+            arrays["loglik"].astype(np.float64),
+            arrays["grad"].astype(np.float64),
+            arrays["hess"].astype(np.float64),
+            whole_count(values["val-n"], "val-n"),
+            arrays["val-loglik"].astype(np.float64),
+            whole_count(values["feature-n"], "feature-n"),
+            arrays["feature-sum"].astype(np.float64),
+            arrays["feature-sq"].astype(np.float64),
+            {r: whole_count(values[COUNT_KEYS[expert_group(r)]], r) for r in REGIMENS},
+        )

@@ -38,6 +38,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DynUNet
@@ -81,11 +82,15 @@ class ModelOutput(NamedTuple):
             deep-supervision heads, main head first); eval mode ``(B, 2, D, H, W)``.
         pcr_logits: ``(B, 3)``, every expert's pCR logit (nCRT, TNT, nCT).
         gated_logit: ``(B,)``, the received regimen's expert.
+        head_input: ``(B, E)``, what the experts read (``z``; tumour features
+            only): with the linear head, the standardised feature blocks and
+            the clinical one-hot, the design of its logistic regression.
     """
 
     seg_logits: torch.Tensor
     pcr_logits: torch.Tensor
     gated_logit: torch.Tensor
+    head_input: torch.Tensor | None = None
 
 
 def _conv_block(
@@ -304,6 +309,14 @@ class UNetMoECli(nn.Module):
 
     def head(self, features: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
         """pCR logits ``(B, 3)`` from tumour features and the clinical one-hot."""
+        return self.experts_of(self.head_input(features, clinical))
+
+    def head_input(
+        self, features: torch.Tensor, clinical: torch.Tensor
+    ) -> torch.Tensor:
+        """``z`` ``(B, E)``, what the experts read: the modality embeddings
+        (``mlp``) or the standardised feature blocks themselves (``linear``),
+        then the clinical one-hot."""
         n_adc, n_t2, _ = self._split
         if self.config.feature_centre:
             features = (features - self._feature_centre) / self._feature_scale
@@ -313,23 +326,80 @@ class UNetMoECli(nn.Module):
             features[:, n_adc + n_t2 :],
         )
         if self.config.head == "linear":
-            return self._experts([t2, adc, shape], clinical)
-        parts = [
-            self.encode_t2(torch.cat([t2, shape], dim=1)),
-            self.encode_adc(torch.cat([adc, shape], dim=1)),
-        ]
-        return self._experts(parts, clinical)
+            parts = [t2, adc, shape]
+        else:
+            parts = [
+                self.encode_t2(torch.cat([t2, shape], dim=1)),
+                self.encode_adc(torch.cat([adc, shape], dim=1)),
+            ]
+        return self._with_clinical(parts, clinical)
 
-    def _experts(
+    def _with_clinical(
         self, parts: list[torch.Tensor], clinical: torch.Tensor
     ) -> torch.Tensor:
         if self.config.use_clinical:
             parts = [*parts, clinical]
-        z = torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1)
+
+    def experts_of(self, z: torch.Tensor) -> torch.Tensor:
+        """pCR logits ``(B, 3)`` from the experts' input ``z``."""
         logits = torch.cat([self.experts[r](z) for r in REGIMENS], dim=1)
         if self.config.experts == "residual":
             logits = logits + self.prognosis(z)
         return logits
+
+    @property
+    def is_glm(self) -> bool:
+        """Whether the pCR part is a logistic regression in ``head_input``:
+        the linear head with linear residual experts
+        (:mod:`shared_model.posterior` fits it and its posterior)."""
+        return (
+            self.config.features == "tumour"
+            and self.config.head == "linear"
+            and self.config.experts == "residual"
+            and self.config.expert_hidden == 0
+        )
+
+    def glm_coefficients(self) -> np.ndarray:
+        """The linear head as ``B`` ``(4, P)``: rows prognosis, then the
+        experts in REGIMENS order; each row the weights, then the intercept."""
+        if not self.is_glm:
+            raise ConfigError("only the linear residual head is a logistic regression")
+        rows = self._glm_layers()
+        return np.stack(
+            [
+                np.concatenate(
+                    [
+                        layer.weight.detach().cpu().double().numpy().ravel(),
+                        layer.bias.detach().cpu().double().numpy(),
+                    ]
+                )
+                for layer in rows
+            ]
+        )
+
+    def _glm_layers(self) -> list[nn.Linear]:
+        """The linear head's layers: prognosis, then each regimen's expert."""
+        heads = [self.prognosis, *(self.experts[r] for r in REGIMENS)]
+        layers = [h[0] for h in heads if isinstance(h, nn.Sequential)]
+        if len(layers) != len(heads) or not all(
+            isinstance(x, nn.Linear) for x in layers
+        ):
+            raise ConfigError("only the linear residual head is a logistic regression")
+        return layers  # type: ignore[return-value]
+
+    def set_glm_coefficients(self, beta: np.ndarray) -> None:
+        """Set the linear head from ``B`` ``(4, P)`` (see :meth:`glm_coefficients`)."""
+        rows = self._glm_layers()
+        b = np.asarray(beta, np.float64)
+        if b.shape != (len(rows), rows[0].weight.shape[1] + 1):
+            raise ConfigError(f"head coefficients of shape {b.shape} do not fit")
+        with torch.no_grad():
+            for layer, row in zip(rows, b, strict=True):
+                layer.weight.copy_(
+                    torch.as_tensor(row[:-1][None], dtype=layer.weight.dtype)
+                )
+                layer.bias.copy_(torch.as_tensor(row[-1:], dtype=layer.bias.dtype))
 
     @staticmethod
     def gate(pcr_logits: torch.Tensor, regimen: torch.Tensor) -> torch.Tensor:
@@ -342,15 +412,16 @@ class UNetMoECli(nn.Module):
     ) -> ModelOutput:
         seg, bottleneck = self.segment(image)
         if self.config.features == "tumour":
-            pcr_logits = self.head(self.tumour_features(image, seg), clinical)
-        else:
-            prob, shared = self.shared_features(seg, bottleneck)
-            self._features.pop("decoder", None)
-            parts = [
-                self.encode_t2(image[:, 0:1], prob, shared),
-                self.encode_adc(image[:, 1:2], prob, shared),
-            ]
-            pcr_logits = self._experts(parts, clinical)
+            z = self.head_input(self.tumour_features(image, seg), clinical)
+            pcr_logits = self.experts_of(z)
+            return ModelOutput(seg, pcr_logits, self.gate(pcr_logits, regimen), z)
+        prob, shared = self.shared_features(seg, bottleneck)
+        self._features.pop("decoder", None)
+        parts = [
+            self.encode_t2(image[:, 0:1], prob, shared),
+            self.encode_adc(image[:, 1:2], prob, shared),
+        ]
+        pcr_logits = self.experts_of(self._with_clinical(parts, clinical))
         return ModelOutput(seg, pcr_logits, self.gate(pcr_logits, regimen))
 
 

@@ -115,3 +115,4 @@ PRESET_PLANS: dict[str, Plan] = {
 PRESET_PLANS["public"] = PRESET_PLANS["demo"]  # pretraining for demo federations
 PRESET_PLANS["public-tiny"] = PRESET_PLANS["tiny"]
 """Default plan for each synthetic cohort preset (CPU-sized for tiny and demo)."""
+PRESET_PLANS["paper-demo"] = PRESET_PLANS["demo"]  # the paper's counts, demo grid

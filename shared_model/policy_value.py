@@ -24,18 +24,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.stats import norm
 from sklearn.linear_model import LogisticRegression
 
 from shared_model.clinical import REGIMENS
+from shared_model.messages import finite_number, whole_count
 from shared_model.policy import (
     DIRECTIONS,
     ESTIMATORS,
     RecommendationRule,
     direction,
+    gain_probabilities,
     recommend,
     share_of_oracle_gain,
 )
@@ -69,6 +71,11 @@ def propensities(
     return out
 
 
+CONFIDENCE_EDGES = (0.5, 0.8, 0.9, 0.95)
+CONFIDENCE_BINS = ("<0.5", "0.5-0.8", "0.8-0.9", "0.9-0.95", ">=0.95")
+"""Bins of a patient's highest probability that a switch gains."""
+
+
 @dataclass
 class PolicySums:
     """What a site sends about the policy: sums of per-patient terms."""
@@ -89,6 +96,11 @@ class PolicySums:
     followed: int = 0  # patients whose received regimen is the recommended one
     low_propensity: int = 0  # recommended regimen given rarely (below `low`)
     never_given: int = 0  # recommended regimen the site never gives
+    # switch rule: patients by the highest posterior probability that an
+    # allowed alternative beats the reference (CONFIDENCE_BINS)
+    confidence: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(CONFIDENCE_BINS, 0)
+    )
 
     def __add__(self, other: PolicySums) -> PolicySums:
         def add(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,6 +115,7 @@ class PolicySums:
             self.followed + other.followed,
             self.low_propensity + other.low_propensity,
             self.never_given + other.never_given,
+            add(self.confidence, other.confidence),
         )
 
     def to_values(self) -> dict[str, float | int]:
@@ -116,6 +129,7 @@ class PolicySums:
             "policy-low-propensity": self.low_propensity,
             "policy-never-given": self.never_given,
         }
+        out |= {f"policy-conf-{k}": v for k, v in self.confidence.items()}
         return out
 
     @classmethod
@@ -131,10 +145,14 @@ class PolicySums:
             int(values["policy-followed"]),
             int(values["policy-low-propensity"]),
             int(values["policy-never-given"]),
+            {k: int(values[f"policy-conf-{k}"]) for k in CONFIDENCE_BINS},
         )
         counts = [n, out.followed, out.low_propensity, out.never_given]
+        counts += list(out.confidence.values())
         if min(counts) < 0 or sum(out.directions.values()) != n:
             raise ValueError("policy counts are negative or do not add up")
+        if sum(out.confidence.values()) not in (0, n):
+            raise ValueError("policy confidence counts do not add up")
         if not all(np.isfinite(list(out.sums.values()) + list(out.squares.values()))):
             raise ValueError("policy sums are not finite")
         return out
@@ -175,15 +193,26 @@ def site_policy_sums(
     propensity: np.ndarray,
     rule: RecommendationRule | None = None,
     low: float = 0.05,
+    design: Any = None,
 ) -> PolicySums:
-    """A site's sums for the policy value, recommendations and positivity."""
+    """A site's sums for the policy value, recommendations and positivity
+    (``design``: the patients' head input, for a ``switch`` rule)."""
     y = np.asarray(outcome, np.float64)
     known = ~np.isnan(y)
     p = np.asarray(probs, np.float64)[known]
     a = np.asarray(received, int)[known]
     e = np.asarray(propensity, np.float64)[known]
-    rec = recommend(p, rule, a)
+    z = None if design is None else np.asarray(design, np.float64)[known]
+    rec = recommend(p, rule, a, z)
     terms = policy_terms(p, a, y[known], e, rec)
+    confidence = dict.fromkeys(CONFIDENCE_BINS, 0)
+    if rule is not None and rule.kind == "switch" and not rule.withheld and len(a):
+        gain = gain_probabilities(rule, z)
+        ref = REGIMENS.index(rule.reference)
+        alts = [j for j, r in enumerate(REGIMENS) if r in rule.allowed and j != ref]
+        top = gain[:, alts].max(axis=1) if alts else np.zeros(len(a))
+        bins = np.searchsorted(CONFIDENCE_EDGES, top, side="right")
+        confidence = {k: int((bins == i).sum()) for i, k in enumerate(CONFIDENCE_BINS)}
     rows = np.arange(len(a))
     dirs = [direction(int(r), int(g)) for r, g in zip(rec, a, strict=True)]
     return PolicySums(
@@ -195,6 +224,7 @@ def site_policy_sums(
         followed=int((rec == a).sum()),
         low_propensity=int(((e[rows, rec] < low) & (e[rows, rec] > 0)).sum()),
         never_given=int((e[rows, rec] == 0).sum()),
+        confidence=confidence,
     )
 
 
@@ -218,6 +248,8 @@ def policy_value(sums: PolicySums, level: float = 0.95) -> dict[str, Any]:
     out["directions"] = dict(sums.directions)
     out["recommended"] = dict(sums.recommended)
     out["followed"] = sums.followed
+    if any(sums.confidence.values()):
+        out["confidence"] = dict(sums.confidence)
     warnings = []
     if sums.never_given:
         warnings.append(
@@ -323,3 +355,99 @@ class OracleSums:
                 "ci": (share - z * se, share + z * se),
             }
         return out
+
+
+@dataclass
+class CandidateSums:
+    """A site's sums for one candidate rule on its validation split: the
+    doubly robust terms, their paired difference from the first candidate's
+    (the guideline for everyone), and the patients it advises away from its
+    reference. What the federation chooses its rule from."""
+
+    n: int = 0
+    dr: float = 0.0
+    dr2: float = 0.0
+    diff: float = 0.0
+    diff2: float = 0.0
+    switched: int = 0
+
+    KEYS: ClassVar[tuple[str, ...]] = ("n", "dr", "dr2", "diff", "diff2", "switched")
+
+    def __add__(self, other: CandidateSums) -> CandidateSums:
+        return CandidateSums(
+            *(getattr(self, k) + getattr(other, k) for k in CandidateSums.KEYS)
+        )
+
+    def to_values(self, prefix: str) -> dict[str, float | int]:
+        return {f"{prefix}{k}": getattr(self, k) for k in CandidateSums.KEYS}
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], prefix: str) -> CandidateSums:
+        """Server side; ValueError/KeyError on a malformed record."""
+        n = whole_count(values[f"{prefix}n"], f"{prefix}n")
+        switched = whole_count(values[f"{prefix}switched"], f"{prefix}switched")
+        sums = [
+            finite_number(values[f"{prefix}{k}"], f"{prefix}{k}")
+            for k in ("dr", "dr2", "diff", "diff2")
+        ]
+        if switched > n or sums[1] < 0 or sums[3] < 0:
+            raise ValueError(f"`{prefix}*` sums are impossible")
+        return cls(n, sums[0], sums[1], sums[2], sums[3], switched)
+
+    def value(self, level: float = 0.95) -> dict[str, Any] | None:
+        """The doubly robust value and its difference from the first
+        candidate, each with a normal interval; None without patients."""
+        if self.n < 2:
+            return None
+        z = float(norm.ppf(0.5 + level / 2))
+
+        def mean_ci(total: float, squares: float) -> dict[str, Any]:
+            mean = total / self.n
+            var = max(squares / self.n - mean * mean, 0.0) * self.n / (self.n - 1)
+            se = float(np.sqrt(var / self.n))
+            return {"value": mean, "se": se, "ci": (mean - z * se, mean + z * se)}
+
+        return {
+            "dr": mean_ci(self.dr, self.dr2),
+            "gain_over_first": mean_ci(self.diff, self.diff2),
+            "switched": self.switched,
+            "n": self.n,
+        }
+
+
+def candidate_sums(
+    probs: np.ndarray,
+    received: Sequence[int] | np.ndarray,
+    outcome: Sequence[float] | np.ndarray,
+    propensity: np.ndarray,
+    rules: Sequence[RecommendationRule],
+    design: Any = None,
+) -> list[CandidateSums]:
+    """Each rule's :class:`CandidateSums` over the patients with an outcome
+    (site side); the first rule is the one the others are compared with."""
+    y = np.asarray(outcome, np.float64)
+    known = ~np.isnan(y)
+    p = np.asarray(probs, np.float64)[known]
+    a = np.asarray(received, int)[known]
+    e = np.asarray(propensity, np.float64)[known]
+    z = None if design is None else np.asarray(design, np.float64)[known]
+    terms = []
+    switched = []
+    for rule in rules:
+        rec = recommend(p, rule, a, z)
+        terms.append(policy_terms(p, a, y[known], e, rec)["dr"])
+        switched.append(int((rec != REGIMENS.index(rule.reference)).sum()))
+    out = []
+    for t, moved in zip(terms, switched, strict=True):
+        d = t - terms[0]
+        out.append(
+            CandidateSums(
+                int(len(t)),
+                float(t.sum()),
+                float((t * t).sum()),
+                float(d.sum()),
+                float((d * d).sum()),
+                moved,
+            )
+        )
+    return out

@@ -28,13 +28,21 @@ from shared_model.federated_metrics import (
 )
 from shared_model.messages import SECONDS, finite_number, whole_count
 from shared_model.policy import DIRECTIONS
-from shared_model.policy_value import OracleSums, PolicySums, policy_value
+from shared_model.policy_value import (
+    CandidateSums,
+    OracleSums,
+    PolicySums,
+    policy_value,
+)
 from shared_model.survival import SurvivalCounts, kaplan_meier, logrank
 
 COHORTS = ("validation", "prospective", "test")
 """Evaluation cohorts, in report order: a training site's validation split
 (chooses thresholds), an evaluate site's patients (prospective), and the
 held-out test cohort (quality claims; never used to choose anything)."""
+
+MAX_CANDIDATES = 64
+"""The most candidate rules one evaluation sums."""
 
 ADVICE_GROUPS = (*DIRECTIONS, "followed", "not-followed")
 """Disease-free survival groups: the recommendation against the received
@@ -60,6 +68,8 @@ class SiteEvaluation:
     # (score under the received regimen, outcome) per patient with an outcome:
     # kept at the site for paired tests, never serialised
     local_scores: np.ndarray | None = None
+    # the candidate rules' sums, when the federation is choosing its rule
+    candidates: list[CandidateSums] | None = None
 
     def to_values(self) -> dict[str, Any]:
         """Flat values for a Flower MetricRecord (what the site sends)."""
@@ -74,6 +84,8 @@ class SiteEvaluation:
             out |= c.to_values(f"{r}-")
         for group, counts in (self.survival or {}).items():
             out |= counts.to_values(f"dfs-{group}-")
+        for k, cand in enumerate(self.candidates or []):
+            out |= cand.to_values(f"cand-{k}-")
         return out
 
     @classmethod
@@ -115,7 +127,16 @@ class SiteEvaluation:
                 if f"dfs-{ADVICE_GROUPS[0]}-at-risk" in values
                 else None
             ),
+            candidates=_candidates(values),
         )
+
+
+def _candidates(values: dict[str, Any]) -> list[CandidateSums] | None:
+    """The candidate rules' sums, ``cand-0-...`` onwards (consecutive)."""
+    out: list[CandidateSums] = []
+    while len(out) < MAX_CANDIDATES and f"cand-{len(out)}-n" in values:
+        out.append(CandidateSums.from_values(values, f"cand-{len(out)}-"))
+    return out or None
 
 
 def combine(
@@ -154,7 +175,7 @@ def combine(
         value["oracle"] = truth
     dice_n = sum(s.dice_n for s in sites)
     loss_n = sum(s.loss_n for s in sites)
-    out = {
+    out: dict[str, Any] = {
         "n": overall.n,
         "auc": auc_from_histograms(overall.pos, overall.neg),
         "auc_by_regimen": {
@@ -185,6 +206,12 @@ def combine(
             for s in sorted(sites, key=lambda s: s.site)
         },
     }
+    sums = [s.candidates for s in sites]
+    if sums and all(c is not None and len(c) == len(sums[0] or []) for c in sums):
+        out["candidates"] = [
+            sum((c[k] for c in sums if c is not None), CandidateSums()).value()
+            for k in range(len(sums[0] or []))
+        ]
     with_dfs = [s.survival for s in sites if s.survival is not None]
     if with_dfs:
         out["survival"] = survival_report(

@@ -142,7 +142,10 @@ def run_simulated_federation(
     echo(
         f"simulating {len(yamls)} sites ({', '.join(p.stem for p in yamls)}), "
         + (
-            f"{fed.segmentation_rounds} segmentation + {fed.head_rounds} head rounds"
+            f"{fed.segmentation_rounds} segmentation rounds, then the heads' Newton "
+            "fit and the advice rule"
+            if fed.fits_posterior
+            else f"{fed.segmentation_rounds} segmentation + {fed.head_rounds} head rounds"
             if fed.training == "staged"
             else f"{fed.num_server_rounds} rounds (joint)"
         )
@@ -245,10 +248,18 @@ def format_run_summary(record: dict[str, Any]) -> str:
     """Final summary of a federated run record."""
     rounds = record["rounds"]
     last = rounds[-1] if rounds else {}
-    ev: dict[str, Any] = next(
+    advice = record.get("advice") or {}
+    ev: dict[str, Any] = advice.get("evaluate") or next(
         (r["evaluate"] for r in reversed(rounds) if "evaluate" in r), {}
     )
     lines = [f"federated run {record['status']}: {len(rounds)} rounds"]
+    if advice:
+        fit = advice["fit"]
+        lines.append(
+            f"  heads: pooled logistic regression by {fit['newton_steps']} Newton "
+            f"steps over {len(fit['sites'])} sites (prior {fit['lam']:g}, chosen on "
+            f"the validation log-loss); advice: {advice['rule_in_words']}"
+        )
     if ev:
         by = ", ".join(
             f"{k} {format_metric(v)}" for k, v in ev.get("auc_by_regimen", {}).items()

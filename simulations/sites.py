@@ -314,6 +314,13 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+# The paper's patient counts (760 retrospective, 88 nCT, 95 prospective, a test
+# cohort of 1,000) on the demo's image grid: the paper-scale claims measured on
+# two CPU cores.
+PRESETS["paper-demo"] = replace(
+    PRESETS["paper"], name="paper-demo", geometry=PRESETS["demo"].geometry
+)
+
 # Public pretraining cohorts: the retrospective sizes and image grids of demo and
 # tiny, no prospective or test cohort, patients drawn from their own random
 # stream (PUBLIC_STREAM), so no site of any cohort holds them.

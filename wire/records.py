@@ -22,17 +22,21 @@ from shared_model.messages import (
     CONFIG,
     DECLINED,
     FINGERPRINT,
+    GLM,
     INFO,
     METRICS,
+    NEWTON_QUERY,
     SITE,
     WITHHELD,
     FingerprintReply,
+    NewtonReply,
     RoundRequest,
     SiteTrainReply,
     TrainReply,
     fingerprint_query_values,
     read_fingerprint_query,
 )
+from shared_model.posterior import Posterior
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -184,6 +188,90 @@ def read_evaluation_reply(msg: Message) -> dict[str, Any] | None:
             return None
         raise ValueError(f"the reply has no `{METRICS}` record")
     return dict(content.metric_records[METRICS])
+
+
+POSTERIOR = "posterior"
+"""The arrays record of a request that carries the posterior over the head."""
+
+
+def with_posterior(content: RecordDict, posterior: Posterior | None) -> RecordDict:
+    """``content`` with the posterior's arrays added (when there is one)."""
+    if posterior is not None:
+        content[POSTERIOR] = arrays_to_record(posterior.to_arrays())
+    return content
+
+
+def read_posterior(msg: Message) -> Posterior | None:
+    """The posterior a request carries (None: none); ConfigError when malformed."""
+    record = msg.content.array_records.get(POSTERIOR)
+    if record is None:
+        return None
+    try:
+        return Posterior.from_arrays(record_to_arrays(record))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"the request's posterior is unusable ({e})") from e
+
+
+NEWTON_MESSAGE = f"query.{NEWTON_QUERY}"
+"""The message type of a Newton query (the ClientApp's ``@app.query("newton")``)."""
+
+
+def newton_query(
+    request: RoundRequest, arrays: dict[str, np.ndarray], beta: np.ndarray
+) -> RecordDict:
+    """A Newton query: the request, the global weights and the candidates'
+    coefficients ``(K, 4, P)``."""
+    return RecordDict(
+        {
+            ARRAYS: arrays_to_record(arrays),
+            CONFIG: request_record(request),
+            GLM: arrays_to_record({"beta": np.asarray(beta, np.float64)}),
+        }
+    )
+
+
+def read_newton_query(
+    msg: Message,
+) -> tuple[RoundRequest, dict[str, np.ndarray], np.ndarray]:
+    """A site reads a Newton query; ConfigError when malformed."""
+    request, arrays = read_request(msg)
+    record = msg.content.array_records.get(GLM)
+    beta = None if record is None else record_to_arrays(record).get("beta")
+    if beta is None or beta.ndim != 3 or not np.isfinite(beta).all():
+        raise ConfigError("the Newton query lacks finite coefficients (K, 4, P)")
+    return request, arrays, beta.astype(np.float64)
+
+
+def newton_reply_content(reply: NewtonReply) -> RecordDict:
+    """A site's answer to a Newton query."""
+    return RecordDict(
+        {
+            GLM: arrays_to_record(reply.arrays()),
+            METRICS: MetricRecord(dict[str, Any](reply.values())),
+            INFO: ConfigRecord({SITE: reply.site}),
+        }
+    )
+
+
+def read_newton_reply(
+    msg: Message, site: str, *, candidates: int, size: int, features: int
+) -> NewtonReply:
+    """The server reads an untrusted Newton reply from ``site``; ValueError
+    says what is wrong (an error reply included)."""
+    if msg.has_error():
+        raise ValueError(f"site reported an error: {error_text(msg)}")
+    content = msg.content
+    _verify_layout(
+        content, {GLM: {"arrays"}, METRICS: {"metrics"}, INFO: {"config"}}, {SITE}
+    )
+    try:
+        arrays = record_to_arrays(content.array_records[GLM])
+        values = dict(content.metric_records[METRICS])
+    except KeyError as e:
+        raise ValueError(f"malformed reply (no {e})") from e
+    return NewtonReply.read(
+        site, arrays, values, candidates=candidates, size=size, features=features
+    )
 
 
 FINGERPRINT_QUERY = "query.fingerprint"
