@@ -91,6 +91,14 @@ def dp_feasibility(
             "a staged federation without a pretrained public backbone (run config "
             "`backbone`): the site refuses it",
         )  # fmt: skip
+    if fed.fits_posterior:
+        return Feasibility(
+            "refused", n_patients, 0, 0.0, 0, 0, None, 0.0, None, None,
+            "the heads' Newton fit (run config `head-fit = newton`) asks for exact "
+            "gradient and Hessian sums, which no DP budget covers: the site refuses "
+            "it; its federation runs head-fit = rounds (DP-SGD head rounds) and "
+            "advice-rule = margin (no posterior)",
+        )  # fmt: skip
     heads = fed.training == "staged"
     if heads:
         q = fed.dp_head_sample_rate

@@ -50,11 +50,11 @@ from shared_model.policy import (
 from shared_model.policy_value import (
     OracleSums,
     PolicySums,
-    candidate_sums,
     fit_propensity,
     propensities,
     site_policy_sums,
 )
+from shared_model.rule_choice import candidate_sums
 from shared_model.site_evaluation import (
     ADVICE_GROUPS,
     COHORTS,

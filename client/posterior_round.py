@@ -3,8 +3,9 @@
 :func:`newton_round` answers one Newton query: for each candidate prior's
 current coefficients, the sums of the site's training patients' negative
 log-likelihood gradient and Hessian (:func:`shared_model.posterior.glm_sums`)
-and the log-likelihood of its validation patients, over the tumour features it
-cached with the frozen backbone; plus the sums and sums of squares of those
+and the same sums over its validation patients (which choose the prior and
+recalibrate the head), over the tumour features it cached with the frozen
+backbone; plus the sums and sums of squares of those
 features (the pooled standardisation). Only sums leave the site, the same kind
 of aggregate its evaluation already sends; they are exact, not noised, so a
 site with a ``privacy`` section refuses the query (its heads train by DP-SGD
@@ -24,7 +25,8 @@ from client.feature_cache import FeatureSet, eval_view, load_or_build
 from client.site_state import RoundSetup, prepare_round
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
-from shared_model.messages import NewtonReply, RoundRequest
+from shared_model.messages import RoundRequest
+from shared_model.newton_messages import NewtonReply
 from shared_model.posterior import GlmSums, glm_sums
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,7 @@ def newton_round(
     sums: list[GlmSums] = [
         glm_sums(z_train, train.regimen.numpy(), train.pcr.numpy(), b) for b in beta
     ]
-    val_loglik = [
-        glm_sums(z_val, val.regimen.numpy(), val.pcr.numpy(), b).loglik for b in beta
-    ]
+    val_sums = [glm_sums(z_val, val.regimen.numpy(), val.pcr.numpy(), b) for b in beta]
     raw = train.features.double().numpy()
     known = ~np.isnan(val.pcr.numpy())
     log.info(
@@ -69,7 +69,7 @@ def newton_round(
         np.stack([s.grad for s in sums]),
         np.stack([s.hess for s in sums]),
         int(known.sum()),
-        np.array(val_loglik, np.float64),
+        np.array([v.loglik for v in val_sums], np.float64),
         len(raw),
         raw.sum(axis=0),
         (raw * raw).sum(axis=0),
@@ -77,6 +77,8 @@ def newton_round(
             r: int(((train.regimen.numpy() == j) & ~np.isnan(train.pcr.numpy())).sum())
             for j, r in enumerate(REGIMENS)
         },
+        np.stack([v.grad for v in val_sums]),
+        np.stack([v.hess for v in val_sums]),
     )
 
 

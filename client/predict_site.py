@@ -76,6 +76,7 @@ COLUMNS = (
     "reason",
     "reference",
     "p_gain",
+    "rule",
     "flags",
     "tumour_volume_ml",
     "mask_file",
@@ -157,6 +158,7 @@ def predict_site(
         progress=progress,
     )
     advice = _advice(scores, cases, rule, reasons, low_propensity)
+    rule_text = rule.describe() + (" (a what-if)" if "what_if" in record else "")
     rows: list[dict[str, Any]] = []
     for case, score, (rec, why, flags, gain) in zip(cases, scores, advice, strict=True):
         mask_file = ""
@@ -178,6 +180,7 @@ def predict_site(
                 "reason": why,
                 "reference": rule.reference if rule.kind in ("switch", "fixed") else "",
                 "p_gain": "" if gain is None else round(gain, 3),
+                "rule": rule_text,
                 "flags": ";".join(flags),
                 "tumour_volume_ml": round(score.volume_ml, 3),
                 "mask_file": mask_file,

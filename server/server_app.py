@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server import planning
-from server.advice_step import evaluate_with, fit_and_choose
+from server.advice_step import advice_step
 from server.identity import (
     NodeSites,
     RegisteredNodes,
@@ -53,6 +53,7 @@ from server.identity import (
     round_identities,
 )
 from server.roster import Roster
+from server.round_entry import learn_sites, privacy_line, round_entry
 from server.run_folder import RunFolder, StrategyState
 from server.strategy import GroupedStrategy
 from shared_model.backbone import Backbone, apply_backbone, load_backbone
@@ -69,7 +70,7 @@ from shared_model.model import (
 )
 from shared_model.plan import Plan
 from shared_model.policy import expert_support, supported_regimens
-from wire.records import arrays_to_record, claimed_site, request_record
+from wire.records import arrays_to_record, request_record
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def _run_rounds(
                 known=known,
                 bound=bound,
             )
-            missing = _learn_sites(heard, messages, replies, identities.names)
+            missing = learn_sites(heard, messages, replies, identities.names)
             if missing:
                 log.warning(
                     "round %d: no reply within %.0f s from %s",
@@ -289,7 +290,7 @@ def _run_rounds(
             arrays = outcome.arrays
             for site in outcome.sites.values():
                 site["bytes_down"] = bytes_down
-            entry = _round_entry(rnd, stage, outcome, missing, identities.source)
+            entry = round_entry(rnd, stage, outcome, missing, identities.source)
             if fed.evaluate_every and rnd % fed.evaluate_every == 0:
                 so_far = [*record["rounds"], entry]
                 entry["evaluate"] = _evaluate(
@@ -326,7 +327,7 @@ def _run_rounds(
                 format_metric(ev.get("auc")),
                 format_metric(ev.get("dice")),
                 entry["seconds"],
-                _privacy_line(entry),
+                privacy_line(entry),
             )
         if fed.fits_posterior:
 
@@ -341,7 +342,7 @@ def _run_rounds(
                 )
                 return found
 
-            _advice_step(grid, fed, begin, folder, record, arrays, current)
+            advice_step(grid, fed, begin, folder, record, arrays, current)
     except Exception as e:
         record["status"] = "failed"
         record["error"] = repr(e)
@@ -350,94 +351,6 @@ def _run_rounds(
     record["status"] = "finished"
     folder.write_record(record)
     return record
-
-
-def _advice_step(
-    grid: Grid,
-    fed: FederationConfig,
-    begin: FederationStart,
-    folder: RunFolder,
-    record: dict[str, Any],
-    arrays: dict[str, np.ndarray],
-    identities: Callable[[], SiteIdentities],
-) -> None:
-    """The head's Newton fit, its posterior and the advice rule
-    (:mod:`server.advice_step`), then the final evaluation under that rule;
-    written as the latest model (a resume does the step again when the record
-    does not hold it)."""
-    server_round = fed.total_rounds + 1
-    done = fit_and_choose(
-        grid,
-        fed,
-        begin.strategy,
-        begin.request,
-        arrays,
-        begin.model_cfg,
-        identities,
-        server_round,
-    )
-    request = dataclasses.replace(
-        begin.request,
-        model_config=done.model_cfg.to_dict(),
-        advice_rule=done.rule.to_dict(),
-    )
-    done.record["evaluate"] = evaluate_with(
-        grid,
-        begin.strategy,
-        request,
-        done.arrays,
-        done.rule.posterior,
-        identities(),
-        server_round,
-    )
-    record["advice"] = done.record
-    ev = done.record["evaluate"]
-    log.info(
-        "final model: val AUC %s, Dice %s; advice: %s",
-        format_metric(ev.get("auc")),
-        format_metric(ev.get("dice")),
-        done.rule.describe(),
-    )
-    folder.save_advice(
-        done.arrays,
-        record,
-        done.model_cfg,
-        begin.plan,
-        done.rule,
-        extra_config={
-            "expert_support": done.record["fit"]["expert_support"],
-            **({"backbone": begin.backbone} if begin.backbone else {}),
-        },
-    )
-
-
-def _round_entry(
-    rnd: int, stage: str, outcome: Any, missing: list[str], identified_by: str
-) -> dict[str, Any]:
-    """The run record's entry for one round (evaluation and time added later)."""
-    entry: dict[str, Any] = {
-        "round": rnd,
-        "stage": stage,
-        "updated": outcome.updated,
-        "sites": outcome.sites,
-        "excluded": outcome.excluded,
-        "declined": outcome.declined,
-        "missing": missing,
-        # sites named by their nodes' registrations, the simulation's map of
-        # its nodes, or (allow-unregistered-sites) their replies
-        "identified_by": identified_by,
-        "groups": {
-            g: {"sites": r.sites, "n": r.n, "updated": r.updated}
-            for g, r in outcome.groups.items()
-        },
-    }
-    if outcome.client_dp is not None:
-        entry["client_dp"] = outcome.client_dp
-    if outcome.bounds is not None:
-        entry["bounds"] = outcome.bounds
-    if outcome.flags:
-        entry["flags"] = outcome.flags
-    return entry
 
 
 def _evaluate(
@@ -459,48 +372,6 @@ def _evaluate(
     messages = strategy.configure_evaluate(rnd, arrays_to_record(arrays), config, grid)
     replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
     return strategy.aggregate_evaluation(replies, identities)
-
-
-def _learn_sites(
-    heard: dict[int, str],
-    sent: list[Any],
-    replies: list[Any],
-    names: Mapping[int, str],
-) -> list[str]:
-    """Remember which node is which site; name the nodes that did not reply.
-
-    Node ids are random per run, so they only map replies within this run; a
-    node that did not reply is reported by its known name (``names``: the
-    round's identities), else by the site its replies named, else by id.
-    """
-    answered = set()
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        answered.add(node)
-        name = names.get(node) or claimed_site(msg)
-        if name:
-            heard[node] = name
-    return sorted(
-        names.get(
-            m.metadata.dst_node_id,
-            heard.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}"),
-        )
-        for m in sent
-        if m.metadata.dst_node_id not in answered
-    )
-
-
-def _privacy_line(entry: dict[str, Any]) -> str:
-    """``; epsilon site 1.23/8 ...`` for the sites that trained under DP."""
-    parts = [
-        f"{site} {format_metric(p.get('epsilon'), 2)}/"
-        f"{format_metric(p.get('target_epsilon'), 1)}"
-        for site, m in sorted({**entry["sites"], **entry["declined"]}.items())
-        if isinstance(m, dict) and isinstance(p := m.get("privacy"), dict)
-    ]
-    if entry.get("client_dp"):
-        parts.append(f"client-level {format_metric(entry['client_dp'].get('epsilon'))}")
-    return f"; epsilon {', '.join(parts)}" if parts else ""
 
 
 def verify_for_runtime(fed: FederationConfig, *, simulation: bool) -> None:

@@ -104,7 +104,8 @@ def load_rule(folder: Path) -> RecommendationRule | None:
     if raw is None:
         return None
     posterior = None
-    if isinstance(raw, dict) and raw.get("kind") == "switch":
+    needed = isinstance(raw, dict) and raw.get("kind") == "switch"
+    if needed or (Path(folder) / ADVICE).is_file():
         try:
             posterior = Posterior.from_arrays(
                 load((Path(folder) / ADVICE).read_bytes())

@@ -63,12 +63,13 @@ keys and out-of-range values are errors that name the key.
   independent: the study's three separate experts |
 | embed-dim | 32 | tumour features: size of each modality embedding of the heads (the
   study's independent experts use 64); smaller heads take less DP noise |
-| head-type | mlp | tumour features: mlp (a two-layer embedding per modality) or linear
+| head-type | linear | tumour features: mlp (a two-layer embedding per modality) or linear
   (the feature blocks feed the linear experts directly: a logistic regression with
   regimen interactions, the head DP-SGD can train) |
 | use-clinical | true | false builds the image-only comparator (no clinical input) |
-| min-expert-support | 30 | an expert trained on fewer patients (summed over sites) is
-  never recommended |
+| min-expert-support | 30 | margin and argmax rules: an expert trained on fewer patients
+  (summed over sites) is never recommended; the switch rule weighs the support through the
+  posterior instead |
 | backbone | "" | staged: a pretrained backbone artifact (`moefl pretrain`, on the
   coordinator); the federation then trains the heads alone over it for `head-rounds`
   rounds (no segmentation rounds) — the only staged federation DP sites join |
@@ -90,10 +91,11 @@ keys and out-of-range values are errors that name the key.
 | allow-unregistered-sites | false | deployment: accept a reply from a node registered
   without a name under the site name the reply claims (insecure: a name is not an
   identity); the default refuses such replies |
-| head-fit | rounds | staged: rounds (FedAvg of the heads over `head-rounds` rounds), or
-  newton (head-type linear: the pooled Bayesian logistic regression by federated Newton
-  steps, its Laplace posterior, and the advice rule chosen on the validation split;
-  :mod:`shared_model.posterior`) |
+| head-fit | newton | staged: newton (head-type linear: the pooled Bayesian logistic
+  regression by federated Newton steps, its Laplace posterior recalibrated on the
+  validation split, and the advice rule chosen there; :mod:`shared_model.posterior`), or
+  rounds (FedAvg of the heads over `head-rounds` rounds: head-type mlp, independent
+  experts, and DP sites, which do not release exact sums) |
 | prior-grid | "0.3 1 3 10 30" | newton: the prior precisions fitted side by side; the one
   with the lowest federated validation log-loss is kept |
 | newton-rounds | 12 | newton: at most this many Newton steps (each one message wave) |
@@ -189,7 +191,7 @@ class FederationConfig:
     experts: str = "residual"
     use_clinical: bool = True
     embed_dim: int = 32
-    head_type: str = "mlp"
+    head_type: str = "linear"
     min_expert_support: int = 30
     backbone: str = ""
     dp_head_sample_rate: float = 0.5
@@ -199,7 +201,7 @@ class FederationConfig:
     update_bound: float = 4.0
     max_site_share: float = 0.5
     allow_unregistered_sites: bool = False
-    head_fit: str = "rounds"
+    head_fit: str = "newton"
     prior_grid: str = "0.3 1 3 10 30"
     newton_rounds: int = 12
     advice_rule: str = "switch"

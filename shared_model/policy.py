@@ -98,15 +98,15 @@ class RecommendationRule:
         return not self.allowed
 
     def to_dict(self) -> dict[str, Any]:
-        """What the checkpoint's config.json keeps (the posterior apart)."""
-        out: dict[str, Any] = {"kind": self.kind, "allowed": list(self.allowed)}
-        if self.kind == "margin":
-            out["margin"] = self.margin
-        if self.kind == "switch":
-            out |= {"reference": self.reference, "q": self.q}
-        if self.kind == "fixed":
-            out["reference"] = self.reference
-        return out
+        """What the checkpoint's config.json keeps (the posterior apart): every
+        field, so a saved rule never depends on today's defaults."""
+        return {
+            "kind": self.kind,
+            "allowed": list(self.allowed),
+            "margin": self.margin,
+            "reference": self.reference,
+            "q": self.q,
+        }
 
     @classmethod
     def from_dict(

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from scipy.stats import norm
 from sklearn.linear_model import LogisticRegression
 
 from shared_model.clinical import REGIMENS
-from shared_model.messages import finite_number, whole_count
 from shared_model.policy import (
     DIRECTIONS,
     ESTIMATORS,
@@ -355,99 +354,3 @@ class OracleSums:
                 "ci": (share - z * se, share + z * se),
             }
         return out
-
-
-@dataclass
-class CandidateSums:
-    """A site's sums for one candidate rule on its validation split: the
-    doubly robust terms, their paired difference from the first candidate's
-    (the guideline for everyone), and the patients it advises away from its
-    reference. What the federation chooses its rule from."""
-
-    n: int = 0
-    dr: float = 0.0
-    dr2: float = 0.0
-    diff: float = 0.0
-    diff2: float = 0.0
-    switched: int = 0
-
-    KEYS: ClassVar[tuple[str, ...]] = ("n", "dr", "dr2", "diff", "diff2", "switched")
-
-    def __add__(self, other: CandidateSums) -> CandidateSums:
-        return CandidateSums(
-            *(getattr(self, k) + getattr(other, k) for k in CandidateSums.KEYS)
-        )
-
-    def to_values(self, prefix: str) -> dict[str, float | int]:
-        return {f"{prefix}{k}": getattr(self, k) for k in CandidateSums.KEYS}
-
-    @classmethod
-    def from_values(cls, values: Mapping[str, Any], prefix: str) -> CandidateSums:
-        """Server side; ValueError/KeyError on a malformed record."""
-        n = whole_count(values[f"{prefix}n"], f"{prefix}n")
-        switched = whole_count(values[f"{prefix}switched"], f"{prefix}switched")
-        sums = [
-            finite_number(values[f"{prefix}{k}"], f"{prefix}{k}")
-            for k in ("dr", "dr2", "diff", "diff2")
-        ]
-        if switched > n or sums[1] < 0 or sums[3] < 0:
-            raise ValueError(f"`{prefix}*` sums are impossible")
-        return cls(n, sums[0], sums[1], sums[2], sums[3], switched)
-
-    def value(self, level: float = 0.95) -> dict[str, Any] | None:
-        """The doubly robust value and its difference from the first
-        candidate, each with a normal interval; None without patients."""
-        if self.n < 2:
-            return None
-        z = float(norm.ppf(0.5 + level / 2))
-
-        def mean_ci(total: float, squares: float) -> dict[str, Any]:
-            mean = total / self.n
-            var = max(squares / self.n - mean * mean, 0.0) * self.n / (self.n - 1)
-            se = float(np.sqrt(var / self.n))
-            return {"value": mean, "se": se, "ci": (mean - z * se, mean + z * se)}
-
-        return {
-            "dr": mean_ci(self.dr, self.dr2),
-            "gain_over_first": mean_ci(self.diff, self.diff2),
-            "switched": self.switched,
-            "n": self.n,
-        }
-
-
-def candidate_sums(
-    probs: np.ndarray,
-    received: Sequence[int] | np.ndarray,
-    outcome: Sequence[float] | np.ndarray,
-    propensity: np.ndarray,
-    rules: Sequence[RecommendationRule],
-    design: Any = None,
-) -> list[CandidateSums]:
-    """Each rule's :class:`CandidateSums` over the patients with an outcome
-    (site side); the first rule is the one the others are compared with."""
-    y = np.asarray(outcome, np.float64)
-    known = ~np.isnan(y)
-    p = np.asarray(probs, np.float64)[known]
-    a = np.asarray(received, int)[known]
-    e = np.asarray(propensity, np.float64)[known]
-    z = None if design is None else np.asarray(design, np.float64)[known]
-    terms = []
-    switched = []
-    for rule in rules:
-        rec = recommend(p, rule, a, z)
-        terms.append(policy_terms(p, a, y[known], e, rec)["dr"])
-        switched.append(int((rec != REGIMENS.index(rule.reference)).sum()))
-    out = []
-    for t, moved in zip(terms, switched, strict=True):
-        d = t - terms[0]
-        out.append(
-            CandidateSums(
-                int(len(t)),
-                float(t.sum()),
-                float((t * t).sum()),
-                float(d.sum()),
-                float((d * d).sum()),
-                moved,
-            )
-        )
-    return out

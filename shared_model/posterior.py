@@ -161,6 +161,15 @@ class Posterior:
         cov = np.linalg.inv(sums.hess + np.diag(precision))
         return cls(np.asarray(beta, np.float64), 0.5 * (cov + cov.T), float(lam))
 
+    def recalibrated(self, slope: float, shift: float) -> Posterior:
+        """The posterior of ``shift + slope * logit``: the linear head rescaled
+        (every coefficient times ``slope``, ``shift`` added to each expert's
+        intercept) and the covariance with it. The probability that one
+        regimen beats another is unchanged (the logit differences only scale)."""
+        return Posterior(
+            recalibrate(self.mean, slope, shift), self.cov * slope**2, self.lam
+        )
+
     def logit_difference(
         self, z: np.ndarray, alt: int, ref: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -207,6 +216,29 @@ class Posterior:
         if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
             raise ValueError("the posterior holds non-finite values")
         return cls(mean, cov, float(np.asarray(arrays["posterior.lam"]).ravel()[0]))
+
+
+def recalibrate(beta: np.ndarray, slope: float, shift: float) -> np.ndarray:
+    """``B`` whose logits are ``shift + slope * logit`` of ``beta``'s."""
+    out = np.asarray(beta, np.float64) * slope
+    out[1:, -1] += shift
+    return out
+
+
+def recalibration_step(
+    beta: np.ndarray, theta: np.ndarray, grad: np.ndarray, hess: np.ndarray
+) -> np.ndarray:
+    """One Newton step of the recalibration ``theta = (slope, shift)`` from the
+    validation gradient and Hessian in coefficient space at
+    ``recalibrate(beta, *theta)`` (chain rule through ``B(theta)``)."""
+    b = np.asarray(beta, np.float64)
+    e = np.zeros_like(b)
+    e[1:, -1] = 1.0
+    jac = np.stack([b.ravel(), e.ravel()], axis=1)  # (S, 2)
+    g, h = jac.T @ grad, jac.T @ hess @ jac
+    step = np.linalg.solve(h + 1e-9 * np.eye(2), g)
+    new = np.asarray(theta, np.float64) - step
+    return np.array([float(np.clip(new[0], 0.05, 5.0)), float(np.clip(new[1], -5, 5))])
 
 
 def fit_pooled(

@@ -28,12 +28,8 @@ from shared_model.federated_metrics import (
 )
 from shared_model.messages import SECONDS, finite_number, whole_count
 from shared_model.policy import DIRECTIONS
-from shared_model.policy_value import (
-    CandidateSums,
-    OracleSums,
-    PolicySums,
-    policy_value,
-)
+from shared_model.policy_value import OracleSums, PolicySums, policy_value
+from shared_model.rule_choice import CandidateSums
 from shared_model.survival import SurvivalCounts, kaplan_meier, logrank
 
 COHORTS = ("validation", "prospective", "test")

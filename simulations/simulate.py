@@ -129,8 +129,10 @@ def run_simulated_federation(
                 '`training = "joint"`'
             )
         if training == "staged":
-            # the head DP-SGD can train at a site's size (README, Privacy)
+            # the head DP-SGD can train at a site's size, in rounds: DP sites
+            # release no exact Newton sums (README, Privacy)
             config.setdefault("head-type", "linear")
+            config.setdefault("head-fit", "rounds")
         sites = Path(str(config["run-dir"])) / "sites"
         config["sites-dir"] = str(write_private_sites(yamls, sites, privacy))
         echo(

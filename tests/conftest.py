@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(
 def flower_task_identity() -> Iterator[None]:
     """Flower's Message reads the running task's identity, which only its runtime
     sets; give the in-process loop one."""
-    from simulations.hostile import in_process_task
+    from simulations.hostile_run import in_process_task
 
     with in_process_task():
         yield

@@ -22,20 +22,18 @@ from shared_model.messages import (
     CONFIG,
     DECLINED,
     FINGERPRINT,
-    GLM,
     INFO,
     METRICS,
-    NEWTON_QUERY,
     SITE,
     WITHHELD,
     FingerprintReply,
-    NewtonReply,
     RoundRequest,
     SiteTrainReply,
     TrainReply,
     fingerprint_query_values,
     read_fingerprint_query,
 )
+from shared_model.newton_messages import GLM, NEWTON_QUERY, NewtonReply
 from shared_model.posterior import Posterior
 
 

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument(
         "--run-config",
-        default="head-type='linear' evaluate-every=0",
+        default="head-type='linear' head-fit='rounds' evaluate-every=0",
         help="Flower-style overrides for every federation (default: the linear "
         "head, no in-round evaluation: every model is scored afterwards, and the "
         "rounds' times compare like with like)",

@@ -47,16 +47,9 @@ OFF = {"update-bound": 0.0, "max-site-share": 1.0}
 def catalogue(work: Path) -> dict[str, Any]:
     """Part 1: every kind, the sweep and the declaration (see the docstring)."""
     from shared_model.plan import PRESET_PLANS
-    from simulations.hostile import (
-        ATTACKER,
-        HOSTILE,
-        SCALES,
-        Hostile,
-        judge,
-        metrics,
-        play,
-        scaled_kind,
-    )
+    from simulations.hostile import ATTACKER, Hostile
+    from simulations.hostile_kinds import HOSTILE, SCALES, metrics, scaled_kind
+    from simulations.hostile_run import judge, play
 
     plan = work / "plan.json"
     PRESET_PLANS["tiny"].save(plan)
@@ -102,6 +95,52 @@ def catalogue(work: Path) -> dict[str, Any]:
     return {"kinds": kinds, "sweep": sweep, "declaration": declaration}
 
 
+def aggregation_cost(repeats: int = 15) -> dict[str, Any]:
+    """What the bounds cost a round: the coordinator's aggregation of three
+    sites' updates of the demo network (every group trained), timed with the
+    default bounds and with them off (median of ``repeats``)."""
+    import numpy as np
+
+    from server.strategy import GroupedStrategy
+    from shared_model.federation_config import FederationConfig
+    from shared_model.messages import GROUPS, SiteTrainReply, TrainReply
+    from shared_model.model import build_model, model_config_for, parameter_groups
+    from shared_model.plan import PRESET_PLANS
+
+    fed = FederationConfig(training="joint")
+    model = build_model(model_config_for(fed, PRESET_PLANS["demo"]))
+    groups = parameter_groups(model)
+    current = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    replies = [
+        SiteTrainReply(
+            site,
+            TrainReply(counts=dict.fromkeys(GROUPS, 20 + 10 * i)),
+            {
+                k: (v + rng.normal(0, 1e-3, v.shape)).astype(v.dtype)
+                for k, v in current.items()
+            },
+        )
+        for i, site in enumerate(("a", "b", "c"))
+    ]
+    out: dict[str, Any] = {
+        "parameters": int(sum(v.size for v in current.values())),
+        "sites": len(replies),
+    }
+    for tag, override in (("default", {}), ("off", OFF)):
+        strategy = GroupedStrategy(
+            FederationConfig.from_run_config({"training": "joint", **override}), groups
+        )
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            strategy.aggregate_replies(1, list(replies), current)
+            times.append(time.perf_counter() - t0)
+        out[f"{tag}_ms"] = round(1000 * statistics.median(times), 1)
+    out["added_ms"] = round(out["default_ms"] - out["off_ms"], 1)
+    return out
+
+
 def _share(record: dict[str, Any], site: str) -> float | None:
     """The attacker's weight share of the shared group in round 1 (from the
     capped shares when the cap applied, else from the declared counts)."""
@@ -122,7 +161,7 @@ def demo(out: Path, cohort: Path | None, seeds: list[int], factor: float) -> Any
     from client.evaluation import run_evaluation
     from simulations.benchmarks.common import prepare_cohort
     from simulations.benchmarks.quality import summarise
-    from simulations.hostile import scaling_client_app
+    from simulations.hostile_run import scaling_client_app
     from simulations.simulate import run_simulated_federation
 
     runs = {
@@ -241,6 +280,15 @@ def table(result: dict[str, Any]) -> str:
         f"| bounds off | {_f(dec['off'].get('attacker_share'))} | "
         f"{_f(dec['off']['distance'])} |",
     ]
+    cost = result.get("aggregation_cost")
+    if cost:
+        lines += [
+            "",
+            f"What the bounds cost a round: aggregating {cost['sites']} sites' updates "
+            f"of the demo network ({cost['parameters']:,} parameters) takes "
+            f"{cost['default_ms']} ms with the default bounds and {cost['off_ms']} ms "
+            f"without ({cost['added_ms']} ms added per round).",
+        ]
     if "demo" in result:
         lines += [
             "",
@@ -273,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="moefl-hostile-") as tmp:
         result: dict[str, Any] = {"catalogue": catalogue(Path(tmp))}
+    result["aggregation_cost"] = aggregation_cost()
     if args.demo and not args.quick:
         result["demo"] = demo(args.out, args.cohort, args.seeds, args.factor)
     finish(args, "hostile", table(result), result)

@@ -49,7 +49,7 @@ UNGUARDED = "federated_unguarded"
 guard costs or saves."""
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "independent": {"experts": "independent"},
+    "independent": {"experts": "independent", "head-fit": "rounds"},
     "joint": {"training": "joint"},
     "study": {"training": "joint", "features": "stem", "experts": "independent"},
     "image_only": {"use-clinical": False},

@@ -189,7 +189,7 @@ def test_check_works_out_dp_feasibility(tiny_copy: Path) -> None:
             "check",
             str(yaml_path),
             "--run-config",
-            "backbone='b.safetensors' head-rounds=5",
+            "backbone='b.safetensors' head-fit='rounds' head-rounds=5",
         ],
     )
     assert heads.exit_code == 0, heads.output

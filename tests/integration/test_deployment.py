@@ -56,7 +56,7 @@ def test_tls_authenticated_federation_runs_and_survives_losing_a_site(
         )
     run_dir = tmp_path / "run"
     config = (
-        f"num-server-rounds=1 head-rounds=2 head-epochs=3 min-sites=2 "
+        f"num-server-rounds=1 head-fit='rounds' head-rounds=2 head-epochs=3 min-sites=2 "
         f"base-filters=4 max-filters=32 "
         f"round-timeout=150 evaluate-every=2 run-dir='{run_dir}'"
     )

@@ -16,15 +16,9 @@ import pytest
 from safetensors.numpy import load
 
 from shared_model.plan import PRESET_PLANS
-from simulations.hostile import (
-    ATTACKER,
-    HOSTILE,
-    Hostile,
-    judge,
-    metrics,
-    play,
-    scaled_kind,
-)
+from simulations.hostile import ATTACKER, Hostile
+from simulations.hostile_kinds import HOSTILE, metrics, scaled_kind
+from simulations.hostile_run import judge, play
 
 OFF = {"update-bound": 0.0, "max-site-share": 1.0}
 

@@ -17,8 +17,9 @@ from server.identity import SiteIdentities
 from server.strategy import GroupedStrategy
 from shared_model.clinical import REGIMENS
 from shared_model.federation_config import FederationConfig
-from shared_model.messages import NewtonReply, RoundRequest
+from shared_model.messages import RoundRequest
 from shared_model.model import ModelConfig, build_model, parameter_groups
+from shared_model.newton_messages import NewtonReply
 from shared_model.plan import PRESET_PLANS
 from shared_model.posterior import (
     fit_pooled,
@@ -88,6 +89,7 @@ class NewtonGrid:
             _, _, beta = read_newton_query(msg)
             t, v = self.train[site], self.val[site]
             sums = [glm_sums(t.z, t.regimen, t.y, b) for b in beta]
+            vs = [glm_sums(v.z, v.regimen, v.y, b) for b in beta]
             reply = NewtonReply(
                 site,
                 sums[0].n,
@@ -95,11 +97,13 @@ class NewtonGrid:
                 np.stack([s.grad for s in sums]),
                 np.stack([s.hess for s in sums]),
                 len(v.y),
-                np.array([glm_sums(v.z, v.regimen, v.y, b).loglik for b in beta]),
+                np.array([x.loglik for x in vs]),
                 len(t.y),
                 np.zeros(self.features),
                 np.ones(self.features) * len(t.y),
                 {r: int((t.regimen == j).sum()) for j, r in enumerate(REGIMENS)},
+                np.stack([x.grad for x in vs]),
+                np.stack([x.hess for x in vs]),
             )
             if site == self.hostile:
                 reply = self.corrupt(reply)
@@ -204,3 +208,31 @@ def _replace(reply: NewtonReply, **change: Any) -> NewtonReply:
     from dataclasses import replace
 
     return replace(reply, **change)
+
+
+def test_recalibration_through_the_grid_matches_a_pooled_platt_fit() -> None:
+    """The recalibration's Newton steps on the sites' validation sums give the
+    slope and intercept a logistic regression of the validation outcomes on
+    the head's logit finds (sklearn, pooled)."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = _model()
+    d = model.glm_coefficients().shape[1] - 1
+    train, val = _world(d, 2)
+    grid = NewtonGrid(train, val, model.n_features)
+    posterior, _, fit = _fit(grid, model, priors="0.01")  # over-confident
+    fed = FederationConfig(min_sites=2, newton_rounds=30)
+    request = RoundRequest(
+        fed.to_run_config(), PRESET_PLANS["tiny"].to_dict(), model.config.to_dict()
+    )
+    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    slope, shift, record = fit.calibrate(request, arrays, posterior.mean)
+    assert record["converged"]
+    vz, va, vy = (
+        np.concatenate([getattr(val[s], k) for s in val]) for k in ("z", "regimen", "y")
+    )
+    eta = linear_predictor(with_intercept(vz), va, posterior.mean)
+    ref = LogisticRegression(C=1e12, max_iter=10000, tol=1e-12).fit(eta[:, None], vy)
+    assert slope == pytest.approx(ref.coef_[0, 0], rel=1e-4)
+    assert shift == pytest.approx(ref.intercept_[0], abs=1e-4)
+    assert slope < 1  # the over-confident head is flattened

@@ -76,6 +76,8 @@ def test_staged_federation_trains_heads_over_cached_features(
     experts where their patients are; the experts' support is recorded."""
     config = {
         "num-server-rounds": 2,
+        "head-fit": "rounds",
+        "head-type": "mlp",
         "head-rounds": 2,
         "head-epochs": 3,
         "min-expert-support": 5,
@@ -307,3 +309,34 @@ def test_a_staged_dp_federation_needs_a_public_backbone(sim_dir: Path) -> None:
             sim_dir, preset="tiny", overrides={"training": "staged"}, privacy=privacy
         )
     assert not (sim_dir / "federated").exists()
+
+
+def test_a_newton_federation_carries_its_posterior_and_rule(sim_dir: Path) -> None:
+    """The default staged federation: segmentation rounds, then the linear head
+    fitted by Newton steps over the sites' cached features, recalibrated, and
+    the advice rule chosen on validation; the checkpoint carries the rule and
+    its posterior, and `moefl evaluate` scores with them."""
+    from client.evaluation import run_evaluation
+    from shared_model.checkpoint import load_checkpoint, load_rule
+
+    config = {"num-server-rounds": 2, "base-filters": 4, "max-filters": 32}
+    record = run_simulated_federation(sim_dir, preset="tiny", overrides=config)
+    assert [r["stage"] for r in record["rounds"]] == ["segmentation", "segmentation"]
+    advice = record["advice"]
+    fit = advice["fit"]
+    assert fit["converged"] and fit["sites"] == ["sah_sysu", "sysucc", "west_china"]
+    assert fit["expert_support"] == {"nCRT": 14, "TNT": 9, "nCT": 3}
+    assert fit["lam"] in (0.3, 1.0, 3.0, 10.0, 30.0)
+    assert advice["evaluate"]["n"] == 7  # the final model, under its rule
+    run = sim_dir / "federated"
+    rule = load_rule(run)
+    assert rule is not None and rule.posterior is not None
+    assert rule.to_dict() == advice["rule"]
+    model, _ = load_checkpoint(run)
+    assert np.allclose(model.glm_coefficients(), rule.posterior.mean, atol=1e-5)
+    cohort = sim_dir / "cohort"
+    report = run_evaluation(
+        run, sorted((cohort / "site_configs").glob("*.yaml")), sim_dir / "ev"
+    )
+    assert report["rule"]["from_checkpoint"] and "what_if" not in report["rule"]
+    assert report["rule"]["kind"] == rule.kind

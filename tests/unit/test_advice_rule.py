@@ -168,3 +168,31 @@ def test_glm_coefficients_round_trip_through_the_model() -> None:
     expected = x @ beta[0][:, None] + x @ beta[1:].T
 
     assert np.allclose(got, expected, atol=1e-4)
+
+
+def test_scorers_use_the_checkpoints_rule_whatever_the_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changing the defaults does not change what a saved model advises; a
+    what-if is explicit and recorded."""
+    import shared_model.policy as policy
+    from client.evaluation import scoring_rule
+    from shared_model.model import ModelConfig, build_model
+    from shared_model.plan import PRESET_PLANS
+
+    plan = PRESET_PLANS["tiny"]
+    cfg = ModelConfig.from_plan(plan)
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "head": "linear", "expert_hidden": 0})
+    model = build_model(cfg)
+    p_len = model.glm_coefficients().shape[1]
+    post = Posterior(np.zeros((BLOCKS, p_len)), np.eye(BLOCKS * p_len), 2.0)
+    saved = RecommendationRule(kind="switch", reference="TNT", q=0.95, posterior=post)
+    save_checkpoint(model, tmp_path, plan=plan, rule=saved)
+    monkeypatch.setattr(policy, "DEFAULT_MARGIN", 0.3)
+    monkeypatch.setattr(policy, "GUIDELINE", "nCRT")
+    rule, record = scoring_rule(tmp_path)
+    assert rule == saved and record["from_checkpoint"] and "what_if" not in record
+    what_if, record = scoring_rule(tmp_path, what_if="argmax")
+    assert what_if.kind == "argmax" and record["what_if"]["instead_of"]["q"] == 0.95
+    with pytest.raises(ConfigError, match="what-if"):
+        scoring_rule(tmp_path, what_if="bogus")

@@ -199,7 +199,13 @@ def test_feasibility_reports_noise_and_warns_when_training_cannot_learn(
         split_seed=0,
         privacy=PrivacyConfig(8.0, 1e-5, 1.0),
     )
-    heads = FederationConfig(backbone="b.safetensors", head_rounds=4, embed_dim=4)
+    heads = FederationConfig(
+        backbone="b.safetensors",
+        head_rounds=4,
+        embed_dim=4,
+        head_fit="rounds",
+        head_type="mlp",
+    )
     f = dp_feasibility(config, 60, heads)
     assert f.mode == "heads" and f.noise_multiplier is not None
     assert f.steps_per_round == 20 and f.sample_rate == 0.5
@@ -211,6 +217,9 @@ def test_feasibility_reports_noise_and_warns_when_training_cannot_learn(
     assert joint.mode == "joint" and joint.cannot_learn
     refused = dp_feasibility(config, 60, FederationConfig())
     assert refused.mode == "refused" and "backbone" in refused.reason
+    # the Newton fit's exact sums are outside any budget: refused, naming it
+    newton = dp_feasibility(config, 60, FederationConfig(backbone="b.safetensors"))
+    assert newton.mode == "refused" and "head-fit = rounds" in newton.reason
 
 
 def test_the_linear_head_is_a_logistic_regression_with_regimen_interactions() -> None:

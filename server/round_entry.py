@@ -1,0 +1,81 @@
+"""A round's entry in the run record, and what the coordinator's log line and
+missing-site list say of it (plain functions over the round's outcome)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from shared_model.federated_metrics import format_metric
+from wire.records import claimed_site
+
+
+def round_entry(
+    rnd: int, stage: str, outcome: Any, missing: list[str], identified_by: str
+) -> dict[str, Any]:
+    """The run record's entry for one round (evaluation and time added later)."""
+    entry: dict[str, Any] = {
+        "round": rnd,
+        "stage": stage,
+        "updated": outcome.updated,
+        "sites": outcome.sites,
+        "excluded": outcome.excluded,
+        "declined": outcome.declined,
+        "missing": missing,
+        # sites named by their nodes' registrations, the simulation's map of
+        # its nodes, or (allow-unregistered-sites) their replies
+        "identified_by": identified_by,
+        "groups": {
+            g: {"sites": r.sites, "n": r.n, "updated": r.updated}
+            for g, r in outcome.groups.items()
+        },
+    }
+    if outcome.client_dp is not None:
+        entry["client_dp"] = outcome.client_dp
+    if outcome.bounds is not None:
+        entry["bounds"] = outcome.bounds
+    if outcome.flags:
+        entry["flags"] = outcome.flags
+    return entry
+
+
+def learn_sites(
+    heard: dict[int, str],
+    sent: list[Any],
+    replies: list[Any],
+    names: Mapping[int, str],
+) -> list[str]:
+    """Remember which node is which site; name the nodes that did not reply.
+
+    Node ids are random per run, so they only map replies within this run; a
+    node that did not reply is reported by its known name (``names``: the
+    round's identities), else by the site its replies named, else by id.
+    """
+    answered = set()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        answered.add(node)
+        name = names.get(node) or claimed_site(msg)
+        if name:
+            heard[node] = name
+    return sorted(
+        names.get(
+            m.metadata.dst_node_id,
+            heard.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}"),
+        )
+        for m in sent
+        if m.metadata.dst_node_id not in answered
+    )
+
+
+def privacy_line(entry: dict[str, Any]) -> str:
+    """``; epsilon site 1.23/8 ...`` for the sites that trained under DP."""
+    parts = [
+        f"{site} {format_metric(p.get('epsilon'), 2)}/"
+        f"{format_metric(p.get('target_epsilon'), 1)}"
+        for site, m in sorted({**entry["sites"], **entry["declined"]}.items())
+        if isinstance(m, dict) and isinstance(p := m.get("privacy"), dict)
+    ]
+    if entry.get("client_dp"):
+        parts.append(f"client-level {format_metric(entry['client_dp'].get('epsilon'))}")
+    return f"; epsilon {', '.join(parts)}" if parts else ""
