@@ -6,7 +6,9 @@ and the Platt recalibration on the validation split. Replies are untrusted: a
 reply that cannot be attributed, is malformed, has a non-finite, asymmetric or
 indefinite Hessian, or claims more patients than its site declared is
 excluded with a reason; a site excluded once is left out of the rest of the
-fit (which then converges to the remaining sites' optimum)."""
+fit (which then converges to the remaining sites' optimum). A site's sums
+whose curvature or gradient per patient passes ``update-bound`` times the
+honest majority's are scaled down, as an update is in a round."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from shared_model.posterior import (
     recalibration_step,
     verify_sums,
 )
+from shared_model.robust import lower_median
 from wire.records import NEWTON_MESSAGE, arrays_to_record, read_newton_reply
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class NewtonFit:
         self.features = model.n_features
         self.sites: set[str] | None = None  # the sites the fit sums over
         self.excluded: dict[str, str] = {}
+        self.bounded: dict[str, float] = {}  # site -> the smallest scale applied
         self.waves = 0
 
     def _send(
@@ -174,7 +178,45 @@ class NewtonFit:
                 f"({', '.join(sorted(self.sites)) or 'none'}), min-sites is "
                 f"{self.fed.min_sites}; excluded: {self.excluded or 'none'}"
             )
-        return {s: r for s, r in wave.replies.items() if s in self.sites}
+        return self._bounded({s: r for s, r in wave.replies.items() if s in self.sites})
+
+    def _bounded(self, replies: dict[str, NewtonReply]) -> dict[str, NewtonReply]:
+        """Bounded influence for sums (the update bound's rule): a site's
+        Hessian trace and gradient norm per patient may not pass
+        ``update-bound`` times the lower median of the sites'; a site above
+        either has all its sums scaled down (as if its patients weighed less),
+        and the fit records by how much (``bounded``)."""
+        multiple = self.fed.update_bound
+        if multiple <= 0 or len(replies) < 2:
+            return replies
+        per = {
+            s: (
+                float(np.trace(r.hess[0]) + np.trace(r.val_hess[0]))
+                / max(r.n + r.val_n, 1),
+                float(np.linalg.norm(r.grad[0])) / max(r.n, 1),
+            )
+            for s, r in replies.items()
+        }
+        out = {}
+        for s, r in replies.items():
+            scale = 1.0
+            for i in (0, 1):
+                ref = lower_median([v[i] for v in per.values()])
+                if ref > 0 and per[s][i] > multiple * ref:
+                    scale = min(scale, multiple * ref / per[s][i])
+            if scale < 1.0:
+                self.bounded[s] = min(self.bounded.get(s, 1.0), scale)
+                r = dataclasses.replace(
+                    r,
+                    loglik=r.loglik * scale,
+                    grad=r.grad * scale,
+                    hess=r.hess * scale,
+                    val_loglik=r.val_loglik * scale,
+                    val_grad=r.val_grad * scale,
+                    val_hess=r.val_hess * scale,
+                )
+            out[s] = r
+        return out
 
     def standardise(
         self, request: RoundRequest, arrays: Mapping[str, np.ndarray], cfg: ModelConfig
@@ -232,6 +274,7 @@ class NewtonFit:
         record = {
             "sites": sorted(replies),
             "excluded": self.excluded,
+            "bounded": self.bounded,
             "patients": sums[best].n,
             "validation_patients": val_n,
             "newton_steps": steps,

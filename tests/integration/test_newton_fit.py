@@ -114,7 +114,7 @@ class NewtonGrid:
 
 
 def _fit(
-    grid: NewtonGrid, model: Any, priors: str = "0.3 3 30"
+    grid: NewtonGrid, model: Any, priors: str = "0.3 3 30", bound: float = 4.0
 ) -> tuple[Any, dict[str, Any], NewtonFit]:
     fed = FederationConfig(
         min_sites=2,
@@ -122,6 +122,7 @@ def _fit(
         head_fit="newton",
         prior_grid=priors,
         newton_rounds=30,
+        update_bound=bound,
     )
     strategy = GroupedStrategy(fed, parameter_groups(model))
     strategy.declared = {s: {"shared": 200} for s in SITES.values()}  # round 1's
@@ -236,3 +237,26 @@ def test_recalibration_through_the_grid_matches_a_pooled_platt_fit() -> None:
     assert slope == pytest.approx(ref.coef_[0, 0], rel=1e-4)
     assert shift == pytest.approx(ref.intercept_[0], abs=1e-4)
     assert slope < 1  # the over-confident head is flattened
+
+
+def test_a_site_inflating_its_sums_is_held_to_the_bound() -> None:
+    """Sums a hundred times a site's patients' (a weight it could give itself)
+    are scaled to the honest majority's per-patient size, as an update is."""
+    model = _model()
+    d = model.glm_coefficients().shape[1] - 1
+    train, val = _world(d, 3)
+
+    def inflate(r: NewtonReply) -> NewtonReply:
+        return _replace(
+            r, grad=r.grad * 100, hess=r.hess * 100, val_hess=r.val_hess * 100
+        )
+
+    honest, _, _ = _fit(NewtonGrid(train, val, model.n_features), model, priors="1")
+    hostile = NewtonGrid(train, val, model.n_features, "charlie", inflate)
+    bounded, record, _ = _fit(hostile, model, priors="1")
+    unbounded, _, _ = _fit(hostile, model, priors="1", bound=0.0)
+    # scaled back to at most update-bound (4) times its own patients' weight
+    assert 0 < record["bounded"]["charlie"] * 100 <= 4 * 1.5
+    assert "alpha" not in record["bounded"] and "bravo" not in record["bounded"]
+    gap = np.abs(bounded.mean - honest.mean).max()
+    assert gap < 0.75 * np.abs(unbounded.mean - honest.mean).max()
