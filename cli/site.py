@@ -130,6 +130,14 @@ def train(
     head_lr: Annotated[
         float, typer.Option(help="Staged: AdamW rate of the heads.")
     ] = 0.001,
+    head_fit: Annotated[
+        str,
+        typer.Option(
+            help="Staged: rounds (the head trained by AdamW) or newton (the "
+            "linear head's logistic regression, its posterior and the advice "
+            "rule chosen on the validation splits, as a federation fits them)."
+        ),
+    ] = "rounds",
 ) -> None:
     """Local-only (one site) or pooled (several sites) training with comparators.
 
@@ -163,6 +171,7 @@ def train(
             head=HeadConfig(
                 epochs=head_epochs, lr=head_lr, pos_weight=pos_weight, seed=seed
             ),
+            head_fit=head_fit,
             echo=typer.echo,
         )
     except MoeflError as e:

@@ -40,6 +40,7 @@ from client.engine import (
 )
 from client.feature_cache import FeatureSet, eval_view, load_or_build
 from client.heads import HeadConfig, train_heads
+from client.local_advice import choose_rule_locally, fit_head_locally
 from client.site_config import SiteConfig, load_site_config
 from shared_model.checkpoint import save_checkpoint
 from shared_model.clinical import REGIMENS, encode_clinical
@@ -280,6 +281,7 @@ def run_training(
     device: str | None = None,
     training: str = "staged",
     head: HeadConfig | None = None,
+    head_fit: str = "rounds",
     echo: Echo = lambda s: None,
 ) -> TrainRun:
     """Train on one site (local-only) or several pooled (centralised).
@@ -296,6 +298,11 @@ def run_training(
             heads over cached features, :func:`fit_staged`) or ``joint`` (the
             study's multi-task training for ``cfg.epochs`` epochs).
         head: head optimisation when staged (``epochs`` is the total).
+        head_fit: ``newton`` (staged, linear head): after the backbone, the
+            head is the pooled Bayesian logistic regression with its posterior
+            and the advice rule chosen on the validation splits, as a Newton
+            federation fits it (:mod:`client.local_advice`); ``rounds``: the
+            head trained by AdamW alone.
         echo: progress lines.
     """
     configs: list[SiteConfig] = [load_site_config(Path(p)) for p in site_yamls]
@@ -315,7 +322,12 @@ def run_training(
 
     if training not in ("staged", "joint"):
         raise ConfigError(f"training {training!r}: expected staged or joint")
-    model_cfg = ModelConfig.from_plan(plan, **(model_overrides or {}))
+    if head_fit not in ("rounds", "newton"):
+        raise ConfigError(f"head fit {head_fit!r}: expected rounds or newton")
+    overrides = dict(model_overrides or {})
+    if head_fit == "newton":  # a logistic regression: the linear residual head
+        overrides |= {"head": "linear", "expert_hidden": 0, "experts": "residual"}
+    model_cfg = ModelConfig.from_plan(plan, **overrides)
     model = build_model(model_cfg)
     t0 = time.perf_counter()
     head = head or HeadConfig(epochs=200, lr=0.001, seed=cfg.seed)
@@ -325,6 +337,19 @@ def run_training(
         )
     else:
         history, final = fit(model, train, val, cfg, device=dev, echo=echo, label=mode)
+    rule = None
+    if training == "staged" and head_fit == "newton":
+        model, posterior, fit_record = fit_head_locally(
+            model, configs, trains, vals, plan, device=dev
+        )
+        rule, _ = choose_rule_locally(
+            model, configs, trains, vals, posterior, device=dev
+        )
+        echo(
+            f"[heads] Newton fit (prior {fit_record['lam']:g}, recalibrated "
+            f"slope {fit_record['recalibration']['slope']:.2f}); advice: "
+            f"{rule.describe()}"
+        )
     seconds = time.perf_counter() - t0
     out = Path(out)
     support = Counter(REGIMENS[r] for t in trains for r in t.regimen_indices())
@@ -332,6 +357,7 @@ def run_training(
         model,
         out,
         plan=plan,
+        rule=rule,
         extra_config={
             "train": cfg.to_dict(),
             "training": training,

@@ -105,9 +105,10 @@ def fit_and_choose(
     model = model_with(cfg, arrays)
     model.set_glm_coefficients(posterior.mean)
     fitted = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    allowed, not_allowed = supported_regimens(
-        fit["expert_support"], fed.min_expert_support
-    )
+    # the switch rule weighs an expert's support through the posterior; the
+    # guard applies to the rules that read point estimates
+    threshold = 1 if fed.advice_rule == "switch" else fed.min_expert_support
+    allowed, not_allowed = supported_regimens(fit["expert_support"], threshold)
     record: dict[str, Any] = {"fit": fit, "not_recommended": not_allowed}
     rule = _choose_rule(
         grid,

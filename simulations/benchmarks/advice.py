@@ -109,8 +109,60 @@ def what_if_shares(
     return out
 
 
-def run_seed(out: Path, preset: str, seed: int, quick: bool) -> dict[str, Any]:
-    """One seed: cohort, federation, evaluation, what-ifs."""
+def pooled(
+    folder: Path,
+    train_yamls: list[Path],
+    all_yamls: list[Path],
+    test_yamls: list[Path],
+    cohort: Path,
+    quick: bool,
+) -> dict[str, Any]:
+    """The pooled comparator under the same head fit and rule choice: every
+    training site's patients in one place, 8 epochs of segmentation (the
+    federation's 8 rounds of one local epoch), then the Newton head and the
+    rule chosen on the validation splits."""
+    from client.engine import TrainConfig
+    from client.evaluation import run_evaluation
+    from client.train import find_plan, run_training
+    from simulations.benchmarks.quality import summarise
+
+    t0 = time.perf_counter()
+    cfg = TrainConfig(
+        optimizer="adamw",
+        lr=1e-3,
+        batch_size=4,
+        epochs=2 if quick else 8,
+        augment=True,
+        seed=0,
+    )
+    run_training(
+        train_yamls,
+        folder / "pooled",
+        cfg=cfg,
+        plan=find_plan(train_yamls, None),
+        image_only=False,
+        head_fit="newton",
+        echo=print,
+    )
+    report = run_evaluation(
+        folder / "pooled",
+        all_yamls,
+        folder / "pooled_evaluation",
+        test_yamls=test_yamls,
+        oracle=cohort / "oracle",
+    )
+    return {
+        "test": summarise(report)["test"],
+        "rule_in_words": report["rule"].get("in_words"),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def run_seed(
+    out: Path, preset: str, seed: int, quick: bool, with_pooled: bool = False
+) -> dict[str, Any]:
+    """One seed: cohort, federation, evaluation, what-ifs (and the pooled
+    comparator)."""
     from client.evaluation import run_evaluation
     from simulations.benchmarks.common import prepare_cohort
     from simulations.benchmarks.quality import summarise
@@ -146,8 +198,16 @@ def run_seed(out: Path, preset: str, seed: int, quick: bool) -> dict[str, Any]:
     test = summarise(report)["test"]
     advice = record.get("advice") or {}
     board = json.loads((cohort / "cohort.json").read_text())["scoreboard"]
+    comparator = (
+        pooled(
+            folder, train_yamls, train_yamls + prosp_yamls, test_yamls, cohort, quick
+        )
+        if with_pooled
+        else None
+    )
     return {
         "seed": seed,
+        "pooled": comparator,
         "test": test,
         "rule": advice.get("rule"),
         "rule_in_words": advice.get("rule_in_words"),
@@ -209,6 +269,29 @@ def table(result: dict[str, Any]) -> str:
         "| rule | " + " | ".join(f"seed {r['seed']}" for r in seeds) + " | mean |",
         "|---|" + "---|" * (len(seeds) + 1),
     ]
+    if all(r.get("pooled") for r in seeds):
+        fed = [
+            (r["test"].get("share_of_oracle_gain") or {}).get("value") for r in seeds
+        ]
+        pool = [
+            (r["pooled"]["test"].get("share_of_oracle_gain") or {}).get("value")
+            for r in seeds
+        ]
+        diffs = [
+            a - b
+            for a, b in zip(fed, pool, strict=True)
+            if a is not None and b is not None
+        ]
+        lines.insert(
+            -4,
+            "pooled (same head fit and rule choice): share "
+            + ", ".join(f(p, 2) for p in pool)
+            + "; AUC "
+            + ", ".join(
+                f((r["pooled"]["test"].get("auc") or {}).get("value")) for r in seeds
+            )
+            + f"; federated minus pooled share, mean {f(_mean(diffs), 2)}",
+        )
     for name in WHAT_IFS:
         vals = [r["what_if"][name]["share"] for r in seeds]
         cells = [
@@ -223,13 +306,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__, "advice", "tiny cohort, one seed, 2 rounds")
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--pooled", action="store_true", help="also the pooled comparator"
+    )
     args = parser.parse_args(argv)
     preset = "tiny" if args.quick else args.preset
     seeds = [args.seeds[0]] if args.quick else args.seeds
     args.out.mkdir(parents=True, exist_ok=True)
     done = []
     for seed in seeds:
-        done.append(run_seed(args.out, preset, seed, args.quick))
+        done.append(run_seed(args.out, preset, seed, args.quick, args.pooled))
         partial = {"preset": preset, "seeds": done}
         (args.out / "advice_partial.json").write_text(
             json.dumps(partial, default=float)

@@ -507,3 +507,30 @@ def test_predict_site_names_a_broken_case_and_scores_the_others(
         app, ["predict", str(pooled_run), "--site", str(yaml), "--t2w", str(adc)]
     )
     assert both.exit_code == 2 and "--site needs --out" in both.output
+
+
+def test_pooled_training_fits_the_newton_head_and_its_rule(
+    tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """`moefl train --head-fit newton`: the pooled comparator of a Newton
+    federation, with its posterior and the rule chosen on validation."""
+    from shared_model.checkpoint import load_checkpoint, load_rule
+
+    out = tmp_path / "pooled_newton"
+    yamls = [
+        str(tiny_cohort / "site_configs" / f"{s}.yaml")
+        for s in ("west_china", "sysucc")
+    ]
+    result = runner.invoke(
+        app,
+        ["train", "--sites", *yamls, "--out", str(out), "--epochs", "1"]
+        + ["--base-filters", "4", "--max-filters", "16", "--head-fit", "newton"]
+        + ["--no-image-only"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Newton fit" in result.output
+    rule = load_rule(out)
+    assert rule is not None and rule.posterior is not None
+    model, _ = load_checkpoint(out)
+    assert model.is_glm
+    assert np.allclose(model.glm_coefficients(), rule.posterior.mean, atol=1e-5)
