@@ -34,7 +34,7 @@ from shared_model.rule_choice import CandidateSums, candidate_rules, choose
 PRIORS = (0.3, 1.0, 3.0, 10.0, 30.0)
 
 
-def _features(
+def site_features(
     model: UNetMoECli,
     configs: Sequence[SiteConfig],
     datasets: Sequence[SiteDataset],
@@ -42,6 +42,7 @@ def _features(
     name: str,
     device: torch.device,
 ) -> FeatureSet:
+    """The sites' cached tumour features (``name``: the cache's split) as one set."""
     return FeatureSet.concat(
         [
             load_or_build(
@@ -69,8 +70,8 @@ def fit_head_locally(
 ) -> tuple[UNetMoECli, Posterior, dict[str, Any]]:
     """Standardise, fit every prior, keep the one with the lowest validation
     log-loss, recalibrate on validation; the model with the fitted head."""
-    train = _features(model, configs, trains, plan, "train-local", device)
-    val = _features(model, configs, vals, plan, "val-local", device)
+    train = site_features(model, configs, trains, plan, "train-local", device)
+    val = site_features(model, configs, vals, plan, "val-local", device)
     raw = train.features.double().numpy()
     mean, sd = raw.mean(axis=0), raw.std(axis=0)
     sd = np.where(sd > 1e-6 * (np.abs(mean) + 1.0), sd, 1.0)

@@ -38,9 +38,8 @@ from client.engine import (
     safe_auc,
     train_local,
 )
-from client.feature_cache import FeatureSet, eval_view, load_or_build
 from client.heads import HeadConfig, train_heads
-from client.local_advice import choose_rule_locally, fit_head_locally
+from client.local_advice import choose_rule_locally, fit_head_locally, site_features
 from client.site_config import SiteConfig, load_site_config
 from shared_model.checkpoint import save_checkpoint
 from shared_model.clinical import REGIMENS, encode_clinical
@@ -228,19 +227,7 @@ def fit_staged(
             {k: v for k, v in state.items() if k in backbone}, strict=False
         )
     t0 = time.perf_counter()
-    features = FeatureSet.concat(
-        [
-            load_or_build(
-                config.run_dir / "feature_cache",
-                "train-local",
-                model,
-                plan,
-                eval_view(dataset, plan, config.adc_scale),
-                device=device,
-            )[0]
-            for config, dataset in zip(configs, trains, strict=True)
-        ]
-    )
+    features = site_features(model, configs, trains, plan, "train-local", device)
     res = train_heads(model, features, head)
     ev = evaluate(model, val, device=device, loss_cfg=cfg.loss)
     rec = _epoch_record(len(history) + 1, res, ev, time.perf_counter() - t0)

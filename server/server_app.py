@@ -262,6 +262,19 @@ def _run_rounds(
     heard: dict[int, str] = {}  # Flower node id -> site name, from its replies
     known = RegisteredNodes()  # the nodes' registered names and keys
     bound: dict[str, int] = {}  # site -> node, where replies name their site
+
+    def current() -> SiteIdentities:
+        """Who each node is now (the registrations are read again each time)."""
+        nonlocal known
+        found, known = round_identities(
+            grid,
+            allow_claims=fed.allow_unregistered_sites,
+            node_sites=node_sites,
+            known=known,
+            bound=bound,
+        )
+        return found
+
     try:
         for rnd in range(start + 1, fed.total_rounds + 1):
             t0 = time.perf_counter()
@@ -271,13 +284,7 @@ def _run_rounds(
                 strategy.configure_train(rnd, arrays_to_record(arrays), config, grid)
             )
             replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
-            identities, known = round_identities(
-                grid,
-                allow_claims=fed.allow_unregistered_sites,
-                node_sites=node_sites,
-                known=known,
-                bound=bound,
-            )
+            identities = current()
             missing = learn_sites(heard, messages, replies, identities.names)
             if missing:
                 log.warning(
@@ -330,18 +337,6 @@ def _run_rounds(
                 privacy_line(entry),
             )
         if fed.fits_posterior:
-
-            def current() -> SiteIdentities:
-                nonlocal known
-                found, known = round_identities(
-                    grid,
-                    allow_claims=fed.allow_unregistered_sites,
-                    node_sites=node_sites,
-                    known=known,
-                    bound=bound,
-                )
-                return found
-
             advice_step(grid, fed, begin, folder, record, arrays, current)
     except Exception as e:
         record["status"] = "failed"

@@ -156,25 +156,40 @@ def _share(record: dict[str, Any], site: str) -> float | None:
     return sites[site][key] / total if site in sites and total else None
 
 
-def demo(out: Path, cohort: Path | None, seeds: list[int], factor: float) -> Any:
-    """Part 2: real federations on the demo cohort, scored on the test cohort."""
+RUNS = ("honest-off", "honest", "attacked", "attacked-off")
+"""The demo federations: all honest with the bounds off and with the default
+bounds; one site scaling its update with the default bounds and with them off."""
+
+
+def demo(
+    out: Path,
+    cohorts: str | None,
+    seeds: list[int],
+    factor: float,
+    runs_wanted: tuple[str, ...] = RUNS,
+) -> Any:
+    """Part 2: real federations on the demo cohort, scored on the test cohort.
+    ``cohorts``: a path template with ``{seed}`` for existing cohorts (another
+    benchmark's, e.g. the advice benchmark's, whose federation is then the
+    honest run with the default bounds)."""
     from client.evaluation import run_evaluation
     from simulations.benchmarks.common import prepare_cohort
     from simulations.benchmarks.quality import summarise
     from simulations.hostile_run import scaling_client_app
     from simulations.simulate import run_simulated_federation
 
-    runs = {
-        "honest, bounds off": (OFF, None),
-        "honest, default bounds": ({}, None),
-        f"west_china x{factor:g}, default bounds": ({}, factor),
-        f"west_china x{factor:g}, bounds off": (OFF, factor),
+    every = {
+        "honest-off": ("honest, bounds off", OFF, None),
+        "honest": ("honest, default bounds", {}, None),
+        "attacked": (f"west_china x{factor:g}, default bounds", {}, factor),
+        "attacked-off": (f"west_china x{factor:g}, bounds off", OFF, factor),
     }
+    runs = {every[k][0]: every[k][1:] for k in runs_wanted}
     result: dict[str, Any] = {}
     for seed in seeds:
         cohort_dir, train_yamls, prosp_yamls, test_yamls = prepare_cohort(
             out / f"seed{seed}",
-            cohort if seed == seeds[0] else None,
+            None if cohorts is None else Path(cohorts.format(seed=seed)),
             "demo",
             seed,
             print,
@@ -317,13 +332,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo", action="store_true", help="also the demo runs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--factor", type=float, default=50.0)
+    parser.add_argument(
+        "--runs", nargs="+", choices=RUNS, default=list(RUNS), help="demo runs"
+    )
+    parser.add_argument(
+        "--cohorts",
+        help="existing cohorts, a path with {seed} (e.g. another benchmark's)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="moefl-hostile-") as tmp:
         result: dict[str, Any] = {"catalogue": catalogue(Path(tmp))}
     result["aggregation_cost"] = aggregation_cost()
     if args.demo and not args.quick:
-        result["demo"] = demo(args.out, args.cohort, args.seeds, args.factor)
+        result["demo"] = demo(
+            args.out, args.cohorts, args.seeds, args.factor, tuple(args.runs)
+        )
     finish(args, "hostile", table(result), result)
 
 
