@@ -157,6 +157,17 @@ def _choose_rule(
     guideline = (
         fed.guideline_regimen if fed.guideline_regimen in allowed else allowed[-1]
     )
+    if not record["fit"].get("converged", True):
+        # a fit that did not settle (a site's sums pulling it around, or too
+        # few newton-rounds) is no ground for switching anyone
+        record["declined"] = (
+            f"the head's Newton fit did not converge in {fed.newton_rounds} steps; "
+            f"{guideline} for everyone"
+        )
+        log.warning("advice: %s", record["declined"])
+        return RecommendationRule(
+            kind="fixed", reference=guideline, allowed=allowed, posterior=posterior
+        )
     candidates = candidate_rules(allowed, guideline, posterior)
     ev = evaluate_with(
         grid,

@@ -6,9 +6,20 @@ and the Platt recalibration on the validation split. Replies are untrusted: a
 reply that cannot be attributed, is malformed, has a non-finite, asymmetric or
 indefinite Hessian, or claims more patients than its site declared is
 excluded with a reason; a site excluded once is left out of the rest of the
-fit (which then converges to the remaining sites' optimum). A site's sums
-whose curvature or gradient per patient passes ``update-bound`` times the
-honest majority's are scaled down, as an update is in a round."""
+fit (which then converges to the remaining sites' optimum).
+
+Bounded influence, as for an update in a round: a site whose curvature per
+patient (its Hessian's trace) passes ``update-bound`` times the honest
+majority's (the lower median over sites) has all its sums scaled down, as if
+its patients weighed less, and that weight never rises again within the fit
+(so the steps minimise one objective). A site's gradient per patient is
+clipped to ``update-bound`` times the largest the honest majority has sent in
+the fit so far: a gradient out of proportion with the site's Hessian (which
+would steer the step wherever the site likes) pulls no further than an honest
+site could. The fit records both (``bounded``, ``clipped``). Last, every step
+stays inside the ball that holds the posterior mode of any honest data set of
+the sites' size (:func:`shared_model.posterior.within_prior_ball`): whatever a
+site sends, the head's coefficients cannot leave it."""
 
 from __future__ import annotations
 
@@ -47,6 +58,7 @@ from shared_model.posterior import (
     recalibrate,
     recalibration_step,
     verify_sums,
+    within_prior_ball,
 )
 from shared_model.robust import lower_median
 from wire.records import NEWTON_MESSAGE, arrays_to_record, read_newton_reply
@@ -92,6 +104,9 @@ class NewtonFit:
         self.sites: set[str] | None = None  # the sites the fit sums over
         self.excluded: dict[str, str] = {}
         self.bounded: dict[str, float] = {}  # site -> the smallest scale applied
+        self.clipped: dict[str, int] = {}  # site -> waves whose gradient was clipped
+        self._scale: dict[str, float] = {}  # this design's weights (see _bounded)
+        self._reference = (0.0, 0.0)  # the largest honest gradient per patient
         self.waves = 0
 
     def _send(
@@ -181,29 +196,23 @@ class NewtonFit:
         return self._bounded({s: r for s, r in wave.replies.items() if s in self.sites})
 
     def _bounded(self, replies: dict[str, NewtonReply]) -> dict[str, NewtonReply]:
-        """Bounded influence for sums (the update bound's rule): a site's
-        Hessian trace and gradient norm per patient may not pass
-        ``update-bound`` times the lower median of the sites'; a site above
-        either has all its sums scaled down (as if its patients weighed less),
-        and the fit records by how much (``bounded``)."""
+        """The module docstring's bounded influence: weights scaled by
+        curvature, then gradients clipped."""
         multiple = self.fed.update_bound
         if multiple <= 0 or len(replies) < 2:
             return replies
-        per = {
-            s: (
-                float(np.trace(r.hess[0]) + np.trace(r.val_hess[0]))
-                / max(r.n + r.val_n, 1),
-                float(np.linalg.norm(r.grad[0])) / max(r.n, 1),
-            )
+        trace = {
+            s: float(np.trace(r.hess[0]) + np.trace(r.val_hess[0]))
+            / max(r.n + r.val_n, 1)
             for s, r in replies.items()
         }
+        ref = lower_median(list(trace.values()))
         out = {}
         for s, r in replies.items():
-            scale = 1.0
-            for i in (0, 1):
-                ref = lower_median([v[i] for v in per.values()])
-                if ref > 0 and per[s][i] > multiple * ref:
-                    scale = min(scale, multiple * ref / per[s][i])
+            scale = self._scale.get(s, 1.0)
+            if ref > 0 and trace[s] > multiple * ref:
+                scale = min(scale, multiple * ref / trace[s])
+            self._scale[s] = scale
             if scale < 1.0:
                 self.bounded[s] = min(self.bounded.get(s, 1.0), scale)
                 r = dataclasses.replace(
@@ -216,6 +225,20 @@ class NewtonFit:
                     val_hess=r.val_hess * scale,
                 )
             out[s] = r
+        per = [
+            (_per_patient(r.grad, r.n), _per_patient(r.val_grad, r.val_n))
+            for r in out.values()
+        ]
+        self._reference = (
+            max(self._reference[0], lower_median([g for g, _ in per])),
+            max(self._reference[1], lower_median([v for _, v in per])),
+        )
+        for s, r in out.items():
+            grad = _clipped(r.grad, multiple * self._reference[0] * r.n)
+            val_grad = _clipped(r.val_grad, multiple * self._reference[1] * r.val_n)
+            if grad is not r.grad or val_grad is not r.val_grad:
+                self.clipped[s] = self.clipped.get(s, 0) + 1
+                out[s] = dataclasses.replace(r, grad=grad, val_grad=val_grad)
         return out
 
     def standardise(
@@ -231,6 +254,8 @@ class NewtonFit:
         var = np.asarray(squares) / max(n, 1) - mean * mean
         scale = np.sqrt(np.maximum(var, 0.0))
         scale = np.where(scale > 1e-6 * (np.abs(mean) + 1.0), scale, 1.0)
+        # the raw features' sizes say nothing of the standardised design's
+        self._scale, self._reference = {}, (0.0, 0.0)
         return dataclasses.replace(
             cfg,
             feature_centre=tuple(float(x) for x in mean),
@@ -252,7 +277,11 @@ class NewtonFit:
                 break
             new = np.stack(
                 [
-                    newton_step(beta[k], sums[k], precision[k])
+                    within_prior_ball(
+                        newton_step(beta[k], sums[k], precision[k]),
+                        precision[k],
+                        sums[k].n,
+                    )
                     for k in range(len(priors))
                 ]
             )
@@ -275,6 +304,7 @@ class NewtonFit:
             "sites": sorted(replies),
             "excluded": self.excluded,
             "bounded": self.bounded,
+            "clipped": self.clipped,
             "patients": sums[best].n,
             "validation_patients": val_n,
             "newton_steps": steps,
@@ -333,3 +363,22 @@ def _total(replies: Mapping[str, NewtonReply], k: int) -> GlmSums:
     for r in replies.values():
         out = out + GlmSums(r.n, float(r.loglik[k]), r.grad[k], r.hess[k])
     return out
+
+
+def _per_patient(grad: np.ndarray, n: int) -> float:
+    """The largest candidate's gradient norm per patient."""
+    if grad.size == 0:
+        return 0.0
+    return float(np.linalg.norm(grad.reshape(len(grad), -1), axis=1).max()) / max(n, 1)
+
+
+def _clipped(grad: np.ndarray, cap: float) -> np.ndarray:
+    """``grad`` with each candidate's row scaled to a norm of at most ``cap``
+    (the same array when none is above)."""
+    if grad.size == 0:
+        return grad
+    norms = np.linalg.norm(grad.reshape(len(grad), -1), axis=1)
+    if (norms <= cap).all():
+        return grad
+    factor = np.where(norms > cap, cap / np.maximum(norms, 1e-300), 1.0)
+    return grad * factor.reshape((-1,) + (1,) * (grad.ndim - 1))

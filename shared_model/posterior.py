@@ -138,6 +138,19 @@ def newton_step(beta: np.ndarray, sums: GlmSums, precision: np.ndarray) -> np.nd
     return (b - step).reshape(np.shape(beta))
 
 
+def within_prior_ball(beta: np.ndarray, precision: np.ndarray, n: int) -> np.ndarray:
+    """``beta`` drawn back radially (in the prior's metric) into the ball
+    ``beta' Lambda beta <= 2 n log 2``. Every posterior mode of ``n`` patients
+    lies in it, whatever their data: the mode's log posterior is at least the
+    zero vector's, ``-n log 2``, and its log-likelihood at most 0. So the
+    projection never moves an honest fit's mode, and bounds what any reply
+    can do to the coefficients."""
+    b = np.asarray(beta, np.float64)
+    q = float(b.ravel() @ (precision * b.ravel()))
+    limit = 2.0 * max(n, 1) * math.log(2.0)
+    return b if q <= limit else b * math.sqrt(limit / q)
+
+
 def log_posterior(beta: np.ndarray, sums: GlmSums, precision: np.ndarray) -> float:
     """The (unnormalised) log posterior at ``beta`` from its sums there."""
     b = np.asarray(beta, np.float64).ravel()

@@ -11,9 +11,16 @@ with its paired difference from it. :func:`choose` then:
    everyone, is better than the guideline *with confidence* (the lower end of
    the 95 % interval of its paired gain above 0). A regimen with few patients
    behind it cannot become everyone's default by a lucky estimate;
-2. among "the reference for everyone" and the reference's ``switch`` rules,
-   takes the highest doubly robust value; equal values go to the more
-   conservative rule (never switching, then the higher ``q``).
+2. among "the reference for everyone" and the reference's ``switch`` rules
+   that beat it *with confidence*, takes the highest doubly robust value;
+   equal values go to the more conservative rule (never switching, then the
+   higher ``q``). A switch rule beats the guideline for everyone with
+   confidence when the lower end of the 95 % interval of its paired gain is
+   above 0; where another regimen became the reference, it must also have a
+   higher value than that regimen for everyone. On a validation split of
+   tens of patients a switch rule rarely clears this, and the reference is
+   then advised to everyone: declining to advise is the outcome when the
+   validation patients cannot tell a gain from noise.
 
 With a fixed ``q`` (run config ``gain-threshold``), step 2 is skipped. The
 table of every candidate's value is kept in the run record.
@@ -117,7 +124,15 @@ def choose(
             posterior=posterior or _posterior(candidates),
         )
         return rule, table
-    scored = [(c, v) for c, v in pool if v is not None]
+    baseline = next((v for c, v in pool if c.kind == "fixed" and v is not None), None)
+    scored = [
+        (c, v)
+        for c, v in pool
+        if v is not None
+        and (
+            c.kind == "fixed" or _confidently_better(v, baseline, reference, guideline)
+        )
+    ]
     keep = posterior or _posterior(candidates)  # what-ifs and the clinic's P(gain)
     if not scored:
         return replace(candidates[0], posterior=keep), table
@@ -128,6 +143,21 @@ def choose(
         return (round(v["dr"]["value"], 9), conservative)
 
     return replace(max(scored, key=rank)[0], posterior=keep), table
+
+
+def _confidently_better(
+    value: Mapping[str, Any],
+    baseline: Mapping[str, Any] | None,
+    reference: str,
+    guideline: str,
+) -> bool:
+    """Whether a switch rule beats its reference for everyone with confidence
+    (step 2 of the module docstring)."""
+    if value["gain_over_first"]["ci"][0] <= 0:
+        return False
+    if reference == guideline or baseline is None:
+        return True
+    return bool(value["dr"]["value"] > baseline["dr"]["value"])
 
 
 def _posterior(candidates: Sequence[RecommendationRule]) -> Posterior | None:

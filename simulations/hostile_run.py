@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -208,16 +208,23 @@ def _l2(arrays: Mapping[str, np.ndarray]) -> float:
 
 def scaling_client_app(site: str, factor: float) -> Any:
     """moefl's ClientApp, except that ``site`` sends its trained update scaled
-    by ``factor`` every round (an attacker inside a real simulated federation;
-    the other sites are untouched)."""
+    by ``factor`` every round, and its Newton sums (gradients, Hessians,
+    log-likelihoods) times ``factor`` (an attacker inside a real simulated
+    federation; the other sites are untouched)."""
     from flwr.app import Context
     from flwr.clientapp import ClientApp
 
     from client.client_app import error_reply
     from client.client_app import evaluate as honest_evaluate
+    from client.posterior_round import newton_round
     from client.site_round import train_round
     from shared_model.messages import SiteTrainReply
-    from wire.records import read_request, train_reply_content
+    from wire.records import (
+        newton_reply_content,
+        read_newton_query,
+        read_request,
+        train_reply_content,
+    )
 
     app = ClientApp()
 
@@ -241,6 +248,24 @@ def scaling_client_app(site: str, factor: float) -> Any:
             return Message(train_reply_content(reply), reply_to=msg)
         except Exception as e:
             return error_reply(msg, e, "training")
+
+    @app.query("newton")
+    def newton(msg: Message, context: Context) -> Message:
+        try:
+            request, arrays, beta = read_newton_query(msg)
+            reply = newton_round(request, arrays, beta, dict(context.node_config))
+            if reply.site == site:
+                reply = replace(
+                    reply,
+                    grad=reply.grad * factor,
+                    hess=reply.hess * factor,
+                    loglik=reply.loglik * factor,
+                    val_grad=reply.val_grad * factor,
+                    val_hess=reply.val_hess * factor,
+                )
+            return Message(newton_reply_content(reply), reply_to=msg)
+        except Exception as e:
+            return error_reply(msg, e, "the Newton query")
 
     app.evaluate()(honest_evaluate)
     return app

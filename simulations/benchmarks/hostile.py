@@ -228,9 +228,13 @@ def demo(
             clipped = sum(
                 bool((r.get("bounds") or {}).get("clipped")) for r in record["rounds"]
             )
+            fit = (record.get("advice") or {}).get("fit") or {}
             result.setdefault(name, {})[seed] = {
                 "test_auc": test["auc"],
                 "share_of_oracle_gain": test["share_of_oracle_gain"],
+                "dice": test.get("dice"),
+                "rule": (record.get("advice") or {}).get("rule_in_words"),
+                "newton_sums_scaled": fit.get("bounded"),
                 "round_seconds": {
                     s: round(statistics.mean(v), 2) for s, v in by_stage.items()
                 },
@@ -307,22 +311,31 @@ def table(result: dict[str, Any]) -> str:
     if "demo" in result:
         lines += [
             "",
-            "Demo cohort (Flower simulation, 8 segmentation + 20 head rounds), "
+            "Demo cohort (Flower simulation, 8 segmentation rounds, then the heads), "
             "held-out test cohort",
-            "| run | seed | test AUC (95 % CI) | share of oracle gain | "
-            "segmentation round s | head round s | rounds with a clipped update |",
-            "|---|---|---|---|---|---|---|",
+            "| run | seed | test AUC (95 % CI) | Dice | share of oracle gain (95 % CI) | "
+            "segmentation round s | head round s | rounds with a clipped update | "
+            "Newton sums scaled (site: smallest factor) | advice |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, seeds in result["demo"].items():
             for seed, r in seeds.items():
                 auc = r["test_auc"] or {}
                 ci = auc.get("ci") or [None, None]
+                share = r["share_of_oracle_gain"] or {}
+                sci = share.get("ci") or [None, None]
+                scaled = ", ".join(
+                    f"{s}: {_f(v, 3)}"
+                    for s, v in (r.get("newton_sums_scaled") or {}).items()
+                )
                 lines.append(
                     f"| {name} | {seed} | {_f(auc.get('value'))} ({_f(ci[0])}-"
-                    f"{_f(ci[1])}) | {_f(r['share_of_oracle_gain'], 2)} | "
+                    f"{_f(ci[1])}) | {_f(r.get('dice'), 3)} | "
+                    f"{_f(share.get('value'), 2)} ({_f(sci[0], 2)} to {_f(sci[1], 2)}) | "
                     f"{_f(r['round_seconds'].get('segmentation'), 1)} | "
                     f"{_f(r['round_seconds'].get('heads'), 1)} | "
-                    f"{r['rounds_with_a_clipped_update']} |"
+                    f"{r['rounds_with_a_clipped_update']} | {scaled or 'none'} | "
+                    f"{r.get('rule') or '-'} |"
                 )
     return "\n".join(lines)
 

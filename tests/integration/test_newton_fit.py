@@ -258,5 +258,52 @@ def test_a_site_inflating_its_sums_is_held_to_the_bound() -> None:
     # scaled back to at most update-bound (4) times its own patients' weight
     assert 0 < record["bounded"]["charlie"] * 100 <= 4 * 1.5
     assert "alpha" not in record["bounded"] and "bravo" not in record["bounded"]
+    assert record["converged"]  # the scaled site's weight settles
     gap = np.abs(bounded.mean - honest.mean).max()
     assert gap < 0.75 * np.abs(unbounded.mean - honest.mean).max()
+
+
+def test_a_gradient_out_of_proportion_is_clipped_and_held_in_the_prior_ball() -> None:
+    """A site inflating only its gradient (its Hessian honest) would steer the
+    unbounded Newton steps anywhere: measured 1.5e5 from the honest fit before
+    the ball. Its gradient is clipped, the coefficients stay in the ball that
+    holds every honest mode, the fit says it did not settle, and the advice
+    step then declines to switch anyone."""
+    from server.advice_step import _choose_rule
+    from shared_model.posterior import prior_precision
+
+    model = _model()
+    d = model.glm_coefficients().shape[1] - 1
+    train, val = _world(d, 3)
+    honest, honest_record, _ = _fit(
+        NewtonGrid(train, val, model.n_features), model, priors="1"
+    )
+    assert honest_record["clipped"] == {} and honest_record["converged"]
+
+    def steer(r: NewtonReply) -> NewtonReply:
+        return _replace(r, grad=r.grad * 100)
+
+    hostile = NewtonGrid(train, val, model.n_features, "charlie", steer)
+    bounded, record, _ = _fit(hostile, model, priors="1")
+    assert record["clipped"].get("charlie", 0) > 0
+    assert "alpha" not in record["clipped"] and "bravo" not in record["clipped"]
+    precision = prior_precision(model.glm_coefficients().shape[1], 1.0)
+    b = bounded.mean.ravel()
+    assert float(b @ (precision * b)) <= 2 * record["patients"] * np.log(2) * (1 + 1e-9)
+    assert not record["converged"]
+    fed = FederationConfig(head_type="linear", head_fit="newton")
+    outcome: dict[str, Any] = {"fit": record}
+    rule = _choose_rule(
+        None,  # type: ignore[arg-type]  (declining sends nothing)
+        fed,
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        {},
+        bounded,
+        tuple(REGIMENS),
+        lambda: None,  # type: ignore[arg-type,return-value]
+        2,
+        outcome,
+    )
+    assert rule.kind == "fixed" and rule.reference == "TNT"
+    assert "did not converge" in outcome["declined"]

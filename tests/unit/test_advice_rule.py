@@ -99,11 +99,17 @@ def test_the_guideline_stays_the_reference_unless_another_is_better_with_confide
     ]
     rule, table = choose(cands, values)
     assert rule.reference == "TNT" and len(table) == len(cands)
-    # a switch rule with the best value wins; ties go to the more conservative
+    # a switch rule with the best value wins only when its gain over the
+    # guideline for everyone is confident; ties go to the more conservative
     values = [_value(0.30, -0.05) for _ in cands]
     for i, c in enumerate(cands):
         if c.kind == "switch" and c.reference == "TNT" and c.q == 0.9:
             values[i] = _value(0.33, -0.05, switched=4)
+    rule, _ = choose(cands, values)
+    assert rule.kind == "fixed" and rule.reference == "TNT"  # a gain inside noise
+    for i, c in enumerate(cands):
+        if c.kind == "switch" and c.reference == "TNT":
+            values[i] = _value(0.33 if c.q == 0.9 else 0.32, 0.01, switched=4)
     rule, _ = choose(cands, values)
     assert rule.kind == "switch" and rule.q == 0.9
     tied = [_value(0.30, -0.05) for _ in cands]
@@ -115,7 +121,15 @@ def test_the_guideline_stays_the_reference_unless_another_is_better_with_confide
         for c, v in zip(cands, tied, strict=True)
     ]
     rule, _ = choose(cands, values)
-    assert rule.reference == "nCRT"
+    assert rule.reference == "nCRT" and rule.kind == "fixed"
+    # a switch away from the new reference must beat that reference's value too
+    for below in (True, False):
+        for i, c in enumerate(cands):
+            if c.kind == "switch" and c.reference == "nCRT":
+                values[i] = _value(0.44 if below else 0.47, 0.01, switched=3)
+        rule, _ = choose(cands, values)
+        assert rule.reference == "nCRT"
+        assert rule.kind == ("fixed" if below else "switch")
     fixed, _ = choose(cands, tied, fixed_q=0.95, posterior=post)
     assert fixed.kind == "switch" and fixed.q == 0.95 and fixed.reference == "TNT"
 

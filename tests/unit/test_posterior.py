@@ -175,3 +175,26 @@ def test_recalibration_brings_an_over_confident_head_to_a_held_out_slope_near_1(
     g1 = post.gain_probability(z[:20], 1)
     g2 = post.recalibrated(*theta).gain_probability(z[:20], 1)
     assert np.allclose(g1, g2)
+
+
+def test_every_mode_lies_in_the_prior_ball_and_the_ball_holds_what_leaves_it() -> None:
+    from shared_model.posterior import within_prior_ball
+
+    rng = np.random.default_rng(5)
+    for lam in (0.3, 3.0):
+        # separable data: the likelihood alone would send the mode to infinity
+        z = rng.normal(size=(40, 3))
+        y = (z[:, 0] > 0).astype(float)
+        regimen = rng.integers(0, 3, 40)
+        post, _ = fit_pooled(z, regimen, y, lam)
+        precision = prior_precision(4, lam)
+        np.testing.assert_array_equal(
+            within_prior_ball(post.mean, precision, 40), post.mean
+        )
+        far = post.mean * 1e6
+        back = within_prior_ball(far, precision, 40)
+        q = float(back.ravel() @ (precision * back.ravel()))
+        assert q == pytest.approx(2 * 40 * np.log(2))
+        np.testing.assert_allclose(
+            back / np.linalg.norm(back), far / np.linalg.norm(far)
+        )
