@@ -43,7 +43,7 @@ def yamls_in(paths: list[Path]) -> list[Path]:
 
 def privacy_option(epsilon: float, delta: float, clip: float) -> dict[str, float]:
     """The ``privacy`` section for ``--dp-*`` options, checked like a site YAML's."""
-    from client.privacy_config import parse_privacy
+    from client.data.privacy_config import parse_privacy
 
     problems: list[Any] = []
     raw = {"target_epsilon": epsilon, "delta": delta, "max_grad_norm": clip}

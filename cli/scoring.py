@@ -82,7 +82,7 @@ def predict(
     if t2w is None or adc is None or not clinical:
         fail(ConfigError("give --t2w, --adc and --clinical (one patient) or --site"))
     assert t2w is not None and adc is not None
-    from client.predict import parse_clinical_args, predict_case, save_mask
+    from client.scoring.predict import parse_clinical_args, predict_case, save_mask
 
     try:
         values = parse_clinical_args(clinical)
@@ -111,7 +111,7 @@ def _predict_site(
     device: str,
 ) -> None:
     """``moefl predict --site``: the table, with a progress bar."""
-    from client.predict_site import predict_site
+    from client.scoring.predict_site import predict_site
 
     with progress_bar() as update:
         try:
@@ -206,8 +206,8 @@ def evaluate_cmd(
     ] = None,
 ) -> None:
     """Evaluate a model: metrics with intervals, recommendations, policy value."""
-    from client.evaluation import run_evaluation
-    from client.evaluation_text import headline
+    from multisite.evaluation import run_evaluation
+    from multisite.evaluation_text import headline
 
     sites = site_yamls(sites, ctx)
     try:

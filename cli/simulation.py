@@ -159,7 +159,7 @@ def demo(
     ] = 8,
 ) -> None:
     """The main job on the built-in synthetic default: cohort, site checks, federation."""
-    from cli.demo import run_demo
+    from simulations.demo import run_demo
 
     try:
         with progress_bar() as update:
@@ -226,8 +226,8 @@ def plan(
 
 def _local_planning(yamls: list[Path], memory_gb: float) -> dict:
     """The planning record from site data readable on this machine (exact)."""
-    from client.fingerprint import site_fingerprint
-    from client.site_config import load_site_config
+    from client.checks.fingerprint import site_fingerprint
+    from client.data.site_config import load_site_config
     from server.planning import plan_record
 
     configs = [load_site_config(y) for y in yamls]

@@ -41,7 +41,7 @@ def check(
     ] = None,
 ) -> None:
     """Preflight a site's data and config; exit 0 when clean, 1 on errors."""
-    from client.checks import format_report, run_check
+    from client.checks.preflight import format_report, run_check
     from shared_model.federation_config import FederationConfig, parse_run_config
 
     try:
@@ -60,9 +60,10 @@ def check(
 
 def _prepare(site_yaml: Path, plan_path: Path | None) -> None:
     """``moefl check --prepare``: the site's store, with a progress bar."""
-    from client.site_config import load_site_config
-    from client.train import find_plan
-    from client.volume_store import VolumeStore, prepare_site
+    from client.data.dataset import prepare_site
+    from client.data.site_config import load_site_config
+    from client.data.volume_store import VolumeStore
+    from multisite.training import find_plan
 
     try:
         config = load_site_config(site_yaml)
@@ -143,9 +144,9 @@ def train(
 
     Several sites may follow one --sites: `--sites a.yaml b.yaml c.yaml`.
     """
-    from client.engine import TrainConfig
-    from client.heads import HeadConfig
-    from client.train import find_plan, run_training
+    from client.training.engine import TrainConfig
+    from client.training.heads import HeadConfig
+    from multisite.training import find_plan, run_training
     from shared_model.loss import LossConfig
 
     sites = site_yamls(sites, ctx)
@@ -216,9 +217,9 @@ def pretrain(
     """Train the segmentation backbone on public data (for DP federations)."""
     import json
 
-    from client.engine import TrainConfig
-    from client.pretrain import pretrain as run_pretrain
-    from client.train import find_plan
+    from client.training.engine import TrainConfig
+    from client.training.pretrain import pretrain as run_pretrain
+    from multisite.training import find_plan
 
     try:
         folders = [
@@ -271,7 +272,7 @@ def import_msd_cmd(
     ),
 ) -> None:
     """Import a public MSD dataset (T2W + ADC) as a site for `moefl pretrain`."""
-    from client.public_data import import_msd
+    from client.data.public_data import import_msd
 
     try:
         result = import_msd(task, out, site_name=site_name)

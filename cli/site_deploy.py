@@ -41,7 +41,7 @@ def app_hash_cmd(
     ] = False,
 ) -> None:
     """Site: the SHA-256 to approve for an app (`approved_apps` in the site YAML)."""
-    from client.app_pinning import app_files, app_hash
+    from client.node.app_pinning import app_files, app_hash
 
     try:
         typer.echo(app_hash(app_path))
@@ -75,7 +75,7 @@ def pinned_clientapp_cmd(
     ] = None,
 ) -> None:
     """Site: serve `flower-supernode --isolation process`, running only approved apps."""
-    from client.app_pinning import run_pinned_clientapp
+    from client.node.app_pinning import run_pinned_clientapp
 
     try:
         run_pinned_clientapp(

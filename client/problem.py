@@ -1,4 +1,5 @@
-"""The one type of finding, and the check of a number from a site's YAML.
+"""The one type of finding, the report that collects them, and the check of a
+number from a site's YAML.
 
 Every problem the site side reports to a person (``moefl check``'s findings,
 a site YAML's errors, a broken case skipped by ``moefl predict``) is a
@@ -9,7 +10,7 @@ to fix it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -81,3 +82,45 @@ def yaml_number(
         )
         return None
     return kind(value)
+
+
+@dataclass
+class CheckReport:
+    """Everything the check found, plus identifier-free summaries."""
+
+    yaml: str
+    site: str | None = None
+    role: str | None = None
+    findings: list[Problem] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    # case ids: every case seen (images or table) and those that passed; they
+    # stay at the site (not in to_dict), for `moefl predict --site`
+    cases_seen: list[str] = field(default_factory=list)
+    usable_cases: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def add(self, problem: Problem) -> None:
+        self.findings.append(problem)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "yaml": self.yaml,
+            "site": self.site,
+            "role": self.role,
+            "ok": self.ok,
+            "n_errors": len(self.errors),
+            "n_warnings": len(self.warnings),
+            "findings": [asdict(f) for f in self.findings],
+            "summary": self.summary,
+        }

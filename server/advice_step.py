@@ -10,7 +10,7 @@ pretrained backbone) the coordinator:
    (model config ``feature_centre``/``feature_scale``);
 2. fits the head for every prior precision in ``prior-grid`` side by side:
    each Newton query sends the candidates' coefficients, each site answers
-   with its gradient and Hessian sums (:mod:`client.posterior_round`), and
+   with its gradient and Hessian sums (:mod:`client.node.posterior_round`), and
    the coordinator takes a Newton step on their totals
    (:func:`shared_model.posterior.newton_step`) until no coefficient moves by
    1e-6 (at most ``newton-rounds`` steps): the pooled fit, as if every patient

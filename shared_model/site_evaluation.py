@@ -7,7 +7,7 @@ the policy sums (:class:`shared_model.policy.PolicySums`). :func:`combine`
 adds the sites up and computes the report; :func:`combine_by_cohort` does so
 for a validation cohort and the cohorts scored at its operating point
 (prospective, and the held-out test cohort); :func:`compare_models` gives
-paired McNemar tests. Scoring patients (torch, images) lives in :mod:`client.evaluation`.
+paired McNemar tests. Scoring patients (torch, images) lives in :mod:`client.scoring.evaluation`.
 """
 
 from __future__ import annotations

@@ -214,10 +214,10 @@ def scaling_client_app(site: str, factor: float) -> Any:
     from flwr.app import Context
     from flwr.clientapp import ClientApp
 
-    from client.client_app import error_reply
-    from client.client_app import evaluate as honest_evaluate
-    from client.posterior_round import newton_round
-    from client.site_round import train_round
+    from client.node.client_app import error_reply
+    from client.node.client_app import evaluate as honest_evaluate
+    from client.node.posterior_round import newton_round
+    from client.node.site_round import train_round
     from shared_model.messages import SiteTrainReply
     from wire.records import (
         newton_reply_content,

@@ -154,7 +154,13 @@ class LocalDeployment:
         if pinned:
             self.start(
                 f"{name}_launcher",
-                [sys.executable, "-m", "client.app_pinning", "launch", "--insecure"]
+                [
+                    sys.executable,
+                    "-m",
+                    "client.node.app_pinning",
+                    "launch",
+                    "--insecure",
+                ]
                 + ["--site-config", str(site_yaml)]
                 + ["--runtime-api-address", f"127.0.0.1:{runtime_port}"],
             )

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from client.site_config import load_site_config, write_site_yaml
-from client.site_state import simulation_site_yamls
+from client.data.site_config import load_site_config, write_site_yaml
+from client.node.site_state import simulation_site_yamls
 from server.identity import NodeSites
 from shared_model.errors import MoeflError
 from shared_model.federated_metrics import format_metric
@@ -172,7 +172,7 @@ def simulated_node_sites(config: Mapping[str, Any], n_sites: int) -> NodeSites:
 
     Flower's simulation creates its nodes one by one, node i serving partition
     i, and its in-memory link state keeps them in that order; partition i
-    reads the i-th site YAML (:func:`client.site_state.simulation_site_yamls`).
+    reads the i-th site YAML (:func:`client.node.site_state.simulation_site_yamls`).
     So node i is that YAML's site, whatever its replies claim.
     """
     fed = FederationConfig.from_run_config(config)
@@ -208,7 +208,7 @@ def run_flower_simulation(
     quiet_flower()
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as moefl_client_app
+    from client.node.client_app import app as moefl_client_app
     from server.server_app import make_server_app
 
     node_sites = simulated_node_sites(config, n_sites)

@@ -36,7 +36,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from client.site_config import write_site_yaml
+from client.data.site_config import write_site_yaml
 from shared_model.clinical import (
     CLINICAL_COLUMNS,
     CLINICAL_FEATURES,

@@ -65,11 +65,11 @@ def what_if_shares(
     one scoring pass (probabilities and designs kept in memory)."""
     import torch
 
-    from client.data import SiteDataset
-    from client.evaluation import scoring_rule
-    from client.scoring import score_dataset
-    from client.site_config import load_site_config
-    from client.site_data import list_cases
+    from client.data.dataset import SiteDataset
+    from client.data.site_config import load_site_config
+    from client.data.site_data import list_cases
+    from client.scoring.evaluation import scoring_rule
+    from client.scoring.inference import score_dataset
     from shared_model.checkpoint import load_checkpoint
     from shared_model.policy import recommend
     from shared_model.policy_value import OracleSums
@@ -121,9 +121,9 @@ def pooled(
     training site's patients in one place, 8 epochs of segmentation (the
     federation's 8 rounds of one local epoch), then the Newton head and the
     rule chosen on the validation splits."""
-    from client.engine import TrainConfig
-    from client.evaluation import run_evaluation
-    from client.train import find_plan, run_training
+    from client.training.engine import TrainConfig
+    from multisite.evaluation import run_evaluation
+    from multisite.training import find_plan, run_training
     from simulations.benchmarks.quality import summarise
 
     t0 = time.perf_counter()
@@ -163,7 +163,7 @@ def run_seed(
 ) -> dict[str, Any]:
     """One seed: cohort, federation, evaluation, what-ifs (and the pooled
     comparator)."""
-    from client.evaluation import run_evaluation
+    from multisite.evaluation import run_evaluation
     from simulations.benchmarks.common import prepare_cohort
     from simulations.benchmarks.quality import summarise
     from simulations.simulate import run_simulated_federation

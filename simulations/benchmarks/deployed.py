@@ -77,7 +77,7 @@ def _sites_copy(cohort: Path, dst: Path, approved: str | None) -> dict[str, Path
     app ``approved`` when given) by site name."""
     import yaml
 
-    from client.site_config import write_site_yaml
+    from client.data.site_config import write_site_yaml
 
     shutil.copytree(cohort / "sites", dst / "sites")
     yamls = {}
@@ -120,7 +120,7 @@ def run_deployed(
 ) -> list[list[float]]:
     """``runs`` runs of one deployment on one copy of the sites; each run's
     round seconds."""
-    from client.app_pinning import app_hash
+    from client.node.app_pinning import app_hash
     from server.deploy import make_site_key
     from simulations.local_deployment import ROOT, LocalDeployment
 

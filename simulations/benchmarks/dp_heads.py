@@ -47,7 +47,7 @@ CLIP = 1.0
 
 def _ledger_check(run: Path) -> dict[str, Any]:
     """Each DP site's epsilon: metrics.json's last report against its ledger."""
-    from client.privacy import PrivacyLedger
+    from client.privacy.rounds import PrivacyLedger
 
     record = json.loads((run / "metrics.json").read_text())
     reported: dict[str, dict[str, float]] = {}
@@ -90,8 +90,8 @@ def _add_feature_stats(backbone: Path, public_dir: Path, plan: Any) -> None:
     statistics (its weights and digest are unchanged)."""
     import torch
 
-    from client.pretrain import public_feature_stats
-    from client.site_config import load_site_config
+    from client.data.site_config import load_site_config
+    from client.training.pretrain import public_feature_stats
     from shared_model.backbone import apply_backbone, load_backbone, save_backbone
     from shared_model.model import ModelConfig, build_model
 
@@ -123,10 +123,10 @@ def run_dp_heads(
     reference: Path | None,
     echo: Echo = print,
 ) -> dict[str, Any]:
-    from client.engine import TrainConfig
-    from client.evaluation import run_evaluation
-    from client.pretrain import pretrain
-    from client.train import find_plan
+    from client.training.engine import TrainConfig
+    from client.training.pretrain import pretrain
+    from multisite.evaluation import run_evaluation
+    from multisite.training import find_plan
     from simulations.simulate import run_simulated_federation
     from simulations.synth import synthesize
 

@@ -172,7 +172,7 @@ def demo(
     ``cohorts``: a path template with ``{seed}`` for existing cohorts (another
     benchmark's, e.g. the advice benchmark's, whose federation is then the
     honest run with the default bounds)."""
-    from client.evaluation import run_evaluation
+    from multisite.evaluation import run_evaluation
     from simulations.benchmarks.common import prepare_cohort
     from simulations.benchmarks.quality import summarise
     from simulations.hostile_run import scaling_client_app

@@ -25,8 +25,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from client.site_config import SiteConfig, load_site_config
-from client.site_data import CHANNELS, LABELS, list_cases
+from client.data.site_config import SiteConfig, load_site_config
+from client.data.site_data import CHANNELS, LABELS, list_cases
 from shared_model.fingerprint import topology
 from shared_model.plan import Plan
 
@@ -71,7 +71,7 @@ def training_sites(cohort: Path) -> list[SiteConfig]:
 
 def pool_raw_dataset(configs: list[SiteConfig], folder: Path) -> dict[str, Path]:
     """An nnU-Net raw dataset in ``folder`` of every case of ``configs`` (the
-    cases :func:`client.fingerprint.site_fingerprint` counts), as links; returns
+    cases :func:`client.checks.fingerprint.site_fingerprint` counts), as links; returns
     each case's T2W by nnU-Net identifier (``<site>_<case>``)."""
     endings = {
         json.loads((c.dataset_dir / "dataset.json").read_text())["file_ending"]

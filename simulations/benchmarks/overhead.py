@@ -9,7 +9,7 @@ Runs the same rounds twice on one cohort, in one process, with training only
 (``evaluate-every 0``):
 
 - plain loop: the server's start (:func:`server.server_app.start_federation`),
-  the site's own round (:func:`client.site_round.train_round`, what the
+  the site's own round (:func:`client.node.site_round.train_round`, what the
   ClientApp calls) for each site in turn in this process, and the strategy's
   aggregation of the typed replies
   (:meth:`server.strategy.GroupedStrategy.aggregate_replies`); no Flower
@@ -57,7 +57,7 @@ def plain_loop(
     """The rounds of a federation without Flower's runtime (see module doc)."""
     from flwr.app import RecordDict
 
-    from client.site_round import train_round
+    from client.node.site_round import train_round
     from server.server_app import start_federation
     from shared_model.federation_config import FederationConfig
     from wire.records import arrays_to_record, request_record, train_reply_content

@@ -24,13 +24,13 @@ from simulations.benchmarks.common import benchmark_parser, finish
 
 def scores_on_test(checkpoint: Path, cohort: Path) -> dict[str, tuple[int, float]]:
     """case id -> (pCR, predicted pCR under the received regimen) on the test
-    cohort, scored as ``moefl evaluate`` scores (:mod:`client.scoring`)."""
+    cohort, scored as ``moefl evaluate`` scores (:mod:`client.scoring.inference`)."""
     import torch
 
-    from client.data import SiteDataset
-    from client.scoring import score_dataset
-    from client.site_config import load_site_config
-    from client.site_data import list_cases
+    from client.data.dataset import SiteDataset
+    from client.data.site_config import load_site_config
+    from client.data.site_data import list_cases
+    from client.scoring.inference import score_dataset
     from shared_model.checkpoint import load_checkpoint
 
     model, plan = load_checkpoint(checkpoint)

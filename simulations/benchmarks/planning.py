@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from client.fingerprint import fingerprint_noise, site_fingerprint
-from client.site_config import SiteConfig, load_site_config, write_site_yaml
+from client.checks.fingerprint import fingerprint_noise, site_fingerprint
+from client.data.site_config import SiteConfig, load_site_config, write_site_yaml
 from shared_model.fingerprint import (
     SENSITIVITY_ROWS,
     Fingerprint,

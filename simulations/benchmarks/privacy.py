@@ -6,7 +6,7 @@ A benchmark, not a test: it prints what it measured and writes JSON.
     python -m simulations.benchmarks.privacy auc --cohort DIR --epsilons 1 4 8
     python -m simulations.benchmarks.privacy auc --quick   # tiny cohort, 2 rounds
 
-``step`` times :func:`client.engine.train_local` itself (the code a site runs)
+``step`` times :func:`client.training.engine.train_local` itself (the code a site runs)
 at the demo patch (16 x 64 x 64, CPU widths 8..256), 4 patients per step
 without DP and 4 expected patients per step with DP (Poisson sampling,
 functorch per-sample gradients, noise 1.0, clip 1.0), on random tensors.
@@ -35,8 +35,8 @@ from simulations.benchmarks.common import machine
 
 def step_times(steps: int, repeats: int) -> dict[str, Any]:
     """Seconds per local step of train_local with and without DP."""
-    from client.engine import TrainConfig, train_local
-    from client.privacy import DPRound, dp_generator
+    from client.privacy.rounds import DPRound, dp_generator
+    from client.training.engine import TrainConfig, train_local
     from shared_model.model import ModelConfig, build_model
     from shared_model.plan import PRESET_PLANS
 
@@ -143,7 +143,7 @@ def auc_runs(
 def _test_quality(folder: Path) -> dict[str, Any] | None:
     """The run's final model on the held-out test cohort: AUC with its 95 %
     interval, Dice, and the share of the oracle's gain (None without one)."""
-    from client.evaluation import run_evaluation
+    from multisite.evaluation import run_evaluation
 
     cohort = folder / "cohort"
     tests = sorted((cohort / "test" / "site_configs").glob("*.yaml"))

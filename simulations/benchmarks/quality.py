@@ -114,11 +114,11 @@ def run_quality(
     ``quick``) is made under ``out/cohort`` from ``seed``. ``local``: also train
     the local-only models.
     """
-    from client.engine import TrainConfig
-    from client.evaluation import run_evaluation
-    from client.heads import HeadConfig
-    from client.site_config import load_site_config
-    from client.train import find_plan, run_training
+    from client.data.site_config import load_site_config
+    from client.training.engine import TrainConfig
+    from client.training.heads import HeadConfig
+    from multisite.evaluation import run_evaluation
+    from multisite.training import find_plan, run_training
     from simulations.simulate import run_simulated_federation
 
     preset = "tiny" if quick else preset

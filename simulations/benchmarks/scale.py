@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from client.site_config import write_site_yaml
+from client.data.site_config import write_site_yaml
 from shared_model.messages import COUNT_KEYS, SHARED
 from simulations.benchmarks.common import (
     MemorySampler,

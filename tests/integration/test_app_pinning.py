@@ -1,5 +1,5 @@
 """App pinning on 127.0.0.1: a SuperLink, a SuperNode in ``--isolation process``
-and the site's pinned launcher (``python -m client.app_pinning launch``). The
+and the site's pinned launcher (``python -m client.node.app_pinning launch``). The
 approved app runs; the same app changed by one byte is refused before any of its
 code runs (its import-time marker file never appears). Every process started here
 is stopped here.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from client.app_pinning import app_hash
+from client.node.app_pinning import app_hash
 from simulations.local_deployment import flower_env, free_port, wait_for_port
 
 pytestmark = [
@@ -46,7 +46,7 @@ publisher = "moefltest"
 
 [tool.flwr.app.components]
 serverapp = "pinprobe.server_app:app"
-clientapp = "client.client_app:app"
+clientapp = "client.node.client_app:app"
 
 [tool.flwr.app.config]
 note = "throwaway app for the app pinning test"
@@ -220,7 +220,7 @@ def test_site_runs_the_approved_app_and_refuses_a_changed_one(
     )
     site.start(
         "launcher",
-        [sys.executable, "-m", "client.app_pinning", "launch", "--insecure"]
+        [sys.executable, "-m", "client.node.app_pinning", "launch", "--insecure"]
         + ["--site-config", str(site_yaml)]
         + ["--runtime-api-address", f"127.0.0.1:{site.runtime_port}"],
     )

@@ -20,7 +20,7 @@ def _ids(site_dir: Path) -> list[str]:
 def test_partition_keeps_every_patient_once_and_each_site_within_one_centre(
     tiny_cohort: Path, tmp_path: Path
 ) -> None:
-    from client.checks import run_check
+    from client.checks.preflight import run_check
     from simulations.benchmarks.scale import partition_cohort
 
     yamls = partition_cohort(tiny_cohort, tmp_path / "p10", n_sites=10)
@@ -51,8 +51,8 @@ def test_a_site_without_validation_patients_adds_an_empty_evaluation(
 ) -> None:
     import torch
 
-    from client.evaluation import evaluate_site
-    from client.site_config import load_site_config
+    from client.data.site_config import load_site_config
+    from client.scoring.evaluation import evaluate_site
     from shared_model.model import ModelConfig, build_model
     from shared_model.plan import Plan
     from shared_model.site_evaluation import combine_by_cohort

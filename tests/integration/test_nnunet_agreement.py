@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from client.fingerprint import site_fingerprint
-from client.site_config import load_site_config
+from client.checks.fingerprint import site_fingerprint
+from client.data.site_config import load_site_config
 from shared_model.fingerprint import Fingerprint, plan_from_fingerprint
 from simulations.benchmarks.nnunet_reference import (
     agreement,

@@ -191,7 +191,7 @@ def test_dp_simulation_stays_within_every_sites_budget_across_a_resume(
     is derived so the planned rounds spend the budget; when the coordinator
     then adds a round, every site declines (its ledger survived the restart)
     and the federation finishes without it."""
-    from client.privacy import PrivacyLedger
+    from client.privacy.rounds import PrivacyLedger
 
     privacy = {"target_epsilon": 2.0, "delta": 1e-3, "max_grad_norm": 1.0}
     config = {"num-server-rounds": 2, "local-steps": 2, **SMALL}
@@ -238,9 +238,9 @@ def test_dp_heads_over_a_public_backbone_stay_within_budget_across_a_resume(
     each site's epsilon in metrics.json equals its ledger and stays within its
     budget, evaluation counts are withheld; a resumed run with one more round
     finds the budget spent and every site declines."""
-    from client.engine import TrainConfig
-    from client.pretrain import pretrain
-    from client.privacy import PrivacyLedger
+    from client.privacy.rounds import PrivacyLedger
+    from client.training.engine import TrainConfig
+    from client.training.pretrain import pretrain
     from shared_model.backbone import backbone_digest
     from shared_model.plan import PRESET_PLANS
     from simulations.synth import synthesize
@@ -316,7 +316,7 @@ def test_a_newton_federation_carries_its_posterior_and_rule(sim_dir: Path) -> No
     fitted by Newton steps over the sites' cached features, recalibrated, and
     the advice rule chosen on validation; the checkpoint carries the rule and
     its posterior, and `moefl evaluate` scores with them."""
-    from client.evaluation import run_evaluation
+    from multisite.evaluation import run_evaluation
     from shared_model.checkpoint import load_checkpoint, load_rule
 
     config = {"num-server-rounds": 2, "base-filters": 4, "max-filters": 32}

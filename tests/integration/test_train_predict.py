@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from client.predict import parse_clinical_args, predict_case
+from client.scoring.predict import parse_clinical_args, predict_case
 from shared_model.checkpoint import load_checkpoint
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError, DataError
@@ -140,8 +140,8 @@ def test_mask_maps_back_through_the_resampling(
 ) -> None:
     """A known label, pushed through the same preprocessing and back, lands where
     it was: checks the inverse mapping independently of model quality."""
-    from client.data import build_preprocess
-    from client.predict import mask_on_input_grid
+    from client.data.dataset import build_preprocess
+    from client.scoring.predict import mask_on_input_grid
     from shared_model.plan import Plan
 
     _, plan = load_checkpoint(pooled_run)
@@ -221,9 +221,9 @@ def test_evaluate_reports_metrics_recommendations_and_policy_value(
     the policy value with the circular estimate apart and the oracle beside."""
     from sklearn.metrics import roc_auc_score
 
-    from client.data import build_site_datasets
-    from client.engine import evaluate
-    from client.site_config import load_site_config
+    from client.data.dataset import build_site_datasets
+    from client.data.site_config import load_site_config
+    from client.training.engine import evaluate
     from shared_model.federated_metrics import AUC_BINS
 
     root = pooled_run.parent / "cohort"
@@ -263,8 +263,8 @@ def test_evaluate_reports_metrics_recommendations_and_policy_value(
             if cfg.role == "train":
                 _, dataset, _ = build_site_datasets(cfg, plan)
             else:
-                from client.data import SiteDataset
-                from client.site_data import list_cases
+                from client.data.dataset import SiteDataset
+                from client.data.site_data import list_cases
 
                 cases = list_cases(cfg.dataset_dir, require_outcome=False)
                 dataset = SiteDataset(cases, plan, adc_scale=cfg.adc_scale, train=False)
@@ -387,12 +387,12 @@ def test_predict_site_scores_every_patient_as_predict_and_evaluate_do(
 
     import torch
 
-    from client.data import SiteDataset
-    from client.evaluation import evaluate_dataset
-    from client.predict import predict_case
-    from client.predict_site import COLUMNS, predict_site
-    from client.site_config import load_site_config
-    from client.site_data import list_cases
+    from client.data.dataset import SiteDataset
+    from client.data.site_config import load_site_config
+    from client.data.site_data import list_cases
+    from client.scoring.evaluation import evaluate_dataset
+    from client.scoring.predict import predict_case
+    from client.scoring.predict_site import COLUMNS, predict_site
 
     yaml = _prospective_copy(tiny_cohort, tmp_path)
     config = load_site_config(yaml)

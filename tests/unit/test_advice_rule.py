@@ -190,7 +190,7 @@ def test_scorers_use_the_checkpoints_rule_whatever_the_defaults(
     """Changing the defaults does not change what a saved model advises; a
     what-if is explicit and recorded."""
     import shared_model.policy as policy
-    from client.evaluation import scoring_rule
+    from client.scoring.evaluation import scoring_rule
     from shared_model.model import ModelConfig, build_model
     from shared_model.plan import PRESET_PLANS
 

@@ -15,8 +15,9 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import LaunchResultStatus
 
-from client import app_pinning
-from client.app_pinning import (
+from client.data.site_config import load_site_config, parse_site_yaml
+from client.node import app_pinning
+from client.node.app_pinning import (
     AppNotApprovedError,
     _Guard,
     _module_with,
@@ -26,7 +27,6 @@ from client.app_pinning import (
     approved_apps,
     forget_modules,
 )
-from client.site_config import load_site_config, parse_site_yaml
 from shared_model.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec.*")
@@ -159,7 +159,7 @@ def test_an_unapproved_app_is_refused_before_it_is_unpacked(
     guard = _Guard(tmp_path / "site.yaml", frozenset({HASH_A}), tmp_path)
     install = FakeInstall()
     with (
-        caplog.at_level(logging.ERROR, logger="client.app_pinning"),
+        caplog.at_level(logging.ERROR, logger="client.node.app_pinning"),
         pytest.raises(AppNotApprovedError) as err,
     ):
         guard.install(install, data, skip_prompt=True)

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from client.checks import run_check
+from client.checks.preflight import run_check
 
 SITE = "west_china"
 DATASET = "sites/Dataset101_WestChina"
@@ -367,7 +367,7 @@ def test_a_named_image_root_admits_files_outside_the_dataset(tiny_copy: Path) ->
 def test_training_refuses_a_link_out_of_the_dataset(tiny_copy: Path) -> None:
     """The loader a site trains and scores with refuses it too, not only
     ``moefl check``."""
-    from client.site_data import list_cases
+    from client.data.site_data import list_cases
     from shared_model.errors import DataError
 
     c_outside_link(tiny_copy)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from client.checks import run_check
-from client.site_data import list_cases, read_clinical_table
+from client.checks.preflight import run_check
+from client.data.site_data import list_cases, read_clinical_table
 from shared_model.clinical import CLINICAL_COLUMNS
 
 DATASET = "sites/Dataset101_WestChina"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from client.feature_cache import FeatureSet
-from client.heads import GatedHead, HeadConfig, train_heads_private
-from client.privacy import DPRound, dp_generator
+from client.privacy.rounds import DPRound, dp_generator
+from client.training.feature_cache import FeatureSet
+from client.training.heads import GatedHead, HeadConfig, train_heads_private
 from shared_model.backbone import (
     apply_backbone,
     backbone_digest,
@@ -180,9 +180,9 @@ def test_backbone_artifact_round_trip_tamper_and_misfit(tmp_path: Path) -> None:
 def test_feasibility_reports_noise_and_warns_when_training_cannot_learn(
     tmp_path: Path,
 ) -> None:
-    from client.dp_preflight import dp_feasibility
-    from client.privacy_config import PrivacyConfig
-    from client.site_config import SiteConfig
+    from client.checks.dp_feasibility import dp_feasibility
+    from client.data.privacy_config import PrivacyConfig
+    from client.data.site_config import SiteConfig
     from shared_model.federation_config import FederationConfig
 
     config = SiteConfig(

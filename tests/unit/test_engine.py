@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from client.engine import (
+from client.training.engine import (
     CasePrediction,
     TrainConfig,
     evaluate,

@@ -84,9 +84,9 @@ def test_feature_blocks_and_decoder_pooling() -> None:
 
 @pytest.fixture()
 def site(tiny_copy: Path):  # type: ignore[no-untyped-def]
-    from client.data import build_site_datasets
-    from client.feature_cache import eval_view
-    from client.site_config import load_site_config
+    from client.data.dataset import build_site_datasets
+    from client.data.site_config import load_site_config
+    from client.training.feature_cache import eval_view
     from shared_model.plan import PRESET_PLANS
 
     config = load_site_config(tiny_copy / "site_configs" / "west_china.yaml")
@@ -109,7 +109,7 @@ def _model(plan):  # type: ignore[no-untyped-def]
 def test_cache_is_reused_and_invalidated_by_backbone_plan_and_data(
     site, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
-    from client.feature_cache import eval_view, load_or_build
+    from client.training.feature_cache import eval_view, load_or_build
     from shared_model.plan import Plan
 
     config, plan, view = site
@@ -151,7 +151,7 @@ def test_a_corrupt_cache_is_rebuilt_never_used(
 ) -> None:  # type: ignore[no-untyped-def]
     from safetensors.torch import load_file, save_file
 
-    from client.feature_cache import load_or_build
+    from client.training.feature_cache import load_or_build
 
     config, plan, view = site
     folder = config.run_dir / "feature_cache"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.fingerprint import site_fingerprint
-from client.site_config import load_site_config
+from client.checks.fingerprint import site_fingerprint
+from client.data.site_config import load_site_config
 from shared_model.fingerprint import (
     REFERENCE_VOXELS,
     Fingerprint,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from client.engine import TrainConfig, evaluate, train_local
+from client.training.engine import TrainConfig, evaluate, train_local
 from shared_model.loss import MoELoss
 from shared_model.model import ModelConfig, build_model
 from tests.unit.test_engine import CFG, Toy
@@ -80,7 +80,7 @@ def test_opacus_per_sample_gradients_on_cuda() -> None:
 def test_dp_training_on_cuda_draws_its_noise_there() -> None:
     """opacus draws the noise on the parameters' device with the generator it
     is given: a CPU generator fails there, the site's generator is on CUDA."""
-    from client.privacy import DPRound, dp_generator
+    from client.privacy.rounds import DPRound, dp_generator
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(**CFG.to_dict()))

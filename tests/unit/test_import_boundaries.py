@@ -1,6 +1,7 @@
 """The house's arrows point down (README, "The house"): the core imports no
 Flower and nothing above it; the records layer only the core and Flower; the
-server no site, simulation or command-line code; the site no server,
+server no site, multi-site, simulation or command-line code; the site no
+server, multi-site, simulation or command-line code; the multi-site work no
 simulation or command-line code; the simulations no command-line code.
 Message keys are spelt in one place."""
 
@@ -14,12 +15,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-UPPER = ("wire", "client", "server", "simulations", "cli")
+UPPER = ("wire", "client", "server", "multisite", "simulations", "cli")
 FORBIDDEN = {
     "shared_model": ("flwr", *UPPER),
-    "wire": ("client", "server", "simulations", "cli"),
-    "server": ("client", "simulations", "cli"),
-    "client": ("server", "simulations", "cli"),
+    "wire": ("client", "server", "multisite", "simulations", "cli"),
+    "server": ("client", "multisite", "simulations", "cli"),
+    "client": ("server", "multisite", "simulations", "cli"),
+    "multisite": ("simulations", "cli"),
     "simulations": ("cli",),
 }
 

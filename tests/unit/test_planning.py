@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 
-from client.client_app import SITE_ERRORS, fingerprint, train
-from client.fingerprint import check_plan_usable, released_fingerprint
-from client.privacy import PrivacyLedger
-from client.site_config import load_site_config, write_site_yaml
+from client.checks.fingerprint import check_plan_usable, released_fingerprint
+from client.data.site_config import load_site_config, write_site_yaml
+from client.node.client_app import SITE_ERRORS, fingerprint, train
+from client.privacy.rounds import PrivacyLedger
 from server.planning import federated_plan
 from shared_model.errors import ConfigError, PlanRefused
 from shared_model.federation_config import FederationConfig
@@ -249,7 +249,7 @@ def _protocol_site(n: int, spacing: tuple, size: tuple, seed: int) -> Fingerprin
 
 
 def test_noised_fingerprints_of_sites_of_a_hundred_cases_give_the_exact_plan() -> None:
-    from client.fingerprint import fingerprint_noise
+    from client.checks.fingerprint import fingerprint_noise
     from shared_model.fingerprint import plan_from_fingerprint
 
     sites = [

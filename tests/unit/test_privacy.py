@@ -10,8 +10,8 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from client.engine import TrainConfig, train_local
-from client.privacy import (
+from client.data.privacy_config import PrivacyConfig, parse_privacy
+from client.privacy.rounds import (
     DPRound,
     PrivacyLedger,
     PrivateTraining,
@@ -20,7 +20,7 @@ from client.privacy import (
     epsilon_of,
     plan_round,
 )
-from client.privacy_config import PrivacyConfig, parse_privacy
+from client.training.engine import TrainConfig, train_local
 from shared_model.errors import ConfigError, DataError
 from shared_model.federation_config import FederationConfig
 from shared_model.loss import MoELoss
@@ -367,7 +367,7 @@ def test_non_finite_privacy_values_are_refused_naming_the_key(
     key: str, value: float, tmp_path: Path
 ) -> None:
     """A NaN target would disable the budget stop (NaN comparisons are false)."""
-    from client.site_config import parse_site_yaml
+    from client.data.site_config import parse_site_yaml
 
     raw = {"target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0, key: value}
     problems: list = []
@@ -542,7 +542,7 @@ def test_the_previous_rounds_noise_is_kept_only_while_it_is_the_smallest(
 
 
 def test_noise_generator_lives_on_the_training_device() -> None:
-    from client.privacy import sampling_generator
+    from client.privacy.rounds import sampling_generator
 
     g = dp_generator(7, "cpu")
     assert g.device.type == "cpu"

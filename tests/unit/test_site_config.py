@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from client.site_config import load_site_config, parse_site_yaml
+from client.data.site_config import load_site_config, parse_site_yaml
 from shared_model.errors import ConfigError
 
 
@@ -119,7 +119,7 @@ def test_example_site_configs_follow_the_schema() -> None:
 
 
 def test_the_one_writer_writes_what_the_parser_reads(tmp_path: Path) -> None:
-    from client.site_config import write_site_yaml
+    from client.data.site_config import write_site_yaml
 
     (tmp_path / "data").mkdir()
     values = {
@@ -155,4 +155,4 @@ def test_no_other_module_writes_a_site_yaml() -> None:
         for p in (root / package).rglob("*.py")
         if "yaml.safe_dump" in p.read_text() or "yaml.dump" in p.read_text()
     )
-    assert writers == ["client/site_config.py"]
+    assert writers == ["client/data/site_config.py"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from client.client_app import SITE_ERRORS, evaluate, train
+from client.node.client_app import SITE_ERRORS, evaluate, train
 from shared_model.federation_config import FederationConfig
 from shared_model.plan import PRESET_PLANS
 
@@ -116,7 +116,7 @@ def test_a_dp_site_refuses_staged_training_before_spending(
     site_yaml.write_text(
         site_yaml.read_text() + f"  public_backbones: ['{'1' * 64}']\n"
     )
-    from client import site_state
+    from client.node import site_state
 
     site_state._SITES.clear()
     caplog.clear()

@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from client.data import SiteDataset
-from client.site_config import load_site_config
-from client.site_data import list_cases
+from client.data.dataset import SiteDataset
+from client.data.site_config import load_site_config
+from client.data.site_data import list_cases
 from shared_model.plan import Plan
 
 
@@ -103,7 +103,7 @@ def test_check_prepare_fills_the_store_once(tiny_copy: Path) -> None:
 def test_a_frozen_backbones_masks_are_reused_by_the_next_process(
     tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from client import scoring
+    from client.scoring import inference as scoring
     from shared_model.model import ModelConfig, build_model
 
     site = tiny_copy / "site_configs" / "sysucc.yaml"

@@ -1,0 +1,198 @@
+"""The evaluation over every site's cohorts on one machine (``moefl evaluate``,
+the demo and the benchmarks): each site's counts and sums from
+:func:`client.scoring.evaluation.evaluate_dataset`, added up by
+:func:`shared_model.site_evaluation.combine`, with the clinical-only comparator
+and, in simulation, the oracle's values from ``moefl synth``'s ``oracle/``."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from client.data.dataset import build_site_datasets
+from client.scoring.evaluation import ClinicalOnly, evaluate_site, scoring_rule
+from shared_model.clinical import REGIMENS
+from shared_model.errors import ConfigError, DataError
+from shared_model.model import UNetMoECli
+from shared_model.policy import (
+    RecommendationRule,
+    what_if_rule,
+)
+from shared_model.site_evaluation import (
+    COHORTS,
+    SiteEvaluation,
+    combine_by_cohort,
+    compare_models,
+)
+
+
+def read_oracle(folder: Path) -> dict[str, list[float]]:
+    """case id -> true pCR probability under nCRT, TNT, nCT (simulation)."""
+    path = Path(folder) / "potential_outcomes.csv"
+    try:
+        with path.open(newline="") as f:
+            return {
+                row["case_id"]: [float(row[f"p_{r}"]) for r in REGIMENS]
+                for row in csv.DictReader(f)
+            }
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the oracle ({e})") from e
+
+
+def run_evaluation(
+    checkpoint: Path,
+    site_yamls: list[Path],
+    out: Path,
+    *,
+    test_yamls: list[Path] | None = None,
+    oracle: Path | None = None,
+    what_if: str | None = None,
+    target_sensitivity: float = 0.8,
+    device: str | None = None,
+    clinical_only: bool = False,
+    against: str | None = None,
+    min_expert_support: int | None = None,
+    echo: Any = lambda s: None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """``moefl evaluate``: score every site, combine by cohort, write metrics.json.
+
+    Training sites give the validation cohort (where the target-sensitivity
+    threshold is chosen); ``evaluate`` sites give the prospective cohort (where
+    that threshold is applied unchanged), as are the held-out test cohort's
+    sites in ``test_yamls`` (evaluate sites). ``clinical_only``: score the
+    clinical-only comparator (:class:`ClinicalOnly`, fitted on the training
+    sites' training splits) instead of the checkpoint's network. ``against``:
+    another checkpoint folder, or ``clinical``, scored on the same patients for
+    paired comparisons (exact McNemar from the sites' discordant counts).
+    The advice is scored under the checkpoint's own rule (:func:`scoring_rule`);
+    ``what_if`` and ``min_expert_support`` change it for a what-if, which the
+    report records under ``rule.what_if``.
+    ``progress(label, done, total)``: called after each patient scored.
+    """
+    import json
+
+    from client.data.site_config import load_site_config
+    from client.training.engine import resolve_device
+    from shared_model.checkpoint import load_checkpoint
+
+    model, plan = load_checkpoint(checkpoint)
+    if clinical_only:  # no posterior: a rule on its predictions alone
+        rule = what_if_rule(what_if or "margin", RecommendationRule())
+        rule_record = {**rule.to_dict(), "in_words": rule.describe()}
+    else:
+        rule, rule_record = scoring_rule(
+            checkpoint, what_if=what_if, min_expert_support=min_expert_support
+        )
+    if "what_if" in rule_record:
+        echo(
+            f"what-if: scoring under {rule.describe()} instead of the checkpoint's rule"
+        )
+    configs = [load_site_config(Path(p)) for p in site_yamls]
+    tests = [load_site_config(Path(p)) for p in test_yamls or []]
+    trainers = [c.site_name for c in tests if c.role == "train"]
+    if trainers:
+        raise ConfigError(
+            f"test sites must have role `evaluate`; {trainers[0]} is a training "
+            "site (its patients train the model)"
+        )
+    dev = resolve_device(device or configs[0].device)
+    truth = read_oracle(oracle) if oracle is not None else None
+    clinical = None
+    if clinical_only or against == "clinical":
+        train_cases = []
+        for cfg in configs:
+            if cfg.role == "train":
+                train, _, _ = build_site_datasets(cfg, plan)
+                train_cases.extend(train.cases)
+        clinical = ClinicalOnly(train_cases)
+
+    plain = RecommendationRule(allowed=rule.allowed)
+
+    def score_all(net: UNetMoECli, clin: ClinicalOnly | None) -> list[SiteEvaluation]:
+        evaluations = []
+        for cfg, cohort in [(c, None) for c in configs] + [(c, "test") for c in tests]:
+            which = (
+                "validation split"
+                if cfg.role == "train"
+                else "test cohort"
+                if cohort
+                else "all cases"
+            )
+            echo(f"scoring {cfg.site_name} ({which}) ...")
+            label = f"{cfg.site_name} ({which})"
+            evaluations.append(
+                evaluate_site(
+                    net,
+                    cfg,
+                    plan,
+                    device=dev,
+                    # the comparator has no posterior: its own argmax of the
+                    # margin rule when the network's rule needs one
+                    rule=rule if clin is None or rule.kind != "switch" else plain,
+                    oracle=truth,
+                    clinical_model=clin,
+                    cohort=cohort,
+                    progress=_labelled(progress, label),
+                )
+            )
+        return evaluations
+
+    evaluations = score_all(model, clinical if clinical_only else None)
+    report: dict[str, Any] = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "model": "clinical-only logistic regression (pooled)"
+        if clinical_only
+        else "network",
+        "rule": rule_record,
+        "target_sensitivity": target_sensitivity,
+    }
+    report |= combine_by_cohort(evaluations, target_sensitivity)
+    if oracle is not None:  # simulation: what the world lets one learn
+        summary = Path(oracle).parent / "cohort.json"
+        if summary.is_file():
+            board = json.loads(summary.read_text()).get("scoreboard", {})
+            if board.get("learnable_share"):
+                report["learnable_share"] = board["learnable_share"]
+    if against is not None:
+        if against == "clinical":
+            other_evals = score_all(model, clinical)
+        else:
+            other_model, other_plan = load_checkpoint(Path(against))
+            if other_plan != plan:
+                raise ConfigError(
+                    f"{against}: its plan differs from {checkpoint}'s; paired "
+                    "comparisons need the same patients and preprocessing"
+                )
+            other_evals = score_all(other_model, None)
+        other = combine_by_cohort(other_evals, target_sensitivity)
+        report["comparison"] = {
+            "against": against,
+            "auc": {
+                c: {"this": report[c]["auc"], "against": other[c]["auc"]}
+                for c in COHORTS
+                if c in report and c in other
+            },
+            "mcnemar": compare_models(evaluations, other_evals, report, other),
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(
+        json.dumps(report, indent=2, default=float) + "\n"
+    )
+    return report
+
+
+def _labelled(
+    progress: Callable[[str, int, int], None] | None, label: str
+) -> Callable[[int, int], None] | None:
+    """``progress`` with its label bound (None stays None)."""
+    if progress is None:
+        return None
+    report = progress
+
+    def update(done: int, total: int) -> None:
+        report(label, done, total)
+
+    return update
