@@ -1,6 +1,7 @@
-"""The README's commands work as written: its plain-Flower block runs on the
-tiny cohort from the repository's root, the run finishes, and its last line
-stops the local SuperLink that `flwr run` started."""
+"""The documentation's commands work as written: the plain-Flower block of the
+researcher's guide (docs/research.md) runs on the tiny cohort from the
+repository's root, the run finishes, and its last line stops the local SuperLink
+that `flwr run` started."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from simulations.local_deployment import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
+GUIDE = ROOT / "docs" / "research.md"  # the guide that holds the block
 MARKER = "<!-- plain-flower:"
 
 
 def readme_block(marker: str) -> list[str]:
-    """The command lines of the fenced block after ``marker`` in the README."""
-    text = (ROOT / "README.md").read_text()
+    """The command lines of the fenced block after ``marker`` in the guide."""
+    text = GUIDE.read_text()
     start = text.index("```", text.index(marker)) + 3
     block = text[start : text.index("```", start)]
     return [line for line in block.strip().splitlines() if line.strip()]
@@ -83,4 +85,4 @@ def test_the_plain_flower_block_runs_as_written(
     deadline = time.monotonic() + 20
     while _listening(http) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _listening(http), "the README's last line left the SuperLink running"
+    assert not _listening(http), "the block's last line left the SuperLink running"
