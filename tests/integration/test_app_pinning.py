@@ -46,7 +46,7 @@ publisher = "moefltest"
 
 [tool.flwr.app.components]
 serverapp = "pinprobe.server_app:app"
-clientapp = "client.node.client_app:app"
+clientapp = "client.client_app:app"
 
 [tool.flwr.app.config]
 note = "throwaway app for the app pinning test"
