@@ -41,7 +41,7 @@ def app_hash_cmd(
     ] = False,
 ) -> None:
     """Site: the SHA-256 to approve for an app (`approved_apps` in the site YAML)."""
-    from client.node.app_pinning import app_files, app_hash
+    from client.node.app_approval import app_files, app_hash
 
     try:
         typer.echo(app_hash(app_path))

@@ -47,6 +47,7 @@ from shared_model.errors import ConfigError
 from shared_model.loss import LossConfig
 from shared_model.model import ModelConfig, UNetMoECli, build_model, is_head_parameter
 from shared_model.plan import Plan
+from shared_model.policy import RecommendationRule
 
 log = logging.getLogger(__name__)
 
@@ -276,12 +277,7 @@ def run_training(
             head trained by AdamW alone.
         echo: progress lines.
     """
-    configs: list[SiteConfig] = [load_site_config(Path(p)) for p in site_yamls]
-    if any(c.role != "train" for c in configs):
-        raise ConfigError("every site passed to `moefl train` needs role: train")
-    names = [c.site_name for c in configs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"site names repeat: {names}")
+    configs, names = _training_sites(site_yamls)
     torch.manual_seed(cfg.seed)
     dev = resolve_device(device or configs[0].device)
     trains, vals, train, val = pooled_datasets(
@@ -312,17 +308,7 @@ def run_training(
         history, final = fit(model, train, val, cfg, device=dev, echo=echo, label=mode)
     rule = None
     if training == "staged" and head_fit == "newton":
-        model, posterior, fit_record = fit_head_locally(
-            model, configs, trains, vals, plan, device=dev
-        )
-        rule, _ = choose_rule_locally(
-            model, configs, trains, vals, posterior, device=dev
-        )
-        echo(
-            f"[heads] Newton fit (prior {fit_record['lam']:g}, recalibrated "
-            f"slope {fit_record['recalibration']['slope']:.2f}); advice: "
-            f"{rule.describe()}"
-        )
+        model, rule = _newton_head(model, configs, trains, vals, plan, dev, echo)
     seconds = time.perf_counter() - t0
     out = Path(out)
     support = Counter(REGIMENS[r] for t in trains for r in t.regimen_indices())
@@ -343,32 +329,20 @@ def run_training(
 
     comparators = clinical_comparators(train, val, seed=cfg.seed)
     if image_only:
-        torch.manual_seed(cfg.seed)
-        img_model = build_model(
-            ModelConfig.from_plan(
-                plan, **{**(model_overrides or {}), "use_clinical": False}
-            )
+        comparators["image_only"] = _image_only(
+            model,
+            configs,
+            trains,
+            train,
+            val,
+            cfg,
+            head,
+            plan=plan,
+            model_overrides=model_overrides,
+            training=training,
+            device=dev,
+            echo=echo,
         )
-        if training == "staged":
-            _, img_final = fit_staged(
-                img_model,
-                configs,
-                trains,
-                val,
-                cfg,
-                head,
-                plan=plan,
-                device=dev,
-                echo=echo,
-                backbone_of=model,
-            )
-        else:
-            _, img_final = fit(
-                img_model, train, val, cfg, device=dev, echo=echo, label="image-only"
-            )
-        comparators["image_only"] = {
-            k: img_final.metrics[k] for k in ("auc", "auc_by_regimen", "dice")
-        }
     n_params = sum(p.numel() for p in model.parameters())
     metrics = {
         "mode": mode,
@@ -385,6 +359,85 @@ def run_training(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_predictions(out / "val_predictions.csv", final.cases)
     return TrainRun(out=out, metrics=metrics, model=model)
+
+
+def _training_sites(
+    site_yamls: Sequence[Path],
+) -> tuple[list[SiteConfig], list[str]]:
+    """The site configs (each of role train) and their distinct names."""
+    configs: list[SiteConfig] = [load_site_config(Path(p)) for p in site_yamls]
+    if any(c.role != "train" for c in configs):
+        raise ConfigError("every site passed to `moefl train` needs role: train")
+    names = [c.site_name for c in configs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"site names repeat: {names}")
+    return configs, names
+
+
+def _newton_head(
+    model: UNetMoECli,
+    configs: list[SiteConfig],
+    trains: list[SiteDataset],
+    vals: list[SiteDataset],
+    plan: Plan,
+    dev: torch.device,
+    echo: Echo,
+) -> tuple[UNetMoECli, RecommendationRule]:
+    """The pooled Newton head fit and the advice rule chosen on the
+    validation splits (:mod:`multisite.local_advice`)."""
+    model, posterior, fit_record = fit_head_locally(
+        model, configs, trains, vals, plan, device=dev
+    )
+    rule, _ = choose_rule_locally(model, configs, trains, vals, posterior, device=dev)
+    echo(
+        f"[heads] Newton fit (prior {fit_record['lam']:g}, recalibrated "
+        f"slope {fit_record['recalibration']['slope']:.2f}); advice: "
+        f"{rule.describe()}"
+    )
+    return model, rule
+
+
+def _image_only(
+    model: UNetMoECli,
+    configs: list[SiteConfig],
+    trains: list[SiteDataset],
+    train: Any,
+    val: Any,
+    cfg: TrainConfig,
+    head: HeadConfig,
+    *,
+    plan: Plan,
+    model_overrides: dict[str, Any] | None,
+    training: str,
+    device: torch.device,
+    echo: Echo,
+) -> dict[str, Any]:
+    """Train the image-only comparator (no clinical input; staged: on
+    ``model``'s backbone) and return its final AUCs and Dice."""
+    torch.manual_seed(cfg.seed)
+    img_model = build_model(
+        ModelConfig.from_plan(
+            plan, **{**(model_overrides or {}), "use_clinical": False}
+        )
+    )
+    if training == "staged":
+        _, img_final = fit_staged(
+            img_model,
+            configs,
+            trains,
+            val,
+            cfg,
+            head,
+            plan=plan,
+            device=device,
+            echo=echo,
+            backbone_of=model,
+        )
+    else:
+        _, img_final = fit(
+            img_model, train, val, cfg, device=device, echo=echo, label="image-only"
+        )
+    return {k: img_final.metrics[k] for k in ("auc", "auc_by_regimen", "dice")}
 
 
 def _write_predictions(path: Path, cases: list[CasePrediction]) -> None:

@@ -91,15 +91,7 @@ def import_msd(
             "with a letter"
         )
     task_dir, out = Path(task_dir), Path(out)
-    meta_path = task_dir / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{meta_path}: cannot read it ({e})") from e
-    t2, adc = _channels(meta, meta_path)
-    entries = meta.get("training")
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{meta_path}: no `training` cases listed")
+    meta, t2, adc, entries = _read_task(task_dir)
     dataset = out / site_name
     if dataset.exists() and any(dataset.iterdir()):
         raise ConfigError(f"{dataset} is not empty; choose another --out")
@@ -116,53 +108,18 @@ def import_msd(
             skipped[str(entry)] = "no usable image name"
             continue
         try:
-            image = _nifti(task_dir / image_rel)
-            data = np.asanyarray(image.dataobj)
-            if data.ndim != 4 or data.shape[3] <= max(t2, adc):
-                raise ValueError(
-                    f"shape {data.shape}, expected 4-D with the channels last"
-                )
-            label = _nifti(task_dir / label_rel)
-            mask = np.asanyarray(label.dataobj)
-            if mask.shape != data.shape[:3]:
-                raise ValueError(
-                    f"mask shape {mask.shape} is not the image's {data.shape[:3]}"
-                )
+            image, data, label, mask = _read_case(
+                task_dir / image_rel, task_dir / label_rel, max(t2, adc)
+            )
         except (OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError) as e:
             skipped[case] = str(e)
             log.warning("skipping MSD case %s: %s", case, e)
             continue
-        affine, header = image.affine, image.header
-        for channel, index in ((0, t2), (1, adc)):
-            volume = np.asarray(data[..., index], dtype=np.float32)
-            img = nib.Nifti1Image(volume, affine)
-            img.header.set_zooms(header.get_zooms()[:3])
-            nib.save(img, str(dataset / "imagesTr" / f"{case}_{channel:04d}.nii.gz"))
-        adc_values = np.asarray(data[..., adc], dtype=np.float64)
-        positive = adc_values[adc_values > 0]
-        if positive.size:
-            p99.append(float(np.percentile(positive, 99)))
-        nib.save(
-            nib.Nifti1Image((mask > 0).astype(np.uint8), label.affine),
-            str(dataset / "labelsTr" / f"{case}.nii.gz"),
-        )
+        p99.extend(_write_case(dataset, case, image, data, label, mask, t2, adc))
         done.append(case)
     if not done:
         raise DataError(f"{task_dir}: no case could be imported ({skipped})")
-    (dataset / "dataset.json").write_text(
-        json.dumps(
-            {
-                "channel_names": {"0": "T2", "1": "ADC"},
-                "labels": {"background": 0, "tumour": 1},
-                "numTraining": len(done),
-                "file_ending": ".nii.gz",
-                "name": f"{meta.get('name', task_dir.name)} (moefl public import)",
-                "source": str(meta.get("reference", meta.get("name", task_dir.name))),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    _write_dataset_json(dataset, meta, task_dir, len(done))
     unit = _adc_unit(p99)
     site_yaml = out / f"{site_name}.yaml"
     write_site_yaml(
@@ -179,3 +136,82 @@ def import_msd(
         "moefl pretrain",
     )
     return Imported(site_yaml, dataset, done, unit, skipped)
+
+
+def _read_task(task_dir: Path) -> tuple[dict[str, Any], int, int, list[Any]]:
+    """The task's ``dataset.json``, its T2 and ADC channel indices and its
+    training entries."""
+    meta_path = task_dir / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{meta_path}: cannot read it ({e})") from e
+    t2, adc = _channels(meta, meta_path)
+    entries = meta.get("training")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{meta_path}: no `training` cases listed")
+    return meta, t2, adc, entries
+
+
+def _read_case(
+    image_path: Path, label_path: Path, max_channel: int
+) -> tuple[nib.Nifti1Image, Any, nib.Nifti1Image, Any]:
+    """A case's 4-D image and its mask, with their voxels; a ValueError when
+    the channels or the mask's shape do not fit."""
+    image = _nifti(image_path)
+    data = np.asanyarray(image.dataobj)
+    if data.ndim != 4 or data.shape[3] <= max_channel:
+        raise ValueError(f"shape {data.shape}, expected 4-D with the channels last")
+    label = _nifti(label_path)
+    mask = np.asanyarray(label.dataobj)
+    if mask.shape != data.shape[:3]:
+        raise ValueError(f"mask shape {mask.shape} is not the image's {data.shape[:3]}")
+    return image, data, label, mask
+
+
+def _write_case(
+    dataset: Path,
+    case: str,
+    image: nib.Nifti1Image,
+    data: Any,
+    label: nib.Nifti1Image,
+    mask: Any,
+    t2: int,
+    adc: int,
+) -> list[float]:
+    """Write the case's T2W and ADC channels and its one-foreground mask;
+    returns the 99th percentile of its positive ADC values (none if empty)."""
+    affine, header = image.affine, image.header
+    for channel, index in ((0, t2), (1, adc)):
+        volume = np.asarray(data[..., index], dtype=np.float32)
+        img = nib.Nifti1Image(volume, affine)
+        img.header.set_zooms(header.get_zooms()[:3])
+        nib.save(img, str(dataset / "imagesTr" / f"{case}_{channel:04d}.nii.gz"))
+    adc_values = np.asarray(data[..., adc], dtype=np.float64)
+    positive = adc_values[adc_values > 0]
+    p99 = [float(np.percentile(positive, 99))] if positive.size else []
+    nib.save(
+        nib.Nifti1Image((mask > 0).astype(np.uint8), label.affine),
+        str(dataset / "labelsTr" / f"{case}.nii.gz"),
+    )
+    return p99
+
+
+def _write_dataset_json(
+    dataset: Path, meta: dict[str, Any], task_dir: Path, n_cases: int
+) -> None:
+    """The nnU-Net v2 ``dataset.json`` of the imported site."""
+    (dataset / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "T2", "1": "ADC"},
+                "labels": {"background": 0, "tumour": 1},
+                "numTraining": n_cases,
+                "file_ending": ".nii.gz",
+                "name": f"{meta.get('name', task_dir.name)} (moefl public import)",
+                "source": str(meta.get("reference", meta.get("name", task_dir.name))),
+            },
+            indent=2,
+        )
+        + "\n"
+    )

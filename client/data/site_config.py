@@ -37,6 +37,8 @@ from typing import Any
 import yaml
 
 from client.data.privacy_config import PrivacyConfig, parse_privacy
+from client.data.site_access import parse_approved_apps as parse_approved_apps
+from client.data.site_access import parse_image_roots as parse_image_roots
 from client.problem import Problem, yaml_number, yaml_problem
 from shared_model.errors import ConfigError
 from shared_model.federation_config import is_site_name
@@ -61,7 +63,6 @@ OPTIONAL_KEYS = (
     "approved_apps",
     "image_roots",
 )
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,46 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
         ``(config, problems)``: ``config`` is ``None`` when any problem is found.
     """
     path = Path(path)
-    problems: list[Problem] = []
+    raw, problems = _load_mapping(path)
+    if raw is None:
+        return None, problems
+
+    _check_keys(raw, problems)
+    base = path.resolve().parent
+    site_name, role, adc_unit = _parse_identity(raw, problems)
+    dataset_dir, run_dir = _parse_paths(raw, base, site_name, problems)
+    min_cases, device, num_workers = _parse_resources(raw, role, problems)
+    val_fraction, split_seed = _parse_split(raw, problems)
+
+    privacy = None
+    if raw.get("privacy") is not None:
+        privacy = parse_privacy(raw["privacy"], problems)
+    approved_apps = parse_approved_apps(raw.get("approved_apps"), problems)
+    image_roots = parse_image_roots(raw.get("image_roots"), base, problems)
+
+    if problems or dataset_dir is None:
+        return None, problems
+    return SiteConfig(
+        path=path.resolve(),
+        site_name=str(site_name),
+        role=str(role),
+        dataset_dir=dataset_dir,
+        adc_unit=adc_unit,
+        run_dir=run_dir,
+        min_cases=min_cases,
+        device=str(device),
+        num_workers=num_workers,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        privacy=privacy,
+        approved_apps=approved_apps,
+        image_roots=image_roots,
+    ), []
+
+
+def _load_mapping(path: Path) -> tuple[dict[Any, Any] | None, list[Problem]]:
+    """The YAML file's top-level mapping, or ``None`` and the one problem
+    (unreadable, not YAML, not a mapping) that stops the parse."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -127,7 +167,11 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
                 "see site_configs/README.md for the schema",
             )
         ]
+    return raw, []
 
+
+def _check_keys(raw: dict[Any, Any], problems: list[Problem]) -> None:
+    """Unknown keys and missing required keys."""
     for key in raw:
         if key not in REQUIRED_KEYS + OPTIONAL_KEYS:
             problems.append(
@@ -147,8 +191,12 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
                     f"add `{key}:` (see site_configs/README.md)",
                 )
             )
-    base = path.resolve().parent
 
+
+def _parse_identity(
+    raw: dict[Any, Any], problems: list[Problem]
+) -> tuple[Any, Any, str]:
+    """``site_name``, ``role`` and ``adc_unit`` (as written; checked)."""
     site_name = raw.get("site_name")
     if site_name is not None and not is_site_name(site_name):
         problems.append(
@@ -176,7 +224,14 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
                 'write the unit of the stored ADC values in mm^2/s, quoted: "1e-3" or "1e-6"',
             )
         )
+    return site_name, role, adc_unit
 
+
+def _parse_paths(
+    raw: dict[Any, Any], base: Path, site_name: Any, problems: list[Problem]
+) -> tuple[Path | None, Path]:
+    """``dataset_dir`` (``None`` when unusable) and ``run_dir``, resolved
+    against ``base``; the run folder may not lie inside the dataset."""
     dataset_dir: Path | None = None
     if isinstance(raw.get("dataset_dir"), str) and raw["dataset_dir"]:
         dataset_dir = (base / raw["dataset_dir"]).resolve()
@@ -217,7 +272,13 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
                 "moefl never writes into site data: choose a run_dir outside dataset_dir",
             )
         )
+    return dataset_dir, run_dir
 
+
+def _parse_resources(
+    raw: dict[Any, Any], role: Any, problems: list[Problem]
+) -> tuple[Any, Any, Any]:
+    """``min_cases`` (default by role), ``device`` and ``num_workers``."""
     default_min = 10 if role == "train" else 1
     min_cases = yaml_number(
         raw.get("min_cases", default_min), "min_cases", problems, kind=int, low=1
@@ -232,6 +293,11 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
     num_workers = yaml_number(
         raw.get("num_workers", 0), "num_workers", problems, kind=int, low=0
     )
+    return min_cases, device, num_workers
+
+
+def _parse_split(raw: dict[Any, Any], problems: list[Problem]) -> tuple[Any, Any]:
+    """``val_fraction`` (strictly between 0 and 1) and ``split_seed``."""
     val_fraction = yaml_number(
         raw.get("val_fraction", 0.2),
         "val_fraction",
@@ -245,96 +311,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
     split_seed = yaml_number(
         raw.get("split_seed", 0), "split_seed", problems, kind=int, low=0
     )
-
-    privacy = None
-    if raw.get("privacy") is not None:
-        privacy = parse_privacy(raw["privacy"], problems)
-    approved_apps = parse_approved_apps(raw.get("approved_apps"), problems)
-    image_roots = parse_image_roots(raw.get("image_roots"), base, problems)
-
-    if problems or dataset_dir is None:
-        return None, problems
-    return SiteConfig(
-        path=path.resolve(),
-        site_name=str(site_name),
-        role=str(role),
-        dataset_dir=dataset_dir,
-        adc_unit=adc_unit,
-        run_dir=run_dir,
-        min_cases=min_cases,
-        device=str(device),
-        num_workers=num_workers,
-        val_fraction=val_fraction,
-        split_seed=split_seed,
-        privacy=privacy,
-        approved_apps=approved_apps,
-        image_roots=image_roots,
-    ), []
-
-
-def parse_image_roots(
-    raw: Any, base: Path, problems: list[Problem]
-) -> tuple[Path, ...]:
-    """``image_roots``: folders outside ``dataset_dir`` that the dataset's
-    images may resolve into (a dataset of symbolic links into a PACS export,
-    say). Without it, an image that resolves outside the dataset folder is
-    refused: a link must not pull in files the site did not mean to use."""
-    if raw is None:
-        return ()
-    fix = "list existing folders, e.g. image_roots: [/srv/pacs_export]"
-    if not isinstance(raw, list) or not all(isinstance(v, str) and v for v in raw):
-        problems.append(
-            yaml_problem(
-                "image_roots", f"`image_roots` is {raw!r}; expected folder paths", fix
-            )
-        )
-        return ()
-    roots = tuple((base / v).resolve() for v in raw)
-    missing = [str(r) for r in roots if not r.is_dir()]
-    if missing:
-        problems.append(
-            yaml_problem(
-                "image_roots", f"`image_roots` folder {missing[0]} does not exist", fix
-            )
-        )
-        return ()
-    return roots
-
-
-def parse_approved_apps(raw: Any, problems: list[Problem]) -> tuple[str, ...]:
-    """``approved_apps``: the app hashes a site runs under app pinning.
-
-    Each entry is what ``client.node.app_pinning.app_hash`` prints for an app the site
-    has reviewed. A malformed entry is an error, not skipped: silently dropping it
-    would refuse the app the site meant to approve, or hide a typo.
-    """
-    if raw is None:
-        return ()
-    fix = (
-        "review the app, then copy the hash that `moefl app-hash <app folder or .fab>` "
-        'prints, quoted: - "<64 hex characters>"'
-    )
-    if not isinstance(raw, list):
-        problems.append(
-            yaml_problem(
-                "approved_apps",
-                f"`approved_apps` is {raw!r}; expected a list of SHA-256 hex digests",
-                fix,
-            )
-        )
-        return ()
-    n_before = len(problems)
-    for i, value in enumerate(raw):
-        if not (isinstance(value, str) and _SHA256.match(value)):
-            problems.append(
-                yaml_problem(
-                    f"approved_apps[{i}]",
-                    f"`approved_apps[{i}]` is {value!r}; expected 64 lower-case hex "
-                    "characters (a SHA-256)",
-                    fix,
-                )
-            )
-    return tuple(raw) if len(problems) == n_before else ()
+    return val_fraction, split_seed
 
 
 def load_site_config(path: Path) -> SiteConfig:

@@ -167,13 +167,7 @@ def evaluate_dataset(
     doubly robust sums are added (:func:`candidate_sums`), for the choice of
     the federation's rule.
     """
-    result: Sequence[CasePrediction | CaseScore]
-    if clinical_model is not None:
-        result = clinical_model.evaluate(dataset.cases).cases
-    else:
-        result = score_dataset(
-            model, dataset.whole_view(), dataset.plan, device=device, progress=progress
-        )
+    result = _score(model, dataset, clinical_model, device, progress)
     counts = {
         r: ScoreCounts.from_scores(
             [c.probs[j] for c in result if c.regimen == j],
@@ -189,10 +183,6 @@ def evaluate_dataset(
     dice = [c.dice for c in result if c.dice is not None]
     losses = [c.loss for c in result if not np.isnan(c.loss)]
     by_id = {c.case_id: c for c in dataset.cases}
-    fit, classes = fit_propensity(
-        np.stack([encode_clinical(c.clinical.features) for c in fit_cases]),
-        [c.clinical.regimen_index for c in fit_cases],
-    )
     clinical = np.stack(
         [encode_clinical(by_id[c.case_id].clinical.features) for c in result]
     )
@@ -201,11 +191,8 @@ def evaluate_dataset(
     outcome = np.array([c.pcr for c in result])
     designs = [getattr(c, "design", None) for c in result]
     design = None if any(d is None for d in designs) else np.array(designs)
-    e = propensities(fit, classes, clinical)
-    # a received regimen the training split never saw: treat its propensity as
-    # rare rather than impossible (the patient is evidence that it is given)
+    e = _propensities(fit_cases, clinical, received)
     rows = np.arange(len(received))
-    e[rows, received] = np.maximum(e[rows, received], 1.0 / max(len(fit_cases), 1))
     policy = site_policy_sums(probs, received, outcome, e, rule, design=design)
     survival = _survival_by_advice(
         [by_id[c.case_id].clinical for c in result], probs, received, rule, design
@@ -229,21 +216,68 @@ def evaluate_dataset(
         else candidate_sums(probs, received, outcome, e, candidates, design),
     )
     if oracle is not None:
-        known = ~np.isnan(outcome)
-        rec = recommend(
-            probs[known],
-            rule,
-            received[known],
-            None if design is None else design[known],
-        )
-        ids = [result[int(i)].case_id for i in np.flatnonzero(known)]
-        missing = [i for i in ids if i not in oracle]
-        if missing:
-            raise DataError(f"the oracle has no row for case {missing[0]}")
-        out.oracle = OracleSums.from_probabilities(
-            np.array([oracle[i] for i in ids]), rec
+        out.oracle = _oracle_sums(
+            oracle, [c.case_id for c in result], probs, received, outcome, rule, design
         )
     return out
+
+
+def _score(
+    model: UNetMoECli,
+    dataset: SiteDataset,
+    clinical_model: ClinicalOnly | None,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None,
+) -> Sequence[CasePrediction | CaseScore]:
+    """Each case scored by the clinical-only comparator when given, else by
+    the network on the whole volumes."""
+    if clinical_model is not None:
+        return clinical_model.evaluate(dataset.cases).cases
+    return score_dataset(
+        model, dataset.whole_view(), dataset.plan, device=device, progress=progress
+    )
+
+
+def _propensities(
+    fit_cases: list[CaseFiles], clinical: np.ndarray, received: np.ndarray
+) -> np.ndarray:
+    """Each case's probability of each regimen, from a propensity model fitted
+    on ``fit_cases``."""
+    fit, classes = fit_propensity(
+        np.stack([encode_clinical(c.clinical.features) for c in fit_cases]),
+        [c.clinical.regimen_index for c in fit_cases],
+    )
+    e = propensities(fit, classes, clinical)
+    # a received regimen the training split never saw: treat its propensity as
+    # rare rather than impossible (the patient is evidence that it is given)
+    rows = np.arange(len(received))
+    e[rows, received] = np.maximum(e[rows, received], 1.0 / max(len(fit_cases), 1))
+    return e
+
+
+def _oracle_sums(
+    oracle: dict[str, list[float]],
+    case_ids: list[str],
+    probs: np.ndarray,
+    received: np.ndarray,
+    outcome: np.ndarray,
+    rule: RecommendationRule | None,
+    design: np.ndarray | None,
+) -> OracleSums:
+    """The advice's value under the oracle's true probabilities (cases with a
+    known outcome); every such case needs an oracle row."""
+    known = ~np.isnan(outcome)
+    rec = recommend(
+        probs[known],
+        rule,
+        received[known],
+        None if design is None else design[known],
+    )
+    ids = [case_ids[int(i)] for i in np.flatnonzero(known)]
+    missing = [i for i in ids if i not in oracle]
+    if missing:
+        raise DataError(f"the oracle has no row for case {missing[0]}")
+    return OracleSums.from_probabilities(np.array([oracle[i] for i in ids]), rec)
 
 
 def _survival_by_advice(

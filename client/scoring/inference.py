@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import compute_dice
 
 from client.data.dataset import SiteDataset
+from client.data.site_data import CaseFiles
 from client.data.volume_store import SegmentationStore
 from shared_model.backbone import backbone_digest
 from shared_model.loss import LossConfig, MoELoss
@@ -170,14 +172,9 @@ def score_dataset(
             files = json.dumps([dataset.adc_scale, dataset.cases[i].file_stats()])
             key = (files, plan_key)
             if key not in memo:
-                case = dataset.cases[i]
-                found = None if disk is None else disk.load(case)
-                if found is None:
-                    mask = segment(model, s["image"], plan, device)
-                    found = (mask, _dice(mask, s.get("label")))
-                    if disk is not None:
-                        disk.save(case, *found)
-                memo[key] = found
+                memo[key] = _segment_case(
+                    model, dataset.cases[i], s, plan, device, disk
+                )
             mask, dice = memo[key]
             samples.append(s)
             masks.append(mask)
@@ -201,16 +198,7 @@ def score_dataset(
         for j, s in enumerate(samples):
             loss = float("nan")
             if "label" in s:
-                one = out._replace(
-                    seg_logits=out.seg_logits[j : j + 1],
-                    pcr_logits=out.pcr_logits[j : j + 1],
-                    gated_logit=out.gated_logit[j : j + 1],
-                )
-                label = crop_padded(s["label"], starts[j], plan.patch_size)[None]
-                with torch.no_grad():
-                    loss = float(
-                        loss_fn(one, label.to(device), s["pcr"][None].to(device))[0]
-                    )
+                loss = _case_loss(out, j, s, starts[j], plan, loss_fn, device)
             scores.append(
                 CaseScore(
                     case_id=s["case_id"],
@@ -227,6 +215,45 @@ def score_dataset(
         if progress is not None:
             progress(len(scores), n)
     return scores
+
+
+def _segment_case(
+    model: UNetMoECli,
+    case: CaseFiles,
+    sample: dict[str, Any],
+    plan: Plan,
+    device: torch.device,
+    disk: SegmentationStore | None,
+) -> tuple[torch.Tensor, float | None]:
+    """The case's predicted mask and its Dice: from the site's segmentation
+    store when it holds them, else segmented now (and stored)."""
+    found = None if disk is None else disk.load(case)
+    if found is None:
+        mask = segment(model, sample["image"], plan, device)
+        found = (mask, _dice(mask, sample.get("label")))
+        if disk is not None:
+            disk.save(case, *found)
+    return found
+
+
+def _case_loss(
+    out: ModelOutput,
+    j: int,
+    sample: dict[str, Any],
+    start: Any,
+    plan: Plan,
+    loss_fn: MoELoss,
+    device: torch.device,
+) -> float:
+    """The training loss of the batch's ``j``-th case on its patch."""
+    one = out._replace(
+        seg_logits=out.seg_logits[j : j + 1],
+        pcr_logits=out.pcr_logits[j : j + 1],
+        gated_logit=out.gated_logit[j : j + 1],
+    )
+    label = crop_padded(sample["label"], start, plan.patch_size)[None]
+    with torch.no_grad():
+        return float(loss_fn(one, label.to(device), sample["pcr"][None].to(device))[0])
 
 
 def _dice(mask: torch.Tensor, label: torch.Tensor | None) -> float | None:

@@ -20,8 +20,8 @@ import torch
 from monai.transforms import Compose
 from scipy import ndimage
 
-from client.checks.case_checks import adc_unit_problem, grid_problem, load_volume
-from client.data.dataset import build_preprocess, geometry_steps
+from client.checks.volume_checks import adc_unit_problem, grid_problem, load_volume
+from client.data.transforms import build_preprocess, geometry_steps
 from client.problem import Problem
 from client.scoring.inference import score_volume
 from client.training.engine import resolve_device

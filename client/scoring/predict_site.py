@@ -57,6 +57,7 @@ from shared_model.checkpoint import (
 )
 from shared_model.clinical import REGIMENS, encode_clinical
 from shared_model.errors import ConfigError
+from shared_model.plan import Plan
 from shared_model.policy import (
     DEFAULT_MIN_SUPPORT,
     RecommendationRule,
@@ -159,47 +160,17 @@ def predict_site(
     )
     advice = _advice(scores, cases, rule, reasons, low_propensity)
     rule_text = rule.describe() + (" (a what-if)" if "what_if" in record else "")
-    rows: list[dict[str, Any]] = []
-    for case, score, (rec, why, flags, gain) in zip(cases, scores, advice, strict=True):
-        mask_file = ""
-        if masks is not None:
-            masks.mkdir(parents=True, exist_ok=True)
-            path = masks / f"{case.case_id}_tumour.nii.gz"
-            save_mask(mask_on_input_grid(score.mask, case.t2, plan), case.t2, path)
-            mask_file = str(path)
-        rows.append(
-            {
-                "case_id": case.case_id,
-                "planned_regimen": REGIMENS[score.regimen],
-                **{
-                    f"p_{r}": round(p, 4)
-                    for r, p in zip(REGIMENS, score.probs, strict=True)
-                },
-                "recommended": REGIMENS[rec],
-                "direction": direction(rec, score.regimen),
-                "reason": why,
-                "reference": rule.reference if rule.kind in ("switch", "fixed") else "",
-                "p_gain": "" if gain is None else round(gain, 3),
-                "rule": rule_text,
-                "flags": ";".join(flags),
-                "tumour_volume_ml": round(score.volume_ml, 3),
-                "mask_file": mask_file,
-                "model": str(Path(checkpoint).resolve() / MODEL),
-                "model_sha256": sha256,
-                "skipped": "",
-            }
-        )
-    buffer = io.StringIO()
     model_file = str(Path(checkpoint).resolve() / MODEL)
+    rows: list[dict[str, Any]] = []
+    for case, score, advised in zip(cases, scores, advice, strict=True):
+        mask_file = "" if masks is None else _write_mask(masks, case, score, plan)
+        row = _case_row(case, score, advised, rule, rule_text, mask_file)
+        rows.append({**row, "model": model_file, "model_sha256": sha256, "skipped": ""})
     refused: list[dict[str, Any]] = [
         {"case_id": case, "model": model_file, "model_sha256": sha256, "skipped": why}
         for case, why in sorted(skipped.items())
     ]
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n", restval="")
-    writer.writeheader()
-    writer.writerows(rows + refused)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, buffer.getvalue().encode())
+    _write_table(out, rows + refused)
     return SitePredictions(
         out,
         rows,
@@ -209,6 +180,50 @@ def predict_site(
         rule.describe(),
         "what_if" in record,
     )
+
+
+def _case_row(
+    case: CaseFiles,
+    score: CaseScore,
+    advised: tuple[int, str, list[str], float | None],
+    rule: RecommendationRule,
+    rule_text: str,
+    mask_file: str,
+) -> dict[str, Any]:
+    """A scored case's row of the table (the model columns aside)."""
+    rec, why, flags, gain = advised
+    return {
+        "case_id": case.case_id,
+        "planned_regimen": REGIMENS[score.regimen],
+        **{f"p_{r}": round(p, 4) for r, p in zip(REGIMENS, score.probs, strict=True)},
+        "recommended": REGIMENS[rec],
+        "direction": direction(rec, score.regimen),
+        "reason": why,
+        "reference": rule.reference if rule.kind in ("switch", "fixed") else "",
+        "p_gain": "" if gain is None else round(gain, 3),
+        "rule": rule_text,
+        "flags": ";".join(flags),
+        "tumour_volume_ml": round(score.volume_ml, 3),
+        "mask_file": mask_file,
+    }
+
+
+def _write_mask(masks: Path, case: CaseFiles, score: CaseScore, plan: Plan) -> str:
+    """Save the case's predicted mask on its T2W grid under ``masks``; its path."""
+    masks.mkdir(parents=True, exist_ok=True)
+    path = masks / f"{case.case_id}_tumour.nii.gz"
+    save_mask(mask_on_input_grid(score.mask, case.t2, plan), case.t2, path)
+    return str(path)
+
+
+def _write_table(out: Path, rows: list[dict[str, Any]]) -> None:
+    """The prediction table as CSV, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, buffer.getvalue().encode())
 
 
 def _why(findings: list[Any], case: str) -> str:

@@ -109,8 +109,42 @@ def pretrain(
         f"pretraining the backbone on {len(train)} public cases ({len(val)} for "
         f"validation), {cfg.epochs} epochs, device {dev}"
     )
-    steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
     t0 = time.perf_counter()
+    dice = _train_backbone(model, train, val, cfg, seg, dev, backbone, echo)
+    seconds = time.perf_counter() - t0
+    stats = public_feature_stats(model, configs, plan, dev)
+    digest = save_backbone(
+        model,
+        Path(out),
+        plan=plan,
+        trained_on={
+            "source": source,
+            "public": True,
+            "sites": [c.site_name for c in configs],
+            "n_train": len(train),
+            "n_val": len(val),
+            "epochs": cfg.epochs,
+            "seed": cfg.seed,
+            "val_dice": dice,
+        },
+        feature_stats=stats,
+    )
+    return Pretrained(Path(out), digest, dice, len(train), len(val), seconds)
+
+
+def _train_backbone(
+    model: Any,
+    train: Any,
+    val: Any,
+    cfg: TrainConfig,
+    seg: TrainConfig,
+    dev: torch.device,
+    backbone: set[str],
+    echo: Echo,
+) -> float | None:
+    """Train the ``backbone`` parameters for ``cfg.epochs`` one epoch at a
+    time on the segmentation loss ``seg``; the last epoch's validation Dice."""
+    steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
     dice: float | None = None
     for epoch in range(1, cfg.epochs + 1):
         res = train_local(
@@ -133,22 +167,4 @@ def pretrain(
             f"[pretrain] epoch {epoch}/{cfg.epochs}: seg loss {res.seg_loss:.3f}, "
             f"val Dice {'n/a' if dice is None else f'{dice:.3f}'}"
         )
-    seconds = time.perf_counter() - t0
-    stats = public_feature_stats(model, configs, plan, dev)
-    digest = save_backbone(
-        model,
-        Path(out),
-        plan=plan,
-        trained_on={
-            "source": source,
-            "public": True,
-            "sites": [c.site_name for c in configs],
-            "n_train": len(train),
-            "n_val": len(val),
-            "epochs": cfg.epochs,
-            "seed": cfg.seed,
-            "val_dice": dice,
-        },
-        feature_stats=stats,
-    )
-    return Pretrained(Path(out), digest, dice, len(train), len(val), seconds)
+    return dice

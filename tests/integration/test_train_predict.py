@@ -140,7 +140,7 @@ def test_mask_maps_back_through_the_resampling(
 ) -> None:
     """A known label, pushed through the same preprocessing and back, lands where
     it was: checks the inverse mapping independently of model quality."""
-    from client.data.dataset import build_preprocess
+    from client.data.transforms import build_preprocess
     from client.scoring.predict import mask_on_input_grid
     from shared_model.plan import Plan
 

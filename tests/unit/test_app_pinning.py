@@ -17,16 +17,15 @@ from flwr.supercore.superexec.executor import LaunchResultStatus
 
 from client.data.site_config import load_site_config, parse_site_yaml
 from client.node import app_pinning
-from client.node.app_pinning import (
+from client.node.app_approval import (
     AppNotApprovedError,
     _Guard,
-    _module_with,
-    _PinnedExecutor,
     app_files,
     app_hash,
     approved_apps,
     forget_modules,
 )
+from client.node.app_pinning import _module_with, _PinnedExecutor
 from shared_model.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec.*")

@@ -12,14 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.data.dataset import (
-    SiteDataset,
-    build_site_datasets,
-    compute_split,
-    load_or_make_split,
-)
+from client.data.dataset import SiteDataset, build_site_datasets
 from client.data.site_config import load_site_config
 from client.data.site_data import CaseFiles, list_cases
+from client.data.split import compute_split, load_or_make_split
 from shared_model.clinical import ClinicalRecord
 from shared_model.errors import DataError
 from shared_model.plan import PRESET_PLANS, Plan

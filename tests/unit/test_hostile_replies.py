@@ -258,7 +258,7 @@ def test_a_nifti_header_claiming_a_huge_volume_is_a_finding(tmp_path: Any) -> No
     """Read as a finding from the header alone, not a MemoryError."""
     import nibabel as nib
 
-    from client.checks.case_checks import load_volume
+    from client.checks.volume_checks import load_volume
     from client.problem import Problem
 
     path = tmp_path / "huge.nii.gz"
