@@ -1,17 +1,41 @@
-"""A round's entry in the run record, and what the coordinator's log line and
-missing-site list say of it (plain functions over the round's outcome)."""
+"""What aggregation did in a round (:class:`RoundOutcome`), its entry in the
+run record, and what the coordinator's log line and missing-site list say of
+it (plain functions over the round's outcome)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from shared_model.aggregation import GroupResult
 from shared_model.federated_metrics import format_metric
 from wire.records import claimed_site
 
 
+@dataclass
+class RoundOutcome:
+    """What aggregation did in one round."""
+
+    arrays: dict[str, np.ndarray]
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    groups: dict[str, GroupResult] = field(default_factory=dict)
+    excluded: dict[str, list[str]] = field(default_factory=dict)
+    declined: dict[str, dict[str, Any]] = field(default_factory=dict)
+    client_dp: dict[str, Any] | None = None
+    bounds: dict[str, Any] | None = None
+    updated: bool = False
+    flags: dict[str, list[str]] = field(default_factory=dict)
+
+
 def round_entry(
-    rnd: int, stage: str, outcome: Any, missing: list[str], identified_by: str
+    rnd: int,
+    stage: str,
+    outcome: RoundOutcome,
+    missing: list[str],
+    identified_by: str,
 ) -> dict[str, Any]:
     """The run record's entry for one round (evaluation and time added later)."""
     entry: dict[str, Any] = {
@@ -79,3 +103,17 @@ def privacy_line(entry: dict[str, Any]) -> str:
     if entry.get("client_dp"):
         parts.append(f"client-level {format_metric(entry['client_dp'].get('epsilon'))}")
     return f"; epsilon {', '.join(parts)}" if parts else ""
+
+
+def round_line(
+    rnd: int, total: int, stage: str, outcome: RoundOutcome, entry: dict[str, Any]
+) -> str:
+    """The coordinator's log line for a finished round."""
+    ev = entry.get("evaluate", {})
+    return (
+        f"round {rnd}/{total} ({stage}): {len(outcome.sites)} sites, excluded "
+        f"{sorted(outcome.excluded) or 'none'}, declined "
+        f"{sorted(outcome.declined) or 'none'}, val AUC "
+        f"{format_metric(ev.get('auc'))}, Dice {format_metric(ev.get('dice'))}, "
+        f"{entry['seconds']:.0f} s{privacy_line(entry)}"
+    )

@@ -66,11 +66,23 @@ other change is refused unless the run config says ``resume-changed-config=true`
 
 @dataclass
 class StrategyState:
-    """What a resumed strategy needs beyond the weights."""
+    """What a resumed strategy needs beyond the weights: the server
+    optimiser's state (FedAdam's moments and step), the patients per group
+    each site declared when it joined, the client-level DP releases so far
+    (its epsilon), and the round these describe (0: none yet). Written with
+    each round (``state.json`` and the moments file), read back on a resume."""
 
     adam: AdamState = field(default_factory=AdamState)
     declared: dict[str, dict[str, int]] = field(default_factory=dict)
     client_dp_releases: int = 0
+    round: int = 0
+
+    def copy(self) -> StrategyState:
+        """A copy apart from this one (its arrays are shared: the strategy
+        replaces FedAdam's moments, never changes them in place)."""
+        adam = AdamState(dict(self.adam.m), dict(self.adam.v), self.adam.t)
+        declared = {site: dict(counts) for site, counts in self.declared.items()}
+        return StrategyState(adam, declared, self.client_dp_releases, self.round)
 
 
 @dataclass
@@ -198,7 +210,9 @@ class RunFolder:
         ]
         if [r.get("round") for r in rounds] != list(range(1, rnd + 1)):
             raise ValueError("the run record lacks some of its rounds")
-        state = StrategyState(adam, declared, int(marker.get("client_dp_releases", 0)))
+        state = StrategyState(
+            adam, declared, int(marker.get("client_dp_releases", 0)), round=rnd
+        )
         return Checkpoint(rnd, arrays, state, rounds)
 
     def last_complete(self) -> Checkpoint | None:

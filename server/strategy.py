@@ -1,82 +1,95 @@
-"""Grouped aggregation strategy on Flower's Message API.
+"""Grouped aggregation strategy on Flower's Message API; it runs the rounds.
 
 Sampling and message construction come from Flower's ``FedAvg``; aggregation
-is ours: replies are untrusted input, checked one by one, and anything wrong
-with one (an error reply, a wrong dtype or shape, NaN/Inf, an unknown key or
-record, a partial DP account, a metric that is not a finite number, a count
-above what the site declared when it joined or outside its enrolment, a node
-that cannot be attributed to a site, or any exception while reading it)
-excludes that site for the round with a reason; the round goes on. A site is
-named by its node (:mod:`server.identity`), never by its own claim or its
-Flower node id. Valid replies are bounded (:mod:`shared_model.robust`: each
-update scaled to the round's bound, ``client-dp-clip``), sorted by site name
-and folded with :func:`shared_model.aggregation.grouped_mean` under the
-``aggregation`` rule and the ``max-site-share`` cap; FedAdam optionally moves
-the trained groups with server-side Adam. Replies are read through
+is ours: replies are untrusted input, checked one by one
+(:mod:`server.reply_checks`), and anything wrong with one (an error reply, a
+wrong dtype or shape, NaN/Inf, an unknown key or record, a partial DP
+account, a metric that is not a finite number, a count above what the site
+declared when it joined or outside its enrolment, a node that cannot be
+attributed to a site, or any exception while reading it) excludes that site
+for the round with a reason; the round goes on. A site is named by its node
+(:mod:`server.identity`), never by its own claim or its Flower node id.
+
+The ``strategy`` run-config key names three separate things
+(:class:`shared_model.federation_config.StrategyParts`): the sites' proximal
+term (FedProx, applied at the site), the server optimiser, and the
+aggregation rule. Here a round's valid replies are bounded
+(:mod:`shared_model.robust`: each update scaled to the round's bound, then
+clipped to ``client-dp-clip`` by :func:`shared_model.robust.clip_update`),
+sorted by site name and folded by group under the aggregation rule
+(:data:`shared_model.robust.AGGREGATION_RULES`, with the ``max-site-share``
+cap), or, under client-level DP, by the noised mean of the clipped updates
+(:func:`shared_model.aggregation.central_dp_mean`); the server optimiser
+(FedAdam) then moves the trained groups. Replies are read through
 :mod:`wire.records`; :meth:`GroupedStrategy.aggregate_replies` takes typed
 replies, which is what a loop without Flower's runtime calls.
 
-Declared counts: a site's first valid reply declares its patients per group
-(inside its roster range when the run folder has ``roster.yaml``,
-:mod:`server.roster`); later replies may not claim more (an aggregation
-weight a site could inflate at will would let it take the model), and a
-smaller count is accepted and flagged. The declarations are part of the
-strategy's state, checkpointed with each round and shown in the run record.
+:meth:`GroupedStrategy.run` is the round loop: it resumes from the run
+folder's last complete round (:class:`server.run_folder.StrategyState`: the
+round, FedAdam's moments, the declared counts, the client-level DP releases)
+or starts afresh, and writes every round's weights, state and record through
+:class:`server.run_folder.RunFolder`. No code outside this class changes its
+state; :attr:`GroupedStrategy.declared`, :attr:`GroupedStrategy.groups` and
+:meth:`GroupedStrategy.snapshot` read it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.identity import ReplyRejected, SiteIdentities, Unidentified
-from server.roster import Roster
-from shared_model.aggregation import (
-    AdamState,
-    GroupResult,
-    SiteUpdate,
-    central_dp_mean,
-    epsilon_of,
-    fedadam_step,
-    grouped_mean,
-    verify_update,
+from server.identity import ReplyRejected, SiteIdentities
+from server.reply_checks import (
+    ReplyContext,
+    accept_reply,
+    declare,
+    read_evaluation_replies,
+    read_train_replies,
 )
+from server.roster import Roster
+from server.round_aggregation import aggregate_updates, client_dp_epsilon
+from server.round_entry import RoundOutcome, round_entry, round_line
+from server.round_loop import RunStart, SiteTracker
+from server.run_folder import RunFolder, StrategyState
+from shared_model.aggregation import SiteUpdate
 from shared_model.federation_config import FederationConfig
-from shared_model.messages import COUNT_KEYS, SHARED, SiteTrainReply
-from shared_model.robust import bound_updates
-from shared_model.site_evaluation import SiteEvaluation, combine
-from wire.records import read_evaluation_reply, read_train_reply
+from shared_model.messages import SiteTrainReply
+from shared_model.policy import expert_support, supported_regimens
+from shared_model.site_evaluation import combine
+from wire.records import arrays_to_record, request_record
+
+__all__ = ["GroupedStrategy", "RoundOutcome"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RoundOutcome:
-    """What aggregation did in one round."""
-
-    arrays: dict[str, np.ndarray]
-    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
-    groups: dict[str, GroupResult] = field(default_factory=dict)
-    excluded: dict[str, list[str]] = field(default_factory=dict)
-    declined: dict[str, dict[str, Any]] = field(default_factory=dict)
-    client_dp: dict[str, Any] | None = None
-    bounds: dict[str, Any] | None = None
-    updated: bool = False
-    flags: dict[str, list[str]] = field(default_factory=dict)
-
-
 class GroupedStrategy(FedAvg):
-    """FedAvg sampling with grouped, fault-tolerant, ordered aggregation."""
+    """FedAvg sampling with grouped, fault-tolerant, ordered aggregation, and
+    the round loop (:meth:`run`).
 
-    def __init__(self, fed: FederationConfig, groups: dict[str, list[str]]) -> None:
+    ``stages``: what each stage of the run aggregates (stage -> group ->
+    parameter names); a round of stage ``s`` aggregates ``stages[s]``.
+    ``groups`` is what a strategy without stages aggregates. ``roster``: the
+    run folder's enrolment roster, if any.
+    """
+
+    def __init__(
+        self,
+        fed: FederationConfig,
+        groups: dict[str, list[str]],
+        *,
+        stages: Mapping[str, dict[str, list[str]]] | None = None,
+        roster: Roster | None = None,
+    ) -> None:
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=1.0,
@@ -85,37 +98,186 @@ class GroupedStrategy(FedAvg):
             min_available_nodes=fed.min_sites,
         )
         self.fed = fed
-        self.groups = groups
-        self.roster: Roster | None = None  # the run folder's enrolment roster
-        self.adam = AdamState()
-        self.client_dp_releases = 0  # rounds released under client-level DP
-        # site -> patients per group it declared in its first valid reply
-        self.declared: dict[str, dict[str, int]] = {}
+        self.roster = roster
+        self._groups = groups
+        self._stages = dict(stages or {})
+        self._state = StrategyState()
 
-    def _central_rng(self, server_round: int) -> np.random.Generator:
-        """Client-level DP noise: from the OS's entropy, unless ``dp-reproducible``
-        (simulation) seeds it from the run's seed and the round."""
-        if self.fed.dp_reproducible:
-            return np.random.default_rng([self.fed.seed, server_round, 0xD9])
-        return np.random.default_rng()
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def groups(self) -> Mapping[str, list[str]]:
+        """What the current round aggregates (group -> parameter names)."""
+        return self._groups
+
+    @property
+    def declared(self) -> Mapping[str, Mapping[str, int]]:
+        """Site -> the patients per group it declared in its first valid reply."""
+        return self._state.declared
+
+    @property
+    def completed_round(self) -> int:
+        """The last round aggregated (or restored); 0 before any."""
+        return self._state.round
+
+    def snapshot(self) -> StrategyState:
+        """The state a resumed run needs (what :meth:`restore` takes), apart
+        from the strategy's own (arrays are shared: they are never changed in
+        place)."""
+        return self._state.copy()
+
+    def restore(self, state: StrategyState) -> None:
+        """Continue from ``state`` (a checkpoint's, on a resume)."""
+        self._state = state.copy()
+
+    def use_stage(self, stage: str) -> None:
+        """Aggregate the groups of ``stage`` from now on."""
+        self._groups = self._stages[stage]
+
+    # -- the round loop ------------------------------------------------------
+
+    def run(
+        self,
+        grid: Grid,
+        start: RunStart,
+        arrays: dict[str, np.ndarray],
+        folder: RunFolder,
+        record: dict[str, Any],
+        sites: SiteTracker,
+    ) -> dict[str, np.ndarray]:
+        """The rounds after :attr:`completed_round`, from ``arrays`` (what
+        :meth:`resume` gave), under the run folder's lock; returns the final
+        weights. Each round's entry goes into ``record`` (the run record),
+        written with the round's checkpoint."""
+        config = request_record(start.request)
+        for rnd in range(self.completed_round + 1, self.fed.total_rounds + 1):
+            t0 = time.perf_counter()
+            stage = self.fed.stage_of(rnd)
+            self.use_stage(stage)
+            outcome, entry, identities = self.train_round(
+                grid, rnd, arrays, config, sites
+            )
+            arrays = outcome.arrays
+            self._state.round = rnd
+            if self.fed.evaluate_every and rnd % self.fed.evaluate_every == 0:
+                so_far = [*record["rounds"], entry]
+                entry["evaluate"] = self.evaluate_round(
+                    grid, start, rnd, arrays, so_far, identities
+                )
+            entry["seconds"] = round(time.perf_counter() - t0, 2)
+            record["rounds"].append(entry)
+            self._save(rnd, arrays, start, folder, record)
+            log.info(round_line(rnd, self.fed.total_rounds, stage, outcome, entry))
+        return arrays
+
+    def resume(
+        self,
+        initial: dict[str, np.ndarray],
+        folder: RunFolder,
+        record: dict[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """The weights to start from. With ``resume``, the folder's last
+        complete round's (its state restored, its rounds put back in
+        ``record``; a run config changed beyond what a resume may change is
+        refused): the run continues as if it had never stopped. Otherwise
+        ``initial``, from round 1. The run config is stored in the folder."""
+        resumed = folder.last_complete() if self.fed.resume else None
+        if resumed is None:
+            folder.check_run_config(self.fed.to_run_config(), allow_changes=True)
+            self.restore(StrategyState())
+            return initial
+        folder.check_run_config(
+            self.fed.to_run_config(), allow_changes=self.fed.resume_changed_config
+        )
+        self.restore(dataclasses.replace(resumed.state, round=resumed.round))
+        record["rounds"] = resumed.rounds
+        record["declared_counts"] = self._state.declared
+        record["expert_support"] = expert_support(record["rounds"])
+        log.info("resuming %s after round %d", folder.path, resumed.round)
+        return resumed.arrays
+
+    def _save(
+        self,
+        rnd: int,
+        arrays: dict[str, np.ndarray],
+        start: RunStart,
+        folder: RunFolder,
+        record: dict[str, Any],
+    ) -> None:
+        """Round ``rnd``'s checkpoint: weights, state, record, latest model."""
+        record["declared_counts"] = self._state.declared
+        record["expert_support"] = expert_support(record["rounds"])
+        folder.save_round(
+            rnd,
+            arrays,
+            self.snapshot(),
+            record,
+            start.model_cfg,
+            start.plan,
+            extra_config={
+                "expert_support": record["expert_support"],
+                **({"backbone": start.backbone} if start.backbone else {}),
+            },
+        )
+
+    def train_round(
+        self,
+        grid: Grid,
+        rnd: int,
+        arrays: dict[str, np.ndarray],
+        config: ConfigRecord,
+        sites: SiteTracker,
+    ) -> tuple[RoundOutcome, dict[str, Any], SiteIdentities]:
+        """One training round over the current stage's groups: send the
+        weights, aggregate the replies; the outcome, its record entry and who
+        each node was."""
+        messages = list(
+            self.configure_train(rnd, arrays_to_record(arrays), config, grid)
+        )
+        replies = list(grid.send_and_receive(messages, timeout=self.fed.round_timeout))
+        identities = sites()
+        missing = sites.missing(messages, replies, identities)
+        if missing:
+            log.warning(
+                "round %d: no reply within %.0f s from %s",
+                rnd,
+                self.fed.round_timeout,
+                ", ".join(missing),
+            )
+        outcome = self.aggregate_round(rnd, replies, arrays, identities)
+        bytes_down = int(sum(a.nbytes for a in arrays.values()))
+        for site in outcome.sites.values():
+            site["bytes_down"] = bytes_down
+        stage = self.fed.stage_of(rnd)
+        entry = round_entry(rnd, stage, outcome, missing, identities.source)
+        return outcome, entry, identities
+
+    def evaluate_round(
+        self,
+        grid: Grid,
+        start: RunStart,
+        rnd: int,
+        arrays: dict[str, np.ndarray],
+        rounds: list[dict[str, Any]],
+        identities: SiteIdentities,
+    ) -> dict[str, Any]:
+        """Federated evaluation of ``arrays``: advice may name only the
+        regimens whose experts have enough support over ``rounds``."""
+        support = expert_support(rounds)
+        allowed, _ = supported_regimens(support, self.fed.min_expert_support)
+        config = request_record(
+            dataclasses.replace(start.request, allowed_regimens=allowed)
+        )
+        messages = self.configure_evaluate(rnd, arrays_to_record(arrays), config, grid)
+        replies = grid.send_and_receive(messages, timeout=self.fed.round_timeout)
+        return self.aggregate_evaluation(replies, identities)
+
+    # -- aggregation ---------------------------------------------------------
 
     def client_dp_epsilon(self) -> dict[str, float]:
-        """Client-level epsilon after the releases so far (every site takes part
-        in every round: sampling rate 1).
-
-        ``epsilon``: a neighbouring federation replaces one site's data, while
-        which sites take part stays public (they are named in the run record):
-        the clipped sum moves by up to ``2 * clip``, so the accountant sees half
-        the noise multiplier. ``epsilon_add_remove``: the DP-FedAvg convention
-        (one site added or removed, sensitivity ``clip``), for comparison with
-        other frameworks' figures.
-        """
-        sigma = self.fed.client_dp_noise_multiplier
-        n, delta, acc = self.client_dp_releases, self.fed.client_dp_delta, "rdp"
-        return {
-            "epsilon": epsilon_of([(sigma / 2, 1.0, n)], delta, acc),
-            "epsilon_add_remove": epsilon_of([(sigma, 1.0, n)], delta, acc),
-        }
+        """Client-level epsilon after the releases so far
+        (:func:`server.round_aggregation.client_dp_epsilon`)."""
+        return client_dp_epsilon(self.fed, self._state.client_dp_releases)
 
     def aggregate_round(
         self,
@@ -130,31 +292,9 @@ class GroupedStrategy(FedAvg):
         filed under its node's site, never under the name it claims.
         """
         outcome = RoundOutcome(arrays=current)
-        read: list[SiteTrainReply] = []
-        claimed: Counter[str] = Counter()
-        keys: dict[str, bytes | None] = {}
-        for i, msg in enumerate(replies):
-            try:
-                name = identities.identify(msg, i)
-            except Unidentified as e:
-                outcome.excluded.setdefault(e.key, []).append(e.reason)
-                continue
-            if msg.has_content():
-                claimed[name] += 1
-            keys[name] = identities.node_key(msg)
-            try:
-                got = read_train_reply(msg)
-            except ValueError as e:
-                outcome.excluded.setdefault(name, []).append(str(e))
-                continue
-            except Exception as e:  # an unforeseen malformation: never fatal
-                outcome.excluded.setdefault(name, []).append(
-                    f"unreadable reply ({type(e).__name__})"
-                )
-                continue
-            read.append(dataclasses.replace(got, site=name))
+        read = read_train_replies(replies, identities, outcome)
         return self.aggregate_replies(
-            server_round, read, current, outcome, claimed, keys
+            server_round, read.replies, current, outcome, read.claimed, read.node_keys
         )
 
     def aggregate_replies(
@@ -172,32 +312,7 @@ class GroupedStrategy(FedAvg):
         counted from ``replies``); ``node_keys``: each site's node key, for
         the roster."""
         outcome = outcome or RoundOutcome(arrays=current)
-        claimed = claimed or Counter(r.site for r in replies)
-        updates: list[SiteUpdate] = []
-        for got in replies:
-            name = got.site
-            if claimed[name] > 1:
-                outcome.excluded[name] = [
-                    f"the site name was claimed by {claimed[name]} replies; all "
-                    "are excluded"
-                ]
-                continue
-            try:
-                accepted = self._accept(
-                    got, current, outcome, (node_keys or {}).get(name)
-                )
-            except ReplyRejected as e:
-                outcome.excluded.setdefault(name, []).append(e.reason)
-                continue
-            except Exception as e:  # an unforeseen malformation: never fatal
-                outcome.excluded.setdefault(name, []).append(
-                    f"unreadable reply ({type(e).__name__})"
-                )
-                continue
-            if accepted is not None:
-                update, outcome.sites[name] = accepted
-                self._declare(name, update.counts, outcome)
-                updates.append(update)
+        updates = self._accepted(replies, current, outcome, claimed, node_keys)
         for name, problems in outcome.excluded.items():
             log.warning(
                 "round %d: excluded site %s: %s",
@@ -214,197 +329,65 @@ class GroupedStrategy(FedAvg):
                 self.fed.min_sites,
             )
             return outcome
-        min_sites = {
-            g: (1 if g == SHARED else self.fed.min_sites_per_expert)
-            for g in self.groups
-        }
-        noise = self.fed.client_dp_noise_multiplier
-        updates, report = bound_updates(
-            current,
-            updates,
-            self.groups,
-            multiple=self.fed.update_bound,
-            fixed_clip=self.fed.client_dp_clip if noise == 0 else 0.0,
+        outcome.arrays = aggregate_updates(
+            self.fed, self._groups, self._state, server_round, current, updates, outcome
         )
-        if noise > 0:
-            mean, outcome.groups, dp = central_dp_mean(
-                current,
-                updates,
-                self.groups,
-                clip=self.fed.client_dp_clip,
-                noise_multiplier=noise,
-                rng=self._central_rng(server_round),
-                min_sites=min_sites,
-            )
-            self.client_dp_releases += 1
-            outcome.client_dp = {
-                "noise_multiplier": noise,
-                "clip": self.fed.client_dp_clip,
-                "delta": self.fed.client_dp_delta,
-                "releases": self.client_dp_releases,
-                **self.client_dp_epsilon(),
-                "update_norms": dp.norms,
-                "clipped": dp.clipped,
-                "noise_std": dp.noise_std,
-            }
-        else:
-            mean, outcome.groups = grouped_mean(
-                current,
-                updates,
-                self.groups,
-                min_sites=min_sites,
-                rule=self.fed.aggregation,
-                max_share=self.fed.max_site_share,
-                trim_fraction=self.fed.trim_fraction,
-                shares_out=report.shares,
-            )
-        outcome.bounds = {"aggregation": self.fed.aggregation, **report.to_record()}
-        for site, scaled in report.clipped.items():
-            log.warning(
-                "round %d: site %s's update scaled to the bound (%s)",
-                server_round,
-                site,
-                ", ".join(f"{g} x{f:.3g}" for g, f in scaled.items()),
-            )
-        if self.fed.strategy == "fedadam":
-            moved = [
-                n
-                for g, res in outcome.groups.items()
-                if res.updated
-                for n in self.groups[g]
-            ]
-            mean = fedadam_step(
-                current,
-                mean,
-                moved,
-                self.adam,
-                lr=self.fed.server_lr,
-                beta1=self.fed.server_beta1,
-                beta2=self.fed.server_beta2,
-                tau=self.fed.server_tau,
-            )
-        outcome.arrays = mean
         outcome.updated = True
         return outcome
 
-    def _accept(
+    def _accepted(
         self,
-        got: SiteTrainReply,
+        replies: list[SiteTrainReply],
         current: dict[str, np.ndarray],
         outcome: RoundOutcome,
-        node_key: bytes | None = None,
-    ) -> tuple[SiteUpdate, dict[str, Any]] | None:
-        """One read reply, checked: the update and its run-record entry, or
-        None for a declined round (recorded in ``outcome``). Raises
-        ReplyRejected when the reply is unusable."""
-        if self.roster is not None:
-            refused = self.roster.verify_node(got.site, node_key)
-            if (
-                refused is None
-                and got.declined is None
-                and got.site not in self.declared
-            ):
-                refused = self.roster.verify_counts(got.site, got.reply.counts)
-            if refused is not None:
-                raise ReplyRejected(refused)
-        name, reply = got.site, got.reply
-        if got.declined is not None:
-            outcome.declined[name] = {
-                "reason": got.declined,
-                "privacy": None if reply.privacy is None else reply.privacy.to_dict(),
-            }
-            log.warning("site %s declined: %s", name, got.declined)
-            return None
-        arrays = dict(got.arrays)
-        counts = dict(reply.counts)
-        update = SiteUpdate(name, arrays, counts)
-        problems = verify_update(update, current, self.groups)
-        if problems:
-            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-            raise ReplyRejected("; ".join(problems[:3]) + more)
-        above = {
-            g: (n, self.declared[name][g])
-            for g, n in counts.items()
-            if name in self.declared and n > self.declared[name].get(g, 0)
-        }
-        if above:
-            g, (n, was) = next(iter(above.items()))
-            raise ReplyRejected(
-                f"claims {n} patients for `{g}`, more than the {was} it declared "
-                "when it joined"
-            )
-        entry = {
-            **{COUNT_KEYS[g]: n for g, n in counts.items()},
-            "train_loss": (reply.losses or {}).get("train"),  # not sent under DP
-            "seconds": reply.seconds,
-            "bytes_up": int(sum(a.nbytes for a in arrays.values())),
-            "privacy": None if reply.privacy is None else reply.privacy.to_dict(),
-        }
-        return update, entry
-
-    def _declare(
-        self, name: str, counts: Mapping[str, Any], outcome: RoundOutcome
-    ) -> None:
-        """Record a site's first counts; flag a later drop below them."""
-        if name not in self.declared:
-            self.declared[name] = {g: int(n) for g, n in counts.items()}
-            log.info("site %s declared %s", name, self.declared[name])
-            return
-        fewer = [
-            f"`{g}` {int(n)} (declared {self.declared[name][g]})"
-            for g, n in counts.items()
-            if int(n) < self.declared[name].get(g, 0)
-        ]
-        if fewer:
-            outcome.flags[name] = [
-                "counts below those declared when it joined: " + ", ".join(fewer)
-            ]
+        claimed: Mapping[str, int] | None,
+        node_keys: Mapping[str, bytes | None] | None,
+    ) -> list[SiteUpdate]:
+        """The usable updates of ``replies``; each site's first one declares
+        its counts. The others are excluded (or declined) in ``outcome``."""
+        claimed = claimed or Counter(r.site for r in replies)
+        context = ReplyContext(current, self._groups, self._state.declared, self.roster)
+        updates: list[SiteUpdate] = []
+        for got in replies:
+            name = got.site
+            if claimed[name] > 1:
+                outcome.excluded[name] = [
+                    f"the site name was claimed by {claimed[name]} replies; all "
+                    "are excluded"
+                ]
+                continue
+            try:
+                accepted = accept_reply(
+                    got, context, outcome, (node_keys or {}).get(name)
+                )
+            except ReplyRejected as e:
+                outcome.excluded.setdefault(name, []).append(e.reason)
+                continue
+            except Exception as e:  # an unforeseen malformation: never fatal
+                outcome.excluded.setdefault(name, []).append(
+                    f"unreadable reply ({type(e).__name__})"
+                )
+                continue
+            if accepted is not None:
+                update, outcome.sites[name] = accepted
+                declare(self._state.declared, name, update.counts, outcome)
+                updates.append(update)
+        return updates
 
     def aggregate_evaluation(
         self, replies: Iterable[Message], identities: SiteIdentities
     ) -> dict[str, Any]:
         """Federated validation metrics from the sites' counts and sums.
 
-        :func:`shared_model.site_evaluation.combine`: overall (each patient scored under
-        the regimen received), per regimen and per site, AUC with DeLong
-        interval, Brier, calibration, two operating points (0.5 and the highest
-        threshold reaching ``target-sensitivity`` on this validation set), the
-        decision curve, recommendation counts and the policy value (IPW, doubly
-        robust, and the model's own estimate apart). Sites are identified as in
-        :meth:`aggregate_round`.
+        :func:`shared_model.site_evaluation.combine`: overall (each patient
+        scored under the regimen received), per regimen and per site, AUC with
+        DeLong interval, Brier, calibration, two operating points (0.5 and the
+        highest threshold reaching ``target-sensitivity`` on this validation
+        set), the decision curve, recommendation counts and the policy value
+        (IPW, doubly robust, and the model's own estimate apart). Sites are
+        identified as in :meth:`aggregate_round`.
         """
-        sites: dict[str, SiteEvaluation] = {}
-        claimed: Counter[str] = Counter()
-        withheld: set[str] = set()
-        for i, msg in enumerate(replies):
-            try:
-                name = identities.identify(msg, i)
-            except Unidentified as e:
-                log.warning("evaluation: excluded %s: %s", e.key, e.reason)
-                continue
-            if msg.has_content():  # an error reply claims nothing
-                claimed[name] += 1
-            try:
-                if self.roster is not None and (
-                    refused := self.roster.verify_node(name, identities.node_key(msg))
-                ):
-                    raise ReplyRejected(refused)
-                values = read_evaluation_reply(msg)
-                if values is None:
-                    withheld.add(name)  # a DP site that does not release its counts
-                    continue
-                sites[name] = SiteEvaluation.from_values(name, "validation", values)
-            except ReplyRejected as e:
-                log.warning("evaluation: excluded site %s: %s", name, e.reason)
-            except Exception as e:  # malformed or impossible: never fatal
-                log.warning("evaluation: excluded site %s: %s", name, e)
-        for name, n in claimed.items():
-            if n > 1 and sites.pop(name, None) is not None:
-                log.warning(
-                    "evaluation: excluded site %s: its name was claimed by %d replies",
-                    name,
-                    n,
-                )
+        sites, withheld = read_evaluation_replies(replies, identities, self.roster)
         result = combine(
             list(sites.values()), target_sensitivity=self.fed.target_sensitivity
         )

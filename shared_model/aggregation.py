@@ -27,13 +27,23 @@ import numpy as np
 
 from shared_model.messages import MAX_SITE_PATIENTS
 from shared_model.robust import (
+    AGGREGATION_RULES,
     SiteUpdate,
-    bound_updates,
+    aggregation_rule,
     capped_shares,
-    coordinate_rule,
+    clip_update,
+    deltas,
+    l2,
+    rebuild_update,
 )
 
-__all__ = ["SiteUpdate", "grouped_mean", "verify_update"]
+__all__ = [
+    "AGGREGATION_RULES",
+    "SiteUpdate",
+    "clip_update",
+    "grouped_mean",
+    "verify_update",
+]
 
 
 def verify_update(
@@ -114,7 +124,8 @@ def grouped_mean(
         groups: group -> parameter names.
         min_sites: group -> minimum number of sites that must have trained it
             for it to change this round (default 1).
-        rule: ``mean`` (count-weighted), ``median`` or ``trimmed-mean``
+        rule: a name of :data:`shared_model.robust.AGGREGATION_RULES`:
+            ``mean`` (count-weighted), ``median`` or ``trimmed-mean``
             (coordinate-wise over the contributing sites, unweighted).
         max_share: ``mean``: no site's share of a group's weight above this
             while two or more sites trained it
@@ -127,6 +138,7 @@ def grouped_mean(
         The new arrays (unchanged groups are the exact previous values) and,
         per group, the contributing sites and patient count.
     """
+    combine = aggregation_rule(rule)
     out = {k: v for k, v in current.items()}
     info: dict[str, GroupResult] = {}
     ordered = sorted(updates, key=lambda u: u.site)
@@ -147,16 +159,10 @@ def grouped_mean(
             abs(shares[s] - natural[s]) > 1e-12 for s in shares
         ):
             shares_out[group] = shares
+        weights = [shares[u.site] for u in contributors]
         for name in names:
-            if rule == "mean":
-                acc = np.zeros(current[name].shape, dtype=np.float64)
-                for u in contributors:
-                    acc += shares[u.site] * np.asarray(u.arrays[name], np.float64)
-            else:
-                stacked = np.stack(
-                    [np.asarray(u.arrays[name], np.float64) for u in contributors]
-                )
-                acc = coordinate_rule(stacked, rule, trim_fraction)
+            values = [u.arrays[name] for u in contributors]
+            acc = combine(values, weights, trim_fraction)
             out[name] = acc.astype(current[name].dtype)
         res.updated = True
     return out, info
@@ -237,19 +243,16 @@ def central_dp_mean(
     sensitivity.
     """
     result = CentralDPResult()
-    ordered = sorted(updates, key=lambda u: u.site)
-    scaled, report = bound_updates(
-        current, ordered, groups, multiple=0.0, fixed_clip=clip
-    )
-    result.norms = {
-        s: math.sqrt(sum(v * v for v in norms.values()))
-        for s, norms in report.norms.items()
-    }
-    result.clipped = sorted(report.fixed_clip)
-    clipped = [
-        SiteUpdate(u.site, u.arrays, {g: int(n_g > 0) for g, n_g in u.counts.items()})
-        for u in scaled
-    ]
+    clipped: list[SiteUpdate] = []
+    for u in sorted(updates, key=lambda u: u.site):
+        delta = deltas(current, u, groups)
+        result.norms[u.site] = math.sqrt(sum(n * n for n in map(l2, delta.values())))
+        cut = clip_update(delta, clip)
+        if cut.scale < 1.0:
+            result.clipped.append(u.site)
+            u = rebuild_update(current, u, cut.delta)
+        ones = {g: int(n_g > 0) for g, n_g in u.counts.items()}
+        clipped.append(SiteUpdate(u.site, u.arrays, ones))
     mean, info = grouped_mean(current, clipped, groups, min_sites=min_sites)
     by_site = {u.site: u for u in updates}
     for group, res in info.items():

@@ -15,7 +15,8 @@ keys and out-of-range values are errors that name the key.
 | optimizer | adamw | adamw, or sgd (Nesterov 0.99). A fresh SGD with momentum 0.99 at
   every round barely moves in a round of a few dozen steps (demo: Dice 0.05 after two
   rounds, against 0.50 with AdamW), so federated runs default to AdamW |
-| strategy | fedavg | fedavg, fedprox (proximal term at the site), fedadam |
+| strategy | fedavg | fedavg, fedprox (proximal term at the site), fedadam (Adam at the
+  server); names three separate parts, :class:`StrategyParts` |
 | proximal-mu | 0.01 | FedProx mu |
 | server-lr | 0.01 | FedAdam server learning rate |
 | server-beta1, server-beta2, server-tau | 0.9, 0.99, 0.001 | FedAdam |
@@ -120,6 +121,29 @@ from shared_model.errors import ConfigError
 from shared_model.robust import AGGREGATIONS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+SERVER_OPTIMIZERS = ("none", "adam")
+
+
+@dataclass(frozen=True)
+class StrategyParts:
+    """The three separate things the ``strategy`` key names together
+    (:attr:`FederationConfig.strategy_parts`; no run-config keys of their own,
+    so every existing run config means what it meant):
+
+    * ``proximal_mu``: the sites' FedProx term, ``proximal-mu`` under
+      ``fedprox`` and 0 (none) otherwise;
+    * ``server_optimizer``: ``adam`` (FedAdam: ``server-lr``,
+      ``server-beta1``, ``server-beta2``, ``server-tau``) under ``fedadam``,
+      ``none`` otherwise (the aggregate is the new model);
+    * ``aggregation``: the rule, ``aggregation`` under every strategy
+      (:data:`shared_model.robust.AGGREGATION_RULES`).
+    """
+
+    proximal_mu: float
+    server_optimizer: str
+    aggregation: str
+
+
 TRAININGS = ("staged", "joint")
 STAGES = ("joint", "segmentation", "heads")
 """What a round trains: everything with the multi-task loss (``joint``), the
@@ -213,6 +237,15 @@ class FederationConfig:
         """Whether the heads are fitted by federated Newton steps (after the
         segmentation rounds) instead of head rounds."""
         return self.training == "staged" and self.head_fit == "newton"
+
+    @property
+    def strategy_parts(self) -> StrategyParts:
+        """``strategy`` as its three parts (:class:`StrategyParts`)."""
+        return StrategyParts(
+            proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
+            server_optimizer="adam" if self.strategy == "fedadam" else "none",
+            aggregation=self.aggregation,
+        )
 
     @property
     def priors(self) -> tuple[float, ...]:

@@ -15,18 +15,22 @@ Three rules, applied in this order to the replies a round accepted:
    step), so the bound also covers a group only one site trains (the nCT
    expert).
 2. **Fixed clip** (``client-dp-clip`` > 0): each site's whole update is scaled
-   to an L2 norm of at most the clip, with or without client-level DP noise.
+   to an L2 norm of at most the clip, with or without client-level DP noise
+   (:func:`clip_update`, the one clipping function: client-level DP and any
+   later norm bound use it).
 3. **Weights the coordinator controls**: a group's count-weighted mean gives no
    site more than ``max-site-share`` of the weight while at least two sites
    trained it (the excess goes to the others in proportion to their counts;
    when no split honours the cap, the weights are equal). A group one site
    trains is that site's alone: the bound above is what limits it.
 
-The aggregation rule itself is selectable (``aggregation``): ``mean`` (the
-count-weighted mean of :func:`shared_model.aggregation.grouped_mean`),
-``median`` (coordinate-wise median of the contributing sites, unweighted) and
-``trimmed-mean`` (coordinate-wise, ``trim-fraction`` cut from each end,
-unweighted; scipy's ``trim_mean``).
+The aggregation rule itself is selectable (``aggregation``), by name from
+:data:`AGGREGATION_RULES`: ``mean`` (the count-weighted mean, under the cap
+above), ``median`` (coordinate-wise median of the contributing sites,
+unweighted) and ``trimmed-mean`` (coordinate-wise, ``trim-fraction`` cut from
+each end, unweighted; scipy's ``trim_mean``).
+:func:`shared_model.aggregation.grouped_mean` applies the chosen rule to each
+parameter of each group.
 
 What a hostile site can still do, with every rule on: move each group it
 trains by at most its share times the bound per round, in any direction it
@@ -37,12 +41,10 @@ other site trains within the same bound.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-AGGREGATIONS = ("mean", "median", "trimmed-mean")
 
 
 @dataclass(frozen=True)
@@ -125,11 +127,54 @@ def lower_median(values: Sequence[float]) -> float:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def _rebuild(
+@dataclass(frozen=True)
+class ClippedUpdate:
+    """A site's update after :func:`clip_update`.
+
+    Attributes:
+        delta: group -> name -> the (float64) update, scaled when it was above
+            the bound, else the very arrays given.
+        norm: the update's L2 norm over all its groups before clipping.
+        scale: the factor it was scaled by (1.0: at or under the bound).
+    """
+
+    delta: dict[str, dict[str, np.ndarray]]
+    norm: float
+    scale: float
+
+
+def clip_update(
+    delta: Mapping[str, Mapping[str, np.ndarray]], bound: float
+) -> ClippedUpdate:
+    """Scale one site's whole update (group -> name -> the update, as
+    :func:`deltas` gives it) to an L2 norm of at most ``bound`` (> 0).
+
+    The norm is taken over every group together, so the site moves all the
+    groups it trained by at most ``bound`` in total: the L2 sensitivity of a
+    sum of clipped updates. An update at or under the bound comes back as it
+    is (``scale`` 1.0). The one clipping function of the federation: the fixed
+    clip (``client-dp-clip``) and client-level DP use it, as will any other
+    norm bound on a site's update.
+    """
+    if not bound > 0:
+        raise ValueError(f"the clipping bound must be > 0, not {bound!r}")
+    norm = math.sqrt(sum(l2(d) ** 2 for d in delta.values()))
+    parts = {g: dict(group) for g, group in delta.items()}
+    if norm <= bound:
+        return ClippedUpdate(parts, norm, 1.0)
+    scale = bound / norm
+    for group in parts.values():
+        for n in group:
+            group[n] = group[n] * scale
+    return ClippedUpdate(parts, norm, scale)
+
+
+def rebuild_update(
     current: Mapping[str, np.ndarray],
     update: SiteUpdate,
     diffs: Mapping[str, Mapping[str, np.ndarray]],
 ) -> SiteUpdate:
+    """``update`` with the arrays ``current + diffs`` (in ``current``'s dtypes)."""
     arrays = {
         n: (np.asarray(current[n], np.float64) + d).astype(current[n].dtype)
         for parts in diffs.values()
@@ -171,16 +216,14 @@ def bound_updates(
                         group[n] = group[n] * scale
     if fixed_clip > 0:
         for u in updates:
-            norm = math.sqrt(sum(l2(d) ** 2 for d in diffs[u.site].values()))
-            if norm > fixed_clip:
-                scale = fixed_clip / norm
-                report.fixed_clip[u.site] = scale
-                for group in diffs[u.site].values():
-                    for n in group:
-                        group[n] = group[n] * scale
+            clipped = clip_update(diffs[u.site], fixed_clip)
+            if clipped.scale < 1.0:
+                report.fixed_clip[u.site] = clipped.scale
+                diffs[u.site] = clipped.delta
     changed = set(report.clipped) | set(report.fixed_clip)
     out = [
-        _rebuild(current, u, diffs[u.site]) if u.site in changed else u for u in updates
+        rebuild_update(current, u, diffs[u.site]) if u.site in changed else u
+        for u in updates
     ]
     return out, report
 
@@ -207,6 +250,65 @@ def capped_shares(counts: Mapping[str, float], cap: float) -> dict[str, float]:
                 for s in shares
             }
         fixed.update(dict.fromkeys(over, cap))
+
+
+AggregationRule = Callable[[Sequence[np.ndarray], Sequence[float], float], np.ndarray]
+"""An aggregation rule: ``rule(values, weights, trim_fraction)`` -> one
+parameter's new value (float64) from the contributing sites' values of it
+(sorted by site name) and their weights (shares summing to 1; rules that are
+unweighted ignore them)."""
+
+
+def weighted_mean(
+    values: Sequence[np.ndarray], weights: Sequence[float], trim_fraction: float = 0.0
+) -> np.ndarray:
+    """``sum_s w_s * v_s``, folded in the order given (float64)."""
+    acc = np.zeros(np.shape(values[0]), dtype=np.float64)
+    for weight, value in zip(weights, values, strict=True):
+        acc += weight * np.asarray(value, np.float64)
+    return acc
+
+
+def _stacked(values: Sequence[np.ndarray]) -> np.ndarray:
+    return np.stack([np.asarray(v, np.float64) for v in values])
+
+
+def coordinate_median(
+    values: Sequence[np.ndarray], weights: Sequence[float], trim_fraction: float = 0.0
+) -> np.ndarray:
+    """The coordinate-wise median of ``values`` (unweighted)."""
+    return coordinate_rule(_stacked(values), "median", trim_fraction)
+
+
+def coordinate_trimmed_mean(
+    values: Sequence[np.ndarray], weights: Sequence[float], trim_fraction: float = 0.2
+) -> np.ndarray:
+    """The coordinate-wise mean of ``values`` with ``trim_fraction`` of them cut
+    from each end (unweighted)."""
+    return coordinate_rule(_stacked(values), "trimmed-mean", trim_fraction)
+
+
+AGGREGATION_RULES: dict[str, AggregationRule] = {
+    "mean": weighted_mean,
+    "median": coordinate_median,
+    "trimmed-mean": coordinate_trimmed_mean,
+}
+"""The aggregation rules by their ``aggregation`` run-config name. A new rule
+is one entry here; the bounds above, the share cap (which sets the weights)
+and :func:`shared_model.aggregation.grouped_mean` stay as they are."""
+
+AGGREGATIONS = tuple(AGGREGATION_RULES)
+"""The accepted values of ``aggregation``."""
+
+
+def aggregation_rule(name: str) -> AggregationRule:
+    """The rule called ``name``; ValueError for an unknown one."""
+    try:
+        return AGGREGATION_RULES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown aggregation rule {name!r}; known: {', '.join(AGGREGATIONS)}"
+        ) from None
 
 
 def coordinate_rule(stacked: np.ndarray, rule: str, trim_fraction: float) -> np.ndarray:

@@ -14,6 +14,7 @@ from flwr.app import Message
 
 from server.advice_step import NewtonFit
 from server.identity import SiteIdentities
+from server.run_folder import StrategyState
 from server.strategy import GroupedStrategy
 from shared_model.clinical import REGIMENS
 from shared_model.federation_config import FederationConfig
@@ -125,7 +126,8 @@ def _fit(
         update_bound=bound,
     )
     strategy = GroupedStrategy(fed, parameter_groups(model))
-    strategy.declared = {s: {"shared": 200} for s in SITES.values()}  # round 1's
+    declared = {s: {"shared": 200} for s in SITES.values()}  # round 1's
+    strategy.restore(StrategyState(declared=declared))
     identities = SiteIdentities(dict(SITES), "simulation")
     request = RoundRequest(
         fed.to_run_config(),

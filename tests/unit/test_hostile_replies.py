@@ -188,7 +188,7 @@ def test_declared_counts_survive_a_resume(tmp_path: Any) -> None:
     resumed = folder.last_complete()
     assert resumed is not None and resumed.state.declared == declared
     strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
-    strategy.declared = resumed.state.declared
+    strategy.restore(resumed.state)
     out = strategy.aggregate_round(
         2,
         [reply("a", 9.0, **{"n-shared": 11}), reply("b", 1.0), reply("c", 3.0)],

@@ -170,7 +170,7 @@ def test_a_site_name_claimed_twice_excludes_both_replies() -> None:
 def test_fedadam_strategy_moves_trained_groups_only() -> None:
     s = strategy(strategy="fedadam", server_lr=0.1)
     out = s.aggregate_round(1, [reply("a", 1.0), reply("b", 3.0)], CURRENT, claims())
-    assert s.adam.t == 1 and not np.allclose(out.arrays["enc"], 2.0)
+    assert s.snapshot().adam.t == 1 and not np.allclose(out.arrays["enc"], 2.0)
     assert np.array_equal(out.arrays["e1"], CURRENT["e1"])
 
 
@@ -417,3 +417,51 @@ def test_robust_rules_by_name() -> None:
     )
     with pytest.raises(ConfigError, match="aggregation"):
         strategy(aggregation="krum")
+
+
+def test_the_strategy_key_names_three_separate_parts() -> None:
+    """Existing run configs mean what they meant: fedprox is the sites'
+    proximal term alone, fedadam the server optimiser alone, and the
+    aggregation rule is its own key under every strategy."""
+    parts = {
+        s: FederationConfig(
+            strategy=s, proximal_mu=0.1, aggregation="median"
+        ).strategy_parts
+        for s in ("fedavg", "fedprox", "fedadam")
+    }
+    assert (parts["fedavg"].proximal_mu, parts["fedavg"].server_optimizer) == (
+        0.0,
+        "none",
+    )
+    assert (parts["fedprox"].proximal_mu, parts["fedprox"].server_optimizer) == (
+        0.1,
+        "none",
+    )
+    assert (parts["fedadam"].proximal_mu, parts["fedadam"].server_optimizer) == (
+        0.0,
+        "adam",
+    )
+    assert {p.aggregation for p in parts.values()} == {"median"}
+
+
+def test_the_strategys_state_is_restored_and_snapshotted_whole() -> None:
+    """What a resumed run needs comes back through restore(); snapshot()
+    gives it to the run folder; nothing else sets it."""
+    from server.run_folder import StrategyState
+    from shared_model.aggregation import AdamState
+
+    s = strategy(strategy="fedadam", server_lr=0.1)
+    declared = {
+        "a": {"shared": 10, "expert/nCRT": 10, "expert/TNT": 0, "expert/nCT": 0}
+    }
+    s.restore(StrategyState(AdamState(t=4), declared, client_dp_releases=2, round=4))
+    assert s.completed_round == 4 and s.declared == declared
+    out = s.aggregate_round(5, [reply("a", 1.0), reply("b", 3.0)], CURRENT, claims())
+    assert out.updated
+    state = s.snapshot()
+    assert state.adam.t == 5 and state.client_dp_releases == 2
+    assert state.declared["b"]["shared"] == 10 and "b" in s.declared
+    state.declared.clear()  # a snapshot is apart from the strategy's state
+    assert "b" in s.declared
+    with pytest.raises(AttributeError):
+        s.declared = {}  # type: ignore[misc]
