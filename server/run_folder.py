@@ -42,9 +42,8 @@ from shared_model.checkpoint import (
     MODEL,
     PLAN,
     checkpoint_files,
-    json_bytes,
-    write_atomic,
 )
+from shared_model.durable import json_bytes, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.model import ModelConfig
 from shared_model.plan import Plan
