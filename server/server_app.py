@@ -54,7 +54,7 @@ from server.identity import (
 )
 from server.roster import Roster
 from server.round_entry import learn_sites, privacy_line, round_entry
-from server.run_folder import RunFolder, StrategyState
+from server.run_folder import RunFolder, StrategyState, expert_support
 from server.strategy import GroupedStrategy
 from shared_model.backbone import Backbone, apply_backbone, load_backbone
 from shared_model.errors import ConfigError
@@ -69,7 +69,7 @@ from shared_model.model import (
     stage_parameter_groups,
 )
 from shared_model.plan import Plan
-from shared_model.policy import expert_support, supported_regimens
+from shared_model.policy import supported_regimens
 from wire.records import arrays_to_record, request_record
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,10 @@ probability under every regimen:
 Against the regimen the patient received, the advice is an escalation (more
 intensive), maintenance (the same) or de-intensification.
 
-What following the advice is worth is estimated in :mod:`shared_model.policy_value`.
+What following the advice is worth is estimated in :mod:`shared_model.policy_value`
+(with the share of the oracle's gain a policy gets), and shown with
+:func:`shared_model.federated_metrics.format_share`; the experts' support a run
+record holds is read by :func:`server.run_folder.expert_support`.
 """
 
 from __future__ import annotations
@@ -30,11 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from shared_model.clinical import REGIMENS
-from shared_model.messages import expert_group
+from shared_model.clinical import REGIMEN_INTENSITY, REGIMENS
 from shared_model.posterior import Posterior
 
-INTENSITY: dict[str, int] = {"nCT": 0, "nCRT": 1, "TNT": 2}
 DIRECTIONS = ("escalate", "maintain", "de-intensify")
 ESTIMATORS = ("model_estimate", "ipw", "dr", "observed")
 
@@ -165,20 +166,6 @@ def supported_regimens(
     return tuple(r for r in REGIMENS if r not in reasons), reasons
 
 
-def expert_support(rounds: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """Per regimen, the most patients that trained its expert in one round of a
-    run record (rounds that train the pCR part: joint or heads)."""
-    out = dict.fromkeys(REGIMENS, 0)
-    for entry in rounds:
-        if entry.get("stage", "joint") not in ("joint", "heads"):
-            continue
-        for r in REGIMENS:
-            group = entry.get("groups", {}).get(expert_group(r), {})
-            if group.get("updated"):
-                out[r] = max(out[r], int(group.get("n", 0)))
-    return out
-
-
 def what_if_rule(text: str, base: RecommendationRule) -> RecommendationRule:
     """A rule for a what-if from ``text`` (the checkpoint's own rule ``base``
     keeps its allowed regimens and posterior): ``margin[:M]``, ``argmax``,
@@ -243,7 +230,9 @@ def recommend(
     best = masked.max(axis=1, keepdims=True)
     margin = rule.margin if rule.kind == "margin" else 0.0
     ok = masked >= best - margin - 1e-12
-    by_intensity = sorted(range(len(REGIMENS)), key=lambda j: INTENSITY[REGIMENS[j]])
+    by_intensity = sorted(
+        range(len(REGIMENS)), key=lambda j: REGIMEN_INTENSITY[REGIMENS[j]]
+    )
     out = np.full(len(p), -1, dtype=int)
     for j in reversed(by_intensity):  # the least intensive qualifying one wins
         out = np.where(ok[:, j], j, out)
@@ -263,31 +252,10 @@ def _switch(
     return np.where(confident, best, ref).astype(int)
 
 
-def share_of_oracle_gain(
-    value: float, best_fixed: float, oracle: float
-) -> float | None:
-    """The share of the oracle's gain over the best fixed regimen a policy gets.
-
-    ``(value - best_fixed) / (oracle - best_fixed)``, all three the mean true pCR
-    probability over the same patients: 1 is the oracle, 0 is no better than
-    giving everyone the best single regimen, negative is worse than that. None
-    when the oracle gains nothing over a fixed regimen (no policy can).
-    """
-    gain = oracle - best_fixed
-    if gain <= 1e-12:
-        return None
-    return float((value - best_fixed) / gain)
-
-
-def format_share(share: dict[str, Any] | None) -> str:
-    """A share of the oracle's gain with its interval, e.g. ``0.29 (-0.23 to
-    0.81)`` (``to``, since the bounds are often negative)."""
-    if not share:
-        return "n/a"
-    return f"{share['value']:.2f} ({share['ci'][0]:.2f} to {share['ci'][1]:.2f})"
-
-
 def direction(recommended: int, received: int) -> str:
     """escalate / maintain / de-intensify, by regimen intensity."""
-    a, b = INTENSITY[REGIMENS[recommended]], INTENSITY[REGIMENS[received]]
+    a, b = (
+        REGIMEN_INTENSITY[REGIMENS[recommended]],
+        REGIMEN_INTENSITY[REGIMENS[received]],
+    )
     return DIRECTIONS[0] if a > b else DIRECTIONS[1] if a == b else DIRECTIONS[2]

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             not args.no_baseline,
             args.quick,
         )
-        from shared_model.policy import format_share
+        from shared_model.federated_metrics import format_share
 
         print(
             f"{'setting':>8} {'val AUC':>7} {'Dice':>6} {'test AUC (95% CI)':>22} "

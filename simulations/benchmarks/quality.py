@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared_model.policy import format_share
+from shared_model.federated_metrics import format_share
 from shared_model.site_evaluation import COHORTS
 from simulations.benchmarks.common import benchmark_parser, finish, prepare_cohort
 
