@@ -12,6 +12,7 @@ import typer
 from cli.common import fail, progress_bar, site_yamls, yamls_in
 from shared_model.errors import ConfigError, MoeflError
 from shared_model.federated_metrics import format_metric
+from shared_model.federation_config import FederationConfig
 
 
 def check(
@@ -42,7 +43,7 @@ def check(
 ) -> None:
     """Preflight a site's data and config; exit 0 when clean, 1 on errors."""
     from client.checks.preflight import format_report, run_check
-    from shared_model.federation_config import FederationConfig, parse_run_config
+    from shared_model.federation_config import parse_run_config
 
     try:
         fed = FederationConfig.from_run_config(parse_run_config(run_config))
@@ -98,8 +99,10 @@ def train(
     ] = 1.0,
     base_filters: Annotated[
         int, typer.Option(help="First-level filters (nnU-Net: 32).")
-    ] = 8,
-    max_filters: Annotated[int, typer.Option(help="Filter cap (nnU-Net: 320).")] = 256,
+    ] = FederationConfig.base_filters,
+    max_filters: Annotated[
+        int, typer.Option(help="Filter cap (nnU-Net: 320).")
+    ] = FederationConfig.max_filters,
     plan: Annotated[
         Path | None,
         typer.Option(
@@ -130,7 +133,7 @@ def train(
     ] = 200,
     head_lr: Annotated[
         float, typer.Option(help="Staged: AdamW rate of the heads.")
-    ] = 0.001,
+    ] = FederationConfig.head_lr,
     head_fit: Annotated[
         str,
         typer.Option(
@@ -202,8 +205,12 @@ def pretrain(
     epochs: Annotated[int, typer.Option(help="Passes over the public cases.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Cases per step.")] = 4,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (poly decay).")] = 1e-3,
-    base_filters: Annotated[int, typer.Option(help="As the federation's.")] = 8,
-    max_filters: Annotated[int, typer.Option(help="As the federation's.")] = 256,
+    base_filters: Annotated[
+        int, typer.Option(help="As the federation's.")
+    ] = FederationConfig.base_filters,
+    max_filters: Annotated[
+        int, typer.Option(help="As the federation's.")
+    ] = FederationConfig.max_filters,
     plan: Annotated[
         Path | None,
         typer.Option(help="The federation's plan.json (default: the cohort's)."),

@@ -303,7 +303,7 @@ def run_training(
     model_cfg = ModelConfig.from_plan(plan, **overrides)
     model = build_model(model_cfg)
     t0 = time.perf_counter()
-    head = head or HeadConfig(epochs=200, lr=0.001, seed=cfg.seed)
+    head = head or HeadConfig(epochs=200, seed=cfg.seed)
     if training == "staged":
         history, final = fit_staged(
             model, configs, trains, val, cfg, head, plan=plan, device=dev, echo=echo

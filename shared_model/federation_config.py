@@ -117,6 +117,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from shared_model.errors import ConfigError
+from shared_model.policy import DEFAULT_MARGIN, DEFAULT_MIN_SUPPORT, GUIDELINE
 from shared_model.robust import AGGREGATIONS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -181,7 +182,7 @@ class FederationConfig:
     client_dp_delta: float = 1e-3
     dp_reproducible: bool = False
     target_sensitivity: float = 0.8
-    recommendation_margin: float = 0.05
+    recommendation_margin: float = DEFAULT_MARGIN
     training: str = "staged"
     head_rounds: int = 20
     head_epochs: int = 10
@@ -192,7 +193,7 @@ class FederationConfig:
     use_clinical: bool = True
     embed_dim: int = 32
     head_type: str = "linear"
-    min_expert_support: int = 30
+    min_expert_support: int = DEFAULT_MIN_SUPPORT
     backbone: str = ""
     dp_head_sample_rate: float = 0.5
     dp_head_lr: float = 0.03
@@ -206,7 +207,7 @@ class FederationConfig:
     newton_rounds: int = 12
     advice_rule: str = "switch"
     gain_threshold: str = "choose"
-    guideline_regimen: str = "TNT"
+    guideline_regimen: str = GUIDELINE
 
     @property
     def fits_posterior(self) -> bool:

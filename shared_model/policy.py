@@ -10,7 +10,7 @@ probability under every regimen:
   pCR with probability at least ``q``; then the one with the highest such
   probability. It declines to advise rather than guess.
 * ``margin``: the *least intensive* regimen whose predicted pCR is within
-  ``margin`` (absolute, default 0.05) of the best: a de-intensification
+  ``margin`` (absolute, default :data:`DEFAULT_MARGIN`) of the best: a de-intensification
   trade-off, judged against the oracle with the same margin.
 * ``argmax``: the highest predicted pCR (the study's rule).
 * ``fixed``: the ``reference`` regimen for everyone (the comparison every
@@ -42,11 +42,17 @@ ESTIMATORS = ("model_estimate", "ipw", "dr", "observed")
 
 RULES = ("switch", "margin", "argmax", "fixed")
 DEFAULT_MARGIN = 0.05
+"""The ``margin`` rule's absolute pCR a less intensive regimen may give up (the
+run config's ``recommendation-margin`` and every scorer take it from here)."""
 DEFAULT_MIN_SUPPORT = 30
+"""The patients an expert needs before the margin and argmax rules may name its
+regimen (the run config's ``min-expert-support``)."""
 GUIDELINE = "TNT"
 """The reference a ``switch`` rule keeps unless another fixed regimen is better
 with confidence (the regimen the trials favour for high-risk rectal cancer)."""
-GAIN_THRESHOLDS = (0.8, 0.9, 0.95)
+DEFAULT_GAIN_THRESHOLD = 0.9
+"""A ``switch`` rule's ``q`` when none is chosen."""
+GAIN_THRESHOLDS = (0.8, DEFAULT_GAIN_THRESHOLD, 0.95)
 """The ``q`` a federation chooses among on its validation split."""
 
 
@@ -68,7 +74,7 @@ class RecommendationRule:
     margin: float = DEFAULT_MARGIN
     allowed: tuple[str, ...] = REGIMENS
     reference: str = GUIDELINE
-    q: float = 0.9
+    q: float = DEFAULT_GAIN_THRESHOLD
     posterior: Posterior | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -122,7 +128,7 @@ class RecommendationRule:
             margin=float(raw.get("margin", DEFAULT_MARGIN)),
             allowed=tuple(str(r) for r in raw.get("allowed", REGIMENS)),
             reference=str(raw.get("reference", GUIDELINE)),
-            q=float(raw.get("q", 0.9)),
+            q=float(raw.get("q", DEFAULT_GAIN_THRESHOLD)),
             posterior=posterior,
         )
 

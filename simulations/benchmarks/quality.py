@@ -174,7 +174,7 @@ def run_quality(
             plan=plan,
             model_overrides=widths or None,
             image_only=False,
-            head=HeadConfig(epochs=head_rounds * 10, lr=0.001, seed=0),
+            head=HeadConfig(epochs=head_rounds * 10, seed=0),
             echo=echo,
         )
         seconds[name] = time.perf_counter() - t0
