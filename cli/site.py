@@ -13,6 +13,7 @@ from cli.common import fail, progress_bar, site_yamls, yamls_in
 from shared_model.errors import ConfigError, MoeflError
 from shared_model.federated_metrics import format_metric
 from shared_model.federation_config import FederationConfig
+from shared_model.layout import COHORT_RECORD, PREPROCESSED, SITE_CONFIGS
 
 
 def check(
@@ -77,7 +78,7 @@ def _prepare(site_yaml: Path, plan_path: Path | None) -> None:
             )
     except MoeflError as e:
         fail(e)
-    folder = VolumeStore(config.run_dir / "preprocessed", plan, config.adc_scale).folder
+    folder = VolumeStore(config.run_dir / PREPROCESSED, plan, config.adc_scale).folder
     typer.echo(f"prepared {fresh} cases ({kept} already stored) in {folder}")
 
 
@@ -230,10 +231,10 @@ def pretrain(
 
     try:
         folders = [
-            p / "site_configs" if (p / "site_configs").is_dir() else p for p in public
+            p / SITE_CONFIGS if (p / SITE_CONFIGS).is_dir() else p for p in public
         ]
         yamls = yamls_in(folders)
-        cohort = public[0] / "cohort.json"
+        cohort = public[0] / COHORT_RECORD
         if not source and cohort.is_file():
             info = json.loads(cohort.read_text())
             if not info.get("public"):

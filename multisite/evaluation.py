@@ -15,6 +15,7 @@ from client.data.dataset import build_site_datasets
 from client.scoring.evaluation import ClinicalOnly, evaluate_site, scoring_rule
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError, DataError
+from shared_model.layout import COHORT_RECORD, POTENTIAL_OUTCOMES
 from shared_model.model import UNetMoECli
 from shared_model.policy import (
     RecommendationRule,
@@ -30,7 +31,7 @@ from shared_model.site_evaluation import (
 
 def read_oracle(folder: Path) -> dict[str, list[float]]:
     """case id -> true pCR probability under nCRT, TNT, nCT (simulation)."""
-    path = Path(folder) / "potential_outcomes.csv"
+    path = Path(folder) / POTENTIAL_OUTCOMES
     try:
         with path.open(newline="") as f:
             return {
@@ -151,7 +152,7 @@ def run_evaluation(
     }
     report |= combine_by_cohort(evaluations, target_sensitivity)
     if oracle is not None:  # simulation: what the world lets one learn
-        summary = Path(oracle).parent / "cohort.json"
+        summary = Path(oracle).parent / COHORT_RECORD
         if summary.is_file():
             board = json.loads(summary.read_text()).get("scoreboard", {})
             if board.get("learnable_share"):

@@ -44,9 +44,10 @@ from multisite.local_advice import choose_rule_locally, fit_head_locally, site_f
 from shared_model.checkpoint import save_checkpoint
 from shared_model.clinical import REGIMENS, encode_clinical
 from shared_model.errors import ConfigError
+from shared_model.layout import cohort_of
 from shared_model.loss import LossConfig
 from shared_model.model import ModelConfig, UNetMoECli, build_model, is_head_parameter
-from shared_model.plan import Plan
+from shared_model.plan import PLAN_FILE, Plan, plan_file
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,15 @@ class TrainRun:
 
 
 def find_plan(site_yamls: Sequence[Path], plan_path: Path | None) -> Plan:
-    """The plan to use: ``plan_path`` if given, else ``plan.json`` of a synthetic
-    cohort next to the first YAML's folder, else the default (demo) plan."""
-    if plan_path is not None:
-        return Plan.load(plan_path)
-    candidate = Path(site_yamls[0]).resolve().parent.parent / "plan.json"
-    if candidate.is_file():
-        return Plan.load(candidate)
+    """The plan to use: ``plan_path`` if given, else the plan of the synthetic
+    cohort whose ``site_configs/`` holds the first YAML, else the default (demo)
+    plan (:func:`shared_model.plan.plan_file`)."""
+    found = plan_file(plan_path, cohort_of(site_yamls[0]))
+    if found is not None:
+        return Plan.load(found)
     log.warning(
-        "no --plan given and no plan.json beside the site configs; "
-        "using the default plan %s",
+        "no --plan given and no %s beside the site configs; using the default plan %s",
+        PLAN_FILE,
         Plan(),
     )
     return Plan()

@@ -68,7 +68,7 @@ from shared_model.model import (
     parameter_groups,
     stage_parameter_groups,
 )
-from shared_model.plan import Plan
+from shared_model.plan import PLAN_FILE, Plan, plan_file
 from shared_model.policy import supported_regimens
 from wire.records import arrays_to_record, request_record
 
@@ -78,10 +78,8 @@ log = logging.getLogger(__name__)
 def resolve_plan(fed: FederationConfig, backbone: Backbone | None = None) -> Plan:
     """``plan``, else the cohort's plan.json, else the pretrained backbone's
     plan, else the default; a backbone built for another plan is refused."""
-    if fed.plan:
-        plan = Plan.load(Path(fed.plan))
-    elif fed.cohort_dir and (Path(fed.cohort_dir) / "plan.json").is_file():
-        plan = Plan.load(Path(fed.cohort_dir) / "plan.json")
+    if (found := plan_file(fed.plan, fed.cohort_dir)) is not None:
+        plan = Plan.load(found)
     elif backbone is not None:
         return backbone.plan
     else:
@@ -211,7 +209,7 @@ def _plan_step(
     t0 = time.perf_counter()
     plan, record = planning.federated_plan(grid, fed, node_sites)
     record["seconds"] = round(time.perf_counter() - t0, 2)
-    planning.save_plan(folder.path / "plan.json", plan, record)
+    planning.save_plan(folder.path / PLAN_FILE, plan, record)
     log.info(
         "plan from the fingerprints of %d sites (%d cases): spacing %s mm, patch %s%s",
         len(record["sites"]),

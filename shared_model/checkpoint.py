@@ -29,11 +29,11 @@ from shared_model.clinical import REGIMENS
 from shared_model.durable import json_bytes, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.model import ModelConfig, UNetMoECli, build_model
-from shared_model.plan import Plan
+from shared_model.plan import PLAN_FILE, Plan
 from shared_model.policy import RecommendationRule
 from shared_model.posterior import Posterior
 
-MODEL, CONFIG, PLAN = "model.safetensors", "config.json", "plan.json"
+MODEL, CONFIG, PLAN = "model.safetensors", "config.json", PLAN_FILE
 ADVICE = "advice.safetensors"
 
 

@@ -113,10 +113,10 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, TypeGuard
 
 from shared_model.errors import ConfigError
+from shared_model.plan import plan_file
 from shared_model.policy import DEFAULT_MARGIN, DEFAULT_MIN_SUPPORT, GUIDELINE
 from shared_model.robust import AGGREGATIONS
 
@@ -225,10 +225,7 @@ class FederationConfig:
         so, or there is no plan.json, cohort plan or backbone to take one from."""
         if self.plan == FEDERATED_PLAN or self.plan_only:
             return True
-        cohort_plan = (
-            bool(self.cohort_dir) and (Path(self.cohort_dir) / "plan.json").is_file()
-        )
-        return not (self.plan or cohort_plan or self.backbone)
+        return not (plan_file(self.plan, self.cohort_dir) or self.backbone)
 
     @property
     def segmentation_rounds(self) -> int:

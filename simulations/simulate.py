@@ -23,6 +23,7 @@ from server.identity import NodeSites
 from shared_model.errors import MoeflError
 from shared_model.federated_metrics import format_metric
 from shared_model.federation_config import FederationConfig
+from shared_model.layout import COHORT_RECORD, site_yamls
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,11 @@ def run_simulated_federation(
 
     out = Path(out)
     cohort = out / "cohort"
-    summary_path = cohort / "cohort.json"
+    summary_path = cohort / COHORT_RECORD
     if not summary_path.is_file():
         echo(f"making the {preset} cohort in {cohort} ...")
         synthesize(cohort, preset=preset, seed=seed, force=True)
-    yamls = sorted((cohort / "site_configs").glob("*.yaml"))
+    yamls = site_yamls(cohort)
     if not yamls:
         raise MoeflError(
             f"{cohort}/site_configs holds no site YAML; remove {cohort} to "

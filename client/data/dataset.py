@@ -57,6 +57,7 @@ from client.data.site_data import CaseFiles, list_cases
 from client.data.volume_store import VolumeStore
 from shared_model.clinical import encode_clinical
 from shared_model.errors import DataError
+from shared_model.layout import PREPROCESSED
 from shared_model.plan import Plan
 
 
@@ -494,7 +495,7 @@ def prepare_site(
         plan,
         adc_scale=config.adc_scale,
         train=False,
-        store=config.run_dir / "preprocessed",
+        store=config.run_dir / PREPROCESSED,
     )
     assert dataset.store is not None
     fresh = 0

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared_model.layout import SITE_CONFIGS
+from shared_model.plan import PLAN_FILE
 from simulations.benchmarks.common import benchmark_parser, finish
 
 Echo = Callable[[str], None]
@@ -52,7 +54,7 @@ def _run_config(
         "evaluate-every": 1,
         "min-sites": len(SITES),
         "round-timeout": 900,
-        "plan": str((cohort / "plan.json").resolve()),
+        "plan": str((cohort / PLAN_FILE).resolve()),
         "run-dir": str(run_dir),
         "seed": 0,
         **({"base-filters": 4, "max-filters": 32} if quick else {}),
@@ -81,14 +83,14 @@ def _sites_copy(cohort: Path, dst: Path, approved: str | None) -> dict[str, Path
 
     shutil.copytree(cohort / "sites", dst / "sites")
     yamls = {}
-    (dst / "site_configs").mkdir()
+    (dst / SITE_CONFIGS).mkdir()
     for site in SITES:
-        raw = yaml.safe_load((cohort / "site_configs" / f"{site}.yaml").read_text())
+        raw = yaml.safe_load((cohort / SITE_CONFIGS / f"{site}.yaml").read_text())
         raw["dataset_dir"] = str(dst / "sites" / Path(str(raw["dataset_dir"])).name)
         raw["run_dir"] = str(dst / "runs" / site)
         if approved:
             raw["approved_apps"] = [approved]
-        yamls[site] = dst / "site_configs" / f"{site}.yaml"
+        yamls[site] = dst / SITE_CONFIGS / f"{site}.yaml"
         write_site_yaml(yamls[site], raw)
     return yamls
 

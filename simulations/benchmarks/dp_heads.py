@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.federated_metrics import format_share
+from shared_model.layout import COHORT_RECORD, ORACLE, site_yamls
 from simulations.benchmarks.common import benchmark_parser, finish, prepare_cohort
 from simulations.benchmarks.quality import _fmt_auc, summarise
 
@@ -100,10 +101,7 @@ def _add_feature_stats(backbone: Path, public_dir: Path, plan: Any) -> None:
         return
     model = build_model(ModelConfig.from_dict(found.model_config))
     apply_backbone(model, found)
-    configs = [
-        load_site_config(y)
-        for y in sorted((public_dir / "site_configs").glob("*.yaml"))
-    ]
+    configs = [load_site_config(y) for y in site_yamls(public_dir)]
     stats = public_feature_stats(model, configs, plan, torch.device("cpu"))
     save_backbone(
         model, backbone, plan=plan, trained_on=found.trained_on, feature_stats=stats
@@ -136,7 +134,7 @@ def run_dp_heads(
         out, cohort, preset, seed, echo
     )
     public_dir = out / "public"
-    if not (public_dir / "cohort.json").is_file():
+    if not (public_dir / COHORT_RECORD).is_file():
         echo(f"making the {public} cohort in {public_dir} ...")
         synthesize(public_dir, preset=public, seed=seed, force=True)
     plan = find_plan(train_yamls, None)
@@ -144,7 +142,7 @@ def run_dp_heads(
     t0 = time.perf_counter()
     if not backbone.is_file():
         pretrained = pretrain(
-            sorted((public_dir / "site_configs").glob("*.yaml")),
+            site_yamls(public_dir),
             backbone,
             cfg=TrainConfig(
                 optimizer="adamw",
@@ -199,7 +197,7 @@ def run_dp_heads(
             train_yamls + prosp_yamls,
             out / "evaluation" / name,
             test_yamls=test_yamls,
-            oracle=cohort_dir / "oracle",
+            oracle=cohort_dir / ORACLE,
         )
         row = summarise(report)
         row["train_seconds"] = round(seconds, 1)

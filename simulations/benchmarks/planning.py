@@ -58,6 +58,7 @@ from shared_model.fingerprint import (
     Fingerprint,
     plan_from_fingerprint,
 )
+from shared_model.layout import SITE_CONFIGS
 from shared_model.plan import Plan
 from simulations.benchmarks.common import MemorySampler, finish, process_tree
 from simulations.benchmarks.nnunet_reference import (
@@ -158,7 +159,7 @@ def write_sites(
             shapes.add(shape)
             spacings.add(spacing_mm)
         yaml_path = write_site_yaml(
-            out / "site_configs" / f"{site_name}.yaml",
+            out / SITE_CONFIGS / f"{site_name}.yaml",
             {
                 "site_name": site_name,
                 "role": "train",

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from shared_model.layout import ORACLE, TEST, site_yamls
 from simulations.benchmarks.common import machine
 
 
@@ -146,15 +147,15 @@ def _test_quality(folder: Path) -> dict[str, Any] | None:
     from multisite.evaluation import run_evaluation
 
     cohort = folder / "cohort"
-    tests = sorted((cohort / "test" / "site_configs").glob("*.yaml"))
+    tests = site_yamls(cohort, TEST)
     if not tests:
         return None
     report = run_evaluation(
         folder / "federated",
-        sorted((cohort / "site_configs").glob("*.yaml")),
+        site_yamls(cohort),
         folder / "federated" / "evaluation",
         test_yamls=tests,
-        oracle=cohort / "oracle",
+        oracle=cohort / ORACLE,
     )
     test = report["test"]
     truth = test["policy_value"].get("oracle") or {}

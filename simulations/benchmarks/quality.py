@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.federated_metrics import format_share
+from shared_model.layout import ORACLE
 from shared_model.site_evaluation import COHORTS
 from simulations.benchmarks.common import benchmark_parser, finish, prepare_cohort
 
@@ -127,7 +128,7 @@ def run_quality(
         out, cohort, preset, seed, echo
     )
     all_yamls = train_yamls + prosp_yamls
-    oracle = cohort_dir / "oracle"
+    oracle = cohort_dir / ORACLE
     widths = {"base_filters": 4, "max_filters": 32} if quick else {}
     plan = find_plan(train_yamls, None)
     cfg = TrainConfig(
