@@ -150,7 +150,7 @@ def train(
     """
     from client.training.engine import TrainConfig
     from client.training.heads import HeadConfig
-    from multisite.training import find_plan, run_training
+    from multisite.training import TRAINING_RECORD, find_plan, run_training
     from shared_model.loss import LossConfig
 
     sites = site_yamls(sites, ctx)
@@ -189,7 +189,7 @@ def train(
             f"{k} AUC {format_metric(v['auc'])}" for k, v in m["comparators"].items()
         )
     )
-    typer.echo(f"wrote {run.out}/model.safetensors and metrics.json")
+    typer.echo(f"wrote {run.out}/model.safetensors and {TRAINING_RECORD}")
 
 
 def pretrain(

@@ -26,6 +26,7 @@ from shared_model.site_evaluation import (
     SiteEvaluation,
     combine_by_cohort,
     compare_models,
+    write_evaluation,
 )
 
 
@@ -58,7 +59,8 @@ def run_evaluation(
     echo: Any = lambda s: None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """``moefl evaluate``: score every site, combine by cohort, write metrics.json.
+    """``moefl evaluate``: score every site, combine by cohort, write the report
+    (:func:`shared_model.site_evaluation.write_evaluation`).
 
     Training sites give the validation cohort (where the target-sensitivity
     threshold is chosen); ``evaluate`` sites give the prospective cohort (where
@@ -178,10 +180,7 @@ def run_evaluation(
             },
             "mcnemar": compare_models(evaluations, other_evals, report, other),
         }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(
-        json.dumps(report, indent=2, default=float) + "\n"
-    )
+    write_evaluation(out, report)
     return report
 
 

@@ -6,7 +6,8 @@ measured against). Each site keeps its own persistent split, so the pooled
 validation set is the union of the sites' validation splits.
 
 A run folder holds ``model.safetensors``, ``plan.json``, ``config.json`` and
-``metrics.json`` (per epoch: losses, Dice, AUC overall and per regimen; plus
+``training.json`` (:data:`TRAINING_RECORD`, read with :func:`read_training_record`:
+per epoch: losses, Dice, AUC overall and per regimen; plus
 the comparators trained on the same split: clinical-only logistic regression
 and gradient boosting, and the image-only network).
 """
@@ -43,6 +44,7 @@ from client.training.heads import HeadConfig, train_heads
 from multisite.local_advice import choose_rule_locally, fit_head_locally, site_features
 from shared_model.checkpoint import save_checkpoint
 from shared_model.clinical import REGIMENS, encode_clinical
+from shared_model.durable import json_bytes, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.layout import cohort_of
 from shared_model.loss import LossConfig
@@ -52,6 +54,24 @@ from shared_model.plan import PLAN_FILE, Plan, plan_file
 log = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
+
+
+TRAINING_RECORD = "training.json"
+"""Local and pooled training's record in its run folder (per epoch, the final
+scores, the comparators)."""
+
+
+def read_training_record(folder: Path) -> dict[str, Any]:
+    """The training record in ``folder``; ConfigError names the file when it is
+    missing or unreadable."""
+    path = Path(folder) / TRAINING_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from e
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: not a training record")
+    return record
 
 
 @dataclass
@@ -382,7 +402,7 @@ def run_training(
         "final": final.metrics,
         "comparators": comparators,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / TRAINING_RECORD, json_bytes(metrics))
     _write_predictions(out / "val_predictions.csv", final.cases)
     return TrainRun(out=out, metrics=metrics, model=model)
 

@@ -8,7 +8,6 @@ read from ``metrics.json``, never assumed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -20,6 +19,7 @@ import yaml
 from client.data.site_config import load_site_config, write_site_yaml
 from client.node.site_state import simulation_site_yamls
 from server.identity import NodeSites
+from server.run_folder import RUN_RECORD, read_run_record
 from shared_model.errors import MoeflError
 from shared_model.federated_metrics import format_metric
 from shared_model.federation_config import FederationConfig
@@ -155,10 +155,10 @@ def run_simulated_federation(
         + f", strategy {fed.strategy}; run folder {fed.run_dir}"
     )
     run_flower_simulation(config, len(yamls), client_app)
-    metrics = Path(fed.run_dir) / "metrics.json"
+    metrics = Path(fed.run_dir) / RUN_RECORD
     if not metrics.is_file():
         raise MoeflError(f"the simulation wrote no {metrics}; see the log above")
-    record: dict[str, Any] = json.loads(metrics.read_text())
+    record = read_run_record(Path(fed.run_dir))
     if record.get("status") != "finished":
         raise MoeflError(
             f"the federated run did not finish (status "

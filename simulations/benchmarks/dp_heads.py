@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from server.run_folder import read_run_record
 from shared_model.federated_metrics import format_share
 from shared_model.layout import COHORT_RECORD, ORACLE, site_yamls
 from simulations.benchmarks.common import benchmark_parser, finish, prepare_cohort
@@ -47,10 +48,10 @@ CLIP = 1.0
 
 
 def _ledger_check(run: Path) -> dict[str, Any]:
-    """Each DP site's epsilon: metrics.json's last report against its ledger."""
+    """Each DP site's epsilon: the run record's last report against its ledger."""
     from client.privacy.rounds import PrivacyLedger
 
-    record = json.loads((run / "metrics.json").read_text())
+    record = read_run_record(run)
     reported: dict[str, dict[str, float]] = {}
     for rnd in record["rounds"]:
         for site, m in {**rnd["sites"], **rnd["declined"]}.items():
@@ -74,7 +75,7 @@ def _ledger_check(run: Path) -> dict[str, Any]:
 def _round_seconds(run: Path) -> dict[str, float | None]:
     """Whole rounds (with the federated evaluation, which DP sites withhold)
     and the slowest site's training handler, rounds after the first."""
-    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    rounds = read_run_record(run)["rounds"]
     later = [r["seconds"] for r in rounds[1:]]
     site = [
         max(m["seconds"] for m in r["sites"].values()) for r in rounds[1:] if r["sites"]

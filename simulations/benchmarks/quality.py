@@ -31,7 +31,6 @@ and their scores instead of training and scoring them again.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -40,7 +39,7 @@ from typing import Any
 
 from shared_model.federated_metrics import format_share
 from shared_model.layout import ORACLE
-from shared_model.site_evaluation import COHORTS
+from shared_model.site_evaluation import COHORTS, EVALUATION, read_evaluation
 from simulations.benchmarks.common import benchmark_parser, finish, prepare_cohort
 
 Echo = Callable[[str], None]
@@ -185,10 +184,10 @@ def run_quality(
     for name in [*scored, UNGUARDED]:
         folder = name.removesuffix(UNGUARDED.removeprefix("federated"))
         checkpoint = out / ("federated" if name == "clinical_only" else folder)
-        scores = out / "evaluation" / name / "metrics.json"
+        scores = out / "evaluation" / name / EVALUATION
         if reuse and scores.is_file() and have(checkpoint.name):
             echo(f"reusing the scores of {name} ({scores})")
-            models[name] = summarise(json.loads(scores.read_text()))
+            models[name] = summarise(read_evaluation(scores.parent))
             continue
         echo(f"scoring {name} ...")
         report = run_evaluation(

@@ -40,7 +40,7 @@ import numpy as np
 import yaml
 
 from client.data.site_config import write_site_yaml
-from shared_model.layout import COHORT_RECORD, SITE_CONFIGS, site_yamls
+from shared_model.layout import COHORT_RECORD, SITE_CONFIGS, SITE_DATASETS, site_yamls
 from shared_model.messages import COUNT_KEYS, SHARED
 from shared_model.plan import PLAN_FILE
 from simulations.benchmarks.common import (
@@ -126,7 +126,7 @@ def partition_cohort(
         meta = json.loads((dataset / "dataset.json").read_text())
         for k, part in enumerate(dealt):
             name = f"{centre}_{k:02d}" if len(dealt) > 1 else centre
-            folder = dest / "sites" / name
+            folder = dest / SITE_DATASETS / name
             for sub in ("imagesTr", "labelsTr"):
                 (folder / sub).mkdir(parents=True)
             for row in sorted(part, key=lambda r: r["case_id"]):
@@ -164,7 +164,7 @@ def partition_cohort(
         "n_sites": len(yamls),
         "per_site": per_site,
         "n_retrospective": sum(
-            len(list((dest / "sites" / p.stem / "imagesTr").iterdir())) // 2
+            len(list((dest / SITE_DATASETS / p.stem / "imagesTr").iterdir())) // 2
             for p in yamls
         ),
     }

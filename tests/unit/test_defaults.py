@@ -167,3 +167,74 @@ def test_the_derived_defaults_are_the_owners() -> None:
     assert fed.recommendation_margin == rule.margin == DEFAULT_MARGIN
     assert fed.min_expert_support == DEFAULT_MIN_SUPPORT
     assert fed.guideline_regimen == rule.reference == GUIDELINE
+
+
+NAMES = {
+    "plan.json": "shared_model/plan.py",
+    "metrics.json": "server/run_folder.py",
+    "evaluation.json": "shared_model/site_evaluation.py",
+    "training.json": "multisite/training.py",
+    "site_configs": "shared_model/layout.py",
+    "oracle": "shared_model/layout.py",
+    "cohort.json": "shared_model/layout.py",
+    "potential_outcomes.csv": "shared_model/layout.py",
+    "preprocessed": "shared_model/layout.py",
+    "feature_cache": "shared_model/layout.py",
+}
+"""Each artifact's and each folder's name, and the one module that spells it
+(``sites``, ``prospective`` and ``test`` name other things too: not scanned)."""
+NOT_OURS = {("simulations/benchmarks/nnunet_reference.py", "preprocessed")}
+"""nnU-Net's own folder of that name."""
+
+
+def _path_parts(tree: ast.Module) -> Iterator[ast.Constant]:
+    """Text joined into a path: ``folder / "name"`` (either side)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            for side in (node.left, node.right):
+                if isinstance(side, ast.Constant) and isinstance(side.value, str):
+                    yield side
+
+
+def spelled_names(source: str, where: str) -> list[str]:
+    """The artifact and folder names ``source`` spells itself: as a path part,
+    or any text that is exactly one of the file names."""
+    tree = ast.parse(source)
+    found = {id(c): c for c in _path_parts(tree)}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and "." in node.value
+            and node.value in NAMES
+        ):
+            found[id(node)] = node
+    return [
+        f"{where}:{c.lineno}: {c.value!r}"
+        for c in found.values()
+        if NAMES.get(c.value, where) != where and (where, c.value) not in NOT_OURS
+    ]
+
+
+def test_artifact_and_folder_names_are_spelt_by_their_owner() -> None:
+    found = [
+        hit
+        for package in (*PACKAGES, "wire")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for hit in spelled_names(path.read_text(), str(path.relative_to(ROOT)))
+    ]
+    assert not found, "import the name from its owner instead:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    "copy",
+    [
+        'plan = cohort / "plan.json"',
+        'record = json.loads((run / "metrics.json").read_text())',
+        'cache = config.run_dir / "feature_cache"',
+        'yamls = sorted((cohort / "test" / "site_configs").glob("*.yaml"))',
+        'NAMES = ("oracle", "cohort.json")',
+    ],
+)
+def test_the_name_scan_finds_a_copy(copy: str) -> None:
+    assert spelled_names(copy, "simulations/demo.py")
