@@ -54,8 +54,8 @@ from shared_model.checkpoint import (
     load_checkpoint,
     read_expert_support,
 )
-from shared_model.durable import write_atomic
 from shared_model.clinical import REGIMENS, encode_clinical
+from shared_model.durable import write_atomic
 from shared_model.errors import ConfigError
 from shared_model.policy import (
     DEFAULT_MIN_SUPPORT,
