@@ -155,7 +155,7 @@ def evaluate_cmd(
             "evaluate sites (prospective) all their cases. Repeat or list.",
         ),
     ],
-    out: Annotated[Path, typer.Option(help="Folder for metrics.json.")],
+    out: Annotated[Path, typer.Option(help="Folder for the report (evaluation.json).")],
     test: Annotated[
         list[Path],
         typer.Option(
@@ -178,7 +178,7 @@ def evaluate_cmd(
             "--what-if",
             help="Score under another advice rule than the checkpoint's "
             "(margin[:M], argmax, fixed:REGIMEN, switch[:Q]); printed and "
-            "recorded in metrics.json.",
+            "recorded in evaluation.json.",
         ),
     ] = None,
     min_expert_support: Annotated[
@@ -208,6 +208,7 @@ def evaluate_cmd(
     """Evaluate a model: metrics with intervals, recommendations, policy value."""
     from multisite.evaluation import run_evaluation
     from multisite.evaluation_text import headline
+    from shared_model.site_evaluation import EVALUATION
 
     sites = site_yamls(sites, ctx)
     try:
@@ -232,4 +233,4 @@ def evaluate_cmd(
     except MoeflError as e:
         fail(e)
     typer.echo(headline(report))
-    typer.echo(f"wrote {out / 'metrics.json'}")
+    typer.echo(f"wrote {out / EVALUATION}")

@@ -10,6 +10,7 @@ import typer
 
 from cli.common import fail, privacy_option, progress_bar
 from shared_model.errors import MoeflError
+from shared_model.plan import PLAN_FILE
 
 
 def synth(
@@ -181,7 +182,7 @@ def plan(
         list[Path], typer.Argument(help="Site YAMLs (or folders of them) to plan for.")
     ],
     out: Annotated[Path, typer.Option(help="The plan.json to write.")] = Path(
-        "plan.json"
+        PLAN_FILE
     ),
     simulate: Annotated[
         bool,

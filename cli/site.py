@@ -12,6 +12,8 @@ import typer
 from cli.common import fail, progress_bar, site_yamls, yamls_in
 from shared_model.errors import ConfigError, MoeflError
 from shared_model.federated_metrics import format_metric
+from shared_model.federation_config import FederationConfig
+from shared_model.layout import COHORT_RECORD, PREPROCESSED, SITE_CONFIGS
 
 
 def check(
@@ -42,7 +44,7 @@ def check(
 ) -> None:
     """Preflight a site's data and config; exit 0 when clean, 1 on errors."""
     from client.checks.preflight import format_report, run_check
-    from shared_model.federation_config import FederationConfig, parse_run_config
+    from shared_model.federation_config import parse_run_config
 
     try:
         fed = FederationConfig.from_run_config(parse_run_config(run_config))
@@ -76,7 +78,7 @@ def _prepare(site_yaml: Path, plan_path: Path | None) -> None:
             )
     except MoeflError as e:
         fail(e)
-    folder = VolumeStore(config.run_dir / "preprocessed", plan, config.adc_scale).folder
+    folder = VolumeStore(config.run_dir / PREPROCESSED, plan, config.adc_scale).folder
     typer.echo(f"prepared {fresh} cases ({kept} already stored) in {folder}")
 
 
@@ -98,8 +100,10 @@ def train(
     ] = 1.0,
     base_filters: Annotated[
         int, typer.Option(help="First-level filters (nnU-Net: 32).")
-    ] = 8,
-    max_filters: Annotated[int, typer.Option(help="Filter cap (nnU-Net: 320).")] = 256,
+    ] = FederationConfig.base_filters,
+    max_filters: Annotated[
+        int, typer.Option(help="Filter cap (nnU-Net: 320).")
+    ] = FederationConfig.max_filters,
     plan: Annotated[
         Path | None,
         typer.Option(
@@ -130,7 +134,7 @@ def train(
     ] = 200,
     head_lr: Annotated[
         float, typer.Option(help="Staged: AdamW rate of the heads.")
-    ] = 0.001,
+    ] = FederationConfig.head_lr,
     head_fit: Annotated[
         str,
         typer.Option(
@@ -146,7 +150,7 @@ def train(
     """
     from client.training.engine import TrainConfig
     from client.training.heads import HeadConfig
-    from multisite.training import find_plan, run_training
+    from multisite.training import TRAINING_RECORD, find_plan, run_training
     from shared_model.loss import LossConfig
 
     sites = site_yamls(sites, ctx)
@@ -185,7 +189,7 @@ def train(
             f"{k} AUC {format_metric(v['auc'])}" for k, v in m["comparators"].items()
         )
     )
-    typer.echo(f"wrote {run.out}/model.safetensors and metrics.json")
+    typer.echo(f"wrote {run.out}/model.safetensors and {TRAINING_RECORD}")
 
 
 def pretrain(
@@ -202,8 +206,12 @@ def pretrain(
     epochs: Annotated[int, typer.Option(help="Passes over the public cases.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Cases per step.")] = 4,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (poly decay).")] = 1e-3,
-    base_filters: Annotated[int, typer.Option(help="As the federation's.")] = 8,
-    max_filters: Annotated[int, typer.Option(help="As the federation's.")] = 256,
+    base_filters: Annotated[
+        int, typer.Option(help="As the federation's.")
+    ] = FederationConfig.base_filters,
+    max_filters: Annotated[
+        int, typer.Option(help="As the federation's.")
+    ] = FederationConfig.max_filters,
     plan: Annotated[
         Path | None,
         typer.Option(help="The federation's plan.json (default: the cohort's)."),
@@ -223,10 +231,10 @@ def pretrain(
 
     try:
         folders = [
-            p / "site_configs" if (p / "site_configs").is_dir() else p for p in public
+            p / SITE_CONFIGS if (p / SITE_CONFIGS).is_dir() else p for p in public
         ]
         yamls = yamls_in(folders)
-        cohort = public[0] / "cohort.json"
+        cohort = public[0] / COHORT_RECORD
         if not source and cohort.is_file():
             info = json.loads(cohort.read_text())
             if not info.get("public"):

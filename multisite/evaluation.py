@@ -15,6 +15,7 @@ from client.data.dataset import build_site_datasets
 from client.scoring.evaluation import ClinicalOnly, evaluate_site, scoring_rule
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError, DataError
+from shared_model.layout import COHORT_RECORD, POTENTIAL_OUTCOMES
 from shared_model.model import UNetMoECli
 from shared_model.policy import (
     RecommendationRule,
@@ -25,12 +26,13 @@ from shared_model.site_evaluation import (
     SiteEvaluation,
     combine_by_cohort,
     compare_models,
+    write_evaluation,
 )
 
 
 def read_oracle(folder: Path) -> dict[str, list[float]]:
     """case id -> true pCR probability under nCRT, TNT, nCT (simulation)."""
-    path = Path(folder) / "potential_outcomes.csv"
+    path = Path(folder) / POTENTIAL_OUTCOMES
     try:
         with path.open(newline="") as f:
             return {
@@ -57,7 +59,8 @@ def run_evaluation(
     echo: Any = lambda s: None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """``moefl evaluate``: score every site, combine by cohort, write metrics.json.
+    """``moefl evaluate``: score every site, combine by cohort, write the report
+    (:func:`shared_model.site_evaluation.write_evaluation`).
 
     Training sites give the validation cohort (where the target-sensitivity
     threshold is chosen); ``evaluate`` sites give the prospective cohort (where
@@ -151,7 +154,7 @@ def run_evaluation(
     }
     report |= combine_by_cohort(evaluations, target_sensitivity)
     if oracle is not None:  # simulation: what the world lets one learn
-        summary = Path(oracle).parent / "cohort.json"
+        summary = Path(oracle).parent / COHORT_RECORD
         if summary.is_file():
             board = json.loads(summary.read_text()).get("scoreboard", {})
             if board.get("learnable_share"):
@@ -177,10 +180,7 @@ def run_evaluation(
             },
             "mcnemar": compare_models(evaluations, other_evals, report, other),
         }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(
-        json.dumps(report, indent=2, default=float) + "\n"
-    )
+    write_evaluation(out, report)
     return report
 
 

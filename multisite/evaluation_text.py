@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared_model.policy import format_share
+from shared_model.federated_metrics import format_share
 from shared_model.site_evaluation import COHORTS
 
 

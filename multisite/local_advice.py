@@ -19,6 +19,7 @@ from client.data.site_config import SiteConfig
 from client.scoring.evaluation import evaluate_dataset
 from client.training.feature_cache import FeatureSet, eval_view, load_or_build
 from shared_model.clinical import REGIMENS
+from shared_model.layout import FEATURE_CACHE
 from shared_model.model import UNetMoECli, build_model
 from shared_model.plan import Plan
 from shared_model.policy import GUIDELINE, RecommendationRule
@@ -46,7 +47,7 @@ def site_features(
     return FeatureSet.concat(
         [
             load_or_build(
-                c.run_dir / "feature_cache",
+                c.run_dir / FEATURE_CACHE,
                 name,
                 model,
                 plan,

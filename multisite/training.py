@@ -6,7 +6,8 @@ measured against). Each site keeps its own persistent split, so the pooled
 validation set is the union of the sites' validation splits.
 
 A run folder holds ``model.safetensors``, ``plan.json``, ``config.json`` and
-``metrics.json`` (per epoch: losses, Dice, AUC overall and per regimen; plus
+``training.json`` (:data:`TRAINING_RECORD`, read with :func:`read_training_record`:
+per epoch: losses, Dice, AUC overall and per regimen; plus
 the comparators trained on the same split: clinical-only logistic regression
 and gradient boosting, and the image-only network).
 """
@@ -43,15 +44,35 @@ from client.training.heads import HeadConfig, train_heads
 from multisite.local_advice import choose_rule_locally, fit_head_locally, site_features
 from shared_model.checkpoint import save_checkpoint
 from shared_model.clinical import REGIMENS, encode_clinical
+from shared_model.durable import json_bytes, write_atomic
 from shared_model.errors import ConfigError
+from shared_model.layout import cohort_of
 from shared_model.loss import LossConfig
 from shared_model.model import ModelConfig, UNetMoECli, build_model, is_head_parameter
-from shared_model.plan import Plan
+from shared_model.plan import PLAN_FILE, Plan, plan_file
 from shared_model.policy import RecommendationRule
 
 log = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
+
+
+TRAINING_RECORD = "training.json"
+"""Local and pooled training's record in its run folder (per epoch, the final
+scores, the comparators)."""
+
+
+def read_training_record(folder: Path) -> dict[str, Any]:
+    """The training record in ``folder``; ConfigError names the file when it is
+    missing or unreadable."""
+    path = Path(folder) / TRAINING_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from e
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: not a training record")
+    return record
 
 
 @dataclass
@@ -64,16 +85,15 @@ class TrainRun:
 
 
 def find_plan(site_yamls: Sequence[Path], plan_path: Path | None) -> Plan:
-    """The plan to use: ``plan_path`` if given, else ``plan.json`` of a synthetic
-    cohort next to the first YAML's folder, else the default (demo) plan."""
-    if plan_path is not None:
-        return Plan.load(plan_path)
-    candidate = Path(site_yamls[0]).resolve().parent.parent / "plan.json"
-    if candidate.is_file():
-        return Plan.load(candidate)
+    """The plan to use: ``plan_path`` if given, else the plan of the synthetic
+    cohort whose ``site_configs/`` holds the first YAML, else the default (demo)
+    plan (:func:`shared_model.plan.plan_file`)."""
+    found = plan_file(plan_path, cohort_of(site_yamls[0]))
+    if found is not None:
+        return Plan.load(found)
     log.warning(
-        "no --plan given and no plan.json beside the site configs; "
-        "using the default plan %s",
+        "no --plan given and no %s beside the site configs; using the default plan %s",
+        PLAN_FILE,
         Plan(),
     )
     return Plan()
@@ -299,7 +319,7 @@ def run_training(
     model_cfg = ModelConfig.from_plan(plan, **overrides)
     model = build_model(model_cfg)
     t0 = time.perf_counter()
-    head = head or HeadConfig(epochs=200, lr=0.001, seed=cfg.seed)
+    head = head or HeadConfig(epochs=200, seed=cfg.seed)
     if training == "staged":
         history, final = fit_staged(
             model, configs, trains, val, cfg, head, plan=plan, device=dev, echo=echo
@@ -356,7 +376,7 @@ def run_training(
         "final": final.metrics,
         "comparators": comparators,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / TRAINING_RECORD, json_bytes(metrics))
     _write_predictions(out / "val_predictions.csv", final.cases)
     return TrainRun(out=out, metrics=metrics, model=model)
 

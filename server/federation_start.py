@@ -26,7 +26,7 @@ from shared_model.model import (
     parameter_groups,
     stage_parameter_groups,
 )
-from shared_model.plan import Plan
+from shared_model.plan import Plan, plan_file
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,8 @@ log = logging.getLogger(__name__)
 def resolve_plan(fed: FederationConfig, backbone: Backbone | None = None) -> Plan:
     """``plan``, else the cohort's plan.json, else the pretrained backbone's
     plan, else the default; a backbone built for another plan is refused."""
-    if fed.plan:
-        plan = Plan.load(Path(fed.plan))
-    elif fed.cohort_dir and (Path(fed.cohort_dir) / "plan.json").is_file():
-        plan = Plan.load(Path(fed.cohort_dir) / "plan.json")
+    if (found := plan_file(fed.plan, fed.cohort_dir)) is not None:
+        plan = Plan.load(found)
     elif backbone is not None:
         return backbone.plan
     else:

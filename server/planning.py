@@ -31,7 +31,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from server.identity import NodeSites, RegisteredNodes, Unidentified, round_identities
-from shared_model.checkpoint import json_bytes, write_atomic
+from shared_model.durable import json_bytes, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
 from shared_model.fingerprint import Fingerprint, plan_from_fingerprint

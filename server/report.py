@@ -1,8 +1,10 @@
 """``moefl report RUN_DIR``: report.md and report.html with PNG figures.
 
-Reads only records: the federated run's ``metrics.json`` (rounds, privacy,
+Reads only records, each through its owner: the federated run's record
+(:func:`server.run_folder.read_run_record`: rounds, privacy,
 per-round federated validation), the evaluation written by ``moefl evaluate
-... --out RUN_DIR/evaluation`` when present, and the evaluations of
+... --out RUN_DIR/evaluation`` when present
+(:func:`shared_model.site_evaluation.read_evaluation`), and the evaluations of
 comparators given as ``NAME=FOLDER``. Every number shown is in those files.
 The report is built as a list of blocks rendered twice, to Markdown and HTML.
 """
@@ -10,24 +12,14 @@ The report is built as a list of blocks rendered twice, to Markdown and HTML.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 from server.report_blocks import Block, cohort_blocks, format_ci
 from server.report_figures import draw_figures
-from server.run_folder import privacy_spent
-from shared_model.errors import ConfigError
+from server.run_folder import RUN_RECORD, privacy_spent, read_run_record
 from shared_model.federated_metrics import format_metric
-from shared_model.site_evaluation import COHORTS
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from e
-    return data
+from shared_model.site_evaluation import COHORTS, EVALUATION, read_evaluation
 
 
 def _number(value: Any) -> str:
@@ -42,12 +34,10 @@ def build_report(
 ) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and the figures into ``run_dir``."""
     run_dir = Path(run_dir)
-    run_path = run_dir / "metrics.json"
-    if not run_path.is_file():
-        raise ConfigError(f"{run_dir}: no metrics.json; give a federated run folder")
-    run = _read(run_path)
-    eval_path = run_dir / "evaluation" / "metrics.json"
-    evaluation = _read(eval_path) if eval_path.is_file() else {}
+    run = read_run_record(run_dir)
+    run_path = run_dir / RUN_RECORD
+    eval_path = run_dir / "evaluation" / EVALUATION
+    evaluation = read_evaluation(eval_path.parent) if eval_path.is_file() else {}
     cohorts: dict[str, Any] = {c: evaluation[c] for c in COHORTS if c in evaluation}
     figures = set(draw_figures(run_dir, run, cohorts))
 
@@ -181,7 +171,7 @@ def build_report(
         ]
         entries = {
             "this run": evaluation,
-            **{k: _read(Path(v) / "metrics.json") for k, v in comparators.items()},
+            **{k: read_evaluation(Path(v)) for k, v in comparators.items()},
         }
         for name, ev_all in entries.items():
             for cohort in COHORTS:

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared_model.clinical import REGIMENS
-from shared_model.federated_metrics import format_metric
-from shared_model.policy import format_share
+from shared_model.federated_metrics import format_metric, format_share
 
 
 @dataclass

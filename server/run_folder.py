@@ -17,8 +17,12 @@ Layout::
     checkpoints/round_NNN.state.json         strategy state; marks NNN complete
     model.safetensors, config.json, plan.json   the latest model
     run_config.json                          the resolved federation config
-    metrics.json                             the run record
+    metrics.json                             the run record (RUN_RECORD)
     .lock                                    held while a run uses the folder
+
+The run record is read through :func:`read_run_record` (the report, the
+simulation and the benchmarks); the record's name stays ``metrics.json``, as
+run folders already on sites' and coordinators' disks have it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,15 +46,21 @@ from shared_model.checkpoint import (
     MODEL,
     PLAN,
     checkpoint_files,
-    json_bytes,
-    write_atomic,
 )
+from shared_model.clinical import REGIMENS
+from shared_model.durable import json_bytes, write_atomic
 from shared_model.errors import ConfigError
+from shared_model.messages import expert_group
 from shared_model.model import ModelConfig
 from shared_model.plan import Plan
 from shared_model.policy import RecommendationRule
 
 log = logging.getLogger(__name__)
+
+RUN_RECORD = "metrics.json"
+"""The run record's file in a run folder: status, rounds, privacy, advice."""
+RUN_CONFIG = "run_config.json"
+"""The resolved federation config a resume is checked against."""
 
 RESUMABLE_CHANGES = (
     "num-server-rounds",
@@ -181,12 +191,12 @@ class RunFolder:
         self.write_record(record)
 
     def write_record(self, record: dict[str, Any]) -> None:
-        write_atomic(self.path / "metrics.json", json_bytes(record))
+        write_atomic(self.path / RUN_RECORD, json_bytes(record))
 
     def read_record(self) -> dict[str, Any]:
         """The run record, or an empty one when missing or unreadable."""
         try:
-            record = json.loads((self.path / "metrics.json").read_text())
+            record = json.loads((self.path / RUN_RECORD).read_text())
         except (OSError, json.JSONDecodeError):
             return {"rounds": []}
         return record if isinstance(record, dict) else {"rounds": []}
@@ -254,7 +264,7 @@ class RunFolder:
     ) -> None:
         """Refuse to resume under a different run config (beyond
         :data:`RESUMABLE_CHANGES`), unless ``allow_changes``; then store it."""
-        path = self.path / "run_config.json"
+        path = self.path / RUN_CONFIG
         if path.is_file() and not allow_changes:
             try:
                 stored = json.loads(path.read_text())
@@ -276,6 +286,36 @@ class RunFolder:
                         "`resume-changed-config=true` to continue under the new ones"
                     )
         write_atomic(path, json_bytes(dict(run_config)))
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """The run record of the run folder ``run_dir``; ConfigError when the
+    folder has none or it does not read (a resume uses
+    :meth:`RunFolder.read_record`, which starts afresh instead)."""
+    path = Path(run_dir) / RUN_RECORD
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no {RUN_RECORD}; give a federated run folder")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from e
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: not a run record")
+    return record
+
+
+def expert_support(rounds: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Per regimen, the most patients that trained its expert in one round of a
+    run record (rounds that train the pCR part: joint or heads)."""
+    out = dict.fromkeys(REGIMENS, 0)
+    for entry in rounds:
+        if entry.get("stage", "joint") not in ("joint", "heads"):
+            continue
+        for r in REGIMENS:
+            group = entry.get("groups", {}).get(expert_group(r), {})
+            if group.get("updated"):
+                out[r] = max(out[r], int(group.get("n", 0)))
+    return out
 
 
 def account_epsilon(entry: Any) -> float | None:

@@ -52,7 +52,7 @@ from server.round_loop import SiteTracker, opening_record
 from server.run_folder import RunFolder
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
-from shared_model.plan import Plan
+from shared_model.plan import PLAN_FILE, Plan
 
 __all__ = [
     "FederationStart",
@@ -136,7 +136,7 @@ def _plan_step(
     t0 = time.perf_counter()
     plan, record = planning.federated_plan(grid, fed, node_sites)
     record["seconds"] = round(time.perf_counter() - t0, 2)
-    planning.save_plan(folder.path / "plan.json", plan, record)
+    planning.save_plan(folder.path / PLAN_FILE, plan, record)
     log.info(
         "plan from the fingerprints of %d sites (%d cases): spacing %s mm, patch %s%s",
         len(record["sites"]),

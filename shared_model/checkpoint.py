@@ -11,16 +11,12 @@ whose rule uses a posterior over its head has a fourth, ``advice.safetensors``
 pooled training write it with :func:`save_checkpoint`; the coordinator's run
 folder writes the same files (:func:`checkpoint_files`) at each round; every
 reader goes through :func:`load_checkpoint`.
-
-:func:`write_atomic` is how the project makes a file durable: a crash leaves
-the old file or the new one, never half of either.
+Every file is written durably (:mod:`shared_model.durable`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,42 +26,15 @@ from safetensors.numpy import load, save
 from safetensors.torch import load_file
 
 from shared_model.clinical import REGIMENS
+from shared_model.durable import json_bytes, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.model import ModelConfig, UNetMoECli, build_model
-from shared_model.plan import Plan
+from shared_model.plan import PLAN_FILE, Plan
 from shared_model.policy import RecommendationRule
 from shared_model.posterior import Posterior
 
-MODEL, CONFIG, PLAN = "model.safetensors", "config.json", "plan.json"
+MODEL, CONFIG, PLAN = "model.safetensors", "config.json", PLAN_FILE
 ADVICE = "advice.safetensors"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and a rename,
-    then flush the folder (a rename is durable only after that)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # a system whose folders cannot be opened
-        return
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def json_bytes(value: Any) -> bytes:
-    """Indented JSON with a final newline (numpy scalars as floats)."""
-    return (json.dumps(value, indent=2, default=float) + "\n").encode()
 
 
 def checkpoint_files(

@@ -363,3 +363,11 @@ def format_metric(value: Any, digits: int = 3) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "n/a"
     return f"{value:.{digits}f}"
+
+
+def format_share(share: dict[str, Any] | None) -> str:
+    """A share of the oracle's gain with its interval, e.g. ``0.29 (-0.23 to
+    0.81)`` (``to``, since the bounds are often negative)."""
+    if not share:
+        return "n/a"
+    return f"{share['value']:.2f} ({share['ci'][0]:.2f} to {share['ci'][1]:.2f})"

@@ -114,13 +114,16 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, TypeGuard
 
 from shared_model.errors import ConfigError
-from shared_model.robust import AGGREGATIONS
+from shared_model.federation_checks import (
+    FEDERATED_PLAN,
+    check_config,
+)
+from shared_model.plan import plan_file
+from shared_model.policy import DEFAULT_MARGIN, DEFAULT_MIN_SUPPORT, GUIDELINE
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
 SERVER_OPTIMIZERS = ("none", "adam")
 
 
@@ -144,7 +147,6 @@ class StrategyParts:
     aggregation: str
 
 
-TRAININGS = ("staged", "joint")
 STAGES = ("joint", "segmentation", "heads")
 """What a round trains: everything with the multi-task loss (``joint``), the
 backbone on segmentation alone, or the pCR heads over cached features."""
@@ -159,10 +161,6 @@ trailing newline slips through)."""
 def is_site_name(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a valid site name (:data:`SITE_NAME`)."""
     return isinstance(value, str) and SITE_NAME.fullmatch(value) is not None
-
-
-FEDERATED_PLAN = "federated"
-"""The run config's ``plan`` value that asks the sites for their fingerprints."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +203,7 @@ class FederationConfig:
     client_dp_delta: float = 1e-3
     dp_reproducible: bool = False
     target_sensitivity: float = 0.8
-    recommendation_margin: float = 0.05
+    recommendation_margin: float = DEFAULT_MARGIN
     training: str = "staged"
     head_rounds: int = 20
     head_epochs: int = 10
@@ -216,7 +214,7 @@ class FederationConfig:
     use_clinical: bool = True
     embed_dim: int = 32
     head_type: str = "linear"
-    min_expert_support: int = 30
+    min_expert_support: int = DEFAULT_MIN_SUPPORT
     backbone: str = ""
     dp_head_sample_rate: float = 0.5
     dp_head_lr: float = 0.03
@@ -230,7 +228,7 @@ class FederationConfig:
     newton_rounds: int = 12
     advice_rule: str = "switch"
     gain_threshold: str = "choose"
-    guideline_regimen: str = "TNT"
+    guideline_regimen: str = GUIDELINE
 
     @property
     def fits_posterior(self) -> bool:
@@ -257,10 +255,7 @@ class FederationConfig:
         so, or there is no plan.json, cohort plan or backbone to take one from."""
         if self.plan == FEDERATED_PLAN or self.plan_only:
             return True
-        cohort_plan = (
-            bool(self.cohort_dir) and (Path(self.cohort_dir) / "plan.json").is_file()
-        )
-        return not (self.plan or cohort_plan or self.backbone)
+        return not (plan_file(self.plan, self.cohort_dir) or self.backbone)
 
     @property
     def segmentation_rounds(self) -> int:
@@ -296,166 +291,7 @@ class FederationConfig:
         return "segmentation" if server_round <= self.segmentation_rounds else "heads"
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(
-                    f"run config `{f.name.replace('_', '-')}` is {value}; expected a "
-                    "finite number"
-                )
-        checks = [
-            (1 <= self.num_server_rounds <= 100_000, "num-server-rounds", "1..100000"),
-            (1 <= self.local_epochs <= 1000, "local-epochs", "1..1000"),
-            (0 <= self.local_steps <= 1_000_000, "local-steps", "0..1000000"),
-            (1 <= self.batch_size <= 512, "batch-size", "1..512"),
-            (0 < self.lr <= 10, "lr", "in (0, 10]"),
-            (
-                self.lr_schedule in ("poly", "constant"),
-                "lr-schedule",
-                "poly or constant",
-            ),
-            (self.optimizer in ("sgd", "adamw"), "optimizer", "sgd or adamw"),
-            (self.strategy in STRATEGIES, "strategy", " or ".join(STRATEGIES)),
-            (self.proximal_mu >= 0, "proximal-mu", ">= 0"),
-            (self.server_lr > 0, "server-lr", "> 0"),
-            (
-                0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1,
-                "server-beta1/server-beta2",
-                "in [0, 1)",
-            ),
-            (self.server_tau > 0, "server-tau", "> 0"),
-            (self.min_sites >= 1, "min-sites", ">= 1"),
-            (self.min_sites_per_expert >= 1, "min-sites-per-expert", ">= 1"),
-            (
-                0 < self.round_timeout <= 7 * 86400,
-                "round-timeout",
-                "in (0, 604800] seconds",
-            ),
-            (self.evaluate_every >= 0, "evaluate-every", ">= 0"),
-            (0.25 <= self.plan_memory_gb <= 1024, "plan-memory-gb", "0.25..1024"),
-            (
-                not (self.backbone and self.plan == FEDERATED_PLAN),
-                "plan",
-                "not `federated` with a pretrained `backbone` (its plan is fixed)",
-            ),
-            (
-                1 <= self.base_filters <= self.max_filters <= 2048,
-                "base-filters/max-filters",
-                "1 <= base-filters <= max-filters <= 2048",
-            ),
-            (
-                0 <= self.dp_noise_multiplier <= 1000,
-                "dp-noise-multiplier",
-                "0 (derive from each site's budget) or a noise multiplier > 0",
-            ),
-            (self.dp_accountant in ("rdp", "prv"), "dp-accountant", "rdp or prv"),
-            (
-                self.client_dp_noise_multiplier >= 0,
-                "client-dp-noise-multiplier",
-                ">= 0 (0 disables client-level DP)",
-            ),
-            (
-                self.client_dp_clip >= 0
-                and (self.client_dp_noise_multiplier == 0 or self.client_dp_clip > 0),
-                "client-dp-clip",
-                "> 0 when client-dp-noise-multiplier is set",
-            ),
-            (0 < self.client_dp_delta < 1, "client-dp-delta", "in (0, 1)"),
-            (0 < self.target_sensitivity <= 1, "target-sensitivity", "in (0, 1]"),
-            (
-                0 <= self.recommendation_margin < 1,
-                "recommendation-margin",
-                "in [0, 1)",
-            ),
-            (self.training in TRAININGS, "training", " or ".join(TRAININGS)),
-            (0 <= self.head_rounds <= 100_000, "head-rounds", "0..100000"),
-            (1 <= self.head_epochs <= 10_000, "head-epochs", "1..10000"),
-            (0 < self.head_lr <= 10, "head-lr", "in (0, 10]"),
-            (1 <= self.head_batch_size <= 100_000, "head-batch-size", "1..100000"),
-            (self.features in ("tumour", "stem"), "features", "tumour or stem"),
-            (
-                self.experts in ("residual", "independent"),
-                "experts",
-                "residual or independent",
-            ),
-            (
-                0 <= self.min_expert_support <= 1_000_000,
-                "min-expert-support",
-                "0..1000000",
-            ),
-            (1 <= self.embed_dim <= 1024, "embed-dim", "1..1024"),
-            (
-                self.head_type in ("mlp", "linear")
-                and (self.head_type == "mlp" or self.features == "tumour"),
-                "head-type",
-                "mlp, or linear with features tumour",
-            ),
-            (0 < self.dp_head_lr <= 10, "dp-head-lr", "in (0, 10]"),
-            (
-                0 < self.dp_head_sample_rate <= 1,
-                "dp-head-sample-rate",
-                "in (0, 1]",
-            ),
-            (
-                not self.backbone or self.training == "staged",
-                "backbone",
-                'empty unless training is "staged" (a pretrained backbone is '
-                "frozen; joint training would change it)",
-            ),
-            (
-                not self.backbone or self.head_rounds >= 1 or self.head_fit == "newton",
-                "head-rounds",
-                ">= 1 with a pretrained `backbone` (the run trains the heads alone)",
-            ),
-            (
-                self.training == "joint" or self.features == "tumour",
-                "training",
-                "joint when features is stem (staged training caches tumour features)",
-            ),
-            (
-                self.aggregation in AGGREGATIONS,
-                "aggregation",
-                " or ".join(AGGREGATIONS),
-            ),
-            (0 <= self.trim_fraction < 0.5, "trim-fraction", "in [0, 0.5)"),
-            (
-                self.update_bound == 0 or 1 <= self.update_bound <= 1e6,
-                "update-bound",
-                "0 (off) or a multiple from 1 to 1000000",
-            ),
-            (0 < self.max_site_share <= 1, "max-site-share", "in (0, 1]"),
-            (self.head_fit in ("rounds", "newton"), "head-fit", "rounds or newton"),
-            (
-                self.head_fit == "rounds"
-                or (self.head_type == "linear" and self.experts == "residual"),
-                "head-fit",
-                "newton only with head-type linear and experts residual (a "
-                "logistic regression)",
-            ),
-            (_numbers(self.prior_grid, 1e-6, 1e6), "prior-grid", "positive numbers"),
-            (1 <= self.newton_rounds <= 100, "newton-rounds", "1..100"),
-            (
-                self.advice_rule in ("switch", "margin", "argmax"),
-                "advice-rule",
-                "switch, margin or argmax",
-            ),
-            (
-                self.gain_threshold == "choose"
-                or _numbers(self.gain_threshold, 0.5, 1.0, one=True),
-                "gain-threshold",
-                "choose, or a number in [0.5, 1]",
-            ),
-            (
-                self.guideline_regimen in ("nCRT", "TNT", "nCT"),
-                "guideline-regimen",
-                "nCRT, TNT or nCT",
-            ),
-        ]
-        for ok, key, expected in checks:
-            if not ok:
-                raise ConfigError(
-                    f"run config `{key}` is out of range; expected {expected}"
-                )
+        check_config(self)
 
     @classmethod
     def from_run_config(cls, raw: Mapping[str, Any] | None) -> FederationConfig:
@@ -491,19 +327,6 @@ class FederationConfig:
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
-
-def _numbers(text: str, low: float, high: float, *, one: bool = False) -> bool:
-    """Whether ``text`` is one (``one``) or more numbers, each in [low, high]."""
-    try:
-        values = [float(x) for x in str(text).split()]
-    except ValueError:
-        return False
-    return (
-        bool(values)
-        and (len(values) == 1 or not one)
-        and all(math.isfinite(v) and low <= v <= high for v in values)
-    )
 
 
 def parse_run_config(text: str) -> dict[str, Any]:

@@ -99,17 +99,17 @@ class ModelConfig:
         in_channels, out_channels: fixed by the data format (T2W, ADC; bg, tumour).
     """
 
-    patch_size: tuple[int, int, int] = (16, 64, 64)
-    spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)
-    base_filters: int = 8
-    max_filters: int = 256
+    patch_size: tuple[int, int, int] = Plan.patch_size
+    spacing: tuple[float, float, float] = Plan.spacing
+    base_filters: int = FederationConfig.base_filters
+    max_filters: int = FederationConfig.max_filters
     deep_supr_num: int = 2
     stem_channels: int = 16
-    embed_dim: int = 32
+    embed_dim: int = FederationConfig.embed_dim
     expert_hidden: int = 0
-    use_clinical: bool = True
-    features: str = "tumour"
-    experts: str = "residual"
+    use_clinical: bool = FederationConfig.use_clinical
+    features: str = FederationConfig.features
+    experts: str = FederationConfig.experts
     head: str = "mlp"
     feature_centre: tuple[float, ...] = ()
     feature_scale: tuple[float, ...] = ()

@@ -22,6 +22,24 @@ MAX_PATCH_VOXELS = 128 * 256 * 256
 """Upper bounds on a plan's patch (per axis and in all): far above any plan a
 GPU trains, far below what would exhaust a site's memory when allocated."""
 
+PLAN_FILE = "plan.json"
+"""The plan's file: in a checkpoint folder, a run folder and a synthetic cohort."""
+
+
+def plan_file(
+    explicit: str | Path | None, cohort_dir: str | Path | None
+) -> Path | None:
+    """Where a run's plan comes from: ``explicit`` (a ``--plan`` or the run
+    config's ``plan``) when given, else the cohort's :data:`PLAN_FILE` when it
+    has one, else None (the caller falls back: a pretrained backbone's plan,
+    the planning query, or the default plan). The one lookup of a plan on disk.
+    """
+    if explicit:
+        return Path(explicit)
+    if cohort_dir and (Path(cohort_dir) / PLAN_FILE).is_file():
+        return Path(cohort_dir) / PLAN_FILE
+    return None
+
 
 def _real(value: object) -> bool:
     return (

@@ -10,7 +10,7 @@ probability under every regimen:
   pCR with probability at least ``q``; then the one with the highest such
   probability. It declines to advise rather than guess.
 * ``margin``: the *least intensive* regimen whose predicted pCR is within
-  ``margin`` (absolute, default 0.05) of the best: a de-intensification
+  ``margin`` (absolute, default :data:`DEFAULT_MARGIN`) of the best: a de-intensification
   trade-off, judged against the oracle with the same margin.
 * ``argmax``: the highest predicted pCR (the study's rule).
 * ``fixed``: the ``reference`` regimen for everyone (the comparison every
@@ -19,7 +19,10 @@ probability under every regimen:
 Against the regimen the patient received, the advice is an escalation (more
 intensive), maintenance (the same) or de-intensification.
 
-What following the advice is worth is estimated in :mod:`shared_model.policy_value`.
+What following the advice is worth is estimated in :mod:`shared_model.policy_value`
+(with the share of the oracle's gain a policy gets), and shown with
+:func:`shared_model.federated_metrics.format_share`; the experts' support a run
+record holds is read by :func:`server.run_folder.expert_support`.
 """
 
 from __future__ import annotations
@@ -30,22 +33,26 @@ from typing import Any
 
 import numpy as np
 
-from shared_model.clinical import REGIMENS
-from shared_model.messages import expert_group
+from shared_model.clinical import REGIMEN_INTENSITY, REGIMENS
 from shared_model.posterior import Posterior
 
-INTENSITY: dict[str, int] = {"nCT": 0, "nCRT": 1, "TNT": 2}
 DIRECTIONS = ("escalate", "maintain", "de-intensify")
 ESTIMATORS = ("model_estimate", "ipw", "dr", "observed")
 
 
 RULES = ("switch", "margin", "argmax", "fixed")
 DEFAULT_MARGIN = 0.05
+"""The ``margin`` rule's absolute pCR a less intensive regimen may give up (the
+run config's ``recommendation-margin`` and every scorer take it from here)."""
 DEFAULT_MIN_SUPPORT = 30
+"""The patients an expert needs before the margin and argmax rules may name its
+regimen (the run config's ``min-expert-support``)."""
 GUIDELINE = "TNT"
 """The reference a ``switch`` rule keeps unless another fixed regimen is better
 with confidence (the regimen the trials favour for high-risk rectal cancer)."""
-GAIN_THRESHOLDS = (0.8, 0.9, 0.95)
+DEFAULT_GAIN_THRESHOLD = 0.9
+"""A ``switch`` rule's ``q`` when none is chosen."""
+GAIN_THRESHOLDS = (0.8, DEFAULT_GAIN_THRESHOLD, 0.95)
 """The ``q`` a federation chooses among on its validation split."""
 
 
@@ -67,7 +74,7 @@ class RecommendationRule:
     margin: float = DEFAULT_MARGIN
     allowed: tuple[str, ...] = REGIMENS
     reference: str = GUIDELINE
-    q: float = 0.9
+    q: float = DEFAULT_GAIN_THRESHOLD
     posterior: Posterior | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -121,7 +128,7 @@ class RecommendationRule:
             margin=float(raw.get("margin", DEFAULT_MARGIN)),
             allowed=tuple(str(r) for r in raw.get("allowed", REGIMENS)),
             reference=str(raw.get("reference", GUIDELINE)),
-            q=float(raw.get("q", 0.9)),
+            q=float(raw.get("q", DEFAULT_GAIN_THRESHOLD)),
             posterior=posterior,
         )
 
@@ -163,20 +170,6 @@ def supported_regimens(
         if int(support.get(r, 0)) < min_support
     }
     return tuple(r for r in REGIMENS if r not in reasons), reasons
-
-
-def expert_support(rounds: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """Per regimen, the most patients that trained its expert in one round of a
-    run record (rounds that train the pCR part: joint or heads)."""
-    out = dict.fromkeys(REGIMENS, 0)
-    for entry in rounds:
-        if entry.get("stage", "joint") not in ("joint", "heads"):
-            continue
-        for r in REGIMENS:
-            group = entry.get("groups", {}).get(expert_group(r), {})
-            if group.get("updated"):
-                out[r] = max(out[r], int(group.get("n", 0)))
-    return out
 
 
 def what_if_rule(text: str, base: RecommendationRule) -> RecommendationRule:
@@ -243,7 +236,9 @@ def recommend(
     best = masked.max(axis=1, keepdims=True)
     margin = rule.margin if rule.kind == "margin" else 0.0
     ok = masked >= best - margin - 1e-12
-    by_intensity = sorted(range(len(REGIMENS)), key=lambda j: INTENSITY[REGIMENS[j]])
+    by_intensity = sorted(
+        range(len(REGIMENS)), key=lambda j: REGIMEN_INTENSITY[REGIMENS[j]]
+    )
     out = np.full(len(p), -1, dtype=int)
     for j in reversed(by_intensity):  # the least intensive qualifying one wins
         out = np.where(ok[:, j], j, out)
@@ -263,31 +258,10 @@ def _switch(
     return np.where(confident, best, ref).astype(int)
 
 
-def share_of_oracle_gain(
-    value: float, best_fixed: float, oracle: float
-) -> float | None:
-    """The share of the oracle's gain over the best fixed regimen a policy gets.
-
-    ``(value - best_fixed) / (oracle - best_fixed)``, all three the mean true pCR
-    probability over the same patients: 1 is the oracle, 0 is no better than
-    giving everyone the best single regimen, negative is worse than that. None
-    when the oracle gains nothing over a fixed regimen (no policy can).
-    """
-    gain = oracle - best_fixed
-    if gain <= 1e-12:
-        return None
-    return float((value - best_fixed) / gain)
-
-
-def format_share(share: dict[str, Any] | None) -> str:
-    """A share of the oracle's gain with its interval, e.g. ``0.29 (-0.23 to
-    0.81)`` (``to``, since the bounds are often negative)."""
-    if not share:
-        return "n/a"
-    return f"{share['value']:.2f} ({share['ci'][0]:.2f} to {share['ci'][1]:.2f})"
-
-
 def direction(recommended: int, received: int) -> str:
     """escalate / maintain / de-intensify, by regimen intensity."""
-    a, b = INTENSITY[REGIMENS[recommended]], INTENSITY[REGIMENS[received]]
+    a, b = (
+        REGIMEN_INTENSITY[REGIMENS[recommended]],
+        REGIMEN_INTENSITY[REGIMENS[received]],
+    )
     return DIRECTIONS[0] if a > b else DIRECTIONS[1] if a == b else DIRECTIONS[2]

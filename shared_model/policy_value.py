@@ -38,8 +38,23 @@ from shared_model.policy import (
     direction,
     gain_probabilities,
     recommend,
-    share_of_oracle_gain,
 )
+
+
+def share_of_oracle_gain(
+    value: float, best_fixed: float, oracle: float
+) -> float | None:
+    """The share of the oracle's gain over the best fixed regimen a policy gets.
+
+    ``(value - best_fixed) / (oracle - best_fixed)``, all three the mean true pCR
+    probability over the same patients: 1 is the oracle, 0 is no better than
+    giving everyone the best single regimen, negative is worse than that. None
+    when the oracle gains nothing over a fixed regimen (no policy can).
+    """
+    gain = oracle - best_fixed
+    if gain <= 1e-12:
+        return None
+    return float((value - best_fixed) / gain)
 
 
 def fit_propensity(

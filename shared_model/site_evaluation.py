@@ -8,16 +8,25 @@ adds the sites up and computes the report; :func:`combine_by_cohort` does so
 for a validation cohort and the cohorts scored at its operating point
 (prospective, and the held-out test cohort); :func:`compare_models` gives
 paired McNemar tests. Scoring patients (torch, images) lives in :mod:`client.scoring.evaluation`.
+
+The report ``moefl evaluate`` writes is the folder's :data:`EVALUATION`, written
+by :func:`write_evaluation` and read (by the report and the benchmarks) with
+:func:`read_evaluation`.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shared_model.clinical import REGIMENS
+from shared_model.durable import json_bytes, write_atomic
+from shared_model.errors import ConfigError
 from shared_model.federated_metrics import (
     ScoreCounts,
     auc_from_histograms,
@@ -36,6 +45,33 @@ COHORTS = ("validation", "prospective", "test")
 """Evaluation cohorts, in report order: a training site's validation split
 (chooses thresholds), an evaluate site's patients (prospective), and the
 held-out test cohort (quality claims; never used to choose anything)."""
+
+EVALUATION = "evaluation.json"
+"""The evaluation's file in the folder ``moefl evaluate --out`` names."""
+
+
+def write_evaluation(folder: Path, report: Mapping[str, Any]) -> Path:
+    """Write an evaluation's report into ``folder``; returns the file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / EVALUATION, json_bytes(dict(report)))
+    return folder / EVALUATION
+
+
+def read_evaluation(folder: Path) -> dict[str, Any]:
+    """The evaluation written into ``folder``; ConfigError names the file when
+    it is missing or unreadable."""
+    path = Path(folder) / EVALUATION
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"{path}: cannot read ({e}); give a folder `moefl evaluate --out` wrote"
+        ) from e
+    if not isinstance(report, dict):
+        raise ConfigError(f"{path}: not an evaluation")
+    return report
+
 
 MAX_CANDIDATES = 64
 """The most candidate rules one evaluation sums."""

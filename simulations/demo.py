@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client.checks.preflight import run_check
+from shared_model.layout import COHORT_RECORD, ORACLE, PROSPECTIVE, TEST, site_yamls
 from simulations.response import WORLD_VERSION
 from simulations.synth import synthesize
 
@@ -36,7 +37,7 @@ def run_demo(
         True when every site passes its check (and the federation finished).
     """
     cohort_dir = Path(out) / "cohort"
-    summary_path = cohort_dir / "cohort.json"
+    summary_path = cohort_dir / COHORT_RECORD
     reuse = False
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -75,10 +76,8 @@ def run_demo(
 
         echo(format_scoreboard(summary["scoreboard"]))
     all_ok = True
-    yamls = sorted((cohort_dir / "site_configs").glob("*.yaml")) + sorted(
-        (cohort_dir / "prospective" / "site_configs").glob("*.yaml")
-    )
-    tests = sorted((cohort_dir / "test" / "site_configs").glob("*.yaml"))
+    yamls = site_yamls(cohort_dir) + site_yamls(cohort_dir, PROSPECTIVE)
+    tests = site_yamls(cohort_dir, TEST)
     for path in yamls + tests:
         report = run_check(path)
         all_ok &= report.ok
@@ -118,7 +117,7 @@ def run_demo(
         yamls,
         federated / "evaluation",
         test_yamls=tests,
-        oracle=cohort_dir / "oracle",
+        oracle=cohort_dir / ORACLE,
         echo=echo,
         progress=progress,
     )

@@ -6,7 +6,7 @@ regimen per patient (with and without the product's recommendation margin),
 under the Bayes-optimal policy from the clinical table alone, and under the
 Bayes-optimal policy from the clinical table plus a perfect read of the
 predictive biomarker (hypoxia); each as its share of the oracle's gain over
-the best fixed regimen (:func:`shared_model.policy.share_of_oracle_gain`).
+the best fixed regimen (:func:`shared_model.policy_value.share_of_oracle_gain`).
 Also the AUC ceilings on the received regimen and the trial-scale effects the
 response model implies. Written into ``cohort.json`` by ``moefl synth``.
 """
@@ -20,7 +20,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from shared_model.clinical import REGIMENS, encode_clinical
-from shared_model.policy import RecommendationRule, recommend, share_of_oracle_gain
+from shared_model.policy import DEFAULT_MARGIN, RecommendationRule, recommend
+from shared_model.policy_value import share_of_oracle_gain
 from simulations.cohort import Patient, World
 from simulations.response import REGIMEN_EFFECT, expected_probabilities, sigmoid
 
@@ -41,7 +42,7 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
 
 
 def cohort_scoreboard(
-    patients: list[Patient], world: World, margin: float = 0.05
+    patients: list[Patient], world: World, margin: float = DEFAULT_MARGIN
 ) -> dict[str, Any]:
     """The scoreboard of one cohort (see the module docstring)."""
     if not patients:
@@ -229,7 +230,7 @@ def learnable_share(world: World, seed: int = 0) -> dict[str, Any]:
     return out
 
 
-def compute_scoreboard(world: World, margin: float = 0.05) -> dict[str, Any]:
+def compute_scoreboard(world: World, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
     """Scoreboards of every cohort plus the regimen effects and what the
     retrospective cohort lets one learn (:func:`learnable_share`)."""
     return {

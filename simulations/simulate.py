@@ -8,7 +8,6 @@ read from ``metrics.json``, never assumed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -20,9 +19,11 @@ import yaml
 from client.data.site_config import load_site_config, write_site_yaml
 from client.node.site_state import simulation_site_yamls
 from server.identity import NodeSites
+from server.run_folder import RUN_RECORD, read_run_record
 from shared_model.errors import MoeflError
 from shared_model.federated_metrics import format_metric
 from shared_model.federation_config import FederationConfig
+from shared_model.layout import COHORT_RECORD, site_yamls
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,11 @@ def run_simulated_federation(
 
     out = Path(out)
     cohort = out / "cohort"
-    summary_path = cohort / "cohort.json"
+    summary_path = cohort / COHORT_RECORD
     if not summary_path.is_file():
         echo(f"making the {preset} cohort in {cohort} ...")
         synthesize(cohort, preset=preset, seed=seed, force=True)
-    yamls = sorted((cohort / "site_configs").glob("*.yaml"))
+    yamls = site_yamls(cohort)
     if not yamls:
         raise MoeflError(
             f"{cohort}/site_configs holds no site YAML; remove {cohort} to "
@@ -154,10 +155,10 @@ def run_simulated_federation(
         + f", strategy {fed.strategy}; run folder {fed.run_dir}"
     )
     run_flower_simulation(config, len(yamls), client_app)
-    metrics = Path(fed.run_dir) / "metrics.json"
+    metrics = Path(fed.run_dir) / RUN_RECORD
     if not metrics.is_file():
         raise MoeflError(f"the simulation wrote no {metrics}; see the log above")
-    record: dict[str, Any] = json.loads(metrics.read_text())
+    record = read_run_record(Path(fed.run_dir))
     if record.get("status") != "finished":
         raise MoeflError(
             f"the federated run did not finish (status "

@@ -44,7 +44,17 @@ from shared_model.clinical import (
     REGIMENS,
 )
 from shared_model.errors import MoeflError
-from shared_model.plan import PRESET_PLANS
+from shared_model.layout import (
+    COHORT_RECORD,
+    ORACLE,
+    POTENTIAL_OUTCOMES,
+    PROSPECTIVE,
+    SITE_CONFIGS,
+    SITE_DATASETS,
+    TEST,
+    cohort_part,
+)
+from shared_model.plan import PLAN_FILE, PRESET_PLANS
 from simulations.cohort import Patient, build_cohort
 from simulations.cohort_summary import compute_signal_aucs, dfs_summary, regimen_rates
 from simulations.phantom import generate_case, scanner_grids
@@ -63,13 +73,13 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 OUTPUT_ENTRIES = (
-    "sites",
-    "site_configs",
-    "prospective",
-    "test",
-    "oracle",
-    "cohort.json",
-    "plan.json",
+    SITE_DATASETS,
+    SITE_CONFIGS,
+    PROSPECTIVE,
+    TEST,
+    ORACLE,
+    COHORT_RECORD,
+    PLAN_FILE,
 )
 
 
@@ -220,19 +230,19 @@ def synthesize(
         else seed
     )
     world = build_cohort(cfg, world_seed, test_size=test_size)
-    PRESET_PLANS[preset].save(out / "plan.json")
+    PRESET_PLANS[preset].save(out / PLAN_FILE)
 
     jobs: list[tuple[Patient, Scanner, Geometry, str]] = []
     site_summaries: dict[str, dict[str, Any]] = {}
     for cohort, patients in world.cohorts().items():
-        base = out if cohort == "retrospective" else out / cohort
+        base = cohort_part(out, cohort)
         for site_name in cfg.counts(cohort, test_size):
             members = [p for p in patients if p.site == site_name]
             if not members:
                 continue
             spec = SITES[site_name]
             folder = spec.dataset_folder(cohort)
-            dataset_dir = base / "sites" / folder
+            dataset_dir = base / SITE_DATASETS / folder
             (dataset_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
             (dataset_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
             _write_clinical(members, dataset_dir / "clinical.csv")
@@ -251,7 +261,7 @@ def synthesize(
             (dataset_dir / "dataset.json").write_text(
                 json.dumps(_dataset_json(len(members), folder), indent=2) + "\n"
             )
-            cfg_dir = base / "site_configs"
+            cfg_dir = base / SITE_CONFIGS
             cfg_dir.mkdir(parents=True, exist_ok=True)
             role = "train" if cohort == "retrospective" else "evaluate"
             run_rel = (
@@ -279,7 +289,7 @@ def synthesize(
 
     volumes = _write_images(jobs, workers, progress)
     all_patients = [p for group in world.cohorts().values() for p in group]
-    _write_oracle(out / "oracle", all_patients, volumes)
+    _write_oracle(out / ORACLE, all_patients, volumes)
     retro, prosp = world.retrospective, world.prospective
     summary: dict[str, Any] = {
         "preset": preset,
@@ -315,7 +325,7 @@ def synthesize(
         }
     seconds = time.perf_counter() - start
     summary["generation_seconds"] = round(seconds, 1)
-    (out / "cohort.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / COHORT_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("synthetic cohort %s written to %s in %.1f s", preset, out, seconds)
     return SynthResult(out=out, summary=summary, seconds=seconds)
 
@@ -353,7 +363,7 @@ def _write_oracle(
     folder: Path, patients: list[Patient], volumes: dict[str, tuple[float, float]]
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "potential_outcomes.csv").open("w", newline="") as f:
+    with (folder / POTENTIAL_OUTCOMES).open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
             [

@@ -31,6 +31,7 @@ from client.data.transforms import build_preprocess, build_sampling
 from client.data.volume_store import VolumeStore
 from shared_model.clinical import encode_clinical
 from shared_model.errors import DataError
+from shared_model.layout import PREPROCESSED
 from shared_model.plan import Plan
 
 
@@ -219,7 +220,7 @@ def prepare_site(
         plan,
         adc_scale=config.adc_scale,
         train=False,
-        store=config.run_dir / "preprocessed",
+        store=config.run_dir / PREPROCESSED,
     )
     assert dataset.store is not None
     fresh = 0

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from client.data.site_data import CaseFiles
-from shared_model.checkpoint import write_atomic
+from shared_model.durable import write_atomic
 from shared_model.plan import Plan
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ from client.node.site_state import RoundSetup, prepare_round
 from client.training.feature_cache import FeatureSet, eval_view, load_or_build
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
+from shared_model.layout import FEATURE_CACHE
 from shared_model.messages import RoundRequest
 from shared_model.newton_messages import NewtonReply
 from shared_model.posterior import GlmSums, glm_sums
@@ -87,7 +88,7 @@ def _features(r: RoundSetup, split: str) -> FeatureSet:
     site = r.site
     data = site.train if split == "train" else site.val
     features, _ = load_or_build(
-        site.config.run_dir / "feature_cache",
+        site.config.run_dir / FEATURE_CACHE,
         split,
         r.model,
         site.plan,

@@ -57,6 +57,7 @@ from shared_model.backbone import backbone_digest
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
+from shared_model.layout import FEATURE_CACHE
 from shared_model.loss import LossConfig
 from shared_model.messages import (
     GROUPS,
@@ -227,7 +228,7 @@ def _train_heads(r: RoundSetup, trainable: set[str], t0: float) -> SiteTrainRepl
     """Staged training, stage 2: the heads over the site's cached features."""
     site, fed, rnd = r.site, r.fed, r.request.server_round
     features, cached = load_or_build(
-        site.config.run_dir / "feature_cache",
+        site.config.run_dir / FEATURE_CACHE,
         "train",
         r.model,
         site.plan,

@@ -25,6 +25,7 @@ from client.training.engine import resolve_device
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
+from shared_model.layout import PREPROCESSED, SITE_CONFIGS
 from shared_model.messages import SHARED, RoundRequest, expert_group
 from shared_model.model import ModelConfig, UNetMoECli, build_model
 from shared_model.plan import Plan
@@ -65,7 +66,7 @@ def simulation_site_yamls(fed: FederationConfig) -> tuple[Path, list[Path]]:
             "simulation needs run config `cohort-dir` (a synthetic cohort) or "
             "`sites-dir` (a folder of site YAMLs)"
         )
-    folder = Path(fed.sites_dir or Path(fed.cohort_dir) / "site_configs")
+    folder = Path(fed.sites_dir or Path(fed.cohort_dir) / SITE_CONFIGS)
     return folder, sorted(folder.glob("*.yaml"))
 
 
@@ -99,7 +100,7 @@ def load_site(
             seed=fed.seed,
             augment=fed.augment,
             cache=True,
-            store=config.run_dir / "preprocessed",
+            store=config.run_dir / PREPROCESSED,
         )
         if config.privacy is not None:
             check_delta(config.privacy, len(train), str(path))

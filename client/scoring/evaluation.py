@@ -320,7 +320,8 @@ def scoring_rule(
     what-if is asked for: ``what_if`` (:func:`what_if_rule`), or
     ``min_expert_support`` (the support guard recomputed from the experts'
     recorded support). A checkpoint that records no rule (an older one, or
-    local training) is scored with the margin rule and a support of 30.
+    local training) is scored with the margin rule and the default support
+    (:data:`shared_model.policy.DEFAULT_MIN_SUPPORT`).
     """
     from shared_model.checkpoint import load_rule, read_expert_support
 

@@ -53,9 +53,9 @@ from shared_model.checkpoint import (
     MODEL,
     load_checkpoint,
     read_expert_support,
-    write_atomic,
 )
 from shared_model.clinical import REGIMENS, encode_clinical
+from shared_model.durable import write_atomic
 from shared_model.errors import ConfigError
 from shared_model.plan import Plan
 from shared_model.policy import (

@@ -28,6 +28,7 @@ from client.training.engine import TrainResult
 from client.training.feature_cache import FeatureSet
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
+from shared_model.federation_config import FederationConfig
 from shared_model.loss import gated_bce
 from shared_model.model import UNetMoECli, is_head_parameter
 
@@ -36,9 +37,9 @@ from shared_model.model import UNetMoECli, is_head_parameter
 class HeadConfig:
     """Optimisation of the heads over cached features."""
 
-    epochs: int = 10
-    lr: float = 0.001
-    batch_size: int = 32
+    epochs: int = FederationConfig.head_epochs
+    lr: float = FederationConfig.head_lr
+    batch_size: int = FederationConfig.head_batch_size
     weight_decay: float = 0.01
     pos_weight: float = 1.0
     seed: int = 0

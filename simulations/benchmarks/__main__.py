@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from shared_model.layout import COHORT_RECORD
 from simulations.benchmarks.common import machine, write_json
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         from simulations.synth import synthesize
 
         args.cohort = args.out / "cohort"
-        if not (args.cohort / "cohort.json").is_file():
+        if not (args.cohort / COHORT_RECORD).is_file():
             preset = "tiny" if args.quick else "demo"
             print(f"making the {preset} cohort in {args.cohort} ...", flush=True)
             synthesize(args.cohort, preset=preset, seed=0, force=True)

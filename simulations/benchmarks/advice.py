@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from shared_model.layout import COHORT_RECORD, ORACLE, POTENTIAL_OUTCOMES
 from simulations.benchmarks.common import benchmark_parser, finish
 
 WHAT_IFS = (
@@ -51,7 +52,7 @@ def _oracle(cohort: Path) -> dict[str, list[float]]:
 
     from shared_model.clinical import REGIMENS
 
-    with open(cohort / "oracle" / "potential_outcomes.csv", newline="") as f:
+    with open(cohort / ORACLE / POTENTIAL_OUTCOMES, newline="") as f:
         return {
             r["case_id"]: [float(r[f"p_{g}"]) for g in REGIMENS]
             for r in csv.DictReader(f)
@@ -149,7 +150,7 @@ def pooled(
         all_yamls,
         folder / "pooled_evaluation",
         test_yamls=test_yamls,
-        oracle=cohort / "oracle",
+        oracle=cohort / ORACLE,
     )
     return {
         "test": summarise(report)["test"],
@@ -192,12 +193,12 @@ def run_seed(
         train_yamls + prosp_yamls,
         folder / "evaluation",
         test_yamls=test_yamls,
-        oracle=cohort / "oracle",
+        oracle=cohort / ORACLE,
     )
     evaluated = time.perf_counter() - t0
     test = summarise(report)["test"]
     advice = record.get("advice") or {}
-    board = json.loads((cohort / "cohort.json").read_text())["scoreboard"]
+    board = json.loads((cohort / COHORT_RECORD).read_text())["scoreboard"]
     comparator = (
         pooled(
             folder, train_yamls, train_yamls + prosp_yamls, test_yamls, cohort, quick

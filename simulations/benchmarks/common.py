@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared_model.layout import COHORT_RECORD, PROSPECTIVE, TEST, site_yamls
+
 
 def _cpu_model() -> str:
     try:
@@ -176,12 +178,12 @@ def prepare_cohort(
     if cohort is not None:
         if not cohort_dir.exists():
             cohort_dir.symlink_to(Path(cohort).resolve())
-    elif not (cohort_dir / "cohort.json").is_file():
+    elif not (cohort_dir / COHORT_RECORD).is_file():
         echo(f"making the {preset} cohort in {cohort_dir} ...")
         synthesize(cohort_dir, preset=preset, seed=seed, force=True)
     return (
         cohort_dir,
-        sorted((cohort_dir / "site_configs").glob("*.yaml")),
-        sorted((cohort_dir / "prospective" / "site_configs").glob("*.yaml")),
-        sorted((cohort_dir / "test" / "site_configs").glob("*.yaml")),
+        site_yamls(cohort_dir),
+        site_yamls(cohort_dir, PROSPECTIVE),
+        site_yamls(cohort_dir, TEST),
     )

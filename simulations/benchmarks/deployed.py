@@ -27,7 +27,6 @@ anything else running is in the numbers.
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from server.run_folder import RUN_RECORD, read_run_record
+from shared_model.layout import SITE_CONFIGS, SITE_DATASETS
+from shared_model.plan import PLAN_FILE
 from simulations.benchmarks.common import benchmark_parser, finish
 
 Echo = Callable[[str], None]
@@ -52,7 +54,7 @@ def _run_config(
         "evaluate-every": 1,
         "min-sites": len(SITES),
         "round-timeout": 900,
-        "plan": str((cohort / "plan.json").resolve()),
+        "plan": str((cohort / PLAN_FILE).resolve()),
         "run-dir": str(run_dir),
         "seed": 0,
         **({"base-filters": 4, "max-filters": 32} if quick else {}),
@@ -79,16 +81,18 @@ def _sites_copy(cohort: Path, dst: Path, approved: str | None) -> dict[str, Path
 
     from client.data.site_config import write_site_yaml
 
-    shutil.copytree(cohort / "sites", dst / "sites")
+    shutil.copytree(cohort / SITE_DATASETS, dst / SITE_DATASETS)
     yamls = {}
-    (dst / "site_configs").mkdir()
+    (dst / SITE_CONFIGS).mkdir()
     for site in SITES:
-        raw = yaml.safe_load((cohort / "site_configs" / f"{site}.yaml").read_text())
-        raw["dataset_dir"] = str(dst / "sites" / Path(str(raw["dataset_dir"])).name)
+        raw = yaml.safe_load((cohort / SITE_CONFIGS / f"{site}.yaml").read_text())
+        raw["dataset_dir"] = str(
+            dst / SITE_DATASETS / Path(str(raw["dataset_dir"])).name
+        )
         raw["run_dir"] = str(dst / "runs" / site)
         if approved:
             raw["approved_apps"] = [approved]
-        yamls[site] = dst / "site_configs" / f"{site}.yaml"
+        yamls[site] = dst / SITE_CONFIGS / f"{site}.yaml"
         write_site_yaml(yamls[site], raw)
     return yamls
 
@@ -104,7 +108,7 @@ def run_simulated(cohort: Path, root: Path, rounds: int, quick: bool) -> list[fl
     config = _run_config(cohort, root / "run", rounds, quick)
     config["sites-dir"] = str(next(iter(yamls.values())).parent)
     run_flower_simulation(config, len(yamls))
-    return _rounds(json.loads((root / "run" / "metrics.json").read_text()))
+    return _rounds(read_run_record(root / "run"))
 
 
 def run_deployed(
@@ -151,8 +155,8 @@ def run_deployed(
                 timeout=900 * (rounds + 1),
                 check=False,
             )
-            metrics = run_dir / "metrics.json"
-            record = json.loads(metrics.read_text()) if metrics.exists() else {}
+            metrics = run_dir / RUN_RECORD
+            record = read_run_record(run_dir) if metrics.exists() else {}
             if record.get("status") != "finished":
                 raise RuntimeError(
                     f"deployed run {k} did not finish: {record.get('error')}\n"

@@ -36,7 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared_model.policy import format_share
+from server.run_folder import read_run_record
+from shared_model.federated_metrics import format_share
+from shared_model.layout import COHORT_RECORD, ORACLE, site_yamls
 from simulations.benchmarks.common import benchmark_parser, finish, prepare_cohort
 from simulations.benchmarks.quality import _fmt_auc, summarise
 
@@ -46,10 +48,10 @@ CLIP = 1.0
 
 
 def _ledger_check(run: Path) -> dict[str, Any]:
-    """Each DP site's epsilon: metrics.json's last report against its ledger."""
+    """Each DP site's epsilon: the run record's last report against its ledger."""
     from client.privacy.rounds import PrivacyLedger
 
-    record = json.loads((run / "metrics.json").read_text())
+    record = read_run_record(run)
     reported: dict[str, dict[str, float]] = {}
     for rnd in record["rounds"]:
         for site, m in {**rnd["sites"], **rnd["declined"]}.items():
@@ -73,7 +75,7 @@ def _ledger_check(run: Path) -> dict[str, Any]:
 def _round_seconds(run: Path) -> dict[str, float | None]:
     """Whole rounds (with the federated evaluation, which DP sites withhold)
     and the slowest site's training handler, rounds after the first."""
-    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    rounds = read_run_record(run)["rounds"]
     later = [r["seconds"] for r in rounds[1:]]
     site = [
         max(m["seconds"] for m in r["sites"].values()) for r in rounds[1:] if r["sites"]
@@ -100,10 +102,7 @@ def _add_feature_stats(backbone: Path, public_dir: Path, plan: Any) -> None:
         return
     model = build_model(ModelConfig.from_dict(found.model_config))
     apply_backbone(model, found)
-    configs = [
-        load_site_config(y)
-        for y in sorted((public_dir / "site_configs").glob("*.yaml"))
-    ]
+    configs = [load_site_config(y) for y in site_yamls(public_dir)]
     stats = public_feature_stats(model, configs, plan, torch.device("cpu"))
     save_backbone(
         model, backbone, plan=plan, trained_on=found.trained_on, feature_stats=stats
@@ -136,7 +135,7 @@ def run_dp_heads(
         out, cohort, preset, seed, echo
     )
     public_dir = out / "public"
-    if not (public_dir / "cohort.json").is_file():
+    if not (public_dir / COHORT_RECORD).is_file():
         echo(f"making the {public} cohort in {public_dir} ...")
         synthesize(public_dir, preset=public, seed=seed, force=True)
     plan = find_plan(train_yamls, None)
@@ -144,7 +143,7 @@ def run_dp_heads(
     t0 = time.perf_counter()
     if not backbone.is_file():
         pretrained = pretrain(
-            sorted((public_dir / "site_configs").glob("*.yaml")),
+            site_yamls(public_dir),
             backbone,
             cfg=TrainConfig(
                 optimizer="adamw",
@@ -199,7 +198,7 @@ def run_dp_heads(
             train_yamls + prosp_yamls,
             out / "evaluation" / name,
             test_yamls=test_yamls,
-            oracle=cohort_dir / "oracle",
+            oracle=cohort_dir / ORACLE,
         )
         row = summarise(report)
         row["train_seconds"] = round(seconds, 1)

@@ -37,6 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from shared_model.layout import ORACLE
 from shared_model.messages import COUNT_KEYS, SHARED
 from simulations.benchmarks.common import benchmark_parser, finish
 
@@ -46,12 +47,12 @@ OFF = {"update-bound": 0.0, "max-site-share": 1.0}
 
 def catalogue(work: Path) -> dict[str, Any]:
     """Part 1: every kind, the sweep and the declaration (see the docstring)."""
-    from shared_model.plan import PRESET_PLANS
+    from shared_model.plan import PLAN_FILE, PRESET_PLANS
     from simulations.hostile import ATTACKER, Hostile
     from simulations.hostile_kinds import HOSTILE, SCALES, metrics, scaled_kind
     from simulations.hostile_run import judge, play
 
-    plan = work / "plan.json"
+    plan = work / PLAN_FILE
     PRESET_PLANS["tiny"].save(plan)
 
     def honest(tag: str, **override: Any) -> Any:
@@ -219,7 +220,7 @@ def demo(
                 train_yamls + prosp_yamls,
                 run_dir / "evaluation",
                 test_yamls=test_yamls,
-                oracle=cohort_dir / "oracle",
+                oracle=cohort_dir / ORACLE,
             )
             test = summarise(report)["test"]
             by_stage: dict[str, list[float]] = {}

@@ -28,6 +28,7 @@ import numpy as np
 from client.data.site_config import SiteConfig, load_site_config
 from client.data.site_data import CHANNELS, LABELS, list_cases
 from shared_model.fingerprint import topology
+from shared_model.layout import site_yamls
 from shared_model.plan import Plan
 
 FOREGROUND_SAMPLE = 1e5
@@ -63,9 +64,7 @@ def nifti(path: Path) -> nib.Nifti1Image:
 
 def training_sites(cohort: Path) -> list[SiteConfig]:
     """The training sites of a synthetic cohort (its ``site_configs``)."""
-    configs = [
-        load_site_config(y) for y in sorted((cohort / "site_configs").glob("*.yaml"))
-    ]
+    configs = [load_site_config(y) for y in site_yamls(cohort)]
     return [c for c in configs if c.role == "train"]
 
 

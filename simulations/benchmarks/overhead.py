@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from shared_model.layout import site_yamls
 from simulations.benchmarks.common import benchmark_parser, finish
 
 Echo = Callable[[str], None]
@@ -62,7 +63,7 @@ def plain_loop(
     from shared_model.federation_config import FederationConfig
     from wire.records import arrays_to_record, request_record, train_reply_content
 
-    yamls = sorted((cohort / "site_configs").glob("*.yaml"))
+    yamls = site_yamls(cohort)
     fed = FederationConfig.from_run_config(
         {
             "cohort-dir": str(cohort.resolve()),

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from shared_model.layout import TEST, site_yamls
 from simulations.benchmarks.common import benchmark_parser, finish
 
 
@@ -35,7 +36,7 @@ def scores_on_test(checkpoint: Path, cohort: Path) -> dict[str, tuple[int, float
 
     model, plan = load_checkpoint(checkpoint)
     out: dict[str, tuple[int, float]] = {}
-    for yaml in sorted((cohort / "test" / "site_configs").glob("*.yaml")):
+    for yaml in site_yamls(cohort, TEST):
         config = load_site_config(yaml)
         cases = list_cases(config.dataset_dir, require_outcome=True)
         data = SiteDataset(

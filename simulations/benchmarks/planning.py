@@ -58,6 +58,7 @@ from shared_model.fingerprint import (
     Fingerprint,
     plan_from_fingerprint,
 )
+from shared_model.layout import SITE_CONFIGS, SITE_DATASETS
 from shared_model.plan import Plan
 from simulations.benchmarks.common import MemorySampler, finish, process_tree
 from simulations.benchmarks.nnunet_reference import (
@@ -134,7 +135,7 @@ def write_sites(
             key=lambda p: p.case_id,
         )[:cases]
         folder = spec.dataset_folder("retrospective")
-        dataset_dir = out / "sites" / folder
+        dataset_dir = out / SITE_DATASETS / folder
         (dataset_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
         (dataset_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
         _write_clinical(members, dataset_dir / "clinical.csv")
@@ -158,7 +159,7 @@ def write_sites(
             shapes.add(shape)
             spacings.add(spacing_mm)
         yaml_path = write_site_yaml(
-            out / "site_configs" / f"{site_name}.yaml",
+            out / SITE_CONFIGS / f"{site_name}.yaml",
             {
                 "site_name": site_name,
                 "role": "train",

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from shared_model.layout import ORACLE, TEST, site_yamls
 from simulations.benchmarks.common import machine
 
 
@@ -146,15 +147,15 @@ def _test_quality(folder: Path) -> dict[str, Any] | None:
     from multisite.evaluation import run_evaluation
 
     cohort = folder / "cohort"
-    tests = sorted((cohort / "test" / "site_configs").glob("*.yaml"))
+    tests = site_yamls(cohort, TEST)
     if not tests:
         return None
     report = run_evaluation(
         folder / "federated",
-        sorted((cohort / "site_configs").glob("*.yaml")),
+        site_yamls(cohort),
         folder / "federated" / "evaluation",
         test_yamls=tests,
-        oracle=cohort / "oracle",
+        oracle=cohort / ORACLE,
     )
     test = report["test"]
     truth = test["policy_value"].get("oracle") or {}
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             not args.no_baseline,
             args.quick,
         )
-        from shared_model.policy import format_share
+        from shared_model.federated_metrics import format_share
 
         print(
             f"{'setting':>8} {'val AUC':>7} {'Dice':>6} {'test AUC (95% CI)':>22} "

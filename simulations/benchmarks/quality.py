@@ -31,15 +31,15 @@ and their scores instead of training and scoring them again.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared_model.policy import format_share
-from shared_model.site_evaluation import COHORTS
+from shared_model.federated_metrics import format_share
+from shared_model.layout import ORACLE
+from shared_model.site_evaluation import COHORTS, EVALUATION, read_evaluation
 from simulations.benchmarks.common import benchmark_parser, finish, prepare_cohort
 
 Echo = Callable[[str], None]
@@ -127,7 +127,7 @@ def run_quality(
         out, cohort, preset, seed, echo
     )
     all_yamls = train_yamls + prosp_yamls
-    oracle = cohort_dir / "oracle"
+    oracle = cohort_dir / ORACLE
     widths = {"base_filters": 4, "max_filters": 32} if quick else {}
     plan = find_plan(train_yamls, None)
     cfg = TrainConfig(
@@ -174,7 +174,7 @@ def run_quality(
             plan=plan,
             model_overrides=widths or None,
             image_only=False,
-            head=HeadConfig(epochs=head_rounds * 10, lr=0.001, seed=0),
+            head=HeadConfig(epochs=head_rounds * 10, seed=0),
             echo=echo,
         )
         seconds[name] = time.perf_counter() - t0
@@ -184,10 +184,10 @@ def run_quality(
     for name in [*scored, UNGUARDED]:
         folder = name.removesuffix(UNGUARDED.removeprefix("federated"))
         checkpoint = out / ("federated" if name == "clinical_only" else folder)
-        scores = out / "evaluation" / name / "metrics.json"
+        scores = out / "evaluation" / name / EVALUATION
         if reuse and scores.is_file() and have(checkpoint.name):
             echo(f"reusing the scores of {name} ({scores})")
-            models[name] = summarise(json.loads(scores.read_text()))
+            models[name] = summarise(read_evaluation(scores.parent))
             continue
         echo(f"scoring {name} ...")
         report = run_evaluation(

@@ -40,7 +40,9 @@ import numpy as np
 import yaml
 
 from client.data.site_config import write_site_yaml
+from shared_model.layout import COHORT_RECORD, SITE_CONFIGS, SITE_DATASETS, site_yamls
 from shared_model.messages import COUNT_KEYS, SHARED
+from shared_model.plan import PLAN_FILE
 from simulations.benchmarks.common import (
     MemorySampler,
     benchmark_parser,
@@ -97,11 +99,9 @@ def partition_cohort(
     source, dest = Path(source).resolve(), Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
-    (dest / "site_configs").mkdir(parents=True)
-    shutil.copy(source / "plan.json", dest / "plan.json")
-    centres = {
-        p.stem: _read_site(p) for p in sorted((source / "site_configs").glob("*.yaml"))
-    }
+    (dest / SITE_CONFIGS).mkdir(parents=True)
+    shutil.copy(source / PLAN_FILE, dest / PLAN_FILE)
+    centres = {p.stem: _read_site(p) for p in site_yamls(source)}
     rng = np.random.default_rng(seed)
     if n_sites is not None:
         alloc = _allocate({c: len(v[2]) for c, v in centres.items()}, n_sites)
@@ -126,7 +126,7 @@ def partition_cohort(
         meta = json.loads((dataset / "dataset.json").read_text())
         for k, part in enumerate(dealt):
             name = f"{centre}_{k:02d}" if len(dealt) > 1 else centre
-            folder = dest / "sites" / name
+            folder = dest / SITE_DATASETS / name
             for sub in ("imagesTr", "labelsTr"):
                 (folder / sub).mkdir(parents=True)
             for row in sorted(part, key=lambda r: r["case_id"]):
@@ -144,7 +144,7 @@ def partition_cohort(
             (folder / "dataset.json").write_text(
                 json.dumps({**meta, "numTraining": len(part)}, indent=1)
             )
-            site_yaml = dest / "site_configs" / f"{name}.yaml"
+            site_yaml = dest / SITE_CONFIGS / f"{name}.yaml"
             write_site_yaml(
                 site_yaml,
                 {
@@ -158,17 +158,17 @@ def partition_cohort(
                 },
             )
             yamls.append(site_yaml)
-    summary = json.loads((source / "cohort.json").read_text())
+    summary = json.loads((source / COHORT_RECORD).read_text())
     summary |= {
         "partition_of": str(source),
         "n_sites": len(yamls),
         "per_site": per_site,
         "n_retrospective": sum(
-            len(list((dest / "sites" / p.stem / "imagesTr").iterdir())) // 2
+            len(list((dest / SITE_DATASETS / p.stem / "imagesTr").iterdir())) // 2
             for p in yamls
         ),
     }
-    (dest / "cohort.json").write_text(json.dumps(summary, indent=1))
+    (dest / COHORT_RECORD).write_text(json.dumps(summary, indent=1))
     return sorted(yamls)
 
 
@@ -235,12 +235,9 @@ def run_scale(
     out.mkdir(parents=True, exist_ok=True)
     if cohort is None:
         cohort = out / "source"
-        if not (cohort / "cohort.json").is_file():
+        if not (cohort / COHORT_RECORD).is_file():
             synthesize(cohort, preset="tiny" if quick else "demo", seed=0, force=True)
-    sizes = {
-        p.stem: len(_read_site(p)[2])
-        for p in sorted((Path(cohort) / "site_configs").glob("*.yaml"))
-    }
+    sizes = {p.stem: len(_read_site(p)[2]) for p in site_yamls(Path(cohort))}
     smallest = min(sizes, key=lambda c: sizes[c])
     if per_site and max(per_site) > sizes[smallest]:
         raise SystemExit(

@@ -85,7 +85,12 @@ def test_demo_reuses_an_existing_cohort(tiny_cohort: Path, tmp_path: Path) -> No
     assert "reusing the tiny cohort" in result.output
     assert result.output.count(": ok (") == 10  # 3 + 3 + 4 test sites
     run = tmp_path / "run" / "federated"
-    for name in ("report.md", "report.html", "training.png", "evaluation/metrics.json"):
+    for name in (
+        "report.md",
+        "report.html",
+        "training.png",
+        "evaluation/evaluation.json",
+    ):
         assert (run / name).is_file(), name
     assert f"report: {run / 'report.html'}" in result.output
     text = (run / "report.md").read_text()

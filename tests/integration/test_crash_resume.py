@@ -6,10 +6,11 @@ training): each answers a round with the weights it received moved by a
 site- and round-specific amount that depends on those weights, so a resume
 from the wrong round, or with the wrong FedAdam moments, changes the final
 model. Every file of the run folder goes through
-:func:`server.run_folder.write_atomic`; the test kills the coordinator at each
-of those writes in turn, once mid-write (a torn temporary file is left beside
-an untouched target, as a real kill would leave it) and once just after the
-write, then resumes the same run folder to completion and checks:
+:func:`shared_model.durable.write_atomic` (as :mod:`server.run_folder` imports
+it); the test kills the coordinator at each of those writes in turn, once
+mid-write (a torn temporary file is left beside an untouched target, as a
+real kill would leave it) and once just after the write, then resumes the
+same run folder to completion and checks:
 
 * the final weights (``model.safetensors`` and the last round's checkpoint)
   are bit-identical to those of an uninterrupted run;

@@ -14,9 +14,11 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from client.scoring.predict import parse_clinical_args, predict_case
+from multisite.training import read_training_record
 from shared_model.checkpoint import load_checkpoint
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError, DataError
+from shared_model.site_evaluation import read_evaluation
 
 runner = CliRunner()
 CLINICAL = ["cT=T3", "cN=N1", "EMVI=0", "CRM=1", "LLN=0", "location=mid"]
@@ -54,9 +56,9 @@ def pooled_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_run_folder_holds_the_documented_files(pooled_run: Path) -> None:
-    for name in ("model.safetensors", "plan.json", "config.json", "metrics.json"):
+    for name in ("model.safetensors", "plan.json", "config.json", "training.json"):
         assert (pooled_run / name).is_file()
-    m = json.loads((pooled_run / "metrics.json").read_text())
+    m = read_training_record(pooled_run)
     assert m["mode"] == "pooled" and m["sites"] == ["west_china", "sysucc"]
     assert m["n_train"] + m["n_val"] == 23
     epoch = m["epochs"][0]
@@ -252,7 +254,7 @@ def test_evaluate_reports_metrics_recommendations_and_policy_value(
     assert "test (30 patients" in result.output
     assert "share of the oracle's gain" in result.output
     assert "3-year DFS by advice" in result.output
-    report = json.loads((out / "metrics.json").read_text())
+    report = read_evaluation(out)
     val, pro = report["validation"], report["prospective"]
     model, plan = load_checkpoint(pooled_run)
     compared = 0
@@ -332,7 +334,7 @@ def test_support_guard_follows_the_checkpoint(pooled_run: Path, tmp_path: Path) 
     never advises an expert below --min-expert-support and says why, and
     withholds advice when no expert has the support."""
     support = json.loads((pooled_run / "config.json").read_text())["expert_support"]
-    m = json.loads((pooled_run / "metrics.json").read_text())
+    m = read_training_record(pooled_run)
     assert sum(support.values()) == m["n_train"] and 0 < support["nCT"] < 10
     root = pooled_run.parent / "cohort"
     retro = sorted((root / "site_configs").glob("*.yaml"))
@@ -353,7 +355,7 @@ def test_support_guard_follows_the_checkpoint(pooled_run: Path, tmp_path: Path) 
             ],
         )
         assert result.exit_code == 0, result.output
-        return result.output, json.loads((out / "metrics.json").read_text())
+        return result.output, read_evaluation(out)
 
     output, report = run(support["nCT"] + 1)
     assert report["rule"]["allowed"] == ["nCRT", "TNT"]

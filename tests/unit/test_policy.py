@@ -253,7 +253,8 @@ def test_dfs_by_advice_from_site_counts_equals_lifelines_on_pooled() -> None:
 
 
 def test_an_expert_below_its_support_is_never_recommended() -> None:
-    from shared_model.policy import expert_support, supported_regimens
+    from server.run_folder import expert_support
+    from shared_model.policy import supported_regimens
 
     allowed, why = supported_regimens({"nCRT": 99, "TNT": 46, "nCT": 0}, 30)
     assert allowed == ("nCRT", "TNT")
