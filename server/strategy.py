@@ -39,12 +39,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.identity import ReplyRejected, SiteIdentities, Unidentified
 from server.roster import Roster
+from shared_model.accounting import epsilon_of
 from shared_model.aggregation import (
     AdamState,
     GroupResult,
     SiteUpdate,
     central_dp_mean,
-    epsilon_of,
     fedadam_step,
     grouped_mean,
     verify_update,

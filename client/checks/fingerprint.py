@@ -22,7 +22,7 @@ from client.checks.case_checks import MAX_VOXELS
 from client.data.site_config import SiteConfig
 from client.data.site_data import CaseFiles, list_cases
 from client.privacy.rounds import DPRound, PrivacyLedger
-from shared_model.aggregation import epsilon_of
+from shared_model.accounting import epsilon_of
 from shared_model.errors import ConfigError, DataError, PlanRefused
 from shared_model.fingerprint import PERCENTILES, SENSITIVITY_ROWS, Fingerprint
 from shared_model.messages import PrivacyAccount

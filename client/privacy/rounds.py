@@ -40,7 +40,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from client.data.privacy_config import PrivacyConfig
-from shared_model.aggregation import epsilon_of
+from shared_model.accounting import epsilon_of
 from shared_model.checkpoint import write_atomic
 from shared_model.errors import ConfigError, DataError
 from shared_model.messages import PrivacyAccount
