@@ -47,7 +47,7 @@ CLIP = 1.0
 
 def _ledger_check(run: Path) -> dict[str, Any]:
     """Each DP site's epsilon: metrics.json's last report against its ledger."""
-    from client.privacy.rounds import PrivacyLedger
+    from client.privacy.ledger import PrivacyLedger
 
     record = json.loads((run / "metrics.json").read_text())
     reported: dict[str, dict[str, float]] = {}
