@@ -30,10 +30,10 @@ import numpy as np
 
 from server.round_entry import RoundOutcome
 from server.run_folder import StrategyState
+from shared_model.accounting import epsilon_of
 from shared_model.aggregation import (
     SiteUpdate,
     central_dp_mean,
-    epsilon_of,
     fedadam_step,
     grouped_mean,
 )

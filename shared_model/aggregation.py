@@ -18,7 +18,6 @@ groups that were trained this round move.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -267,47 +266,3 @@ def central_dp_mean(
             )
             mean[name] = noisy.astype(current[name].dtype)
     return mean, info, result
-
-
-def epsilon_of(
-    history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp"
-) -> float:
-    """Epsilon of a Gaussian-mechanism history ``[(noise, sample_rate, steps)]``
-    by an opacus accountant ("rdp" or "prv"); 0 for an empty history. Used by
-    the sites' DP-SGD ledger and by client-level DP at the server.
-
-    RDP is additive over steps, so the RDP of one step is computed once per
-    (noise, rate) pair and reused (it is the slow part at large sampling
-    rates); the result is what opacus's ``RDPAccountant`` gives.
-    """
-    if not history:
-        return 0.0
-    if accountant == "rdp":
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-
-        rdp = sum(
-            int(n) * np.asarray(_rdp_of_one_step(float(s), float(q)))
-            for s, q, n in history
-        )
-        eps, _ = get_privacy_spent(orders=_RDP_ORDERS, rdp=rdp, delta=delta)
-        return float(eps)
-    from opacus.accountants.utils import create_accountant
-
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta))
-
-
-_RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-"""opacus's ``RDPAccountant.DEFAULT_ALPHAS``."""
-
-
-@functools.lru_cache(maxsize=4096)
-def _rdp_of_one_step(noise: float, sample_rate: float) -> tuple[float, ...]:
-    from opacus.accountants.analysis.rdp import compute_rdp
-
-    return tuple(
-        compute_rdp(
-            q=sample_rate, noise_multiplier=noise, steps=1, orders=_RDP_ORDERS
-        ).tolist()
-    )

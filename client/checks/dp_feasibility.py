@@ -22,12 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from client.data.site_config import SiteConfig
-from client.privacy.rounds import (
-    HEAD_MAX_NOISE,
-    MAX_NOISE,
-    PrivacyLedger,
-    plan_round,
-)
+from client.privacy.rounds import RoundShape
+from client.privacy.site_privacy import SitePrivacy
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
 from shared_model.model import build_model, is_head_parameter, model_config_for
@@ -100,28 +96,12 @@ def dp_feasibility(
             "advice-rule = margin (no posterior)",
         )  # fmt: skip
     heads = fed.training == "staged"
-    if heads:
-        q = fed.dp_head_sample_rate
-        steps = fed.dp_head_steps
-        rounds = fed.head_rounds
-    else:
-        q = min(1.0, fed.batch_size / max(n_patients, 1))
-        steps = fed.local_steps_for(n_patients)
-        rounds = fed.num_server_rounds
+    # the first round it trains in (a staged federation over a public backbone
+    # has no segmentation rounds): what the budget must allow from now on
+    shape = RoundShape.of(fed, n_patients, fed.segmentation_rounds + 1)
+    q, steps, rounds = shape.sample_rate, shape.steps, shape.rounds_left
     d = _trained_parameters(fed, heads)
-    ledger = PrivacyLedger.for_site(config.run_dir)
-    plan = plan_round(
-        privacy,
-        ledger,
-        n_patients=max(n_patients, 1),
-        batch_size=fed.batch_size,
-        sample_rate=q,
-        steps=steps,
-        rounds_left=rounds,
-        noise_multiplier=fed.dp_noise_multiplier,
-        accountant=fed.dp_accountant,
-        max_noise=HEAD_MAX_NOISE if heads else MAX_NOISE,
-    )
+    plan = SitePrivacy(privacy, config.run_dir, fed.dp_accountant).preview(shape)
     mode = "heads" if heads else "joint"
     if plan.dp is None:
         return Feasibility(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import warnings
 
 import nibabel as nib
 import numpy as np
@@ -21,8 +20,8 @@ import numpy as np
 from client.checks.case_checks import MAX_VOXELS
 from client.data.site_config import SiteConfig
 from client.data.site_data import CaseFiles, list_cases
-from client.privacy.rounds import DPRound, PrivacyLedger
-from shared_model.aggregation import epsilon_of
+from client.privacy.site_privacy import SitePrivacy
+from shared_model.accounting import release_noise
 from shared_model.errors import ConfigError, DataError, PlanRefused
 from shared_model.fingerprint import PERCENTILES, SENSITIVITY_ROWS, Fingerprint
 from shared_model.messages import PrivacyAccount
@@ -91,53 +90,30 @@ def site_fingerprint(config: SiteConfig, *, intensities: bool = True) -> Fingerp
 def fingerprint_noise(epsilon: float, delta: float, accountant: str = "rdp") -> float:
     """The smallest noise multiplier whose one Gaussian release costs at most
     ``epsilon`` at ``delta``."""
-    lo, hi = 0.3, 1000.0
-    with warnings.catch_warnings():  # opacus's note on its order range
-        warnings.simplefilter("ignore", UserWarning)
-        if epsilon_of([(hi, 1.0, 1)], delta, accountant) > epsilon:
-            raise ConfigError(f"privacy.fingerprint_epsilon {epsilon:g} is too small")
-        while hi - lo > 1e-3 * hi:
-            mid = 0.5 * (lo + hi)
-            if epsilon_of([(mid, 1.0, 1)], delta, accountant) <= epsilon:
-                hi = mid
-            else:
-                lo = mid
-    return hi
+    noise = release_noise(epsilon, delta, accountant)
+    if noise is None:
+        raise ConfigError(f"privacy.fingerprint_epsilon {epsilon:g} is too small")
+    return noise
 
 
 def released_fingerprint(
     config: SiteConfig, accountant: str = "rdp", *, seed: list[int] | None = None
 ) -> tuple[Fingerprint, PrivacyAccount | None]:
     """What the site sends: the exact fingerprint, or under its ``privacy``
-    section the noised one, charged to its ledger first. Returns it and the
-    DP accounting (None without DP). ConfigError when the budget cannot pay.
-    ``seed`` seeds the noise (simulation's ``dp-reproducible`` only)."""
+    section the noised one, charged to its ledger first
+    (:meth:`SitePrivacy.charge_release`). Returns it and the DP accounting
+    (None without DP). ConfigError when the budget cannot pay. ``seed`` seeds
+    the noise (simulation's ``dp-reproducible`` only)."""
     exact = site_fingerprint(config)
-    privacy = config.privacy
+    privacy = SitePrivacy.of(config, accountant)
     if privacy is None:
         return exact, None
-    z = fingerprint_noise(privacy.fingerprint_epsilon, privacy.delta, accountant)
-    with PrivacyLedger.locked(config.run_dir) as ledger:
-        spent = ledger.epsilon(privacy.delta, accountant)
-        after = epsilon_of([*ledger.history, (z, 1.0, 1)], privacy.delta, accountant)
-        if after > privacy.target_epsilon:
-            raise ConfigError(
-                f"{config.site_name}: the fingerprint's release would take the "
-                f"privacy budget from epsilon {spent:.3f} to {after:.3f}, past "
-                f"{privacy.target_epsilon:g}"
-            )
-        sensitivity = math.sqrt(SENSITIVITY_ROWS)
-        ledger.record(
-            DPRound(z, sensitivity, 1.0, 1, exact.n_cases), kind="fingerprint"
-        )
+    budget = privacy.budget
+    z = fingerprint_noise(budget.fingerprint_epsilon, budget.delta, accountant)
+    sensitivity = math.sqrt(SENSITIVITY_ROWS)
+    account = privacy.charge_release(z, sensitivity, exact.n_cases, "fingerprint")
     rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
-    noised = exact.noised(z * sensitivity, rng)
-    return noised, PrivacyAccount(
-        epsilon=after,
-        target_epsilon=privacy.target_epsilon,
-        delta=privacy.delta,
-        noise_multiplier=z,
-    )
+    return exact.noised(z * sensitivity, rng), account
 
 
 MAX_COARSENING = 4.0

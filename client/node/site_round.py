@@ -5,9 +5,10 @@ present in the site's training split (the others are frozen, so they never
 change here and are not uploaded) and returns a
 :class:`shared_model.messages.SiteTrainReply`: the trained arrays, the counts
 per group, the steps, the seconds and the losses. A site whose YAML has a
-``privacy`` section trains with DP-SGD (:mod:`client.privacy.rounds`): it plans the
-round against its ledger, declines it when the budget does not allow it, and
-otherwise reports its accounting instead of the losses. In a staged federation
+``privacy`` section trains with DP-SGD through its privacy
+(:class:`client.privacy.site_privacy.SitePrivacy`): it plans the round against
+its ledger, declines it when the budget does not allow it, and otherwise
+reports its accounting instead of the losses. In a staged federation
 a DP site trains the heads alone, over features of the pretrained public
 backbone the federation declares (:func:`check_public_backbone`), with DP-SGD
 over its feature cache (:func:`client.training.heads.train_heads_private`).
@@ -41,14 +42,9 @@ import torch
 from client.checks.fingerprint import released_fingerprint
 from client.data.site_config import load_site_config
 from client.node.site_state import RoundSetup, prepare_round, site_yaml_for
-from client.privacy.rounds import (
-    HEAD_MAX_NOISE,
-    PrivacyLedger,
-    RoundPlan,
-    describe,
-    dp_generator,
-    plan_round,
-)
+from client.privacy.dp_sgd import PrivateRound
+from client.privacy.rounds import RoundPlan, RoundShape, describe
+from client.privacy.site_privacy import SitePrivacy
 from client.scoring.evaluation import evaluate_dataset
 from client.training.engine import TrainConfig, TrainResult, train_local
 from client.training.feature_cache import eval_view, load_or_build
@@ -112,17 +108,13 @@ def _train_network(
         if fed.lr_schedule == "poly"
         else (0, 10**12)
     )
-    plan = None
-    if site.config.privacy is not None:
-        plan = _plan_dp(
-            r,
-            n_patients=len(site.train),
-            batch_size=fed.batch_size,
-            steps=steps,
-            rounds_left=fed.num_server_rounds - rnd + 1,
-        )
+    plan = private = None
+    privacy = SitePrivacy.of(site.config, fed.dp_accountant)
+    if privacy is not None:
+        plan = _open_round(r, privacy, len(site.train))
         if plan.dp is None:
-            return _declined(r, plan)
+            return _declined(r, privacy, plan)
+        private = _private_round(r, privacy, plan, r.device)
     # Seed this round's crops and augmentation from (seed, round) alone, so a
     # resumed run draws what an uninterrupted one would have drawn.
     site.train.transform.set_random_state(seed=fed.seed * 1000 + rnd)
@@ -142,8 +134,7 @@ def _train_network(
         trainable=trainable,
         schedule=schedule,
         extra_loss=_proximal_term(r, trainable),
-        dp=plan.dp if plan is not None else None,
-        dp_generator=_noise_source(r, r.device) if plan else None,
+        dp=private,
     )
     return _trained(r, trainable, result, t0, plan)
 
@@ -168,32 +159,25 @@ def _proximal_term(r: RoundSetup, trainable: set[str]) -> Any:
     return extra
 
 
-def _plan_dp(r: RoundSetup, *, stage: str | None = None, **kwargs: Any) -> RoundPlan:
+def _open_round(r: RoundSetup, privacy: SitePrivacy, n_patients: int) -> RoundPlan:
     """Plan this round against the site's ledger and record it before training
     (a crash can only over-count the budget)."""
-    privacy, fed, rnd = r.site.config.privacy, r.fed, r.request.server_round
-    assert privacy is not None
-    with PrivacyLedger.locked(r.site.config.run_dir) as ledger:
-        plan = plan_round(
-            privacy,
-            ledger,
-            noise_multiplier=fed.dp_noise_multiplier,
-            accountant=fed.dp_accountant,
-            **kwargs,
-        )
-        if plan.dp is not None:
-            ledger.record(
-                plan.dp,
-                round=rnd,
-                run=fed.run_dir,
-                epsilon_after=plan.epsilon_after,
-                **({"stage": stage} if stage else {}),
-            )
-    if plan.dp is None:
-        log.warning(
-            "site %s declines round %d: %s", r.site.config.site_name, rnd, plan.declined
-        )
-    return plan
+    rnd = r.request.server_round
+    shape = RoundShape.of(r.fed, n_patients, rnd)
+    return privacy.open_round(shape, server_round=rnd, run=r.fed.run_dir)
+
+
+def _private_round(
+    r: RoundSetup, privacy: SitePrivacy, plan: RoundPlan, device: torch.device
+) -> PrivateRound:
+    """The round's opacus settings; its noise reproducible for a simulated
+    node, secret otherwise."""
+    assert plan.dp is not None
+    seed = None
+    if r.simulated:
+        name = zlib.crc32(r.site.config.site_name.encode())
+        seed = r.fed.seed * 1_000_003 + r.request.server_round * 7919 + name
+    return privacy.private_round(plan.dp, device=device, seed=seed)
 
 
 def check_public_backbone(r: RoundSetup) -> None:
@@ -248,30 +232,19 @@ def _train_heads(r: RoundSetup, trainable: set[str], t0: float) -> SiteTrainRepl
         batch_size=fed.head_batch_size,
         seed=fed.seed * 1000 + rnd,
     )
-    privacy = site.config.privacy
+    privacy = SitePrivacy.of(site.config, fed.dp_accountant)
     if privacy is None:
         result = train_heads(r.model, features, head, trainable=trainable)
         return _trained(r, trainable, result, t0)
-    plan = _plan_dp(
-        r,
-        stage="heads",
-        n_patients=len(features),
-        batch_size=1,
-        sample_rate=fed.dp_head_sample_rate,
-        steps=fed.dp_head_steps,
-        rounds_left=fed.total_rounds - rnd + 1,
-        max_noise=HEAD_MAX_NOISE,
-    )
+    plan = _open_round(r, privacy, len(features))
     if plan.dp is None:
-        return _declined(r, plan)
+        return _declined(r, privacy, plan)
     result = train_heads_private(
         r.model,
         features,
         replace(head, lr=fed.dp_head_lr, optimizer="sgd"),
-        plan.dp,
-        generator=_noise_source(r, torch.device("cpu")),
+        _private_round(r, privacy, plan, torch.device("cpu")),
         trainable=trainable,
-        secure_mode=privacy.secure_mode,
     )
     return _trained(r, trainable, result, t0, plan)
 
@@ -317,23 +290,11 @@ def _trained(
     return SiteTrainReply(site.config.site_name, reply, upload)
 
 
-def _noise_source(r: RoundSetup, device: torch.device) -> torch.Generator:
-    """DP randomness on the training device: reproducible for a simulated
-    node, secret otherwise."""
-    if r.simulated:
-        name = zlib.crc32(r.site.config.site_name.encode())
-        seed = r.fed.seed * 1_000_003 + r.request.server_round * 7919 + name
-        return dp_generator(seed, device)
-    return dp_generator(None, device)
-
-
-def _declined(r: RoundSetup, plan: RoundPlan) -> SiteTrainReply:
+def _declined(r: RoundSetup, privacy: SitePrivacy, plan: RoundPlan) -> SiteTrainReply:
     """A reply without weights: the site's budget does not allow this round."""
-    privacy = r.site.config.privacy
-    assert privacy is not None and plan.declined is not None
     return SiteTrainReply(
         r.site.config.site_name,
-        TrainReply(counts=r.site.counts, privacy=describe(plan, privacy)),
+        TrainReply(counts=r.site.counts, privacy=privacy.describe(plan)),
         declined=plan.declined,
     )
 

@@ -23,13 +23,14 @@ from monai.metrics import compute_dice
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, Dataset
 
+from client.training.local_steps import LocalSteps, collate
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.loss import LossConfig, MoELoss
 from shared_model.model import UNetMoECli
 
 if TYPE_CHECKING:
-    from client.privacy.rounds import DPRound
+    from client.privacy.dp_sgd import PrivateRound, PrivateTraining
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +109,6 @@ class TrainResult:
     final_lr: float
 
 
-def _collate(batch: list[dict[str, Any]]) -> dict[str, Any] | None:
-    if not batch:  # an empty Poisson batch under DP-SGD
-        return None
-    out: dict[str, Any] = {}
-    for key in batch[0]:
-        values = [b[key] for b in batch]
-        out[key] = (
-            torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-        )
-    return out
-
-
-def poly_lr(base: float, step: int, total: int, power: float) -> float:
-    """nnU-Net's poly schedule: ``base * (1 - step / total) ** power``."""
-    return base * max(0.0, 1.0 - step / max(total, 1)) ** power
-
-
 def build_optimizer(
     params: Iterable[torch.nn.Parameter], cfg: TrainConfig
 ) -> torch.optim.Optimizer:
@@ -149,8 +133,7 @@ def train_local(
     schedule: tuple[int, int] | None = None,
     extra_loss: Callable[[UNetMoECli], torch.Tensor] | None = None,
     on_step: Callable[[int, float], None] | None = None,
-    dp: DPRound | None = None,
-    dp_generator: torch.Generator | None = None,
+    dp: PrivateRound | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``dataset``.
 
@@ -167,124 +150,83 @@ def train_local(
             Under DP it depends on no patient, so its gradient is added after
             clipping and noise.
         on_step: called as ``on_step(step, loss)`` after each step.
-        dp: train with DP-SGD (:mod:`client.privacy.rounds`): ``dp.steps`` steps on
-            Poisson batches of patients, per-patient clipping and noise, fp32
-            (opacus's per-sample gradients do not run under autocast);
-            ``cfg.max_steps``, ``cfg.epochs`` and ``cfg.grad_clip`` are unused.
-        dp_generator: randomness of the noise and the sampling
-            (:func:`client.privacy.rounds.dp_generator`); required with ``dp``.
+        dp: train with DP-SGD (a :class:`client.privacy.dp_sgd.PrivateRound`
+            from the site's privacy): ``dp.dp.steps`` steps on Poisson batches,
+            per-patient clipping and noise, fp32 (opacus's per-sample gradients
+            do not run under autocast); ``cfg``'s steps and clip are unused.
     """
     model.to(device).train()
     for name, p in model.named_parameters():
         p.requires_grad_(trainable is None or name in trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
-    loss_fn = MoELoss(cfg.loss)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = max(1, math.ceil(len(dataset) / cfg.batch_size))
-    private = None
-    if dp is None:
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=_collate,
-            drop_last=False,
-        )
-        n_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    else:
-        from client.privacy.rounds import PrivateTraining
-
-        if dp_generator is None:
-            raise ValueError("DP training needs `dp_generator`")
-        private = PrivateTraining(model, optimizer, dp, generator=dp_generator)
+    private = None if dp is None else dp.wrap(model, optimizer)
+    if private is not None:
         optimizer = private.optimizer
-        loader = DataLoader(
-            dataset,
-            batch_sampler=private.batch_sampler(len(dataset)),
-            collate_fn=_collate,
-        )
-        n_steps = dp.steps
-        if extra_loss is not None:
+        if extra_loss is not None:  # added after clipping and noise
             data_free = extra_loss
-
-            def add_data_free_gradient(opt: Any) -> None:
-                with torch.enable_grad():
-                    grads = torch.autograd.grad(data_free(model), params)
-                for p, g in zip(params, grads, strict=True):
-                    p.grad = g if p.grad is None else p.grad + g
-
-            private.optimizer.attach_step_hook(add_data_free_gradient)
+            private.add_data_free_loss(lambda: data_free(model), params)
             extra_loss = None
-    start, total = schedule or (0, n_steps)
-    use_amp = cfg.amp and device.type == "cuda" and dp is None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
+    loader, n_steps = _loader(dataset, cfg, private)
+    steps = LocalSteps(
+        model,
+        optimizer,
+        device=device,
+        params=params,
+        lr=cfg.lr,
+        poly_power=cfg.poly_power,
+        grad_clip=cfg.grad_clip,
+        amp=cfg.amp,
+        loss=cfg.loss,
+        private=private,
+        extra_loss=extra_loss,
+    )
     t0 = time.perf_counter()
-    step = 0
-    sums: dict[str, float] = {"loss": 0.0, "seg": 0.0, "pcr": 0.0}
-    n_loss = 0  # steps with patients (an empty DP batch has no loss)
-    lr = cfg.lr
     try:
-        while step < n_steps:
-            for batch in loader:
-                if step >= n_steps:
-                    break
-                lr = poly_lr(cfg.lr, start + step, total, cfg.poly_power)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step += 1
-                if batch is None:
-                    assert private is not None
-                    optimizer.zero_grad(set_to_none=True)
-                    private.empty_step()
-                    if on_step is not None:
-                        on_step(step, math.nan)
-                    continue
-                image = batch["image"].to(device)
-                with torch.autocast(device.type, enabled=use_amp):
-                    out = model(
-                        image, batch["clinical"].to(device), batch["regimen"].to(device)
-                    )
-                    loss, parts = loss_fn(
-                        out, batch["label"].to(device), batch["pcr"].to(device)
-                    )
-                    if extra_loss is not None:
-                        loss = loss + extra_loss(model)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0 and private is None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                n_loss += 1
-                sums["loss"] += float(loss.detach())
-                sums["seg"] += parts["seg"]
-                sums["pcr"] += parts["pcr"]
-                if on_step is not None:
-                    on_step(step, float(loss.detach()))
+        steps.run(loader, n_steps, schedule or (0, n_steps), on_step)
     finally:
         if private is not None:
             optimizer.zero_grad(set_to_none=True)
             private.close()
         for p in model.parameters():
             p.requires_grad_(True)
-    n_cases = len(dataset)
     regimens = Counter(REGIMENS[int(r)] for r in _regimens_of(dataset))
-    n_batches = max(n_loss, 1)
     return TrainResult(
-        steps=step,
-        epochs_done=step / steps_per_epoch,
+        steps=steps.step,
+        epochs_done=steps.step / _steps_per_epoch(dataset, cfg),
         seconds=time.perf_counter() - t0,
-        loss=sums["loss"] / n_batches,
-        seg_loss=sums["seg"] / n_batches,
-        pcr_loss=sums["pcr"] / n_batches,
-        n_cases=n_cases,
+        loss=steps.mean("loss"),
+        seg_loss=steps.mean("seg"),
+        pcr_loss=steps.mean("pcr"),
+        n_cases=len(dataset),
         n_by_regimen={r: regimens.get(r, 0) for r in REGIMENS},
-        final_lr=lr,
+        final_lr=steps.lr,
     )
+
+
+def _steps_per_epoch(dataset: Any, cfg: TrainConfig) -> int:
+    return max(1, math.ceil(len(dataset) / cfg.batch_size))
+
+
+def _loader(
+    dataset: Any, cfg: TrainConfig, private: PrivateTraining | None
+) -> tuple[DataLoader[Any], int]:
+    """Batches of patients and the number of steps: shuffled batches of
+    ``cfg.batch_size`` for the epochs or ``max_steps``, or under DP the
+    round's Poisson batches for its steps."""
+    if private is not None:
+        batches = private.batch_sampler(len(dataset))
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
+        return loader, private.dp.steps
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        collate_fn=collate,
+        drop_last=False,
+    )
+    return loader, cfg.max_steps or cfg.epochs * _steps_per_epoch(dataset, cfg)
 
 
 def _regimens_of(dataset: Any) -> list[int]:
@@ -366,7 +308,7 @@ def evaluate(
     model.to(device).eval()
     loss_fn = MoELoss(loss_cfg)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate
     )
     cases: list[CasePrediction] = []
     for batch in loader:

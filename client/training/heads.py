@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from client.privacy.rounds import DPRound, PrivateTraining
+from client.privacy.dp_sgd import PrivateRound
 from client.training.engine import TrainResult
 from client.training.feature_cache import FeatureSet
 from shared_model.clinical import REGIMENS
@@ -130,22 +130,23 @@ def train_heads_private(
     model: UNetMoECli,
     data: FeatureSet,
     cfg: HeadConfig,
-    dp: DPRound,
+    private_round: PrivateRound,
     *,
-    generator: torch.Generator,
     trainable: set[str] | None = None,
-    secure_mode: bool = False,
 ) -> TrainResult:
     """DP-SGD on the heads of ``model`` over ``data`` (on the CPU).
 
-    ``dp.steps`` steps on Poisson batches (each patient joins with
+    ``private_round`` (from the site's privacy,
+    :meth:`client.privacy.site_privacy.SitePrivacy.private_round`) holds the
+    round: ``dp.steps`` steps on Poisson batches (each patient joins with
     ``dp.sample_rate``), each patient's gradient clipped to
     ``dp.max_grad_norm``, Gaussian noise of ``dp.noise_multiplier`` times the
-    clip; ``cfg``'s optimiser (a DP site uses SGD with momentum, run config
-    ``dp-head-lr``) on the noised mean.
-    ``trainable``: the head parameters to train (model names); the backbone
-    never trains and is not even in the graph.
+    clip, drawn by its generator (in its ``secure_mode``); ``cfg``'s optimiser
+    (a DP site uses SGD with momentum, run config ``dp-head-lr``) on the
+    noised mean. ``trainable``: the head parameters to train (model names);
+    the backbone never trains and is not even in the graph.
     """
+    dp = private_round.dp
     if len(data) != dp.n_patients:
         raise ValueError(f"{len(data)} patients' features, the DP plan {dp.n_patients}")
     model.cpu().train()
@@ -162,9 +163,7 @@ def train_heads_private(
         if not is_head_parameter(name):
             p.requires_grad_(False)
     optimizer = cfg.build(params)
-    private = PrivateTraining(
-        head, optimizer, dp, generator=generator, secure_mode=secure_mode
-    )
+    private = private_round.wrap(head, optimizer)
     t0 = time.perf_counter()
     steps, total, n_loss = 0, 0.0, 0
     try:

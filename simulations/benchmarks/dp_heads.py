@@ -49,7 +49,7 @@ CLIP = 1.0
 
 def _ledger_check(run: Path) -> dict[str, Any]:
     """Each DP site's epsilon: the run record's last report against its ledger."""
-    from client.privacy.rounds import PrivacyLedger
+    from client.privacy.ledger import PrivacyLedger
 
     record = read_run_record(run)
     reported: dict[str, dict[str, float]] = {}

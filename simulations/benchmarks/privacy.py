@@ -36,7 +36,8 @@ from simulations.benchmarks.common import machine
 
 def step_times(steps: int, repeats: int) -> dict[str, Any]:
     """Seconds per local step of train_local with and without DP."""
-    from client.privacy.rounds import DPRound, dp_generator
+    from client.privacy.dp_sgd import PrivateRound, dp_generator
+    from client.privacy.rounds import DPRound
     from client.training.engine import TrainConfig, train_local
     from shared_model.model import ModelConfig, build_model
     from shared_model.plan import PRESET_PLANS
@@ -75,8 +76,7 @@ def step_times(steps: int, repeats: int) -> dict[str, Any]:
                 items,
                 TrainConfig(optimizer="adamw", lr=1e-3, max_steps=steps, seed=r),
                 device=torch.device("cpu"),
-                dp=dp,
-                dp_generator=dp_generator(r) if dp else None,
+                dp=PrivateRound(dp, dp_generator(r), secure_mode=False) if dp else None,
             )
             if r:
                 times.append((time.perf_counter() - t0) / res.steps)

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from client.privacy.rounds import PrivacyLedger
+from client.privacy.ledger import PrivacyLedger
 from shared_model.errors import MoeflError
 from shared_model.plan import Plan
 from simulations.simulate import run_simulated_federation

@@ -191,7 +191,7 @@ def test_dp_simulation_stays_within_every_sites_budget_across_a_resume(
     is derived so the planned rounds spend the budget; when the coordinator
     then adds a round, every site declines (its ledger survived the restart)
     and the federation finishes without it."""
-    from client.privacy.rounds import PrivacyLedger
+    from client.privacy.ledger import PrivacyLedger
 
     privacy = {"target_epsilon": 2.0, "delta": 1e-3, "max_grad_norm": 1.0}
     config = {"num-server-rounds": 2, "local-steps": 2, **SMALL}
@@ -238,7 +238,7 @@ def test_dp_heads_over_a_public_backbone_stay_within_budget_across_a_resume(
     each site's epsilon in metrics.json equals its ledger and stays within its
     budget, evaluation counts are withheld; a resumed run with one more round
     finds the budget spent and every site declines."""
-    from client.privacy.rounds import PrivacyLedger
+    from client.privacy.ledger import PrivacyLedger
     from client.training.engine import TrainConfig
     from client.training.pretrain import pretrain
     from shared_model.backbone import backbone_digest

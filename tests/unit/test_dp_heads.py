@@ -11,7 +11,8 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from client.privacy.rounds import DPRound, dp_generator
+from client.privacy.dp_sgd import PrivateRound, dp_generator
+from client.privacy.rounds import DPRound
 from client.training.feature_cache import FeatureSet
 from client.training.heads import GatedHead, HeadConfig, train_heads_private
 from shared_model.backbone import (
@@ -93,7 +94,7 @@ def test_dp_head_training_leaves_the_backbone_untouched() -> None:
     before = copy.deepcopy(model.state_dict())
     dp = DPRound(1.0, 1.0, 0.5, 12, 40)
     res = train_heads_private(
-        model, data, HeadConfig(lr=0.01), dp, generator=dp_generator(3)
+        model, data, HeadConfig(lr=0.01), PrivateRound(dp, dp_generator(3), False)
     )
     assert res.steps == 12 and math.isfinite(res.loss)
     after = model.state_dict()
@@ -115,8 +116,7 @@ def test_dp_head_training_is_reproducible_only_when_seeded() -> None:
             model,
             _features(model, 30),
             HeadConfig(lr=0.01),
-            DPRound(2.0, 1.0, 0.5, 5, 30),
-            generator=dp_generator(seed),
+            PrivateRound(DPRound(2.0, 1.0, 0.5, 5, 30), dp_generator(seed), False),
         )
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
@@ -132,8 +132,7 @@ def test_frozen_experts_get_no_update_under_dp() -> None:
         model,
         _features(model, 30),
         HeadConfig(lr=0.01),
-        DPRound(1.0, 1.0, 0.5, 5, 30),
-        generator=dp_generator(0),
+        PrivateRound(DPRound(1.0, 1.0, 0.5, 5, 30), dp_generator(0), False),
         trainable=trainable,
     )
     after = model.state_dict()

@@ -15,10 +15,10 @@ from client.training.engine import (
     CasePrediction,
     TrainConfig,
     evaluate,
-    poly_lr,
     summarise_predictions,
     train_local,
 )
+from client.training.local_steps import poly_lr
 from shared_model.errors import ConfigError
 from shared_model.model import build_model
 from tests.unit.test_model import SMALL

@@ -80,7 +80,8 @@ def test_opacus_per_sample_gradients_on_cuda() -> None:
 def test_dp_training_on_cuda_draws_its_noise_there() -> None:
     """opacus draws the noise on the parameters' device with the generator it
     is given: a CPU generator fails there, the site's generator is on CUDA."""
-    from client.privacy.rounds import DPRound, dp_generator
+    from client.privacy.dp_sgd import PrivateRound, dp_generator
+    from client.privacy.rounds import DPRound
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(**CFG.to_dict()))
@@ -93,8 +94,7 @@ def test_dp_training_on_cuda_draws_its_noise_there() -> None:
         Toy(8),
         TrainConfig(augment=False, optimizer="adamw", lr=1e-3),
         device=dev,
-        dp=DPRound(1.0, 1.0, 0.5, 2, 8),
-        dp_generator=generator,
+        dp=PrivateRound(DPRound(1.0, 1.0, 0.5, 2, 8), generator, secure_mode=False),
     )
     assert result.steps == 2
     moved = [

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 from client.checks.fingerprint import check_plan_usable, released_fingerprint
 from client.data.site_config import load_site_config, write_site_yaml
 from client.node.client_app import SITE_ERRORS, fingerprint, train
-from client.privacy.rounds import PrivacyLedger
+from client.privacy.ledger import PrivacyLedger
 from server.planning import federated_plan
 from shared_model.errors import ConfigError, PlanRefused
 from shared_model.federation_config import FederationConfig

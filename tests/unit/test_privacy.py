@@ -11,16 +11,23 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client.data.privacy_config import PrivacyConfig, parse_privacy
+from client.privacy.dp_sgd import (
+    PrivateRound,
+    PrivateTraining,
+    dp_generator,
+    sampling_generator,
+)
+from client.privacy.ledger import PrivacyLedger
 from client.privacy.rounds import (
     DPRound,
-    PrivacyLedger,
-    PrivateTraining,
+    RoundPlan,
+    RoundShape,
     check_delta,
-    dp_generator,
-    epsilon_of,
     plan_round,
+    sample_rate_for,
 )
 from client.training.engine import TrainConfig, train_local
+from shared_model.accounting import epsilon_of
 from shared_model.errors import ConfigError, DataError
 from shared_model.federation_config import FederationConfig
 from shared_model.loss import MoELoss
@@ -29,6 +36,31 @@ from tests.unit.test_engine import CFG, Toy
 
 BUDGET = PrivacyConfig(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0)
 CPU = torch.device("cpu")
+
+
+def _plan(
+    ledger: PrivacyLedger,
+    privacy: PrivacyConfig = BUDGET,
+    *,
+    n_patients: int,
+    batch_size: int,
+    steps: int,
+    rounds_left: int,
+    noise_multiplier: float = 0.0,
+) -> RoundPlan:
+    """A joint round's plan at ``batch_size`` patients per step."""
+    shape = RoundShape(
+        n_patients,
+        sample_rate_for(batch_size, n_patients),
+        steps,
+        rounds_left,
+        noise_multiplier,
+    )
+    return plan_round(privacy, ledger.history, shape)
+
+
+def _private(dp: DPRound, seed: int | None) -> PrivateRound:
+    return PrivateRound(dp, dp_generator(seed), secure_mode=False)
 
 
 def _opacus_epsilon(
@@ -46,8 +78,7 @@ def test_reported_epsilon_equals_opacus_accountant(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     taken = []
     for _ in range(3):
-        plan = plan_round(
-            BUDGET,
+        plan = _plan(
             ledger,
             n_patients=60,
             batch_size=4,
@@ -56,7 +87,7 @@ def test_reported_epsilon_equals_opacus_accountant(tmp_path: Path) -> None:
             noise_multiplier=1.3,
         )
         assert plan.dp is not None
-        ledger.record(plan.dp)
+        ledger.record(plan.dp, accountant="rdp")
         taken.append((1.3, 4 / 60, 15))
         assert plan.epsilon_after == pytest.approx(
             _opacus_epsilon(taken, 1e-5), rel=1e-9
@@ -72,12 +103,10 @@ def test_derived_noise_spends_the_budget_over_the_planned_rounds(
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     sigmas = []
     for rnd in range(1, 6):
-        plan = plan_round(
-            BUDGET, ledger, n_patients=60, batch_size=4, steps=15, rounds_left=6 - rnd
-        )
+        plan = _plan(ledger, n_patients=60, batch_size=4, steps=15, rounds_left=6 - rnd)
         assert plan.dp is not None and plan.epsilon_after <= BUDGET.target_epsilon
         sigmas.append(plan.dp.noise_multiplier)
-        ledger.record(plan.dp)
+        ledger.record(plan.dp, accountant="rdp")
     final = ledger.epsilon(BUDGET.delta)
     assert 0.97 * BUDGET.target_epsilon <= final <= BUDGET.target_epsilon
     assert max(sigmas) - min(sigmas) < 0.01 * sigmas[0]  # one noise for the whole run
@@ -85,9 +114,7 @@ def test_derived_noise_spends_the_budget_over_the_planned_rounds(
         _opacus_epsilon([(s, 4 / 60, 15) for s in sigmas], BUDGET.delta), rel=1e-9
     )
     # the budget is spent: a sixth round declines, and declining spends nothing
-    plan = plan_round(
-        BUDGET, ledger, n_patients=60, batch_size=4, steps=15, rounds_left=1
-    )
+    plan = _plan(ledger, n_patients=60, batch_size=4, steps=15, rounds_left=1)
     assert plan.dp is None and "privacy budget" in plan.declined
     assert ledger.epsilon(BUDGET.delta) == final
 
@@ -96,8 +123,7 @@ def test_budget_stop_with_fixed_noise(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     trained = 0
     while True:
-        plan = plan_round(
-            BUDGET,
+        plan = _plan(
             ledger,
             n_patients=60,
             batch_size=4,
@@ -107,7 +133,7 @@ def test_budget_stop_with_fixed_noise(tmp_path: Path) -> None:
         )
         if plan.dp is None:
             break
-        ledger.record(plan.dp)
+        ledger.record(plan.dp, accountant="rdp")
         trained += 1
     spent = ledger.epsilon(BUDGET.delta)
     assert trained >= 1 and spent <= BUDGET.target_epsilon
@@ -120,8 +146,8 @@ def test_epsilon_survives_a_restart_and_a_broken_ledger_is_an_error(
 ) -> None:
     run_dir = tmp_path / "site_run"
     first = PrivacyLedger.for_site(run_dir)
-    first.record(DPRound(1.1, 1.0, 0.1, 20, 40), round=1)
-    first.record(DPRound(1.1, 1.0, 0.1, 20, 40), round=2)
+    first.record(DPRound(1.1, 1.0, 0.1, 20, 40), round=1, accountant="rdp")
+    first.record(DPRound(1.1, 1.0, 0.1, 20, 40), round=2, accountant="rdp")
     again = PrivacyLedger.for_site(run_dir)  # a new process after a restart
     assert again.history == first.history and len(again.history) == 2
     assert again.epsilon(1e-5) == pytest.approx(
@@ -195,8 +221,7 @@ def test_dp_training_freezes_absent_experts_and_survives_empty_batches() -> None
         TrainConfig(optimizer="adamw", lr=1e-3),
         device=CPU,
         trainable=_trainable_without_nct(model),
-        dp=dp,
-        dp_generator=dp_generator(3),
+        dp=_private(dp, 3),
         on_step=lambda step, loss: losses.append(loss),
     )
     assert result.steps == 12 and len(losses) == 12
@@ -218,8 +243,7 @@ def test_dp_noise_is_reproducible_only_when_seeded() -> None:
             Toy(8),
             TrainConfig(optimizer="adamw", lr=1e-3),
             device=CPU,
-            dp=DPRound(1.0, 1.0, 0.5, 2, 8),
-            dp_generator=dp_generator(seed),
+            dp=_private(DPRound(1.0, 1.0, 0.5, 2, 8), seed),
         )
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -267,8 +291,7 @@ def test_without_noise_or_clipping_a_dp_step_is_the_plain_step(proximal: bool) -
             cfg,
             device=CPU,
             extra_loss=prox if proximal else None,
-            dp=dp,
-            dp_generator=dp_generator(0) if dp else None,
+            dp=_private(dp, 0) if dp else None,
         )
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -291,8 +314,7 @@ def test_clipping_bounds_each_patients_contribution() -> None:
         items,
         TrainConfig(optimizer="sgd", lr=lr, momentum=1e-12, weight_decay=0.0),
         device=CPU,
-        dp=DPRound(0.0, clip, 1.0, 1, 6),
-        dp_generator=dp_generator(0),
+        dp=_private(DPRound(0.0, clip, 1.0, 1, 6), 0),
     )
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     moved = float((after - before).norm())
@@ -326,8 +348,7 @@ def test_private_training_hooks_only_the_trainable_parameters() -> None:
     private = PrivateTraining(
         model,
         torch.optim.SGD(params, lr=0.1),
-        DPRound(1.0, 1.0, 0.5, 1, 3),
-        generator=dp_generator(0),
+        _private(DPRound(1.0, 1.0, 0.5, 1, 3), 0),
     )
     model.zero_grad()
     out = private.module(image, clinical, regimen)
@@ -354,7 +375,7 @@ def test_the_ledger_is_planned_and_recorded_under_an_exclusive_lock(
         other = open(run_dir / "privacy" / "ledger.lock", "a")  # noqa: SIM115
         with pytest.raises(BlockingIOError):  # a second training would wait here
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=1)
+        ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=1, accountant="rdp")
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
     other.close()
     with PrivacyLedger.locked(run_dir) as again:  # reads what the first wrote
@@ -431,7 +452,7 @@ def test_the_ledger_survives_a_crash_at_any_point_of_its_write(
 
     run_dir = tmp_path / "site"
     ledger = PrivacyLedger.for_site(run_dir)
-    ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=1)
+    ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=1, accountant="rdp")
     real_fsync, real_replace, real_open = os.fsync, os.replace, open
     synced: list[str] = []
 
@@ -474,14 +495,14 @@ def test_the_ledger_survives_a_crash_at_any_point_of_its_write(
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr("builtins.open", opener)
     with pytest.raises(Crash):
-        ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=2)
+        ledger.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=2, accountant="rdp")
     monkeypatch.undo()
     assert len(ledger.entries) == 1  # the object never claims an unwritten entry
     after = PrivacyLedger.for_site(run_dir)  # what a restarted site reads
     expected = 2 if point == "fsync-folder" else 1
     assert len(after.entries) == expected
     # the next round is recorded normally despite the leftover temporary file
-    after.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=3)
+    after.record(DPRound(1.0, 1.0, 0.1, 10, 40), round=3, accountant="rdp")
     assert len(PrivacyLedger.for_site(run_dir).entries) == expected + 1
 
 
@@ -498,7 +519,9 @@ def test_a_recorded_entry_is_flushed_with_its_folder(
         real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    PrivacyLedger.for_site(tmp_path).record(DPRound(1.0, 1.0, 0.1, 1, 10))
+    PrivacyLedger.for_site(tmp_path).record(
+        DPRound(1.0, 1.0, 0.1, 1, 10), accountant="rdp"
+    )
     assert kinds == ["file", "folder"]
 
 
@@ -518,10 +541,10 @@ def test_the_previous_rounds_noise_is_kept_only_while_it_is_the_smallest(
     result is what a fresh search over the same ledger gives."""
     ledger = PrivacyLedger.for_site(tmp_path)
     kwargs = {"n_patients": 40, "batch_size": 20, "steps": 10}
-    first = plan_round(BUDGET, ledger, rounds_left=3, **kwargs)
+    first = _plan(ledger, rounds_left=3, **kwargs)
     assert first.dp is not None
-    ledger.record(first.dp)
-    second = plan_round(BUDGET, ledger, rounds_left=2, **kwargs)
+    ledger.record(first.dp, accountant="rdp")
+    second = _plan(ledger, rounds_left=2, **kwargs)
     assert second.dp is not None
     assert second.dp.noise_multiplier == first.dp.noise_multiplier
     # a fresh search (the last entry at another rate disables the reuse)
@@ -530,20 +553,18 @@ def test_the_previous_rounds_noise_is_kept_only_while_it_is_the_smallest(
     other.entries.append(
         {"noise_multiplier": 1e6, "sample_rate": 0.999, "steps": 1, "max_grad_norm": 1}
     )
-    fresh = plan_round(BUDGET, other, rounds_left=2, **kwargs)
+    fresh = _plan(other, rounds_left=2, **kwargs)
     assert fresh.dp is not None
     assert fresh.dp.noise_multiplier == pytest.approx(
         second.dp.noise_multiplier, rel=2e-3
     )
     # a larger budget left than the last noise needs: searched, not reused
-    wider = plan_round(PrivacyConfig(40.0, 1e-5, 1.0), ledger, rounds_left=2, **kwargs)
+    wider = _plan(ledger, PrivacyConfig(40.0, 1e-5, 1.0), rounds_left=2, **kwargs)
     assert wider.dp is not None
     assert wider.dp.noise_multiplier < first.dp.noise_multiplier
 
 
 def test_noise_generator_lives_on_the_training_device() -> None:
-    from client.privacy.rounds import sampling_generator
-
     g = dp_generator(7, "cpu")
     assert g.device.type == "cpu"
     a = sampling_generator(dp_generator(7)).initial_seed()
@@ -557,9 +578,7 @@ def test_secure_mode_reaches_the_optimizer() -> None:
     private = PrivateTraining(
         model,
         opt,
-        DPRound(1.0, 1.0, 0.5, 2, 10),
-        generator=dp_generator(0),
-        secure_mode=True,
+        PrivateRound(DPRound(1.0, 1.0, 0.5, 2, 10), dp_generator(0), secure_mode=True),
     )
     assert private.optimizer.secure_mode
     private.close()
