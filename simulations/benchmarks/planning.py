@@ -69,11 +69,11 @@ from simulations.benchmarks.nnunet_reference import (
 from simulations.cohort import Patient, build_cohort
 from simulations.phantom import case_grids
 from simulations.sites import PRESETS, SITES, Geometry, Scanner
-from simulations.synth import (
-    _dataset_json,
-    _save_nifti,
-    _write_clinical,
-    _write_images,
+from simulations.synth_files import (
+    dataset_json,
+    save_nifti,
+    write_clinical,
+    write_images,
 )
 
 T2_VALUE = 100
@@ -102,10 +102,10 @@ def _write_geometry_case(
     else:
         adc = np.full(grid.shape, ADC_VALUE, np.float32)
     images = dataset_dir / "imagesTr"
-    _save_nifti(t2, grid.affine, images / f"{patient.case_id}_0000.nii.gz")
-    _save_nifti(adc, grid.affine, images / f"{patient.case_id}_0001.nii.gz")
+    save_nifti(t2, grid.affine, images / f"{patient.case_id}_0000.nii.gz")
+    save_nifti(adc, grid.affine, images / f"{patient.case_id}_0001.nii.gz")
     label = dataset_dir / "labelsTr" / f"{patient.case_id}.nii.gz"
-    _save_nifti(_blob(grid.shape), grid.affine, label)
+    save_nifti(_blob(grid.shape), grid.affine, label)
     spacing = np.linalg.norm(grid.affine[:3, :3], axis=0)
     return grid.shape, tuple(round(float(s), 4) for s in spacing)
 
@@ -137,14 +137,14 @@ def write_sites(
         dataset_dir = out / "sites" / folder
         (dataset_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
         (dataset_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
-        _write_clinical(members, dataset_dir / "clinical.csv")
+        write_clinical(members, dataset_dir / "clinical.csv")
         (dataset_dir / "dataset.json").write_text(
-            json.dumps(_dataset_json(len(members), folder), indent=2) + "\n"
+            json.dumps(dataset_json(len(members), folder), indent=2) + "\n"
         )
         shapes, spacings = set(), set()
         if rendered:
             jobs = [(p, spec.scanner, cfg.geometry, str(dataset_dir)) for p in members]
-            _write_images(jobs, workers, None)
+            write_images(jobs, workers, None)
         for p in members:
             if rendered:
                 grid, _ = case_grids(p, spec.scanner, cfg.geometry)
