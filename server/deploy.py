@@ -62,6 +62,39 @@ def make_certificates(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
+    ca_key, ca_cert = _ca_certificate(now, days)
+    server_key, server_cert = _server_certificate(ca_key, ca_cert, hosts, now, days)
+    pem = serialization.Encoding.PEM
+    paths = {
+        "ca_cert": out / "ca.crt",
+        "ca_key": out / "ca.key",
+        "server_cert": out / "server.pem",
+        "server_key": out / "server.key",
+    }
+    for key in ("ca_key", "server_key"):
+        if paths[key].exists():
+            raise MoeflError(
+                f"{paths[key]} exists; refusing to overwrite a private key"
+            )
+    _write_private(paths["ca_key"], _pkcs8_pem(ca_key))
+    _write_private(paths["server_key"], _pkcs8_pem(server_key))
+    paths["ca_cert"].write_bytes(ca_cert.public_bytes(pem))
+    paths["server_cert"].write_bytes(server_cert.public_bytes(pem))
+    return paths
+
+
+def _pkcs8_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _ca_certificate(
+    now: dt.datetime, days: int
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new self-signed CA that may sign certificates but no further CAs."""
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
         x509.CertificateBuilder()
@@ -88,6 +121,18 @@ def make_certificates(
         )
         .sign(ca_key, hashes.SHA384())
     )
+    return ca_key, ca_cert
+
+
+def _server_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    hosts: Sequence[str],
+    now: dt.datetime,
+    days: int,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new server key and its certificate, signed by the CA, valid for ``hosts``
+    (IP addresses and DNS names) and named after the first of them."""
     alt: list[x509.GeneralName] = []
     for h in hosts:
         try:
@@ -110,33 +155,7 @@ def make_certificates(
         )
         .sign(ca_key, hashes.SHA384())
     )
-    pem = serialization.Encoding.PEM
-    paths = {
-        "ca_cert": out / "ca.crt",
-        "ca_key": out / "ca.key",
-        "server_cert": out / "server.pem",
-        "server_key": out / "server.key",
-    }
-    for key in ("ca_key", "server_key"):
-        if paths[key].exists():
-            raise MoeflError(
-                f"{paths[key]} exists; refusing to overwrite a private key"
-            )
-    _write_private(
-        paths["ca_key"],
-        ca_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    )
-    _write_private(
-        paths["server_key"],
-        server_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    )
-    paths["ca_cert"].write_bytes(ca_cert.public_bytes(pem))
-    paths["server_cert"].write_bytes(server_cert.public_bytes(pem))
-    return paths
+    return server_key, server_cert
 
 
 def make_site_key(out: Path, site: str) -> tuple[Path, Path]:

@@ -57,7 +57,29 @@ def build_report(
             + ".",
         )
     )
-    blocks.append(Block("h2", "Training"))
+    blocks.extend(_training_blocks(rounds, figures))
+    blocks.extend(_privacy_blocks(run, rounds))
+    if cohorts:
+        blocks.extend(_evaluation_blocks(evaluation, cohorts))
+    comparison = evaluation.get("comparison")
+    if comparison:
+        blocks.extend(_comparison_blocks(comparison))
+    if comparators:
+        entries = {
+            "this run": evaluation,
+            **{k: read_evaluation(Path(v)) for k, v in comparators.items()},
+        }
+        blocks.extend(_comparator_blocks(entries))
+
+    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path.write_text(_markdown(blocks))
+    html_path.write_text(_html(blocks))
+    return md_path, html_path
+
+
+def _training_blocks(rounds: list[dict[str, Any]], figures: set[str]) -> list[Block]:
+    """Each round's sites and federated validation, and the training figure."""
+    blocks = [Block("h2", "Training")]
     rows = [
         ["round", "sites", "excluded", "declined", "val AUC", "val Dice", "seconds"]
     ]
@@ -79,8 +101,12 @@ def build_report(
     blocks.append(Block("table", rows=rows))
     if "training.png" in figures:
         blocks.append(Block("image", "training.png"))
+    return blocks
 
-    blocks.append(Block("h2", "Privacy spent"))
+
+def _privacy_blocks(run: dict[str, Any], rounds: list[dict[str, Any]]) -> list[Block]:
+    """The DP-SGD budget each site spent, and the client-level DP account."""
+    blocks = [Block("h2", "Privacy spent")]
     spent = privacy_spent(run)
     if spent:
         rows = [["site", "epsilon spent", "target", "delta", "noise", "clip"]]
@@ -113,97 +139,98 @@ def build_report(
                 f"{_number(central.get('clip'))}).",
             )
         )
+    return blocks
 
-    if cohorts:
-        blocks.append(Block("h2", "Evaluation"))
-        rule = evaluation.get("rule") or {}
-        what_if = " (a what-if, not the checkpoint's rule)" if "what_if" in rule else ""
-        blocks.append(
-            Block(
-                "p",
-                f"Advice rule{what_if}: {rule.get('in_words', 'not recorded')}. "
-                "Metrics are computed from the sites' counts and sums; no per-patient "
-                "score left a site.",
+
+def _evaluation_blocks(
+    evaluation: dict[str, Any], cohorts: dict[str, Any]
+) -> list[Block]:
+    """The advice rule in words, then each evaluated cohort's blocks."""
+    rule = evaluation.get("rule") or {}
+    what_if = " (a what-if, not the checkpoint's rule)" if "what_if" in rule else ""
+    blocks = [
+        Block("h2", "Evaluation"),
+        Block(
+            "p",
+            f"Advice rule{what_if}: {rule.get('in_words', 'not recorded')}. "
+            "Metrics are computed from the sites' counts and sums; no per-patient "
+            "score left a site.",
+        ),
+    ]
+    for cohort, ev in cohorts.items():
+        blocks.extend(cohort_blocks(cohort, ev))
+    return blocks
+
+
+def _comparison_blocks(comparison: dict[str, Any]) -> list[Block]:
+    """The paired McNemar comparison against another model."""
+    rows = [
+        [
+            "cohort",
+            "operating point",
+            "only this model right",
+            "only the other right",
+            "McNemar p (exact)",
+        ]
+    ]
+    for cohort, points in comparison["mcnemar"].items():
+        for name, m in points.items():
+            rows.append(
+                [
+                    cohort,
+                    name,
+                    str(m["b"]),
+                    str(m["c"]),
+                    format_metric(m["p_value"]),
+                ]
             )
-        )
-        for cohort, ev in cohorts.items():
-            blocks.extend(cohort_blocks(cohort, ev))
+    return [
+        Block("h3", f"Paired comparison against {comparison['against']}"),
+        Block("table", rows=rows),
+    ]
 
-    comparison = evaluation.get("comparison")
-    if comparison:
-        blocks.append(Block("h3", f"Paired comparison against {comparison['against']}"))
-        rows = [
-            [
-                "cohort",
-                "operating point",
-                "only this model right",
-                "only the other right",
-                "McNemar p (exact)",
-            ]
+
+def _comparator_blocks(entries: dict[str, dict[str, Any]]) -> list[Block]:
+    """One row per model and cohort: this run's evaluation beside the others'."""
+    rows = [
+        [
+            "model",
+            "cohort",
+            "AUC (95% CI)",
+            "sens @0.5",
+            "spec @0.5",
+            "sens @target",
+            "spec @target",
+            "Brier",
+            "doubly robust pCR",
         ]
-        for cohort, points in comparison["mcnemar"].items():
-            for name, m in points.items():
-                rows.append(
-                    [
-                        cohort,
-                        name,
-                        str(m["b"]),
-                        str(m["c"]),
-                        format_metric(m["p_value"]),
-                    ]
-                )
-        blocks.append(Block("table", rows=rows))
-
-    if comparators:
-        blocks.append(Block("h2", "Comparators"))
-        rows = [
-            [
-                "model",
-                "cohort",
-                "AUC (95% CI)",
-                "sens @0.5",
-                "spec @0.5",
-                "sens @target",
-                "spec @target",
-                "Brier",
-                "doubly robust pCR",
-            ]
-        ]
-        entries = {
-            "this run": evaluation,
-            **{k: read_evaluation(Path(v)) for k, v in comparators.items()},
-        }
-        for name, ev_all in entries.items():
-            for cohort in COHORTS:
-                ev = ev_all.get(cohort)
-                if not ev:
-                    continue
-                ops = list(ev["overall"]["operating_points"].values())
-                sens = [format_metric(op["sensitivity"]["value"]) for op in ops] + [
-                    "n/a"
-                ] * (2 - len(ops))
-                spec = [format_metric(op["specificity"]["value"]) for op in ops] + [
-                    "n/a"
-                ] * (2 - len(ops))
-                rows.append(
-                    [
-                        name,
-                        cohort,
-                        format_ci(ev["overall"]["auc"], "auc"),
-                        sens[0],
-                        spec[0],
-                        sens[1],
-                        spec[1],
-                        format_metric(ev["overall"]["brier"]),
-                        format_ci(ev["policy_value"].get("dr")),
-                    ]
-                )
-        blocks.append(Block("table", rows=rows))
-
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    md_path.write_text(_markdown(blocks))
-    html_path.write_text(_html(blocks))
-    return md_path, html_path
+    ]
+    for name, ev_all in entries.items():
+        for cohort in COHORTS:
+            ev = ev_all.get(cohort)
+            if not ev:
+                continue
+            ops = list(ev["overall"]["operating_points"].values())
+            sens = [format_metric(op["sensitivity"]["value"]) for op in ops] + [
+                "n/a"
+            ] * (2 - len(ops))
+            spec = [format_metric(op["specificity"]["value"]) for op in ops] + [
+                "n/a"
+            ] * (2 - len(ops))
+            rows.append(
+                [
+                    name,
+                    cohort,
+                    format_ci(ev["overall"]["auc"], "auc"),
+                    sens[0],
+                    spec[0],
+                    sens[1],
+                    spec[1],
+                    format_metric(ev["overall"]["brier"]),
+                    format_ci(ev["policy_value"].get("dr")),
+                ]
+            )
+    return [Block("h2", "Comparators"), Block("table", rows=rows)]
 
 
 def _markdown(blocks: list[Block]) -> str:

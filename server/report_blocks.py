@@ -26,41 +26,58 @@ def format_ci(d: dict[str, Any] | None, key: str = "value") -> str:
 
 
 def cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
-    o = ev["overall"]
-    blocks = [
+    pv = ev["policy_value"]
+    return [
         Block(
             "h3",
             f"{cohort.capitalize()} cohort ({ev['n']} patients with a known outcome)",
-        )
+        ),
+        _metrics_table(ev),
+        *_operating_point_blocks(ev),
+        _regimen_table(ev),
+        _site_table(ev),
+        Block("h3", f"Recommendations and their value, {cohort}"),
+        _recommendation_table(pv),
+        _policy_value_table(pv),
+        *_policy_notes(pv),
+        Block("image", f"evaluation_{cohort}.png"),
+        *_survival_blocks(cohort, ev),
     ]
+
+
+def _metrics_table(ev: dict[str, Any]) -> Block:
+    """Discrimination, calibration and segmentation of the whole cohort."""
+    o = ev["overall"]
     cal = o["calibration"] or {}
-    blocks.append(
-        Block(
-            "table",
-            rows=[
-                [
-                    "AUC (95% CI, DeLong)",
-                    "Brier",
-                    "ECE",
-                    "calibration slope",
-                    "intercept",
-                    "Dice",
-                ],
-                [
-                    format_ci(o["auc"], "auc"),
-                    format_metric(o["brier"]),
-                    format_metric(cal.get("ece")),
-                    format_metric(cal.get("slope")),
-                    format_metric(cal.get("intercept")),
-                    format_metric(ev.get("dice")),
-                ],
+    return Block(
+        "table",
+        rows=[
+            [
+                "AUC (95% CI, DeLong)",
+                "Brier",
+                "ECE",
+                "calibration slope",
+                "intercept",
+                "Dice",
             ],
-        )
+            [
+                format_ci(o["auc"], "auc"),
+                format_metric(o["brier"]),
+                format_metric(cal.get("ece")),
+                format_metric(cal.get("slope")),
+                format_metric(cal.get("intercept")),
+                format_metric(ev.get("dice")),
+            ],
+        ],
     )
+
+
+def _operating_point_blocks(ev: dict[str, Any]) -> list[Block]:
+    """The thresholds with their Wilson intervals, and where the threshold came from."""
     rows = [
         ["threshold", "value", "sensitivity", "specificity", "PPV", "NPV", "accuracy"]
     ]
-    for name, op in o["operating_points"].items():
+    for name, op in ev["overall"]["operating_points"].items():
         rows.append(
             [name, f"{op['threshold']:.3f}"]
             + [
@@ -69,14 +86,17 @@ def cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
             ]
         )
     chosen = ev.get("threshold_chosen_on") or "no cohort (no responder in validation)"
-    blocks.append(
+    return [
         Block(
             "p",
             "Operating points (95% Wilson intervals). The target-sensitivity "
             f"threshold was chosen on {chosen}.",
-        )
-    )
-    blocks.append(Block("table", rows=rows))
+        ),
+        Block("table", rows=rows),
+    ]
+
+
+def _regimen_table(ev: dict[str, Any]) -> Block:
     rows = [["regimen", "n", "pCR", "AUC (95% CI)", "Brier"]]
     for r in REGIMENS:
         g = ev["regimens"][r]
@@ -89,7 +109,10 @@ def cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
                 format_metric(g["brier"]),
             ]
         )
-    blocks.append(Block("table", rows=rows))
+    return Block("table", rows=rows)
+
+
+def _site_table(ev: dict[str, Any]) -> Block:
     rows = [["site", "n", "AUC (95% CI)", "Dice", "doubly robust pCR under advice"]]
     for site, s in ev["sites"].items():
         rows.append(
@@ -101,27 +124,28 @@ def cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
                 format_ci(s["policy_value"].get("dr")),
             ]
         )
-    blocks.append(Block("table", rows=rows))
-    pv = ev["policy_value"]
-    blocks.append(Block("h3", f"Recommendations and their value, {cohort}"))
-    blocks.append(
-        Block(
-            "table",
-            rows=[
-                [
-                    "escalate",
-                    "maintain",
-                    "de-intensify",
-                    *[f"recommended {r}" for r in REGIMENS],
-                ],
-                [
-                    str(pv["directions"][k])
-                    for k in ("escalate", "maintain", "de-intensify")
-                ]
-                + [str(pv["recommended"][r]) for r in REGIMENS],
+    return Block("table", rows=rows)
+
+
+def _recommendation_table(pv: dict[str, Any]) -> Block:
+    """How many patients each direction and each regimen was advised for."""
+    return Block(
+        "table",
+        rows=[
+            [
+                "escalate",
+                "maintain",
+                "de-intensify",
+                *[f"recommended {r}" for r in REGIMENS],
             ],
-        )
+            [str(pv["directions"][k]) for k in ("escalate", "maintain", "de-intensify")]
+            + [str(pv["recommended"][r]) for r in REGIMENS],
+        ],
     )
+
+
+def _policy_value_table(pv: dict[str, Any]) -> Block:
+    """The pCR rate as treated and under the advice, by each estimator."""
     rows = [["pCR rate", "estimate (95% CI)", "what it is"]]
     rows.append(
         [
@@ -165,9 +189,12 @@ def cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
             "circular: the model grading its own advice; not evidence",
         ]
     )
-    blocks.append(Block("table", rows=rows))
-    for w in pv["positivity"]["warnings"]:
-        blocks.append(Block("p", f"Warning: {w}."))
+    return Block("table", rows=rows)
+
+
+def _policy_notes(pv: dict[str, Any]) -> list[Block]:
+    """Positivity warnings and the confidence behind the advice."""
+    blocks = [Block("p", f"Warning: {w}.") for w in pv["positivity"]["warnings"]]
     if pv.get("confidence"):
         conf = pv["confidence"]
         blocks.append(
@@ -179,32 +206,36 @@ def cohort_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
                 + ".",
             )
         )
-    blocks.append(Block("image", f"evaluation_{cohort}.png"))
-    if ev.get("survival"):
-        km = ev["survival"]["kaplan_meier"]
-        truth = pv.get("oracle")
-        blocks.append(
-            Block(
-                "p",
-                "Disease-free survival by advice (Kaplan-Meier from the sites' "
-                "counts of events and numbers at risk per month): 3-year DFS "
-                + ", ".join(
-                    f"{g} {format_metric(k['dfs_3y'], 2)} (n={k['n']})"
-                    for g, k in km.items()
-                )
-                + ". This comparison is confounded: who received the advised "
-                "regimen was not random (sites chose by stage and risk), so a "
-                "difference between followed and not followed, and its log-rank p, "
-                "is not evidence that the advice works."
-                + (
-                    ""
-                    if not truth
-                    else " In this simulation the advice's true value is known: "
-                    f"mean true pCR {format_metric(truth.get('value'))}, "
-                    f"{format_share(truth.get('share_of_oracle_gain'))} of the "
-                    "oracle's gain over the best fixed regimen."
-                ),
-            )
-        )
-        blocks.append(Block("image", f"survival_{cohort}.png"))
     return blocks
+
+
+def _survival_blocks(cohort: str, ev: dict[str, Any]) -> list[Block]:
+    """Disease-free survival by advice, with why it is no evidence."""
+    if not ev.get("survival"):
+        return []
+    km = ev["survival"]["kaplan_meier"]
+    truth = ev["policy_value"].get("oracle")
+    return [
+        Block(
+            "p",
+            "Disease-free survival by advice (Kaplan-Meier from the sites' "
+            "counts of events and numbers at risk per month): 3-year DFS "
+            + ", ".join(
+                f"{g} {format_metric(k['dfs_3y'], 2)} (n={k['n']})"
+                for g, k in km.items()
+            )
+            + ". This comparison is confounded: who received the advised "
+            "regimen was not random (sites chose by stage and risk), so a "
+            "difference between followed and not followed, and its log-rank p, "
+            "is not evidence that the advice works."
+            + (
+                ""
+                if not truth
+                else " In this simulation the advice's true value is known: "
+                f"mean true pCR {format_metric(truth.get('value'))}, "
+                f"{format_share(truth.get('share_of_oracle_gain'))} of the "
+                "oracle's gain over the best fixed regimen."
+            ),
+        ),
+        Block("image", f"survival_{cohort}.png"),
+    ]

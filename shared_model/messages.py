@@ -18,7 +18,6 @@ arrays and a declined round. Evaluation replies carry
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,10 @@ import numpy as np
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.federation_config import is_site_name
+from shared_model.reply_values import MAX_SITE_PATIENTS as MAX_SITE_PATIENTS
+from shared_model.reply_values import PRIVACY_FIELDS, privacy_field
+from shared_model.reply_values import finite_number as finite_number
+from shared_model.reply_values import whole_count as whole_count
 
 SHARED = "shared"
 
@@ -51,57 +54,12 @@ COUNT_KEYS: dict[str, str] = {
 }
 """Group -> the reply key of its patient count (an aggregation weight)."""
 
-MAX_SITE_PATIENTS = 100_000
-"""No site trains on more patients than this; a reply claiming more is refused
-(a count is an aggregation weight: an unbounded one would let one site take
-the model)."""
-
 LOSS_KEYS = {"train": "train-loss", "seg": "seg-loss", "pcr": "pcr-loss"}
 PRIVACY_PREFIX = "dp-"
 TRAIN_REPLY_KEYS = frozenset(
     {*COUNT_KEYS.values(), *LOSS_KEYS.values(), "steps", SECONDS}
 )
 """The metric keys of a training reply besides its ``dp-*`` accounting."""
-
-
-def finite_number(value: Any, key: str) -> float:
-    """A finite real number from an untrusted reply (bools, strings, lists refused)."""
-    if isinstance(value, bool) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise ValueError(
-            f"metric `{key}` is a {type(value).__name__}; expected a number"
-        )
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"metric `{key}` is {out}; expected a finite number")
-    return out
-
-
-def whole_count(value: Any, key: str, upper: int = MAX_SITE_PATIENTS) -> int:
-    """A whole number from 0 to ``upper`` from an untrusted reply."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or not 0 <= value <= upper
-    ):
-        raise ValueError(
-            f"count `{key}` is {value!r}; expected a whole number from 0 to {upper}"
-        )
-    return int(value)
-
-
-_PRIVACY_FIELDS: dict[str, tuple[bool, float, float]] = {
-    # name: (required, lowest, highest)
-    "epsilon": (True, 0.0, 1e6),
-    "target_epsilon": (True, 1e-9, 1e6),
-    "delta": (True, 1e-300, 1.0 - 1e-12),
-    "epsilon_before": (False, 0.0, 1e6),
-    "max_grad_norm": (False, 1e-12, 1e6),
-    "noise_multiplier": (False, 0.0, 1e6),
-    "sample_rate": (False, 1e-12, 1.0),
-    "steps": (False, 0.0, 1e9),
-}
 
 
 @dataclass(frozen=True)
@@ -133,7 +91,7 @@ class PrivacyAccount:
         """The fields that are set (snake_case), as the run record keeps them."""
         return {
             name: getattr(self, name)
-            for name in _PRIVACY_FIELDS
+            for name in PRIVACY_FIELDS
             if getattr(self, name) is not None
         }
 
@@ -161,16 +119,16 @@ class PrivacyAccount:
         if not raw:
             return None
         unknown = sorted(
-            key for name, (key, _) in raw.items() if name not in _PRIVACY_FIELDS
+            key for name, (key, _) in raw.items() if name not in PRIVACY_FIELDS
         )
         if unknown:
             raise ValueError(
                 f"unknown DP accounting key `{unknown[0][:40]}`; known: "
-                + ", ".join(f"dp-{k.replace('_', '-')}" for k in _PRIVACY_FIELDS)
+                + ", ".join(f"dp-{k.replace('_', '-')}" for k in PRIVACY_FIELDS)
             )
         missing = [
             f"dp-{name.replace('_', '-')}"
-            for name, (required, _, _) in _PRIVACY_FIELDS.items()
+            for name, (required, _, _) in PRIVACY_FIELDS.items()
             if required and name not in raw
         ]
         if missing:
@@ -180,11 +138,7 @@ class PrivacyAccount:
             )
         out: dict[str, Any] = {}
         for name, (key, value) in raw.items():
-            _, low, high = _PRIVACY_FIELDS[name]
-            number = finite_number(value, key)
-            if not low <= number <= high:
-                raise ValueError(f"`{key}` is {number:g}; expected {low:g} to {high:g}")
-            out[name] = whole_count(value, key, 10**9) if name == "steps" else number
+            out[name] = privacy_field(name, key, value)
         account = cls(**out)
         if (
             account.epsilon_before is not None

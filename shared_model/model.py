@@ -27,15 +27,15 @@ compute it once per patient with a frozen backbone and train :meth:`head`.
 
 Privacy-compatible by construction: no BatchNorm, no in-place activation or
 add, and every module reachable once (``DynUNet`` registers its blocks twice,
-as attributes and inside ``skip_layers``; :func:`_dealias_dynunet` removes the
-attribute copies, since a module hooked twice gets per-sample gradients twice
-too large under opacus).
+as attributes and inside ``skip_layers``;
+:func:`shared_model.model_blocks.dealias_dynunet` removes the attribute
+copies, since a module hooked twice gets per-sample gradients twice too large
+under opacus).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -47,13 +47,23 @@ from torch import nn
 from shared_model.clinical import CLINICAL_DIM, REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.features import feature_sizes, tumour_features
-from shared_model.messages import GROUPS, SHARED, expert_group
+from shared_model.model_blocks import (
+    ModalityEncoder,
+    dealias_dynunet,
+    embedding_mlp,
+    expert_mlp,
+)
 from shared_model.model_config import (
     EXPERTS,
     FEATURES,
     ModelConfig,
     compute_kernels_strides,
     model_config_for,
+)
+from shared_model.parameter_groups import (
+    is_head_parameter,
+    parameter_groups,
+    stage_parameter_groups,
 )
 
 __all__ = [
@@ -93,90 +103,6 @@ class ModelOutput(NamedTuple):
     head_input: torch.Tensor | None = None
 
 
-def _conv_block(
-    cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int]
-) -> nn.Sequential:
-    k = (int(kernel[0]), int(kernel[1]), int(kernel[2]))
-    s = (int(stride[0]), int(stride[1]), int(stride[2]))
-    return nn.Sequential(
-        nn.Conv3d(cin, cout, k, s, (k[0] // 2, k[1] // 2, k[2] // 2)),
-        nn.InstanceNorm3d(cout, affine=True),
-        nn.LeakyReLU(0.01, inplace=False),
-    )
-
-
-class ModalityEncoder(nn.Module):
-    """One modality's own stem and MLP: ``(B, 1, D, H, W)`` -> ``(B, embed_dim)``.
-
-    The stem's features are pooled inside the (shared) tumour probability map
-    and over the whole patch; the MLP also reads the shared features.
-    """
-
-    def __init__(self, cfg: ModelConfig, shared_dim: int) -> None:
-        super().__init__()
-        c = cfg.stem_channels
-        k, s = cfg.kernels, cfg.strides
-        self.stem = nn.Sequential(
-            _conv_block(1, c, k[0], s[0]),
-            _conv_block(c, c, k[1], s[1]),
-            _conv_block(c, 2 * c, k[2], s[2]),
-        )
-        self.mlp = nn.Sequential(
-            nn.Linear(4 * c + shared_dim, cfg.embed_dim),
-            nn.LeakyReLU(0.01, inplace=False),
-            nn.Linear(cfg.embed_dim, cfg.embed_dim),
-        )
-
-    def specific(self, x: torch.Tensor, tumour_prob: torch.Tensor) -> torch.Tensor:
-        """Modality-specific features ``(B, 4 * stem_channels)``."""
-        f = self.stem(x)
-        p = F.adaptive_avg_pool3d(tumour_prob, f.shape[2:])
-        inside = (f * p).sum(dim=(2, 3, 4)) / (p.sum(dim=(2, 3, 4)) + 1e-3)
-        return torch.cat([inside, f.mean(dim=(2, 3, 4))], dim=1)
-
-    def forward(
-        self, x: torch.Tensor, tumour_prob: torch.Tensor, shared: torch.Tensor
-    ) -> torch.Tensor:
-        return self.mlp(torch.cat([self.specific(x, tumour_prob), shared], dim=1))
-
-
-def _expert(in_dim: int, hidden: int) -> nn.Sequential:
-    if hidden == 0:  # a linear expert
-        return nn.Sequential(nn.Linear(in_dim, 1))
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden),
-        nn.LeakyReLU(0.01, inplace=False),
-        nn.Linear(hidden, 1),
-    )
-
-
-def _embedding(in_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_dim, out_dim),
-        nn.LeakyReLU(0.01, inplace=False),
-        nn.Linear(out_dim, out_dim),
-    )
-
-
-def _dealias_dynunet(net: DynUNet) -> nn.Module:
-    """Make every DynUNet block reachable once; return the bottleneck module.
-
-    ``forward`` only uses ``skip_layers``, ``output_block`` and the ``heads``
-    list, so the attribute copies can go. The heads stay reachable through the
-    skip layers (``super_head``).
-    """
-    bottleneck = net.bottleneck
-    for name in (
-        "input_block",
-        "downsamples",
-        "bottleneck",
-        "upsamples",
-        "deep_supervision_heads",
-    ):
-        net._modules.pop(name, None)
-    return bottleneck
-
-
 class UNetMoECli(nn.Module):
     """The UNet-MoE-Cli network. Call as ``model(image, clinical, regimen)``.
 
@@ -208,7 +134,7 @@ class UNetMoECli(nn.Module):
             deep_supr_num=max(cfg.deep_supr_num, 1),
             res_block=False,
         )
-        bottleneck = _dealias_dynunet(self.backbone)
+        bottleneck = dealias_dynunet(self.backbone)
         self._features: dict[str, torch.Tensor] = {}
         bottleneck.register_forward_hook(self._keep_bottleneck)
         self.backbone.output_block.register_forward_hook(self._keep_decoder)
@@ -223,17 +149,17 @@ class UNetMoECli(nn.Module):
                 self.encode_adc = nn.Identity()
                 embedded = n_t2 + n_adc + n_shape
             else:
-                self.encode_t2 = _embedding(n_t2 + n_shape, cfg.embed_dim)
-                self.encode_adc = _embedding(n_adc + n_shape, cfg.embed_dim)
+                self.encode_t2 = embedding_mlp(n_t2 + n_shape, cfg.embed_dim)
+                self.encode_adc = embedding_mlp(n_adc + n_shape, cfg.embed_dim)
         else:
             shared_dim = cfg.filters[-1] + 1
             self.encode_t2 = ModalityEncoder(cfg, shared_dim)
             self.encode_adc = ModalityEncoder(cfg, shared_dim)
         expert_in = embedded + (CLINICAL_DIM if cfg.use_clinical else 0)
         if cfg.experts == "residual":
-            self.prognosis = _expert(expert_in, cfg.expert_hidden)
+            self.prognosis = expert_mlp(expert_in, cfg.expert_hidden)
         self.experts = nn.ModuleDict(
-            {r: _expert(expert_in, cfg.expert_hidden) for r in REGIMENS}
+            {r: expert_mlp(expert_in, cfg.expert_hidden) for r in REGIMENS}
         )
         self._voxel_ml = math.prod(cfg.spacing) / 1000.0
         self._feature_centre: torch.Tensor
@@ -428,50 +354,3 @@ class UNetMoECli(nn.Module):
 def build_model(cfg: ModelConfig) -> UNetMoECli:
     """Build UNet-MoE-Cli for a model config (see :class:`ModelConfig`)."""
     return UNetMoECli(cfg)
-
-
-def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Map each aggregation group to its parameter names.
-
-    ``expert/<regimen>`` holds the parameters of that regimen's expert MLP;
-    ``shared`` everything else (backbone, modality encoders). Every parameter
-    is in exactly one group. Works on a model wrapped by opacus too (the
-    ``_module.`` prefix is ignored when classifying).
-    """
-    groups: dict[str, list[str]] = {g: [] for g in GROUPS}
-    for name, _ in model.named_parameters():
-        bare = name.removeprefix("_module.")
-        for r in REGIMENS:
-            if bare.startswith(f"experts.{r}."):
-                groups[expert_group(r)].append(name)
-                break
-        else:
-            groups[SHARED].append(name)
-    return groups
-
-
-def is_head_parameter(name: str) -> bool:
-    """Whether a parameter belongs to the pCR part (not the segmenter)."""
-    return not name.removeprefix("_module.").startswith("backbone.")
-
-
-def stage_parameter_groups(model: nn.Module, stage: str) -> dict[str, list[str]]:
-    """:func:`parameter_groups` restricted to what a round of ``stage`` trains.
-
-    ``joint``: everything; ``segmentation``: the backbone only (the shared group;
-    the experts' groups are empty); ``heads``: everything but the backbone, so
-    the backbone a site's feature cache was computed with stays bit-identical.
-    """
-    groups = parameter_groups(model)
-    if stage == "joint":
-        return groups
-    if stage == "segmentation":
-        return {
-            g: [n for n in names if not is_head_parameter(n)] if g == SHARED else []
-            for g, names in groups.items()
-        }
-    if stage == "heads":
-        return {
-            g: [n for n in names if is_head_parameter(n)] for g, names in groups.items()
-        }
-    raise ValueError(f"unknown stage {stage!r}")

@@ -188,12 +188,7 @@ def combine(
         choose_threshold: False for a test cohort whose validation gave no
             threshold (choosing one on the test patients would flatter it).
     """
-    by_regimen = {r: ScoreCounts.empty() for r in REGIMENS}
-    policy = PolicySums()
-    for s in sites:
-        for r in REGIMENS:
-            by_regimen[r] = by_regimen[r] + s.counts[r]
-        policy = policy + s.policy
+    by_regimen, policy = _pooled_sums(sites)
     overall = sum(by_regimen.values(), ScoreCounts.empty())
     chosen_here = threshold_sensitivity is None and choose_threshold
     if chosen_here:
@@ -227,23 +222,11 @@ def combine(
         "regimens": {r: binary_report(c, thresholds) for r, c in by_regimen.items()},
         "decision_curve": net_benefit(overall),
         "policy_value": value,
-        "sites": {
-            s.site: {
-                **binary_report(
-                    sum(s.counts.values(), ScoreCounts.empty()), thresholds
-                ),
-                "dice": s.dice_sum / s.dice_n if s.dice_n else None,
-                "policy_value": policy_value(s.policy),
-            }
-            for s in sorted(sites, key=lambda s: s.site)
-        },
+        "sites": _site_reports(sites, thresholds),
     }
-    sums = [s.candidates for s in sites]
-    if sums and all(c is not None and len(c) == len(sums[0] or []) for c in sums):
-        out["candidates"] = [
-            sum((c[k] for c in sums if c is not None), CandidateSums()).value()
-            for k in range(len(sums[0] or []))
-        ]
+    candidates = _candidate_values(sites)
+    if candidates is not None:
+        out["candidates"] = candidates
     with_dfs = [s.survival for s in sites if s.survival is not None]
     if with_dfs:
         out["survival"] = survival_report(
@@ -253,6 +236,45 @@ def combine(
             }
         )
     return out
+
+
+def _pooled_sums(
+    sites: list[SiteEvaluation],
+) -> tuple[dict[str, ScoreCounts], PolicySums]:
+    """The sites' score counts per regimen and policy sums, added up."""
+    by_regimen = {r: ScoreCounts.empty() for r in REGIMENS}
+    policy = PolicySums()
+    for s in sites:
+        for r in REGIMENS:
+            by_regimen[r] = by_regimen[r] + s.counts[r]
+        policy = policy + s.policy
+    return by_regimen, policy
+
+
+def _site_reports(
+    sites: list[SiteEvaluation], thresholds: dict[str, float]
+) -> dict[str, Any]:
+    """Each site's own metrics, Dice and policy value, by site name."""
+    return {
+        s.site: {
+            **binary_report(sum(s.counts.values(), ScoreCounts.empty()), thresholds),
+            "dice": s.dice_sum / s.dice_n if s.dice_n else None,
+            "policy_value": policy_value(s.policy),
+        }
+        for s in sorted(sites, key=lambda s: s.site)
+    }
+
+
+def _candidate_values(sites: list[SiteEvaluation]) -> list[Any] | None:
+    """The candidate rules' pooled values, when every site sent the same
+    number of candidates; None otherwise."""
+    sums = [s.candidates for s in sites]
+    if sums and all(c is not None and len(c) == len(sums[0] or []) for c in sums):
+        return [
+            sum((c[k] for c in sums if c is not None), CandidateSums()).value()
+            for k in range(len(sums[0] or []))
+        ]
+    return None
 
 
 def survival_report(groups: dict[str, SurvivalCounts]) -> dict[str, Any]:

@@ -53,14 +53,7 @@ def draw_anatomy(patient: Patient, rng: np.random.Generator) -> Anatomy:
     fascia_ry = max(fascia_rx * float(rng.uniform(0.75, 0.85)), wall_r + 6.0)
     fascia_rx = max(fascia_rx, fascia_ry)
     margin_to_fascia = min(fascia_rx, fascia_ry) - wall_r
-    if c["cT"] == "T2":
-        extension = -float(rng.uniform(0.5, 1.5))
-    elif c["cT"] == "T4":
-        extension = margin_to_fascia + float(rng.uniform(2.0, 6.0))
-    elif c["CRM"] == "1":
-        extension = margin_to_fascia - float(rng.uniform(0.0, 1.0))
-    else:
-        extension = float(rng.uniform(1.5, max(2.0, margin_to_fascia - 3.0)))
+    extension = _extension(c, margin_to_fascia, rng)
     volume_ml = float(np.exp(patient.log_volume_ml))
     # Cross-section of a wall sector ~ halfwidth * ((wall_r+ext)^2 - (lumen_r-prot)^2)
     protrusion = float(
@@ -73,33 +66,8 @@ def draw_anatomy(patient: Patient, rng: np.random.Generator) -> Anatomy:
     )
     area_needed = volume_ml * 1000.0 / tumour_len / (2 / 3)  # ellipsoidal taper
     halfwidth = float(np.clip(area_needed / max(r_out**2 - r_in**2, 1.0), 0.5, np.pi))
-    n_nodes = {
-        "N0": int(rng.integers(0, 2)),
-        "N1": int(rng.integers(1, 4)),
-        "N2": int(rng.integers(4, 7)),
-    }[c["cN"]]
-    nodes = []
-    for _ in range(n_nodes):
-        theta = rng.uniform(0, 2 * np.pi)
-        lo = wall_r + 2.5
-        rad = rng.uniform(lo, max(lo + 0.5, min(fascia_rx, fascia_ry) - 2.5))
-        nodes.append(
-            (
-                float(rad * np.cos(theta)),
-                float(rad * np.sin(theta)),
-                float(rng.uniform(-20, 20)),
-                float(rng.uniform(3.0, 4.5) if c["cN"] != "N0" else 2.0),
-            )
-        )
-    lln = None
-    if c["LLN"] == "1":
-        side = rng.choice([-1.0, 1.0])
-        lln = (
-            float(side * (fascia_rx + rng.uniform(8, 14))),
-            float(rng.uniform(-5, 10)),
-            float(rng.uniform(-10, 10)),
-            float(rng.uniform(4.0, 6.0)),
-        )
+    nodes = _nodes(c["cN"], wall_r, min(fascia_rx, fascia_ry), rng)
+    lln = _lateral_node(fascia_rx, rng) if c["LLN"] == "1" else None
     return Anatomy(
         curve_amp=float(rng.uniform(1.0, 4.0)),
         curve_phase=float(rng.uniform(0, 2 * np.pi)),
@@ -118,6 +86,57 @@ def draw_anatomy(patient: Patient, rng: np.random.Generator) -> Anatomy:
         emvi_theta=float(rng.uniform(-0.5, 0.5)),
         nodes=tuple(nodes),
         lln=lln,
+    )
+
+
+def _extension(
+    clinical: dict[str, str], margin_to_fascia: float, rng: np.random.Generator
+) -> float:
+    """How far (mm) the tumour reaches beyond the wall, by cT and CRM."""
+    if clinical["cT"] == "T2":
+        return -float(rng.uniform(0.5, 1.5))
+    if clinical["cT"] == "T4":
+        return margin_to_fascia + float(rng.uniform(2.0, 6.0))
+    if clinical["CRM"] == "1":
+        return margin_to_fascia - float(rng.uniform(0.0, 1.0))
+    return float(rng.uniform(1.5, max(2.0, margin_to_fascia - 3.0)))
+
+
+def _nodes(
+    cn: str, wall_r: float, fascia_r: float, rng: np.random.Generator
+) -> list[tuple[float, float, float, float]]:
+    """Mesorectal lymph nodes (x, y, z, radius), as many as cN says."""
+    n_nodes = {
+        "N0": int(rng.integers(0, 2)),
+        "N1": int(rng.integers(1, 4)),
+        "N2": int(rng.integers(4, 7)),
+    }[cn]
+    nodes = []
+    for _ in range(n_nodes):
+        theta = rng.uniform(0, 2 * np.pi)
+        lo = wall_r + 2.5
+        rad = rng.uniform(lo, max(lo + 0.5, fascia_r - 2.5))
+        nodes.append(
+            (
+                float(rad * np.cos(theta)),
+                float(rad * np.sin(theta)),
+                float(rng.uniform(-20, 20)),
+                float(rng.uniform(3.0, 4.5) if cn != "N0" else 2.0),
+            )
+        )
+    return nodes
+
+
+def _lateral_node(
+    fascia_rx: float, rng: np.random.Generator
+) -> tuple[float, float, float, float]:
+    """A lateral lymph node outside the fascia, on a random side."""
+    side = rng.choice([-1.0, 1.0])
+    return (
+        float(side * (fascia_rx + rng.uniform(8, 14))),
+        float(rng.uniform(-5, 10)),
+        float(rng.uniform(-10, 10)),
+        float(rng.uniform(4.0, 6.0)),
     )
 
 

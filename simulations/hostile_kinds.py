@@ -123,9 +123,19 @@ def scaled_kind(factor: float) -> Hostile:
 
 
 def _kinds() -> list[Hostile]:
-    t, e = "train", "evaluate"
+    return [
+        *_malformed_reply_kinds(),
+        *_account_and_identity_kinds(),
+        *_influence_kinds(),
+        *_evaluation_kinds(),
+    ]
+
+
+def _malformed_reply_kinds() -> list[Hostile]:
+    """Training replies malformed in their records, arrays, counts or metrics."""
+    t = "train"
     nan, inf = float("nan"), float("inf")
-    out = [
+    return [
         Hostile("error reply carrying a traceback", t, lambda c, r: None),
         Hostile("empty content", t, lambda c, r: RecordDict({})),
         Hostile("string arrays", t, arrays(lambda v: np.full(v.shape, "x"))),
@@ -157,6 +167,14 @@ def _kinds() -> list[Hostile]:
         Hostile("NaN train loss", t, metrics(train_loss=nan)),
         Hostile("an unknown metric", t, metrics(accuracy=0.99)),
         Hostile("an unknown info entry", t, info(note="hello")),
+    ]
+
+
+def _account_and_identity_kinds() -> list[Hostile]:
+    """Training replies with a bad DP account, a bad declined round or a false site name."""
+    t = "train"
+    inf = float("inf")
+    return [
         Hostile("dp-foo alone", t, metrics(dp_foo=1.0)),
         Hostile("dp-epsilon alone", t, metrics(dp_epsilon=1.0)),
         Hostile(
@@ -193,6 +211,13 @@ def _kinds() -> list[Hostile]:
             t,
             _impostor_of("dora", n_shared=1, n_nCRT=1),
         ),
+    ]
+
+
+def _influence_kinds() -> list[Hostile]:
+    """Well-formed training replies that push the model too far."""
+    t = "train"
+    return [
         scaled_kind(50.0),
         scaled_kind(1e30),
         Hostile("update sign-flipped, 10x", t, _unchanged, "bounded", factor=-10.0),
@@ -215,6 +240,14 @@ def _kinds() -> list[Hostile]:
             expect="accepted",
             rounds=(2, 3),
         ),
+    ]
+
+
+def _evaluation_kinds() -> list[Hostile]:
+    """Malformed or false evaluation replies."""
+    e = "evaluate"
+    nan = float("nan")
+    return [
         Hostile("evaluation: NaN Dice sum", e, evaluation(dice_sum=nan)),
         Hostile("evaluation: Dice sum above its count", e, evaluation(dice_sum=1e9)),
         Hostile("evaluation: negative count", e, evaluation(dice_n=-3)),
@@ -227,7 +260,6 @@ def _kinds() -> list[Hostile]:
         Hostile("evaluation: impostor of a present site", e, info(site="alpha")),
         Hostile("evaluation: error reply", e, lambda c, r: None),
     ]
-    return out
 
 
 def _one_nan(v: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,8 +112,6 @@ def judge(
     honest_final: Mapping[str, np.ndarray],
 ) -> Verdict:
     """The verdict on one run (see :class:`Verdict`)."""
-    from pathlib import Path
-
     from safetensors.numpy import load
 
     finished = record.get("status") == "finished"
@@ -128,35 +127,65 @@ def judge(
             float("nan"),
         )
     sent = [r for r in rounds if hostile.sent_in(r["round"])]
-    reasons: list[str] = []
     if hostile.phase == "train":
-        refused = [
-            next(
-                (v[0] for k, v in r["excluded"].items() if k not in HONEST),
-                None,
-            )
-            for r in sent
-        ]
-        bounded = any(
-            ATTACKER in (r.get("bounds") or {}).get("clipped", {})
-            or _capped(r, ATTACKER)
-            for r in sent
-        )
-        reasons = [x for x in refused if x]
-        if all(refused):
-            outcome = "excluded"
-        elif bounded:
-            outcome = "bounded"
-        else:
-            outcome = "accepted"
-        flags = [f for r in rounds for f in r.get("flags", {}).get(ATTACKER, [])]
-        reasons += flags
+        outcome, reasons = _train_outcome(sent, rounds)
     else:
         included = [ATTACKER in r.get("evaluate", {}).get("sites", {}) for r in sent]
         outcome = "accepted" if any(included) else "excluded"
         reasons = ["left out of the round's evaluation (logged with its reason)"]
-    folder = Path(run_dir) / "checkpoints"
     start = grid.received[1]
+    worst = _worst_step(Path(run_dir) / "checkpoints", rounds, grid, start)
+    final = load((Path(run_dir) / "model.safetensors").read_bytes())
+    gap = _l2({k: final[k].astype(np.float64) - honest_final[k] for k in final})
+    span = _l2({k: honest_final[k].astype(np.float64) - start[k] for k in final})
+    return Verdict(
+        hostile.name,
+        hostile.expect,
+        True,
+        outcome,
+        reasons[0] if reasons else "",
+        worst,
+        gap / span if span else float("nan"),
+    )
+
+
+def _train_outcome(
+    sent: list[dict[str, Any]], rounds: list[dict[str, Any]]
+) -> tuple[str, list[str]]:
+    """Whether the rounds the attacker sent in excluded, bounded or accepted it,
+    and the reasons given (refusals first, then the flags raised on it)."""
+    refused = [
+        next(
+            (v[0] for k, v in r["excluded"].items() if k not in HONEST),
+            None,
+        )
+        for r in sent
+    ]
+    bounded = any(
+        ATTACKER in (r.get("bounds") or {}).get("clipped", {}) or _capped(r, ATTACKER)
+        for r in sent
+    )
+    reasons = [x for x in refused if x]
+    if all(refused):
+        outcome = "excluded"
+    elif bounded:
+        outcome = "bounded"
+    else:
+        outcome = "accepted"
+    flags = [f for r in rounds for f in r.get("flags", {}).get(ATTACKER, [])]
+    return outcome, reasons + flags
+
+
+def _worst_step(
+    folder: Path,
+    rounds: list[dict[str, Any]],
+    grid: HostileGrid,
+    start: Mapping[str, np.ndarray],
+) -> float:
+    """The largest move of an updated group in a round, as a share of the move
+    the round's bound allowed (``multiple`` x reference RMS x sqrt(size))."""
+    from safetensors.numpy import load
+
     previous = start
     worst = 0.0
     for r in rounds:
@@ -177,18 +206,7 @@ def judge(
                 )
                 worst = max(worst, move / (multiple * ref * np.sqrt(size)))
         previous = now
-    final = load((Path(run_dir) / "model.safetensors").read_bytes())
-    gap = _l2({k: final[k].astype(np.float64) - honest_final[k] for k in final})
-    span = _l2({k: honest_final[k].astype(np.float64) - start[k] for k in final})
-    return Verdict(
-        hostile.name,
-        hostile.expect,
-        True,
-        outcome,
-        reasons[0] if reasons else "",
-        worst,
-        gap / span if span else float("nan"),
-    )
+    return worst
 
 
 def _capped(entry: Mapping[str, Any], site: str) -> bool:

@@ -92,10 +92,31 @@ def run_simulated_federation(
     Raises:
         MoeflError: the run did not finish (the reason is in metrics.json).
     """
-    from simulations.synth import synthesize
-
     out = Path(out)
     cohort = out / "cohort"
+    yamls = _cohort_site_yamls(cohort, preset, seed, echo)
+    config: dict[str, Any] = {
+        "cohort-dir": str(cohort.resolve()),
+        "run-dir": str((out / "federated").resolve()),
+        "seed": seed,
+        "min-sites": len(yamls),
+        "dp-reproducible": True,
+        **dict(overrides or {}),
+    }
+    if privacy is not None:
+        _make_sites_private(config, yamls, privacy, echo)
+    fed = FederationConfig.from_run_config(config)  # fail early on a bad key
+    echo(_plan_in_words(fed, yamls))
+    run_flower_simulation(config, len(yamls), client_app)
+    return _finished_record(fed)
+
+
+def _cohort_site_yamls(
+    cohort: Path, preset: str, seed: int, echo: Callable[[str], None]
+) -> list[Path]:
+    """The cohort's site YAMLs, making the cohort first when it is missing."""
+    from simulations.synth import synthesize
+
     summary_path = cohort / COHORT_RECORD
     if not summary_path.is_file():
         echo(f"making the {preset} cohort in {cohort} ...")
@@ -106,43 +127,44 @@ def run_simulated_federation(
             f"{cohort}/site_configs holds no site YAML; remove {cohort} to "
             "regenerate the cohort"
         )
-    config: dict[str, Any] = {
-        "cohort-dir": str(cohort.resolve()),
-        "run-dir": str((out / "federated").resolve()),
-        "seed": seed,
-        "min-sites": len(yamls),
-        "dp-reproducible": True,
-        **dict(overrides or {}),
-    }
-    if privacy is not None:
-        # DP sites train the heads over a pretrained public backbone (staged),
-        # or everything with DP-SGD (joint); never heads over a backbone the
-        # federation trained on their patients.
-        training = str(
-            config.setdefault(
-                "training", "staged" if config.get("backbone") else "joint"
-            )
+    return yamls
+
+
+def _make_sites_private(
+    config: dict[str, Any],
+    yamls: list[Path],
+    privacy: Mapping[str, float],
+    echo: Callable[[str], None],
+) -> None:
+    """Set ``config`` up for every site training with DP-SGD under ``privacy``."""
+    # DP sites train the heads over a pretrained public backbone (staged),
+    # or everything with DP-SGD (joint); never heads over a backbone the
+    # federation trained on their patients.
+    training = str(
+        config.setdefault("training", "staged" if config.get("backbone") else "joint")
+    )
+    if training == "staged" and not config.get("backbone"):
+        raise MoeflError(
+            "DP sites join a staged federation only over a pretrained public "
+            "backbone: give run config `backbone` (from `moefl pretrain`), or "
+            '`training = "joint"`'
         )
-        if training == "staged" and not config.get("backbone"):
-            raise MoeflError(
-                "DP sites join a staged federation only over a pretrained public "
-                "backbone: give run config `backbone` (from `moefl pretrain`), or "
-                '`training = "joint"`'
-            )
-        if training == "staged":
-            # the head DP-SGD can train at a site's size, in rounds: DP sites
-            # release no exact Newton sums (README, Privacy)
-            config.setdefault("head-type", "linear")
-            config.setdefault("head-fit", "rounds")
-        sites = Path(str(config["run-dir"])) / "sites"
-        config["sites-dir"] = str(write_private_sites(yamls, sites, privacy))
-        echo(
-            f"every site trains with DP-SGD: target epsilon "
-            f"{privacy['target_epsilon']:g}, delta {privacy['delta']:g}, clip "
-            f"{privacy['max_grad_norm']:g} (site YAMLs and ledgers in {sites})"
-        )
-    fed = FederationConfig.from_run_config(config)  # fail early on a bad key
+    if training == "staged":
+        # the head DP-SGD can train at a site's size, in rounds: DP sites
+        # release no exact Newton sums (README, Privacy)
+        config.setdefault("head-type", "linear")
+        config.setdefault("head-fit", "rounds")
+    sites = Path(str(config["run-dir"])) / "sites"
+    config["sites-dir"] = str(write_private_sites(yamls, sites, privacy))
     echo(
+        f"every site trains with DP-SGD: target epsilon "
+        f"{privacy['target_epsilon']:g}, delta {privacy['delta']:g}, clip "
+        f"{privacy['max_grad_norm']:g} (site YAMLs and ledgers in {sites})"
+    )
+
+
+def _plan_in_words(fed: FederationConfig, yamls: list[Path]) -> str:
+    return (
         f"simulating {len(yamls)} sites ({', '.join(p.stem for p in yamls)}), "
         + (
             f"{fed.segmentation_rounds} segmentation rounds, then the heads' Newton "
@@ -154,7 +176,10 @@ def run_simulated_federation(
         )
         + f", strategy {fed.strategy}; run folder {fed.run_dir}"
     )
-    run_flower_simulation(config, len(yamls), client_app)
+
+
+def _finished_record(fed: FederationConfig) -> dict[str, Any]:
+    """The run record, or why the run did not finish."""
     metrics = Path(fed.run_dir) / RUN_RECORD
     if not metrics.is_file():
         raise MoeflError(f"the simulation wrote no {metrics}; see the log above")

@@ -122,11 +122,7 @@ def run_dp_heads(
     reference: Path | None,
     echo: Echo = print,
 ) -> dict[str, Any]:
-    from client.training.engine import TrainConfig
-    from client.training.pretrain import pretrain
-    from multisite.evaluation import run_evaluation
     from multisite.training import find_plan
-    from simulations.simulate import run_simulated_federation
     from simulations.synth import synthesize
 
     preset, public = ("tiny", "public-tiny") if quick else ("demo", "public")
@@ -140,29 +136,16 @@ def run_dp_heads(
         synthesize(public_dir, preset=public, seed=seed, force=True)
     plan = find_plan(train_yamls, None)
     backbone = out / "backbone.safetensors"
-    t0 = time.perf_counter()
     if not backbone.is_file():
-        pretrained = pretrain(
+        pretrain_info = _pretrain_backbone(
             site_yamls(public_dir),
             backbone,
-            cfg=TrainConfig(
-                optimizer="adamw",
-                lr=1e-3,
-                batch_size=4,
-                epochs=pretrain_epochs,
-                augment=True,
-                seed=seed,
-            ),
             plan=plan,
+            epochs=pretrain_epochs,
             source=f"synthetic public cohort ({public}, seed {seed})",
+            seed=seed,
             echo=echo,
         )
-        pretrain_info: dict[str, Any] = {
-            "seconds": round(time.perf_counter() - t0, 1),
-            "val_dice": pretrained.dice,
-            "n_train": pretrained.n_train,
-            "sha256": pretrained.sha256,
-        }
     else:
         pretrain_info = {"reused": str(backbone)}
         _add_feature_stats(backbone, public_dir, plan)
@@ -170,43 +153,20 @@ def run_dp_heads(
     runs |= {f"dp_eps{e:g}": e for e in epsilons}
     models: dict[str, dict[str, Any]] = {}
     for name, eps in runs.items():
-        run = out / name
-        if run.exists():
-            shutil.rmtree(run)
-        t0 = time.perf_counter()
-        run_simulated_federation(
+        models[name] = _federate_and_score(
             out,
+            name,
+            eps,
             preset=preset,
             seed=seed,
-            overrides={
-                "backbone": str(backbone.resolve()),
-                "head-rounds": head_rounds,
-                "run-dir": str(run.resolve()),
-                **overrides,
-            },
-            privacy=(
-                None
-                if eps is None
-                else {"target_epsilon": eps, "delta": DELTA, "max_grad_norm": CLIP}
-            ),
-            echo=echo,
-        )
-        seconds = time.perf_counter() - t0
-        echo(f"scoring {name} ...")
-        report = run_evaluation(
-            run,
-            train_yamls + prosp_yamls,
-            out / "evaluation" / name,
+            backbone=backbone,
+            head_rounds=head_rounds,
+            overrides=overrides,
+            yamls=train_yamls + prosp_yamls,
             test_yamls=test_yamls,
             oracle=cohort_dir / ORACLE,
+            echo=echo,
         )
-        row = summarise(report)
-        row["train_seconds"] = round(seconds, 1)
-        row["round_seconds"] = _round_seconds(run)
-        if eps is not None:
-            row["epsilon"] = eps
-            row["ledger"] = _ledger_check(run)
-        models[name] = row
     result: dict[str, Any] = {
         "preset": preset,
         "cohort_seed": seed if cohort is None else "given",
@@ -225,6 +185,105 @@ def run_dp_heads(
                 "federated": ref["federated"],
             }
     return result
+
+
+def _pretrain_backbone(
+    yamls: list[Path],
+    backbone: Path,
+    *,
+    plan: Any,
+    epochs: int,
+    source: str,
+    seed: int,
+    echo: Echo,
+) -> dict[str, Any]:
+    """Pretrain the segmentation backbone on the public cohort's sites; what
+    the benchmark records of it."""
+    from client.training.engine import TrainConfig
+    from client.training.pretrain import pretrain
+
+    t0 = time.perf_counter()
+    pretrained = pretrain(
+        yamls,
+        backbone,
+        cfg=TrainConfig(
+            optimizer="adamw",
+            lr=1e-3,
+            batch_size=4,
+            epochs=epochs,
+            augment=True,
+            seed=seed,
+        ),
+        plan=plan,
+        source=source,
+        echo=echo,
+    )
+    return {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "val_dice": pretrained.dice,
+        "n_train": pretrained.n_train,
+        "sha256": pretrained.sha256,
+    }
+
+
+def _federate_and_score(
+    out: Path,
+    name: str,
+    eps: float | None,
+    *,
+    preset: str,
+    seed: int,
+    backbone: Path,
+    head_rounds: int,
+    overrides: dict[str, Any],
+    yamls: list[Path],
+    test_yamls: list[Path],
+    oracle: Path,
+    echo: Echo,
+) -> dict[str, Any]:
+    """A fresh federation under ``out/name`` (every site under DP-SGD at
+    ``eps``, or none when None), scored on every cohort, with its time and,
+    under DP, the sites' ledgers checked."""
+    from multisite.evaluation import run_evaluation
+    from simulations.simulate import run_simulated_federation
+
+    run = out / name
+    if run.exists():
+        shutil.rmtree(run)
+    t0 = time.perf_counter()
+    run_simulated_federation(
+        out,
+        preset=preset,
+        seed=seed,
+        overrides={
+            "backbone": str(backbone.resolve()),
+            "head-rounds": head_rounds,
+            "run-dir": str(run.resolve()),
+            **overrides,
+        },
+        privacy=(
+            None
+            if eps is None
+            else {"target_epsilon": eps, "delta": DELTA, "max_grad_norm": CLIP}
+        ),
+        echo=echo,
+    )
+    seconds = time.perf_counter() - t0
+    echo(f"scoring {name} ...")
+    report = run_evaluation(
+        run,
+        yamls,
+        out / "evaluation" / name,
+        test_yamls=test_yamls,
+        oracle=oracle,
+    )
+    row = summarise(report)
+    row["train_seconds"] = round(seconds, 1)
+    row["round_seconds"] = _round_seconds(run)
+    if eps is not None:
+        row["epsilon"] = eps
+        row["ledger"] = _ledger_check(run)
+    return row
 
 
 def table(result: dict[str, Any]) -> str:

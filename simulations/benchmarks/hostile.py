@@ -222,27 +222,34 @@ def demo(
                 test_yamls=test_yamls,
                 oracle=cohort_dir / ORACLE,
             )
-            test = summarise(report)["test"]
-            by_stage: dict[str, list[float]] = {}
-            for r in record["rounds"][1:]:  # the first round pays the start-up
-                by_stage.setdefault(r["stage"], []).append(r["seconds"])
-            clipped = sum(
-                bool((r.get("bounds") or {}).get("clipped")) for r in record["rounds"]
+            result.setdefault(name, {})[seed] = _demo_row(
+                summarise(report)["test"], record, seconds
             )
-            fit = (record.get("advice") or {}).get("fit") or {}
-            result.setdefault(name, {})[seed] = {
-                "test_auc": test["auc"],
-                "share_of_oracle_gain": test["share_of_oracle_gain"],
-                "dice": test.get("dice"),
-                "rule": (record.get("advice") or {}).get("rule_in_words"),
-                "newton_sums_scaled": fit.get("bounded"),
-                "round_seconds": {
-                    s: round(statistics.mean(v), 2) for s, v in by_stage.items()
-                },
-                "rounds_with_a_clipped_update": clipped,
-                "train_seconds": round(seconds, 1),
-            }
     return result
+
+
+def _demo_row(
+    test: dict[str, Any], record: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    """One federation's test-cohort quality, advice rule, round times and how
+    often an update was clipped."""
+    by_stage: dict[str, list[float]] = {}
+    for r in record["rounds"][1:]:  # the first round pays the start-up
+        by_stage.setdefault(r["stage"], []).append(r["seconds"])
+    clipped = sum(
+        bool((r.get("bounds") or {}).get("clipped")) for r in record["rounds"]
+    )
+    fit = (record.get("advice") or {}).get("fit") or {}
+    return {
+        "test_auc": test["auc"],
+        "share_of_oracle_gain": test["share_of_oracle_gain"],
+        "dice": test.get("dice"),
+        "rule": (record.get("advice") or {}).get("rule_in_words"),
+        "newton_sums_scaled": fit.get("bounded"),
+        "round_seconds": {s: round(statistics.mean(v), 2) for s, v in by_stage.items()},
+        "rounds_with_a_clipped_update": clipped,
+        "train_seconds": round(seconds, 1),
+    }
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -262,6 +269,25 @@ def table(result: dict[str, Any]) -> str:
         "| kind | expected | outcome | run finished | move / bound | distance | reason |",
         "|---|---|---|---|---|---|---|",
     ]
+    lines += _catalogue_lines(cat)
+    cost = result.get("aggregation_cost")
+    if cost:
+        lines += [
+            "",
+            f"What the bounds cost a round: aggregating {cost['sites']} sites' updates "
+            f"of the demo network ({cost['parameters']:,} parameters) takes "
+            f"{cost['default_ms']} ms with the default bounds and {cost['off_ms']} ms "
+            f"without ({cost['added_ms']} ms added per round).",
+        ]
+    if "demo" in result:
+        lines += _demo_lines(result["demo"])
+    return "\n".join(lines)
+
+
+def _catalogue_lines(cat: dict[str, Any]) -> list[str]:
+    """The catalogue's rows, its tally, the scaled-update sweep and the
+    declaration table."""
+    lines = []
     for v in cat["kinds"]:
         lines.append(
             f"| {v['kind']} | {v['expect']} | {v['outcome']} | "
@@ -300,45 +326,41 @@ def table(result: dict[str, Any]) -> str:
         f"| bounds off | {_f(dec['off'].get('attacker_share'))} | "
         f"{_f(dec['off']['distance'])} |",
     ]
-    cost = result.get("aggregation_cost")
-    if cost:
-        lines += [
-            "",
-            f"What the bounds cost a round: aggregating {cost['sites']} sites' updates "
-            f"of the demo network ({cost['parameters']:,} parameters) takes "
-            f"{cost['default_ms']} ms with the default bounds and {cost['off_ms']} ms "
-            f"without ({cost['added_ms']} ms added per round).",
-        ]
-    if "demo" in result:
-        lines += [
-            "",
-            "Demo cohort (Flower simulation, 8 segmentation rounds, then the heads), "
-            "held-out test cohort",
-            "| run | seed | test AUC (95 % CI) | Dice | share of oracle gain (95 % CI) | "
-            "segmentation round s | head round s | rounds with a clipped update | "
-            "Newton sums scaled (site: smallest factor) | advice |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, seeds in result["demo"].items():
-            for seed, r in seeds.items():
-                auc = r["test_auc"] or {}
-                ci = auc.get("ci") or [None, None]
-                share = r["share_of_oracle_gain"] or {}
-                sci = share.get("ci") or [None, None]
-                scaled = ", ".join(
-                    f"{s}: {_f(v, 3)}"
-                    for s, v in (r.get("newton_sums_scaled") or {}).items()
-                )
-                lines.append(
-                    f"| {name} | {seed} | {_f(auc.get('value'))} ({_f(ci[0])}-"
-                    f"{_f(ci[1])}) | {_f(r.get('dice'), 3)} | "
-                    f"{_f(share.get('value'), 2)} ({_f(sci[0], 2)} to {_f(sci[1], 2)}) | "
-                    f"{_f(r['round_seconds'].get('segmentation'), 1)} | "
-                    f"{_f(r['round_seconds'].get('heads'), 1)} | "
-                    f"{r['rounds_with_a_clipped_update']} | {scaled or 'none'} | "
-                    f"{r.get('rule') or '-'} |"
-                )
-    return "\n".join(lines)
+    return lines
+
+
+def _demo_lines(demo: dict[str, Any]) -> list[str]:
+    """The demo runs' table: test-cohort quality, round times, clipping and
+    advice per run and seed."""
+    lines = [
+        "",
+        "Demo cohort (Flower simulation, 8 segmentation rounds, then the heads), "
+        "held-out test cohort",
+        "| run | seed | test AUC (95 % CI) | Dice | share of oracle gain (95 % CI) | "
+        "segmentation round s | head round s | rounds with a clipped update | "
+        "Newton sums scaled (site: smallest factor) | advice |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, seeds in demo.items():
+        for seed, r in seeds.items():
+            auc = r["test_auc"] or {}
+            ci = auc.get("ci") or [None, None]
+            share = r["share_of_oracle_gain"] or {}
+            sci = share.get("ci") or [None, None]
+            scaled = ", ".join(
+                f"{s}: {_f(v, 3)}"
+                for s, v in (r.get("newton_sums_scaled") or {}).items()
+            )
+            lines.append(
+                f"| {name} | {seed} | {_f(auc.get('value'))} ({_f(ci[0])}-"
+                f"{_f(ci[1])}) | {_f(r.get('dice'), 3)} | "
+                f"{_f(share.get('value'), 2)} ({_f(sci[0], 2)} to {_f(sci[1], 2)}) | "
+                f"{_f(r['round_seconds'].get('segmentation'), 1)} | "
+                f"{_f(r['round_seconds'].get('heads'), 1)} | "
+                f"{r['rounds_with_a_clipped_update']} | {scaled or 'none'} | "
+                f"{r.get('rule') or '-'} |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,9 +49,6 @@ def measure(
     name: str, *, dp: bool, amp: bool, steps: int, device: str
 ) -> dict[str, Any]:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
-
     from shared_model.loss import MoELoss
     from shared_model.model import ModelConfig, build_model
 
@@ -66,29 +64,14 @@ def measure(
     model = build_model(cfg).to(dev).train()
     n_params = sum(p.numel() for p in model.parameters())
     b = spec["batch"]
-    image = torch.randn(b, 2, *cfg.patch_size, device=dev)
-    label = torch.zeros(b, 1, *cfg.patch_size, device=dev)
-    d, h, w = cfg.patch_size
-    label[:, :, d // 4 : 3 * d // 4, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1
-    clinical = torch.zeros(b, 15, device=dev)
-    regimen = torch.arange(b, device=dev) % 3
-    pcr = (torch.arange(b, device=dev) % 2).float()
+    image, label, clinical, regimen, pcr = _batch(b, cfg.patch_size, dev)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(
         model.parameters(), lr=1e-3, momentum=0.99, nesterov=True
     )
     net: torch.nn.Module = model
     if dp:
-        loader = DataLoader(
-            TensorDataset(image.cpu(), clinical.cpu(), regimen.cpu()), batch_size=b
-        )
-        net, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=False,
-            grad_sample_mode="functorch",
+        net, optimizer = _make_private(
+            model, optimizer, (image, clinical, regimen), batch_size=b
         )
     loss_fn = MoELoss()
     use_amp = amp and dev.type == "cuda"
@@ -103,6 +86,69 @@ def measure(
         scaler.step(optimizer)
         scaler.update()
 
+    times, peak = _timed_steps(step, steps, dev)
+    return {
+        "config": name,
+        "dp": dp,
+        "amp": use_amp,
+        "device": str(dev),
+        "input": [b, 2, *cfg.patch_size],
+        "filters": cfg.filters,
+        "parameters": n_params,
+        "step_s_min": round(min(times), 4),
+        "step_s_mean": round(sum(times) / len(times), 4),
+        "peak_mb": round(peak, 1),
+        "peak_kind": "cuda max allocated" if dev.type == "cuda" else "process max RSS",
+    }
+
+
+def _batch(
+    b: int, patch: tuple[int, int, int], dev: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """A random batch: image, a centred cube as the label, clinical,
+    regimen and pCR."""
+    image = torch.randn(b, 2, *patch, device=dev)
+    label = torch.zeros(b, 1, *patch, device=dev)
+    d, h, w = patch
+    label[:, :, d // 4 : 3 * d // 4, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1
+    clinical = torch.zeros(b, 15, device=dev)
+    regimen = torch.arange(b, device=dev) % 3
+    pcr = (torch.arange(b, device=dev) % 2).float()
+    return image, label, clinical, regimen, pcr
+
+
+def _make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    batch_size: int,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and optimiser under opacus DP-SGD (functorch per-sample
+    gradients, noise 1.0, clip 1.0)."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(
+        TensorDataset(*(t.cpu() for t in inputs)), batch_size=batch_size
+    )
+    net, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+        grad_sample_mode="functorch",
+    )
+    return net, optimizer
+
+
+def _timed_steps(
+    step: Callable[[], None], steps: int, dev: torch.device
+) -> tuple[list[float], float]:
+    """A warm-up step, then ``steps`` timed ones; their seconds and the peak
+    memory in MB (CUDA: allocated since the warm-up; CPU: the process's RSS)."""
     step()  # warm-up
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -119,19 +165,7 @@ def measure(
         if dev.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    return {
-        "config": name,
-        "dp": dp,
-        "amp": use_amp,
-        "device": str(dev),
-        "input": [b, 2, *cfg.patch_size],
-        "filters": cfg.filters,
-        "parameters": n_params,
-        "step_s_min": round(min(times), 4),
-        "step_s_mean": round(sum(times) / len(times), 4),
-        "peak_mb": round(peak, 1),
-        "peak_kind": "cuda max allocated" if dev.type == "cuda" else "process max RSS",
-    }
+    return times, peak
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,26 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         runs += [(n, "0", "1") for n in names] + [(n, "1", "1") for n in names]
     results: list[dict[str, Any]] = []
     for name, dp, amp in runs:
-        cmd = [
-            sys.executable,
-            "-m",
-            "simulations.benchmarks.model_step",
-            "--one",
-            f"{name},{dp},{amp}",
-            "--steps",
-            str(args.steps),
-            "--device",
-            args.device,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-            results.append(
-                {"config": name, "dp": dp == "1", "amp": amp == "1", "error": tail[0]}
-            )
-        else:
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = results[-1]
+        r = _measure_in_child(name, dp, amp, args.steps, args.device)
+        results.append(r)
         if "error" in r:
             print(f"{name:9s} dp={dp} amp={amp}: FAILED {r['error']}", flush=True)
         else:
@@ -190,6 +206,45 @@ def main(argv: list[str] | None = None) -> int:
                 f"(mean {r['step_s_mean']:.3f})  peak {r['peak_mb']:.0f} MB",
                 flush=True,
             )
+    _print_dp_ratios(names, results)
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+    return 0
+
+
+def _measure_in_child(
+    name: str, dp: str, amp: str, steps: int, device: str
+) -> dict[str, Any]:
+    """One configuration measured in its own process (so its peak memory is
+    its own); what failed when the process did."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.benchmarks.model_step",
+        "--one",
+        f"{name},{dp},{amp}",
+        "--steps",
+        str(steps),
+        "--device",
+        device,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+        return {"config": name, "dp": dp == "1", "amp": amp == "1", "error": tail[0]}
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _print_dp_ratios(names: list[str], results: list[dict[str, Any]]) -> None:
+    """Each configuration's DP step time over its non-DP one."""
     for name in names:
         base = next(
             (
@@ -215,16 +270,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}: DP step / non-DP step = "
                 f"{dp_run['step_s_min'] / base['step_s_min']:.2f}x"
             )
-    meta = {
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

@@ -194,26 +194,9 @@ def nnunet_plan(
     fullres = plans["configurations"]["3d_fullres"]
     seconds = time.perf_counter() - start
 
-    to_ras = {
-        tuple(int(r) for r in nib.io_orientation(nifti(p).affine)[:, 0])
-        for p in t2.values()
-    }
-    if len(to_ras) != 1:
-        raise ValueError(
-            f"the cases' voxel axes lie along different RAS axes: {to_ras}"
-        )
-    voxel_to_ras = to_ras.pop()
     tf = [int(a) for a in plans["transpose_forward"]]
-    moefl_axis = [2 - voxel_to_ras[2 - tf[a]] for a in range(3)]
-    assert sorted(moefl_axis) == [0, 1, 2], moefl_axis
-    # the reversal, checked: nnU-Net's fingerprint spacings (before the
-    # transpose) are each file's zooms reversed
-    if len(fingerprint["spacings"]) != len(t2):
-        raise ValueError("nnU-Net's fingerprint does not count every case")
-    for key, spacing in zip(extractor.dataset, fingerprint["spacings"], strict=True):
-        zooms = nifti(t2[key]).header.get_zooms()[:3]
-        if not np.allclose(spacing, zooms[::-1]):
-            raise ValueError(f"{key}: nnU-Net's spacing {spacing}, zooms {zooms}")
+    moefl_axis = _moefl_axes(t2, tf)
+    _check_reversed_spacings(t2, list(extractor.dataset), fingerprint["spacings"])
 
     spacing, patch = [0.0] * 3, [0] * 3
     for a in range(3):
@@ -230,6 +213,36 @@ def nnunet_plan(
         ],
         seconds=seconds,
     )
+
+
+def _moefl_axes(t2: dict[str, Path], tf: list[int]) -> list[int]:
+    """moefl's axis for each of nnU-Net's plan axes (see :func:`nnunet_plan`);
+    ValueError when the cases' voxel axes lie along different RAS axes."""
+    to_ras = {
+        tuple(int(r) for r in nib.io_orientation(nifti(p).affine)[:, 0])
+        for p in t2.values()
+    }
+    if len(to_ras) != 1:
+        raise ValueError(
+            f"the cases' voxel axes lie along different RAS axes: {to_ras}"
+        )
+    voxel_to_ras = to_ras.pop()
+    moefl_axis = [2 - voxel_to_ras[2 - tf[a]] for a in range(3)]
+    assert sorted(moefl_axis) == [0, 1, 2], moefl_axis
+    return moefl_axis
+
+
+def _check_reversed_spacings(
+    t2: dict[str, Path], keys: list[str], spacings: list[Any]
+) -> None:
+    """The reversal, checked: nnU-Net's fingerprint spacings (before the
+    transpose) are each file's zooms reversed."""
+    if len(spacings) != len(t2):
+        raise ValueError("nnU-Net's fingerprint does not count every case")
+    for key, spacing in zip(keys, spacings, strict=True):
+        zooms = nifti(t2[key]).header.get_zooms()[:3]
+        if not np.allclose(spacing, zooms[::-1]):
+            raise ValueError(f"{key}: nnU-Net's spacing {spacing}, zooms {zooms}")
 
 
 def stride_step(plan: Plan) -> np.ndarray:

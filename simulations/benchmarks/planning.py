@@ -39,48 +39,35 @@ per axis).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import time
-from collections import Counter
-from functools import reduce
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from client.checks.fingerprint import fingerprint_noise, site_fingerprint
 from client.data.site_config import SiteConfig, load_site_config, write_site_yaml
-from shared_model.fingerprint import (
-    SENSITIVITY_ROWS,
-    Fingerprint,
-    plan_from_fingerprint,
-)
 from shared_model.layout import SITE_CONFIGS, SITE_DATASETS
-from shared_model.plan import Plan
 from simulations.benchmarks.common import MemorySampler, finish, process_tree
 from simulations.benchmarks.nnunet_reference import (
-    NnunetPlan,
-    agreement,
-    nnunet_plan,
     nnunet_settings,
 )
+from simulations.benchmarks.planning_plans import plans_alone, pooled_plans
+from simulations.benchmarks.planning_table import planning_table
 from simulations.cohort import Patient, build_cohort
 from simulations.phantom import case_grids
 from simulations.sites import PRESETS, SITES, Geometry, Scanner
-from simulations.synth import (
-    _dataset_json,
-    _save_nifti,
-    _write_clinical,
-    _write_images,
+from simulations.synth_files import (
+    dataset_json,
+    save_nifti,
+    write_clinical,
+    write_images,
 )
 
 T2_VALUE = 100
 ADC_VALUE = 1.0  # 10^-3 mm^2/s
 BLOB_RADIUS = 5  # voxels
-POOLED_ID = 980
 
 
 def _blob(shape: tuple[int, int, int]) -> np.ndarray:
@@ -103,10 +90,10 @@ def _write_geometry_case(
     else:
         adc = np.full(grid.shape, ADC_VALUE, np.float32)
     images = dataset_dir / "imagesTr"
-    _save_nifti(t2, grid.affine, images / f"{patient.case_id}_0000.nii.gz")
-    _save_nifti(adc, grid.affine, images / f"{patient.case_id}_0001.nii.gz")
+    save_nifti(t2, grid.affine, images / f"{patient.case_id}_0000.nii.gz")
+    save_nifti(adc, grid.affine, images / f"{patient.case_id}_0001.nii.gz")
     label = dataset_dir / "labelsTr" / f"{patient.case_id}.nii.gz"
-    _save_nifti(_blob(grid.shape), grid.affine, label)
+    save_nifti(_blob(grid.shape), grid.affine, label)
     spacing = np.linalg.norm(grid.affine[:3, :3], axis=0)
     return grid.shape, tuple(round(float(s), 4) for s in spacing)
 
@@ -138,14 +125,14 @@ def write_sites(
         dataset_dir = out / SITE_DATASETS / folder
         (dataset_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
         (dataset_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
-        _write_clinical(members, dataset_dir / "clinical.csv")
+        write_clinical(members, dataset_dir / "clinical.csv")
         (dataset_dir / "dataset.json").write_text(
-            json.dumps(_dataset_json(len(members), folder), indent=2) + "\n"
+            json.dumps(dataset_json(len(members), folder), indent=2) + "\n"
         )
         shapes, spacings = set(), set()
         if rendered:
             jobs = [(p, spec.scanner, cfg.geometry, str(dataset_dir)) for p in members]
-            _write_images(jobs, workers, None)
+            write_images(jobs, workers, None)
         for p in members:
             if rendered:
                 grid, _ = case_grids(p, spec.scanner, cfg.geometry)
@@ -206,187 +193,57 @@ class PssSampler(MemorySampler):
         self.peak_pss_mib = max(self.peak_pss_mib, total / 1024)
 
 
-def _plan_row(plan: Plan) -> dict[str, Any]:
-    return {"spacing": list(plan.spacing), "patch_size": list(plan.patch_size)}
-
-
-def dp_plans(
-    fingerprints: list[Fingerprint],
-    epsilon: float,
-    delta: float,
-    *,
-    seeds: int,
-    tally: int,
-    reference: NnunetPlan,
-    exact: Plan,
-    site_index: int | None = None,
-) -> dict[str, Any]:
-    """The merged plan when every site releases its noised fingerprint: the
-    first ``seeds`` noise seeds in full, and over ``tally`` seeds how often
-    the plan is within tolerance of nnU-Net's and equal to the exact one. Site
-    ``i``'s noise for seed ``s`` is drawn from ``default_rng([s, i])``
-    (``site_index``: a single site's ``i``)."""
-    z = fingerprint_noise(epsilon, delta)
-    std = z * math.sqrt(SENSITIVITY_ROWS)
-    runs, outcomes = [], Counter[str]()
-    within = equal = failed = 0
-    for seed in range(max(seeds, tally)):
-        noised = [
-            fp.noised(
-                std,
-                np.random.default_rng([seed, i if site_index is None else site_index]),
-            )
-            for i, fp in enumerate(fingerprints)
-        ]
-        pooled = reduce(Fingerprint.merge, noised)
-        row: dict[str, Any] = {"seed": seed, "n_cases_noised": pooled.n_cases}
-        try:
-            plan = plan_from_fingerprint(pooled)
-        except ValueError as e:  # every count of a histogram noised away
-            row["error"] = str(e)
-            failed += seed < tally
-            outcomes["no plan"] += seed < tally
-        else:
-            row |= _plan_row(plan)
-            row["equals_exact"] = plan.spacing == exact.spacing and (
-                plan.patch_size == exact.patch_size
-            )
-            row["vs_nnunet"] = agreement(plan, reference)
-            if seed < tally:
-                within += row["vs_nnunet"]["within_tolerance"]
-                equal += row["equals_exact"]
-                outcomes[f"{_fmt(plan.spacing)} mm, {_fmt(plan.patch_size)}"] += 1
-        if seed < seeds:
-            runs.append(row)
-    shown_within = sum(
-        bool(r.get("vs_nnunet", {}).get("within_tolerance")) for r in runs
-    )
-    shown_equal = sum(bool(r.get("equals_exact")) for r in runs)
-    return {
-        "epsilon": epsilon,
-        "delta": delta,
-        "noise_multiplier": round(z, 3),
-        "count_std": round(std, 3),
-        "runs": runs,
-        "within_tolerance": f"{shown_within}/{len(runs)}",
-        "equals_exact": f"{shown_equal}/{len(runs)}",
-        "tally": {
-            "seeds": tally,
-            "within_tolerance": within,
-            "equals_exact": equal,
-            "no_plan": failed,
-            "plans": dict(outcomes.most_common()),
-        },
-    }
-
-
-def coarsened_plan(fingerprints: list[Fingerprint]) -> Plan:
-    """The plan from the sites' DP-coarsened histograms without noise: what
-    the coarsening alone does."""
-    return plan_from_fingerprint(
-        reduce(Fingerprint.merge, [fp.coarsened() for fp in fingerprints])
-    )
-
-
-def _fmt(values: Any) -> str:
-    return " x ".join(f"{v:g}" for v in values)
-
-
-def _table(result: dict[str, Any]) -> str:
-    lines = [
-        f"planning: preset {result['preset']}, seed {result['seed']}, "
-        f"{result['n_cases']} training cases, {result['images']} images",
-        "",
-        "| plan | cases | spacing (D x H x W mm) | patch (D x H x W) | vs nnU-Net: "
-        "spacing diff % | patch diff (stride step) | within tolerance |",
-        "|---|---|---|---|---|---|---|",
-    ]
-
-    def row(
-        name: str, cases: Any, plan: dict[str, Any], vs: dict[str, Any] | None
-    ) -> None:
-        if vs is None:
-            diff = ["-", "-", "-"]
-        else:
-            diff = [
-                " / ".join(
-                    f"{100 * v:+.1f}" for v in vs["spacing_relative_difference"]
-                ),
-                " / ".join(
-                    f"{d:+d} ({s})"
-                    for d, s in zip(
-                        vs["patch_difference"], vs["stride_step"], strict=True
-                    )
-                ),
-                "yes" if vs["within_tolerance"] else "**no**",
-            ]
-        lines.append(
-            f"| {name} | {cases} | {_fmt(plan['spacing'])} | "
-            f"{_fmt(plan['patch_size'])} | {' | '.join(diff)} |"
-        )
-
-    pooled = result["pooled"]
-    row("nnU-Net 3d_fullres, pooled", result["n_cases"], pooled["nnunet"], None)
-    row(
-        "moefl, exact fingerprints",
-        result["n_cases"],
-        pooled["moefl"],
-        pooled["vs_nnunet"],
-    )
-    coarse = pooled["moefl_coarsened"]
-    row(
-        "moefl, DP-coarsened fingerprints, no noise",
-        result["n_cases"],
-        coarse,
-        coarse["vs_nnunet"],
-    )
-    for dp in result["dp"]:
-        for r in dp["runs"]:
-            if "error" in r:
-                lines.append(
-                    f"| moefl, epsilon {dp['epsilon']:g}, seed {r['seed']} | "
-                    f"{r['n_cases_noised']} (noised) | failed: {r['error']} | | | | |"
-                )
-            else:
-                row(
-                    f"moefl, epsilon {dp['epsilon']:g}, seed {r['seed']}",
-                    f"{r['n_cases_noised']} (noised)",
-                    r,
-                    r.get("vs_nnunet"),
-                )
-    for site, s in result.get("sites", {}).items():
-        row(f"{site} alone: nnU-Net", s["cases"], s["nnunet"], None)
-        row(f"{site} alone: moefl", s["cases"], s["moefl"], s["vs_nnunet"])
-        coarse = s["moefl_coarsened"]
-        row(f"{site} alone: moefl, coarsened", s["cases"], coarse, coarse["vs_nnunet"])
-    lines.append("")
-    for dp in result["dp"]:
-        t = dp["tally"]
-        lines.append(
-            f"pooled, epsilon {dp['epsilon']:g} (noise multiplier "
-            f"{dp['noise_multiplier']}, count std {dp['count_std']}): within "
-            f"tolerance {dp['within_tolerance']} shown, {t['within_tolerance']}/"
-            f"{t['seeds']} seeds; equal to the exact plan {t['equals_exact']}/"
-            f"{t['seeds']}; plans {t['plans']}"
-        )
-    for site, s in result.get("sites", {}).items():
-        for dp in s["dp"]:
-            t = dp["tally"]
-            lines.append(
-                f"{site} alone, epsilon {dp['epsilon']:g}: within tolerance "
-                f"{t['within_tolerance']}/{t['seeds']} seeds; plans {t['plans']}"
-            )
-    t = result["seconds"]
-    lines.append(
-        "seconds: "
-        + ", ".join(f"{k} {v}" for k, v in t.items())
-        + f"; peak memory (sampled, all processes): PSS {result['peak_pss_mib']} "
-        f"MiB, largest process {result['peak_process_mib']} MiB"
-    )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    cases = 20 if args.quick and args.cases is None else args.cases
+    if args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"{args.out} is not empty; choose an empty or new folder")
+    args.out.mkdir(parents=True, exist_ok=True)
+    # nnU-Net reads its folders when first imported: set them first
+    os.environ.update(nnunet_settings(args.out / "nnunet"))
+    log = args.out / "nnunet.log"
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    memory = PssSampler()
+    with memory:
+        t0 = time.perf_counter()
+        configs, written = write_sites(
+            args.out / "cohort",
+            args.preset,
+            args.seed,
+            cases,
+            rendered=args.rendered,
+            workers=args.workers,
+        )
+        seconds["write_sites"] = round(time.perf_counter() - t0, 1)
+        pooled = pooled_plans(args, configs, log, seconds)
+        sites: dict[str, Any] = {}
+        if not args.no_sites:
+            sites = plans_alone(args, configs, pooled.fingerprints, log, seconds)
+    seconds["total"] = round(time.perf_counter() - start, 1)
+
+    result: dict[str, Any] = {
+        "preset": args.preset,
+        "seed": args.seed,
+        "images": "rendered" if args.rendered else "geometry-only",
+        "cases_per_site_cap": cases,
+        "n_cases": pooled.merged.n_cases,
+        "sites_written": written,
+        "pooled": pooled.summary(),
+        "dp": pooled.dp,
+        "sites": sites,
+        "seconds": seconds,
+        "peak_pss_mib": round(memory.peak_pss_mib),
+        "peak_rss_sum_mib": round(memory.peak_total_mib or 0.0),
+        "peak_process_mib": round(memory.peak_process_mib or 0.0),
+    }
+    args.json = args.json or args.out / "planning.json"
+    finish(args, "planning", planning_table(result), result)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--seed", type=int, default=0)
@@ -424,130 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--json", type=Path, help="write the results here (OUT/planning.json)"
     )
-    args = parser.parse_args(argv)
-    cases = 20 if args.quick and args.cases is None else args.cases
-    if args.out.exists() and any(args.out.iterdir()):
-        parser.error(f"{args.out} is not empty; choose an empty or new folder")
-    args.out.mkdir(parents=True, exist_ok=True)
-    # nnU-Net reads its folders when first imported: set them first
-    os.environ.update(nnunet_settings(args.out / "nnunet"))
-    log = args.out / "nnunet.log"
-
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    memory = PssSampler()
-    with memory:
-        t0 = time.perf_counter()
-        configs, written = write_sites(
-            args.out / "cohort",
-            args.preset,
-            args.seed,
-            cases,
-            rendered=args.rendered,
-            workers=args.workers,
-        )
-        seconds["write_sites"] = round(time.perf_counter() - t0, 1)
-
-        t0 = time.perf_counter()
-        fingerprints = [site_fingerprint(c) for c in configs]
-        seconds["moefl_fingerprints"] = round(time.perf_counter() - t0, 1)
-        pooled = reduce(Fingerprint.merge, fingerprints)
-        t0 = time.perf_counter()
-        exact = plan_from_fingerprint(pooled)
-        seconds["moefl_plan"] = round(time.perf_counter() - t0, 3)
-
-        with log.open("a") as f, contextlib.redirect_stdout(f):
-            reference = nnunet_plan(
-                configs, POOLED_ID, "PlanningPooled", num_processes=args.workers
-            )
-        seconds["nnunet_pooled"] = round(reference.seconds, 1)
-
-        t0 = time.perf_counter()
-        dp = [
-            dp_plans(
-                fingerprints,
-                eps,
-                args.delta,
-                seeds=args.noise_seeds,
-                tally=args.tally_seeds,
-                reference=reference,
-                exact=exact,
-            )
-            for eps in args.epsilons
-        ]
-        coarse = coarsened_plan(fingerprints)
-        seconds["dp_plans"] = round(time.perf_counter() - t0, 1)
-
-        sites: dict[str, Any] = {}
-        if not args.no_sites:
-            t0 = time.perf_counter()
-            nnunet_seconds = 0.0
-            for i, (config, fp) in enumerate(zip(configs, fingerprints, strict=True)):
-                with log.open("a") as f, contextlib.redirect_stdout(f):
-                    alone = nnunet_plan(
-                        [config],
-                        POOLED_ID + 1 + i,
-                        f"Planning{config.site_name.title().replace('_', '')}",
-                        num_processes=args.workers,
-                    )
-                nnunet_seconds += alone.seconds
-                plan = plan_from_fingerprint(fp)
-                site_coarse = coarsened_plan([fp])
-                sites[config.site_name] = {
-                    "cases": fp.n_cases,
-                    "nnunet": alone.summary(),
-                    "moefl": _plan_row(plan),
-                    "vs_nnunet": agreement(plan, alone),
-                    "moefl_coarsened": {
-                        **_plan_row(site_coarse),
-                        "vs_nnunet": agreement(site_coarse, alone),
-                    },
-                    "dp": [
-                        dp_plans(
-                            [fp],
-                            eps,
-                            args.delta,
-                            seeds=0,
-                            tally=args.tally_seeds,
-                            reference=alone,
-                            exact=plan,
-                            site_index=i,
-                        )
-                        for eps in args.epsilons
-                    ],
-                }
-            seconds["nnunet_sites"] = round(nnunet_seconds, 1)
-            seconds["sites_moefl_and_dp"] = round(
-                time.perf_counter() - t0 - nnunet_seconds, 1
-            )
-    seconds["total"] = round(time.perf_counter() - start, 1)
-
-    result: dict[str, Any] = {
-        "preset": args.preset,
-        "seed": args.seed,
-        "images": "rendered" if args.rendered else "geometry-only",
-        "cases_per_site_cap": cases,
-        "n_cases": pooled.n_cases,
-        "sites_written": written,
-        "pooled": {
-            "moefl": _plan_row(exact),
-            "moefl_fingerprint": pooled.summary(),
-            "nnunet": reference.summary(),
-            "vs_nnunet": agreement(exact, reference),
-            "moefl_coarsened": {
-                **_plan_row(coarse),
-                "vs_nnunet": agreement(coarse, reference),
-            },
-        },
-        "dp": dp,
-        "sites": sites,
-        "seconds": seconds,
-        "peak_pss_mib": round(memory.peak_pss_mib),
-        "peak_rss_sum_mib": round(memory.peak_total_mib or 0.0),
-        "peak_process_mib": round(memory.peak_process_mib or 0.0),
-    }
-    args.json = args.json or args.out / "planning.json"
-    finish(args, "planning", _table(result), result)
+    return parser
 
 
 if __name__ == "__main__":

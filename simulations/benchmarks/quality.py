@@ -115,11 +115,7 @@ def run_quality(
     the local-only models.
     """
     from client.data.site_config import load_site_config
-    from client.training.engine import TrainConfig
-    from client.training.heads import HeadConfig
-    from multisite.evaluation import run_evaluation
-    from multisite.training import find_plan, run_training
-    from simulations.simulate import run_simulated_federation
+    from multisite.training import find_plan
 
     preset = "tiny" if quick else preset
     out = Path(out)
@@ -130,9 +126,7 @@ def run_quality(
     oracle = cohort_dir / ORACLE
     widths = {"base_filters": 4, "max_filters": 32} if quick else {}
     plan = find_plan(train_yamls, None)
-    cfg = TrainConfig(
-        optimizer="adamw", lr=1e-3, batch_size=4, epochs=rounds, augment=True, seed=0
-    )
+    cfg = _train_config(rounds)
     seconds: dict[str, float] = {}
 
     def have(name: str) -> bool:
@@ -141,43 +135,19 @@ def run_quality(
     federations: dict[str, dict[str, Any]] = {"federated": {}}
     federations |= {f"federated_{v}": VARIANTS[v] for v in variants}
     for name, variant in federations.items():
-        if have(name):
-            continue
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-        t0 = time.perf_counter()
-        run_simulated_federation(
-            out,
-            preset=preset,
-            overrides={
-                "num-server-rounds": rounds,
-                "head-rounds": head_rounds,
-                "run-dir": str(out / name),
-                **variant,
-                **{k.replace("_", "-"): v for k, v in widths.items()},
-            },
-            echo=echo,
-        )
-        seconds[name] = time.perf_counter() - t0
+        if not have(name):
+            seconds[name] = _federate(
+                out, name, preset, rounds, head_rounds, variant, widths, echo
+            )
     centralised = [("pooled", train_yamls)] + [
         (f"local_{load_site_config(y).site_name}", [y])
         for y in (train_yamls if local else [])
     ]
     for name, yamls in centralised:
-        if have(name):
-            continue
-        t0 = time.perf_counter()
-        run_training(
-            yamls,
-            out / name,
-            cfg=cfg,
-            plan=plan,
-            model_overrides=widths or None,
-            image_only=False,
-            head=HeadConfig(epochs=head_rounds * 10, seed=0),
-            echo=echo,
-        )
-        seconds[name] = time.perf_counter() - t0
+        if not have(name):
+            seconds[name] = _train_centrally(
+                yamls, out / name, cfg, plan, widths, head_rounds, echo
+            )
 
     models: dict[str, dict[str, Any]] = {}
     scored = [*federations, *(n for n, _ in centralised), "clinical_only"]
@@ -190,20 +160,10 @@ def run_quality(
             models[name] = summarise(read_evaluation(scores.parent))
             continue
         echo(f"scoring {name} ...")
-        report = run_evaluation(
-            checkpoint,
-            all_yamls,
-            out / "evaluation" / name,
-            test_yamls=test_yamls,
-            oracle=oracle if oracle.is_dir() else None,
-            clinical_only=name == "clinical_only",
-            min_expert_support=0 if name == UNGUARDED else None,
+        models[name] = _score(
+            name, checkpoint, all_yamls, test_yamls, out, oracle, seconds.get(name)
         )
-        row = summarise(report)
-        if name in seconds:
-            row["train_seconds"] = round(seconds[name], 1)
-        models[name] = row
-    result = {
+    return {
         "preset": preset,
         "cohort": str(cohort_dir.resolve()),
         "rounds_or_epochs": rounds,
@@ -213,7 +173,103 @@ def run_quality(
         "widths": widths or "plan defaults (8..256)",
         "models": models,
     }
-    return result
+
+
+def _score(
+    name: str,
+    checkpoint: Path,
+    yamls: list[Path],
+    test_yamls: list[Path],
+    out: Path,
+    oracle: Path,
+    train_seconds: float | None,
+) -> dict[str, Any]:
+    """Evaluate one model on every cohort; its summary and training time."""
+    from multisite.evaluation import run_evaluation
+
+    report = run_evaluation(
+        checkpoint,
+        yamls,
+        out / "evaluation" / name,
+        test_yamls=test_yamls,
+        oracle=oracle if oracle.is_dir() else None,
+        clinical_only=name == "clinical_only",
+        min_expert_support=0 if name == UNGUARDED else None,
+    )
+    row = summarise(report)
+    if train_seconds is not None:
+        row["train_seconds"] = round(train_seconds, 1)
+    return row
+
+
+def _train_config(epochs: int) -> Any:
+    """The federation's optimiser (AdamW, lr 1e-3, poly decay), batch 4 and
+    augmentation, for the centrally trained models."""
+    from client.training.engine import TrainConfig
+
+    return TrainConfig(
+        optimizer="adamw", lr=1e-3, batch_size=4, epochs=epochs, augment=True, seed=0
+    )
+
+
+def _federate(
+    out: Path,
+    name: str,
+    preset: str,
+    rounds: int,
+    head_rounds: int,
+    variant: dict[str, Any],
+    widths: dict[str, int],
+    echo: Echo,
+) -> float:
+    """A fresh simulated federation of ``variant`` under ``out/name``; its
+    seconds."""
+    from simulations.simulate import run_simulated_federation
+
+    if (out / name).exists():
+        shutil.rmtree(out / name)
+    t0 = time.perf_counter()
+    run_simulated_federation(
+        out,
+        preset=preset,
+        overrides={
+            "num-server-rounds": rounds,
+            "head-rounds": head_rounds,
+            "run-dir": str(out / name),
+            **variant,
+            **{k.replace("_", "-"): v for k, v in widths.items()},
+        },
+        echo=echo,
+    )
+    return time.perf_counter() - t0
+
+
+def _train_centrally(
+    yamls: list[Path],
+    folder: Path,
+    cfg: Any,
+    plan: Any,
+    widths: dict[str, int],
+    head_rounds: int,
+    echo: Echo,
+) -> float:
+    """The pooled or a local-only model of ``yamls`` under ``folder``; its
+    seconds."""
+    from client.training.heads import HeadConfig
+    from multisite.training import run_training
+
+    t0 = time.perf_counter()
+    run_training(
+        yamls,
+        folder,
+        cfg=cfg,
+        plan=plan,
+        model_overrides=widths or None,
+        image_only=False,
+        head=HeadConfig(epochs=head_rounds * 10, lr=0.001, seed=0),
+        echo=echo,
+    )
+    return time.perf_counter() - t0
 
 
 def _fmt_auc(a: dict[str, Any] | None, ci: bool = True) -> str:

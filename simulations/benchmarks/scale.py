@@ -114,36 +114,11 @@ def partition_cohort(
             if per_site > len(rows):
                 raise ValueError(f"{centre} has {len(rows)} patients, not {per_site}")
             rows = rows[:per_site]
-        by_regimen: dict[str, list[dict[str, str]]] = defaultdict(list)
-        for row in rows:
-            by_regimen[row["regimen"]].append(row)
-        dealt: list[list[dict[str, str]]] = [[] for _ in range(alloc[centre])]
-        i = 0
-        for regimen in sorted(by_regimen):
-            for row in by_regimen[regimen]:
-                dealt[i % len(dealt)].append(row)
-                i += 1
+        dealt = _deal_by_regimen(rows, alloc[centre])
         meta = json.loads((dataset / "dataset.json").read_text())
         for k, part in enumerate(dealt):
             name = f"{centre}_{k:02d}" if len(dealt) > 1 else centre
-            folder = dest / SITE_DATASETS / name
-            for sub in ("imagesTr", "labelsTr"):
-                (folder / sub).mkdir(parents=True)
-            for row in sorted(part, key=lambda r: r["case_id"]):
-                cid = row["case_id"]
-                for ch in ("0000", "0001"):
-                    img = f"{cid}_{ch}{meta['file_ending']}"
-                    (folder / "imagesTr" / img).symlink_to(dataset / "imagesTr" / img)
-                lab = dataset / "labelsTr" / f"{cid}{meta['file_ending']}"
-                if lab.exists():
-                    (folder / "labelsTr" / lab.name).symlink_to(lab)
-            with (folder / "clinical.csv").open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(part[0]))
-                writer.writeheader()
-                writer.writerows(sorted(part, key=lambda r: r["case_id"]))
-            (folder / "dataset.json").write_text(
-                json.dumps({**meta, "numTraining": len(part)}, indent=1)
-            )
+            _write_linked_dataset(dest / SITE_DATASETS / name, part, dataset, meta)
             site_yaml = dest / SITE_CONFIGS / f"{name}.yaml"
             write_site_yaml(
                 site_yaml,
@@ -170,6 +145,47 @@ def partition_cohort(
     }
     (dest / COHORT_RECORD).write_text(json.dumps(summary, indent=1))
     return sorted(yamls)
+
+
+def _deal_by_regimen(
+    rows: list[dict[str, str]], n_parts: int
+) -> list[list[dict[str, str]]]:
+    """Deal the patients to ``n_parts`` sites in turn, regimen by regimen, so
+    each site gets its share of every regimen."""
+    by_regimen: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        by_regimen[row["regimen"]].append(row)
+    dealt: list[list[dict[str, str]]] = [[] for _ in range(n_parts)]
+    i = 0
+    for regimen in sorted(by_regimen):
+        for row in by_regimen[regimen]:
+            dealt[i % len(dealt)].append(row)
+            i += 1
+    return dealt
+
+
+def _write_linked_dataset(
+    folder: Path, part: list[dict[str, str]], dataset: Path, meta: dict[str, Any]
+) -> None:
+    """A site's dataset folder: links to the source's images and labels, its
+    own clinical table and ``dataset.json``."""
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+    for row in sorted(part, key=lambda r: r["case_id"]):
+        cid = row["case_id"]
+        for ch in ("0000", "0001"):
+            img = f"{cid}_{ch}{meta['file_ending']}"
+            (folder / "imagesTr" / img).symlink_to(dataset / "imagesTr" / img)
+        lab = dataset / "labelsTr" / f"{cid}{meta['file_ending']}"
+        if lab.exists():
+            (folder / "labelsTr" / lab.name).symlink_to(lab)
+    with (folder / "clinical.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(part[0]))
+        writer.writeheader()
+        writer.writerows(sorted(part, key=lambda r: r["case_id"]))
+    (folder / "dataset.json").write_text(
+        json.dumps({**meta, "numTraining": len(part)}, indent=1)
+    )
 
 
 def run_one(folder: Path, rounds: int, quick: bool) -> dict[str, Any]:
