@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -79,6 +79,20 @@ def predict(
         assert out is not None
         _predict_site(checkpoint, site, out, masks, what_if, min_expert_support, device)
         return
+    _predict_patient(checkpoint, t2w, adc, clinical, adc_unit, mask_out, device)
+
+
+def _predict_patient(
+    checkpoint: Path,
+    t2w: Path | None,
+    adc: Path | None,
+    clinical: list[str],
+    adc_unit: str,
+    mask_out: Path | None,
+    device: str,
+) -> None:
+    """``moefl predict --t2w --adc --clinical``: one patient's result as JSON
+    (and its mask when ``mask_out``)."""
     if t2w is None or adc is None or not clinical:
         fail(ConfigError("give --t2w, --adc and --clinical (one patient) or --site"))
     assert t2w is not None and adc is not None
@@ -206,16 +220,44 @@ def evaluate_cmd(
     ] = None,
 ) -> None:
     """Evaluate a model: metrics with intervals, recommendations, policy value."""
-    from multisite.evaluation import run_evaluation
-    from multisite.evaluation_text import headline
-    from shared_model.site_evaluation import EVALUATION
+    report = _run_evaluation(
+        checkpoint,
+        site_yamls(sites, ctx),
+        out,
+        test=test,
+        oracle=oracle,
+        what_if=what_if,
+        min_expert_support=min_expert_support,
+        target_sensitivity=target_sensitivity,
+        device=device,
+        clinical_only=clinical_only,
+        against=against,
+    )
+    _echo_evaluation(report, out)
 
-    sites = site_yamls(sites, ctx)
+
+def _run_evaluation(
+    checkpoint: Path,
+    sites: list[Path],
+    out: Path,
+    *,
+    test: list[Path],
+    oracle: Path | None,
+    what_if: str | None,
+    min_expert_support: int | None,
+    target_sensitivity: float,
+    device: str | None,
+    clinical_only: bool,
+    against: str | None,
+) -> dict[str, Any]:
+    """``moefl evaluate``'s report, scored with a progress bar."""
+    from multisite.evaluation import run_evaluation
+
     try:
         if not 0 < target_sensitivity <= 1:
             raise ConfigError("--target-sensitivity must be in (0, 1]")
         with progress_bar() as update:
-            report = run_evaluation(
+            return run_evaluation(
                 checkpoint,
                 sites,
                 out,
@@ -232,5 +274,12 @@ def evaluate_cmd(
             )
     except MoeflError as e:
         fail(e)
+
+
+def _echo_evaluation(report: dict[str, Any], out: Path) -> None:
+    """The report's headline and where it was written."""
+    from multisite.evaluation_text import headline
+    from shared_model.site_evaluation import EVALUATION
+
     typer.echo(headline(report))
     typer.echo(f"wrote {out / EVALUATION}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,6 +14,10 @@ from shared_model.errors import ConfigError, MoeflError
 from shared_model.federated_metrics import format_metric
 from shared_model.federation_config import FederationConfig
 from shared_model.layout import COHORT_RECORD, PREPROCESSED, SITE_CONFIGS
+
+if TYPE_CHECKING:
+    from client.training.engine import TrainConfig
+    from multisite.training import TrainRun
 
 
 def check(
@@ -148,14 +152,37 @@ def train(
 
     Several sites may follow one --sites: `--sites a.yaml b.yaml c.yaml`.
     """
+    run = _run_train(
+        site_yamls(sites, ctx),
+        out,
+        _train_config(optimizer, lr, batch_size, epochs, augment, seed, pos_weight),
+        plan=plan,
+        model_overrides={"base_filters": base_filters, "max_filters": max_filters},
+        image_only=image_only,
+        device=device,
+        training=training,
+        head_epochs=head_epochs,
+        head_lr=head_lr,
+        head_fit=head_fit,
+    )
+    _echo_trained(run)
+
+
+def _train_config(
+    optimizer: str,
+    lr: float,
+    batch_size: int,
+    epochs: int,
+    augment: bool,
+    seed: int,
+    pos_weight: float,
+) -> TrainConfig:
+    """``moefl train``'s optimisation settings, checked."""
     from client.training.engine import TrainConfig
-    from client.training.heads import HeadConfig
-    from multisite.training import TRAINING_RECORD, find_plan, run_training
     from shared_model.loss import LossConfig
 
-    sites = site_yamls(sites, ctx)
     try:
-        cfg = TrainConfig(
+        return TrainConfig(
             optimizer=optimizer,
             lr=lr,
             batch_size=batch_size,
@@ -164,23 +191,57 @@ def train(
             seed=seed,
             loss=LossConfig(pos_weight=pos_weight),
         )
-        run = run_training(
+    except MoeflError as e:
+        fail(e)
+
+
+def _run_train(
+    sites: list[Path],
+    out: Path,
+    cfg: TrainConfig,
+    *,
+    plan: Path | None,
+    model_overrides: dict[str, Any],
+    image_only: bool,
+    device: str | None,
+    training: str,
+    head_epochs: int,
+    head_lr: float,
+    head_fit: str,
+) -> TrainRun:
+    """``moefl train``'s run: the plan found, the heads' settings checked, the
+    model and its comparators trained (the head shares ``cfg``'s BCE weight
+    and seed)."""
+    from client.training.heads import HeadConfig
+    from multisite.training import find_plan, run_training
+
+    try:
+        return run_training(
             sites,
             out,
             cfg=cfg,
             plan=find_plan(sites, plan),
-            model_overrides={"base_filters": base_filters, "max_filters": max_filters},
+            model_overrides=model_overrides,
             image_only=image_only,
             device=device,
             training=training,
             head=HeadConfig(
-                epochs=head_epochs, lr=head_lr, pos_weight=pos_weight, seed=seed
+                epochs=head_epochs,
+                lr=head_lr,
+                pos_weight=cfg.loss.pos_weight,
+                seed=cfg.seed,
             ),
             head_fit=head_fit,
             echo=typer.echo,
         )
     except MoeflError as e:
         fail(e)
+
+
+def _echo_trained(run: TrainRun) -> None:
+    """The model's and the comparators' validation scores, and what was written."""
+    from multisite.training import TRAINING_RECORD
+
     m = run.metrics
     typer.echo(
         f"model: val AUC {format_metric(m['final']['auc'])}, "
