@@ -19,7 +19,8 @@ from client.training.engine import TrainConfig, safe_auc
 from client.training.heads import HeadConfig
 from multisite.fitting import Echo, fit, fit_staged
 from shared_model.clinical import REGIMENS, encode_clinical
-from shared_model.model import ModelConfig, UNetMoECli, build_model
+from shared_model.model import UNetMoECli, build_model
+from shared_model.model_config import ModelConfig
 from shared_model.plan import Plan
 
 

@@ -18,7 +18,8 @@ from client.training.engine import EvalResult, TrainConfig, evaluate, train_loca
 from client.training.heads import HeadConfig, train_heads
 from multisite.local_advice import site_features
 from shared_model.loss import LossConfig
-from shared_model.model import UNetMoECli, is_head_parameter
+from shared_model.model import UNetMoECli
+from shared_model.parameter_groups import is_head_parameter
 from shared_model.plan import Plan
 
 Echo = Callable[[str], None]

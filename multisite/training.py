@@ -44,7 +44,8 @@ from shared_model.clinical import REGIMENS
 from shared_model.durable import json_bytes, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.layout import cohort_of
-from shared_model.model import ModelConfig, UNetMoECli, build_model
+from shared_model.model import UNetMoECli, build_model
+from shared_model.model_config import ModelConfig
 from shared_model.plan import PLAN_FILE, Plan, plan_file
 from shared_model.policy import RecommendationRule
 

@@ -54,7 +54,7 @@ from shared_model.federation_config import FederationConfig
 from shared_model.messages import (
     RoundRequest,
 )
-from shared_model.model import ModelConfig
+from shared_model.model_config import ModelConfig
 from shared_model.policy import RecommendationRule, supported_regimens
 from shared_model.posterior import (
     Posterior,

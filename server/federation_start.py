@@ -19,13 +19,9 @@ from shared_model.backbone import Backbone, apply_backbone, load_backbone
 from shared_model.errors import ConfigError
 from shared_model.federation_config import STAGES, FederationConfig
 from shared_model.messages import RoundRequest
-from shared_model.model import (
-    ModelConfig,
-    build_model,
-    model_config_for,
-    parameter_groups,
-    stage_parameter_groups,
-)
+from shared_model.model import build_model
+from shared_model.model_config import ModelConfig, model_config_for
+from shared_model.parameter_groups import parameter_groups, stage_parameter_groups
 from shared_model.plan import Plan, plan_file
 
 log = logging.getLogger(__name__)

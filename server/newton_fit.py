@@ -40,14 +40,9 @@ from server.strategy import GroupedStrategy
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
-from shared_model.messages import (
-    ARRAYS,
-    CONFIG,
-    MAX_SITE_PATIENTS,
-    SHARED,
-    RoundRequest,
-)
-from shared_model.model import ModelConfig, UNetMoECli, build_model
+from shared_model.messages import ARRAYS, CONFIG, SHARED, RoundRequest
+from shared_model.model import UNetMoECli, build_model
+from shared_model.model_config import ModelConfig
 from shared_model.newton_messages import GLM, NewtonReply
 from shared_model.posterior import (
     BLOCKS,
@@ -60,6 +55,7 @@ from shared_model.posterior import (
     verify_sums,
     within_prior_ball,
 )
+from shared_model.reply_values import MAX_SITE_PATIENTS
 from shared_model.robust import lower_median
 from wire.records import NEWTON_MESSAGE, arrays_to_record, read_newton_reply
 

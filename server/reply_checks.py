@@ -27,8 +27,9 @@ from flwr.app import Message
 from server.identity import ReplyRejected, SiteIdentities, Unidentified
 from server.roster import Roster
 from server.round_entry import RoundOutcome
-from shared_model.aggregation import SiteUpdate, verify_update
+from shared_model.aggregation import verify_update
 from shared_model.messages import COUNT_KEYS, SiteTrainReply
+from shared_model.robust import SiteUpdate
 from shared_model.site_evaluation import SiteEvaluation
 from wire.records import read_evaluation_reply, read_train_reply
 

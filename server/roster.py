@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives import serialization
 
 from shared_model.errors import ConfigError
 from shared_model.federation_config import is_site_name
-from shared_model.messages import MAX_SITE_PATIENTS, SHARED
+from shared_model.messages import SHARED
+from shared_model.reply_values import MAX_SITE_PATIENTS
 
 ROSTER = "roster.yaml"
 

@@ -31,15 +31,10 @@ import numpy as np
 from server.round_entry import RoundOutcome
 from server.run_folder import StrategyState
 from shared_model.accounting import epsilon_of
-from shared_model.aggregation import (
-    SiteUpdate,
-    central_dp_mean,
-    fedadam_step,
-    grouped_mean,
-)
+from shared_model.aggregation import central_dp_mean, fedadam_step, grouped_mean
 from shared_model.federation_config import FederationConfig
 from shared_model.messages import SHARED
-from shared_model.robust import BoundReport, bound_updates
+from shared_model.robust import BoundReport, SiteUpdate, bound_updates
 
 log = logging.getLogger(__name__)
 

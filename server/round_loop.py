@@ -19,7 +19,7 @@ from server.identity import (
 )
 from server.round_entry import learn_sites
 from shared_model.messages import RoundRequest
-from shared_model.model import ModelConfig
+from shared_model.model_config import ModelConfig
 from shared_model.plan import Plan
 
 

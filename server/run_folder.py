@@ -51,7 +51,7 @@ from shared_model.clinical import REGIMENS
 from shared_model.durable import json_bytes, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.messages import expert_group
-from shared_model.model import ModelConfig
+from shared_model.model_config import ModelConfig
 from shared_model.plan import Plan
 from shared_model.policy import RecommendationRule
 

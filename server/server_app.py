@@ -45,7 +45,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server import planning
 from server.advice_step import advice_step
-from server.federation_start import FederationStart, resolve_plan, start_federation
+from server.federation_start import start_federation
 from server.identity import NodeSites
 from server.roster import Roster
 from server.round_loop import SiteTracker, opening_record
@@ -53,15 +53,6 @@ from server.run_folder import RunFolder
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
 from shared_model.plan import PLAN_FILE, Plan
-
-__all__ = [
-    "FederationStart",
-    "make_server_app",
-    "resolve_plan",
-    "run_federation",
-    "start_federation",
-    "verify_for_runtime",
-]
 
 log = logging.getLogger(__name__)
 

@@ -60,14 +60,12 @@ from server.round_aggregation import aggregate_updates, client_dp_epsilon
 from server.round_entry import RoundOutcome, round_entry, round_line
 from server.round_loop import RunStart, SiteTracker
 from server.run_folder import RunFolder, StrategyState, expert_support
-from shared_model.aggregation import SiteUpdate
 from shared_model.federation_config import FederationConfig
 from shared_model.messages import SiteTrainReply
 from shared_model.policy import supported_regimens
+from shared_model.robust import SiteUpdate
 from shared_model.site_evaluation import combine
 from wire.records import arrays_to_record, request_record
-
-__all__ = ["GroupedStrategy", "RoundOutcome"]
 
 log = logging.getLogger(__name__)
 

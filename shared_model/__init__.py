@@ -6,13 +6,9 @@ Never imports Flower, so it is usable and testable without a federation.
 from shared_model.clinical import CLINICAL_DIM, REGIMENS, encode_clinical
 from shared_model.errors import ConfigError, DataError, MoeflError
 from shared_model.loss import LossConfig, MoELoss
-from shared_model.model import (
-    ModelConfig,
-    ModelOutput,
-    UNetMoECli,
-    build_model,
-    parameter_groups,
-)
+from shared_model.model import ModelOutput, UNetMoECli, build_model
+from shared_model.model_config import ModelConfig
+from shared_model.parameter_groups import parameter_groups
 from shared_model.plan import Plan
 
 __all__ = [

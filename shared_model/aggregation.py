@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared_model.messages import MAX_SITE_PATIENTS
+from shared_model.reply_values import MAX_SITE_PATIENTS
 from shared_model.robust import (
-    AGGREGATION_RULES,
     SiteUpdate,
     aggregation_rule,
     capped_shares,
@@ -35,14 +34,6 @@ from shared_model.robust import (
     l2,
     rebuild_update,
 )
-
-__all__ = [
-    "AGGREGATION_RULES",
-    "SiteUpdate",
-    "clip_update",
-    "grouped_mean",
-    "verify_update",
-]
 
 
 def verify_update(

@@ -31,7 +31,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from shared_model.errors import ConfigError, DataError
-from shared_model.model import UNetMoECli, is_head_parameter
+from shared_model.model import UNetMoECli
+from shared_model.parameter_groups import is_head_parameter
 from shared_model.plan import Plan
 
 FORMAT = "moefl-backbone-1"

@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 from shared_model.clinical import REGIMENS
 from shared_model.durable import json_bytes, write_atomic
 from shared_model.errors import ConfigError
-from shared_model.model import ModelConfig, UNetMoECli, build_model
+from shared_model.model import UNetMoECli, build_model
+from shared_model.model_config import ModelConfig
 from shared_model.plan import PLAN_FILE, Plan
 from shared_model.policy import RecommendationRule
 from shared_model.posterior import Posterior

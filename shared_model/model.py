@@ -54,31 +54,8 @@ from shared_model.model_blocks import (
     expert_mlp,
 )
 from shared_model.model_config import (
-    EXPERTS,
-    FEATURES,
     ModelConfig,
-    compute_kernels_strides,
-    model_config_for,
 )
-from shared_model.parameter_groups import (
-    is_head_parameter,
-    parameter_groups,
-    stage_parameter_groups,
-)
-
-__all__ = [
-    "EXPERTS",
-    "FEATURES",
-    "ModelConfig",
-    "model_config_for",
-    "ModelOutput",
-    "UNetMoECli",
-    "build_model",
-    "compute_kernels_strides",
-    "is_head_parameter",
-    "parameter_groups",
-    "stage_parameter_groups",
-]
 
 ACT = ("leakyrelu", {"inplace": False, "negative_slope": 0.01})
 NORM = ("instance", {"affine": True})

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from shared_model.clinical import REGIMENS
-from shared_model.messages import COUNT_KEYS, expert_group, whole_count
+from shared_model.messages import COUNT_KEYS, expert_group
+from shared_model.reply_values import whole_count
 
 GLM = "glm"  # the Newton query's and reply's arrays record
 NEWTON_QUERY = "newton"  # its Flower message type is ``query.newton``

@@ -36,10 +36,10 @@ import numpy as np
 from scipy.stats import norm
 
 from shared_model.clinical import REGIMENS
-from shared_model.messages import finite_number, whole_count
 from shared_model.policy import GAIN_THRESHOLDS, RecommendationRule, recommend
 from shared_model.policy_value import policy_terms
 from shared_model.posterior import Posterior
+from shared_model.reply_values import finite_number, whole_count
 
 
 def candidate_rules(

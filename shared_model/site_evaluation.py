@@ -35,9 +35,10 @@ from shared_model.federated_metrics import (
     net_benefit,
     threshold_for_sensitivity,
 )
-from shared_model.messages import SECONDS, finite_number, whole_count
+from shared_model.messages import SECONDS
 from shared_model.policy import DIRECTIONS
 from shared_model.policy_value import OracleSums, PolicySums, policy_value
+from shared_model.reply_values import finite_number, whole_count
 from shared_model.rule_choice import CandidateSums
 from shared_model.survival import SurvivalCounts, kaplan_meier, logrank
 

@@ -89,7 +89,9 @@ def play(
 
     from server.server_app import run_federation
     from shared_model.federation_config import FederationConfig
-    from shared_model.model import build_model, model_config_for, parameter_groups
+    from shared_model.model import build_model
+    from shared_model.model_config import model_config_for
+    from shared_model.parameter_groups import parameter_groups
     from shared_model.plan import Plan
 
     config = run_config(run_dir, plan, **override)

@@ -26,7 +26,9 @@ from client.privacy.rounds import RoundShape
 from client.privacy.site_privacy import SitePrivacy
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
-from shared_model.model import build_model, is_head_parameter, model_config_for
+from shared_model.model import build_model
+from shared_model.model_config import model_config_for
+from shared_model.parameter_groups import is_head_parameter
 from shared_model.plan import Plan
 
 CANNOT_LEARN = 0.3

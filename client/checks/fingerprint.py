@@ -17,7 +17,7 @@ import secrets
 import nibabel as nib
 import numpy as np
 
-from client.checks.case_checks import MAX_VOXELS
+from client.checks.volume_checks import MAX_VOXELS
 from client.data.site_config import SiteConfig
 from client.data.site_data import CaseFiles, list_cases
 from client.privacy.site_privacy import SitePrivacy

@@ -20,10 +20,10 @@ import numpy as np
 
 from client.checks.case_checks import check_case
 from client.checks.dp_feasibility import CANNOT_LEARN
+from client.data.clinical_table import read_clinical_table
 from client.data.site_config import SiteConfig, parse_site_yaml
 from client.data.site_data import (
     DatasetScan,
-    read_clinical_table,
     read_dataset_json,
     scan_dataset,
     segmentation_records,

@@ -64,7 +64,8 @@ from shared_model.messages import (
     SiteTrainReply,
     TrainReply,
 )
-from shared_model.model import UNetMoECli, stage_parameter_groups
+from shared_model.model import UNetMoECli
+from shared_model.parameter_groups import stage_parameter_groups
 from shared_model.policy import RecommendationRule
 from shared_model.posterior import Posterior
 

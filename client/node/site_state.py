@@ -27,7 +27,8 @@ from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
 from shared_model.layout import PREPROCESSED, SITE_CONFIGS
 from shared_model.messages import SHARED, RoundRequest, expert_group
-from shared_model.model import ModelConfig, UNetMoECli, build_model
+from shared_model.model import UNetMoECli, build_model
+from shared_model.model_config import ModelConfig
 from shared_model.plan import Plan
 
 

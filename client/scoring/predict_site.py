@@ -37,14 +37,10 @@ from typing import Any
 import numpy as np
 
 from client.checks.preflight import run_check
+from client.data.clinical_table import read_clinical_table
 from client.data.dataset import SiteDataset
 from client.data.site_config import SiteConfig, load_site_config
-from client.data.site_data import (
-    CaseFiles,
-    read_clinical_table,
-    read_dataset_json,
-    scan_dataset,
-)
+from client.data.site_data import CaseFiles, read_dataset_json, scan_dataset
 from client.scoring.evaluation import scoring_rule
 from client.scoring.inference import CaseScore, score_dataset
 from client.scoring.predict import mask_on_input_grid, save_mask

@@ -30,7 +30,8 @@ from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.federation_config import FederationConfig
 from shared_model.loss import gated_bce
-from shared_model.model import UNetMoECli, is_head_parameter
+from shared_model.model import UNetMoECli
+from shared_model.parameter_groups import is_head_parameter
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ from client.training.feature_cache import compute_features, eval_view
 from shared_model.backbone import save_backbone
 from shared_model.errors import ConfigError
 from shared_model.loss import LossConfig
-from shared_model.model import ModelConfig, UNetMoECli, build_model, is_head_parameter
+from shared_model.model import UNetMoECli, build_model
+from shared_model.model_config import ModelConfig
+from shared_model.parameter_groups import is_head_parameter
 from shared_model.plan import Plan
 
 Echo = Callable[[str], None]

@@ -124,7 +124,7 @@ def run_deployed(
 ) -> list[list[float]]:
     """``runs`` runs of one deployment on one copy of the sites; each run's
     round seconds."""
-    from client.node.app_pinning import app_hash
+    from client.node.app_approval import app_hash
     from server.deploy import make_site_key
     from simulations.local_deployment import ROOT, LocalDeployment
 

@@ -95,7 +95,8 @@ def _add_feature_stats(backbone: Path, public_dir: Path, plan: Any) -> None:
     from client.data.site_config import load_site_config
     from client.training.pretrain import public_feature_stats
     from shared_model.backbone import apply_backbone, load_backbone, save_backbone
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
 
     found = load_backbone(backbone)
     if found.feature_centre:

@@ -105,7 +105,9 @@ def aggregation_cost(repeats: int = 15) -> dict[str, Any]:
     from server.strategy import GroupedStrategy
     from shared_model.federation_config import FederationConfig
     from shared_model.messages import GROUPS, SiteTrainReply, TrainReply
-    from shared_model.model import build_model, model_config_for, parameter_groups
+    from shared_model.model import build_model
+    from shared_model.model_config import model_config_for
+    from shared_model.parameter_groups import parameter_groups
     from shared_model.plan import PRESET_PLANS
 
     fed = FederationConfig(training="joint")

@@ -50,7 +50,8 @@ def measure(
 ) -> dict[str, Any]:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
     from shared_model.loss import MoELoss
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
 
     spec = CONFIGS[name]
     dev = torch.device(device)

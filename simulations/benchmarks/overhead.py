@@ -59,7 +59,7 @@ def plain_loop(
     from flwr.app import RecordDict
 
     from client.node.site_round import train_round
-    from server.server_app import start_federation
+    from server.federation_start import start_federation
     from shared_model.federation_config import FederationConfig
     from wire.records import arrays_to_record, request_record, train_reply_content
 

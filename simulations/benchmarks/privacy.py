@@ -39,7 +39,8 @@ def step_times(steps: int, repeats: int) -> dict[str, Any]:
     from client.privacy.dp_sgd import PrivateRound, dp_generator
     from client.privacy.rounds import DPRound
     from client.training.engine import TrainConfig, train_local
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
     from shared_model.plan import PRESET_PLANS
 
     plan = PRESET_PLANS["demo"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from client.node.app_pinning import app_hash
+from client.node.app_approval import app_hash
 from simulations.local_deployment import flower_env, free_port, wait_for_port
 
 pytestmark = [

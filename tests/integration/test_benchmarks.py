@@ -53,7 +53,8 @@ def test_a_site_without_validation_patients_adds_an_empty_evaluation(
 
     from client.data.site_config import load_site_config
     from client.scoring.evaluation import evaluate_site
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
     from shared_model.plan import Plan
     from shared_model.site_evaluation import combine_by_cohort
     from simulations.benchmarks.scale import partition_cohort

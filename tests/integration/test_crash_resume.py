@@ -52,7 +52,9 @@ from server.run_folder import RunFolder
 from server.server_app import run_federation
 from shared_model.federation_config import FederationConfig
 from shared_model.messages import COUNT_KEYS, GROUPS, SHARED, expert_group
-from shared_model.model import build_model, model_config_for, parameter_groups
+from shared_model.model import build_model
+from shared_model.model_config import model_config_for
+from shared_model.parameter_groups import parameter_groups
 from shared_model.plan import PRESET_PLANS, Plan
 
 ROUNDS = 3

@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from server.advice_step import NewtonFit
 from server.identity import SiteIdentities
+from server.newton_fit import NewtonFit
 from server.run_folder import StrategyState
 from server.strategy import GroupedStrategy
 from shared_model.clinical import REGIMENS
 from shared_model.federation_config import FederationConfig
 from shared_model.messages import RoundRequest
-from shared_model.model import ModelConfig, build_model, parameter_groups
+from shared_model.model import build_model
+from shared_model.model_config import ModelConfig
 from shared_model.newton_messages import NewtonReply
+from shared_model.parameter_groups import parameter_groups
 from shared_model.plan import PRESET_PLANS
 from shared_model.posterior import (
     fit_pooled,

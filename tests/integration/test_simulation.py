@@ -135,7 +135,8 @@ def test_nct_expert_changes_only_through_the_nct_site(sim_dir: Path) -> None:
     import torch
 
     from shared_model.checkpoint import load_checkpoint
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
 
     model, _ = load_checkpoint(sim_dir / "federated")
     torch.manual_seed(0)  # the server seeds its initial model with the run seed

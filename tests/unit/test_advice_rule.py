@@ -138,7 +138,8 @@ def test_the_checkpoint_carries_its_rule_and_every_scorer_reads_it(
     tmp_path: Path,
 ) -> None:
     """The rule saved with the model comes back whatever the defaults are now."""
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
     from shared_model.plan import PRESET_PLANS
     from shared_model.policy import DEFAULT_MARGIN
 
@@ -162,7 +163,8 @@ def test_the_checkpoint_carries_its_rule_and_every_scorer_reads_it(
 
 
 def test_glm_coefficients_round_trip_through_the_model() -> None:
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
     from shared_model.plan import PRESET_PLANS
 
     cfg = ModelConfig.from_plan(PRESET_PLANS["tiny"])
@@ -191,7 +193,8 @@ def test_scorers_use_the_checkpoints_rule_whatever_the_defaults(
     what-if is explicit and recorded."""
     import shared_model.policy as policy
     from client.scoring.evaluation import scoring_rule
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
     from shared_model.plan import PRESET_PLANS
 
     plan = PRESET_PLANS["tiny"]

@@ -10,7 +10,6 @@ from sklearn.metrics import roc_auc_score
 
 from shared_model.aggregation import (
     AdamState,
-    SiteUpdate,
     fedadam_step,
     grouped_mean,
     verify_update,
@@ -20,6 +19,7 @@ from shared_model.federated_metrics import (
     auc_from_histograms,
     score_histograms,
 )
+from shared_model.robust import SiteUpdate
 
 GROUPS = {
     "shared": ["enc.w"],
@@ -171,8 +171,7 @@ def test_histogram_auc_within_0002_of_raw_scores() -> None:
 def test_the_rule_registry_names_the_run_configs_rules() -> None:
     from scipy.stats import trim_mean
 
-    from shared_model.aggregation import AGGREGATION_RULES
-    from shared_model.robust import AGGREGATIONS, aggregation_rule
+    from shared_model.robust import AGGREGATION_RULES, AGGREGATIONS, aggregation_rule
 
     assert (
         tuple(AGGREGATION_RULES) == AGGREGATIONS == ("mean", "median", "trimmed-mean")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from shared_model.policy_value import share_of_oracle_gain
-from simulations.cohort import build_cohort, clinical_risk
-from simulations.response import TARGET_PCR
+from simulations.cohort import build_cohort
+from simulations.response import TARGET_PCR, clinical_risk
 from simulations.sites import NCT_SITE, PRESETS, RETROSPECTIVE_SITES, held_out_counts
 from simulations.synth import synthesize
 

@@ -6,7 +6,8 @@ import csv
 from pathlib import Path
 
 from client.checks.preflight import run_check
-from client.data.site_data import list_cases, read_clinical_table
+from client.data.clinical_table import read_clinical_table
+from client.data.site_data import list_cases
 from shared_model.clinical import CLINICAL_COLUMNS
 
 DATASET = "sites/Dataset101_WestChina"

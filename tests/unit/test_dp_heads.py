@@ -23,7 +23,9 @@ from shared_model.backbone import (
 )
 from shared_model.errors import ConfigError, DataError
 from shared_model.loss import gated_bce
-from shared_model.model import ModelConfig, build_model, is_head_parameter
+from shared_model.model import build_model
+from shared_model.model_config import ModelConfig
+from shared_model.parameter_groups import is_head_parameter
 from shared_model.plan import PRESET_PLANS
 
 PLAN = PRESET_PLANS["tiny"]

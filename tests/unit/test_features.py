@@ -98,7 +98,8 @@ def site(tiny_copy: Path):  # type: ignore[no-untyped-def]
 
 
 def _model(plan):  # type: ignore[no-untyped-def]
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
 
     torch.manual_seed(0)
     return build_model(

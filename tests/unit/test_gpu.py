@@ -8,7 +8,8 @@ from opacus import GradSampleModule
 
 from client.training.engine import TrainConfig, evaluate, train_local
 from shared_model.loss import MoELoss
-from shared_model.model import ModelConfig, build_model
+from shared_model.model import build_model
+from shared_model.model_config import ModelConfig
 from tests.unit.test_engine import CFG, Toy
 
 pytestmark = pytest.mark.gpu

@@ -171,7 +171,7 @@ def test_declared_counts_survive_a_resume(tmp_path: Any) -> None:
     """The declarations are checkpointed with the round, so a resumed run
     still refuses an inflated count."""
     from server.run_folder import RunFolder, StrategyState
-    from shared_model.model import ModelConfig
+    from shared_model.model_config import ModelConfig
     from shared_model.plan import PRESET_PLANS
 
     plan = PRESET_PLANS["tiny"]

@@ -10,13 +10,9 @@ from opacus.validators import ModuleValidator
 from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError
 from shared_model.loss import LossConfig, MoELoss
-from shared_model.model import (
-    ModelConfig,
-    build_model,
-    compute_kernels_strides,
-    parameter_groups,
-    stage_parameter_groups,
-)
+from shared_model.model import build_model
+from shared_model.model_config import ModelConfig, compute_kernels_strides
+from shared_model.parameter_groups import parameter_groups, stage_parameter_groups
 
 SMALL = ModelConfig(
     patch_size=(8, 32, 32),

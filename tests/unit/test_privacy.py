@@ -31,7 +31,8 @@ from shared_model.accounting import epsilon_of
 from shared_model.errors import ConfigError, DataError
 from shared_model.federation_config import FederationConfig
 from shared_model.loss import MoELoss
-from shared_model.model import build_model, parameter_groups
+from shared_model.model import build_model
+from shared_model.parameter_groups import parameter_groups
 from tests.unit.test_engine import CFG, Toy
 
 BUDGET = PrivacyConfig(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0)

@@ -12,7 +12,7 @@ import pytest
 from server.run_folder import RunFolder, StrategyState
 from shared_model.aggregation import AdamState
 from shared_model.errors import ConfigError
-from shared_model.model import ModelConfig
+from shared_model.model_config import ModelConfig
 from shared_model.plan import PRESET_PLANS
 
 PLAN = PRESET_PLANS["tiny"]

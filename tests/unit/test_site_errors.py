@@ -86,7 +86,8 @@ def test_a_dp_site_refuses_staged_training_before_spending(
         site_yaml.read_text()
         + "privacy:\n  target_epsilon: 8.0\n  delta: 1.0e-3\n  max_grad_norm: 1.0\n"
     )
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
     from wire.records import arrays_to_record
 
     msg = _instruction("train", FederationConfig().to_run_config())

@@ -104,7 +104,8 @@ def test_a_frozen_backbones_masks_are_reused_by_the_next_process(
     tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from client.scoring import inference as scoring
-    from shared_model.model import ModelConfig, build_model
+    from shared_model.model import build_model
+    from shared_model.model_config import ModelConfig
 
     site = tiny_copy / "site_configs" / "sysucc.yaml"
     plan = Plan.load(tiny_copy / "plan.json")
