@@ -15,10 +15,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-UPPER = ("wire", "client", "server", "multisite", "simulations", "cli")
+UPPER = ("wire", "secagg", "client", "server", "multisite", "simulations", "cli")
 FORBIDDEN = {
     "shared_model": ("flwr", *UPPER),
-    "wire": ("client", "server", "multisite", "simulations", "cli"),
+    "wire": ("secagg", "client", "server", "multisite", "simulations", "cli"),
+    "secagg": (
+        "shared_model",
+        "wire",
+        "client",
+        "server",
+        "multisite",
+        "simulations",
+        "cli",
+    ),
     "server": ("client", "multisite", "simulations", "cli"),
     "client": ("server", "multisite", "simulations", "cli"),
     "multisite": ("simulations", "cli"),

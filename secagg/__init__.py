@@ -1,0 +1,2 @@
+"""Secure aggregation: the coordinator learns the sum of the sites' vectors, not
+each site's. The protocol's arithmetic, for both sides, on Flower's primitives."""
