@@ -119,7 +119,7 @@ def accept_reply(
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise ReplyRejected("; ".join(problems[:3]) + more)
     above = {
-        g: (n, declared[name][g])
+        g: (n, declared[name].get(g, 0))
         for g, n in counts.items()
         if name in declared and n > declared[name].get(g, 0)
     }

@@ -10,6 +10,7 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from server.identity import SiteIdentities
+from server.run_folder import StrategyState
 from server.strategy import GroupedStrategy
 from shared_model.federated_metrics import ScoreCounts
 from shared_model.federation_config import FederationConfig
@@ -98,6 +99,18 @@ def test_a_hostile_reply_is_excluded_and_the_honest_mean_stands(kind: str) -> No
     assert len(out.excluded) == 1
     (reasons,) = out.excluded.values()
     assert reasons and all(isinstance(r, str) and r for r in reasons)
+
+
+def test_a_declaration_without_a_group_excludes_with_a_reason() -> None:
+    """A resumed state whose declaration lacks a group: a later claim on that
+    group is excluded as more than declared (0), not as an unreadable reply."""
+    strategy = GroupedStrategy(FederationConfig(min_sites=2), GROUPS)
+    strategy.restore(StrategyState(declared={"a": {"shared": 10}, "b": {}}))
+    out = strategy.aggregate_round(
+        2, [reply("a", 1.0), reply("b", 3.0), reply("c", 1.0)], CURRENT, claims()
+    )
+    reasons = " ".join(out.excluded["a"])
+    assert "more than the 0 it declared" in reasons and "unreadable" not in reasons
 
 
 def test_at_least_fifteen_kinds() -> None:
