@@ -301,6 +301,12 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read ({e})") from e
     if not isinstance(record, dict):
         raise ConfigError(f"{path}: not a run record")
+    rounds = record.get("rounds", [])
+    if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
+        raise ConfigError(
+            f"{path}: `rounds` is not a list of round entries; the run record is "
+            "damaged (the checkpoints beside it are kept)"
+        )
     return record
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.run_folder import RunFolder, StrategyState
+from server.run_folder import RUN_RECORD, RunFolder, StrategyState, read_run_record
 from shared_model.aggregation import AdamState
 from shared_model.errors import ConfigError
 from shared_model.model_config import ModelConfig
@@ -109,3 +109,12 @@ def test_a_resume_under_a_changed_run_config_is_refused(tmp_path: Path) -> None:
     assert stored["lr"] == 0.001  # the refused config is not stored
     folder.check_run_config({"lr": 0.01, "num-server-rounds": 8}, allow_changes=True)
     assert json.loads((tmp_path / "run_config.json").read_text())["lr"] == 0.01
+
+
+def test_a_damaged_run_record_is_refused_with_its_path(tmp_path: Path) -> None:
+    (tmp_path / RUN_RECORD).write_text('{"status": "finished", "rounds": [1, {}]}')
+    with pytest.raises(ConfigError, match="rounds") as info:
+        read_run_record(tmp_path)
+    assert str(tmp_path) in str(info.value)
+    (tmp_path / RUN_RECORD).write_text('{"status": "finished", "rounds": [{}]}')
+    assert read_run_record(tmp_path)["rounds"] == [{}]
