@@ -15,7 +15,6 @@ network). The fitting itself, joint or staged, is :mod:`multisite.fitting`'s.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -41,7 +40,7 @@ from multisite.fitting import Echo, fit, fit_staged
 from multisite.local_advice import choose_rule_locally, fit_head_locally
 from shared_model.checkpoint import save_checkpoint
 from shared_model.clinical import REGIMENS
-from shared_model.durable import json_bytes, write_atomic
+from shared_model.durable import json_bytes, read_record, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.layout import cohort_of
 from shared_model.model import UNetMoECli, build_model
@@ -60,14 +59,7 @@ scores, the comparators)."""
 def read_training_record(folder: Path) -> dict[str, Any]:
     """The training record in ``folder``; ConfigError names the file when it is
     missing or unreadable."""
-    path = Path(folder) / TRAINING_RECORD
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from e
-    if not isinstance(record, dict):
-        raise ConfigError(f"{path}: not a training record")
-    return record
+    return read_record(Path(folder) / TRAINING_RECORD, "a training record")
 
 
 @dataclass

@@ -48,7 +48,7 @@ from shared_model.checkpoint import (
     checkpoint_files,
 )
 from shared_model.clinical import REGIMENS
-from shared_model.durable import json_bytes, write_atomic
+from shared_model.durable import json_bytes, read_record, write_atomic
 from shared_model.errors import ConfigError
 from shared_model.messages import expert_group
 from shared_model.model_config import ModelConfig
@@ -295,12 +295,7 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_RECORD
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no {RUN_RECORD}; give a federated run folder")
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from e
-    if not isinstance(record, dict):
-        raise ConfigError(f"{path}: not a run record")
+    record = read_record(path, "a run record")
     rounds = record.get("rounds", [])
     if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
         raise ConfigError(

@@ -4,7 +4,8 @@
 flushes the folder: a crash leaves the old file or the new one, never half of
 either. The checkpoint folder, the coordinator's run folder, the planning
 record, a site's privacy ledger and its preprocessed-volume store all write
-through it. :func:`json_bytes` is the project's JSON encoding of a record.
+through it. :func:`json_bytes` is the project's JSON encoding of a record, and
+:func:`read_record` reads one back.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+from shared_model.errors import ConfigError
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -48,3 +51,17 @@ def fsync_folder(folder: Path) -> None:
 def json_bytes(value: Any) -> bytes:
     """Indented JSON with a final newline (numpy scalars as floats)."""
     return (json.dumps(value, indent=2, default=float) + "\n").encode()
+
+
+def read_record(path: Path, what: str, hint: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``; ConfigError naming the file when it is
+    missing, unreadable or not ``what`` (``hint``: what to do then)."""
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e}){tail}") from e
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: not {what}{tail}")
+    return record

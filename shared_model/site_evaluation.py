@@ -16,7 +16,6 @@ by :func:`write_evaluation` and read (by the report and the benchmarks) with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from shared_model.clinical import REGIMENS
-from shared_model.durable import json_bytes, write_atomic
-from shared_model.errors import ConfigError
+from shared_model.durable import json_bytes, read_record, write_atomic
 from shared_model.federated_metrics import (
     ScoreCounts,
     auc_from_histograms,
@@ -62,16 +60,11 @@ def write_evaluation(folder: Path, report: Mapping[str, Any]) -> Path:
 def read_evaluation(folder: Path) -> dict[str, Any]:
     """The evaluation written into ``folder``; ConfigError names the file when
     it is missing or unreadable."""
-    path = Path(folder) / EVALUATION
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(
-            f"{path}: cannot read ({e}); give a folder `moefl evaluate --out` wrote"
-        ) from e
-    if not isinstance(report, dict):
-        raise ConfigError(f"{path}: not an evaluation")
-    return report
+    return read_record(
+        Path(folder) / EVALUATION,
+        "an evaluation",
+        "give a folder `moefl evaluate --out` wrote",
+    )
 
 
 MAX_CANDIDATES = 64

@@ -58,15 +58,20 @@ def _intensities(case: CaseFiles, adc_scale: float) -> dict[str, np.ndarray]:
     return out
 
 
-def site_fingerprint(config: SiteConfig, *, intensities: bool = True) -> Fingerprint:
-    """The exact fingerprint of every case of a checked site (``intensities``
-    False: the geometry alone, from the headers)."""
-    cases = list_cases(
+def _site_cases(config: SiteConfig) -> list[CaseFiles]:
+    """Every case of the site, with or without an outcome."""
+    return list_cases(
         config.dataset_dir,
         require_outcome=False,
         clinical=config.role != "public",
         image_roots=config.image_roots,
     )
+
+
+def site_fingerprint(config: SiteConfig, *, intensities: bool = True) -> Fingerprint:
+    """The exact fingerprint of every case of a checked site (``intensities``
+    False: the geometry alone, from the headers)."""
+    cases = _site_cases(config)
     if not cases:
         raise DataError(f"{config.dataset_dir}: no case to fingerprint")
     spacings, sizes = [], []
@@ -127,12 +132,7 @@ def check_plan_usable(config: SiteConfig, plan: Plan) -> None:
     """Refuse a plan under which the site's data would be unusable
     (:class:`PlanRefused` says why: too coarse a spacing, images too small on
     its grid, or one too large to hold in memory)."""
-    cases = list_cases(
-        config.dataset_dir,
-        require_outcome=False,
-        clinical=config.role != "public",
-        image_roots=config.image_roots,
-    )
+    cases = _site_cases(config)
     if not cases:
         return
     geometry = [_ras_geometry(nib.load(str(c.t2))) for c in cases]  # type: ignore[arg-type]

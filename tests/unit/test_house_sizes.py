@@ -5,31 +5,18 @@ with its reason; none is today)."""
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = (
-    "shared_model",
-    "wire",
-    "client",
-    "server",
-    "multisite",
-    "simulations",
-    "cli",
-)
+from tests.unit.house import ROOT, sources
+
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
 TABLES_OF_CHECKS: dict[str, str] = {}  # "path:function" -> why it may stay long
 
 
-def _sources() -> list[Path]:
-    return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
-
-
 def test_no_file_over_400_lines() -> None:
     long = {
         str(p.relative_to(ROOT)): n
-        for p in _sources()
+        for p in sources()
         if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
     }
     assert not long, long
@@ -37,7 +24,7 @@ def test_no_file_over_400_lines() -> None:
 
 def test_no_function_over_80_lines() -> None:
     long = {}
-    for path in _sources():
+    for path in sources():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 name = f"{path.relative_to(ROOT)}:{node.name}"

@@ -8,16 +8,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = (
-    "shared_model",
-    "wire",
-    "client",
-    "server",
-    "multisite",
-    "simulations",
-    "cli",
-)
+from tests.unit.house import PACKAGES, ROOT
+
 # client/'s rooms, lowest first: a room imports only rooms before it (and itself)
 CLIENT_ROOMS = ("problem", "data", "privacy", "checks", "training", "scoring", "node")
 
