@@ -60,18 +60,21 @@ def pack(
     layout: Layout,
     delta: Mapping[str, Mapping[str, np.ndarray]],
     counts: Mapping[str, int],
+    weights: Mapping[str, float] | None = None,
 ) -> np.ndarray:
-    """One site's vector: per group the count-weighted update, the count and
-    the 0/1 of having trained it (``delta``: group -> name -> update)."""
+    """One site's vector: per group the weighted update, the count and the 0/1
+    of having trained it (``delta``: group -> name -> update). The weight is
+    the count unless ``weights`` says otherwise (1 for an unweighted mean)."""
     parts = []
     for group, arrays in layout.groups:
         n = int(counts.get(group, 0))
+        w = float(n if weights is None else weights.get(group, 0.0))
         for name, shape in arrays:
             if n > 0:
                 value = np.asarray(delta[group][name], dtype=np.float64)
                 if value.shape != shape:
                     raise ValueError(f"`{name}` has shape {value.shape}, not {shape}")
-                parts.append(n * value.ravel())
+                parts.append(w * value.ravel())
             else:
                 parts.append(np.zeros(int(np.prod(shape))))
         parts.append(np.array([float(n), 1.0 if n > 0 else 0.0]))
@@ -122,3 +125,21 @@ def secure_group_means(
             mean = w / s.patients
             out[name] = (current[name] + mean).astype(current[name].dtype)
     return out, trained
+
+
+NOISE_SPAN = 6.0
+"""Distributed DP: the quantization range covers an update coordinate plus this
+many standard deviations of the site's noise share (a coordinate beyond it is
+clipped to the range, about 2 in a billion)."""
+
+
+def quantization_range(
+    clip: float, max_patients: int, noise_multiplier: float
+) -> float:
+    """The range ``[-r, r]`` a site's packed vector is quantized over: weights
+    up to ``max_patients`` times an update of L2 norm ``clip`` (plain), or an
+    unweighted update and its noise share (``noise_multiplier`` > 0); counts
+    up to ``max_patients`` either way."""
+    if noise_multiplier > 0:
+        return float(max(clip * (1.0 + NOISE_SPAN * noise_multiplier), max_patients))
+    return clip_range(clip, max_patients)

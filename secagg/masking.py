@@ -26,10 +26,13 @@ ChaCha20 from ``cryptography`` as the masks' generator. (Flower's own
 a 256-bit key to a stream cipher cannot be.)
 
 Vectors are quantized to integers in ``[0, 2^QUANT_BITS]`` over a clipping range
-``[-clip, clip]`` with Flower's stochastic rounding, and added modulo
+``[-clip, clip]`` with Flower's stochastic rounding, in two limbs (the coarse
+integer, then its rounding residual over one coarse step), and added modulo
 ``2^MOD_BITS``: up to ``2^(MOD_BITS - QUANT_BITS - 1)`` sites sum without
-wrapping. The error of the dequantized sum is at most ``n * 2 * clip /
-2^QUANT_BITS`` per coordinate (:func:`quantization_bound`).
+wrapping. The error of the dequantized sum is at most ``n * 4 * clip /
+2^(2 QUANT_BITS)`` per coordinate (:func:`quantization_bound`): a range fit for
+the worst case (a whole update on one coordinate, weighted by a thousand
+patients) still leaves the sum within 1e-6 of the plain one, relative.
 """
 
 from __future__ import annotations
@@ -63,7 +66,16 @@ stochastic rounding casts to int32, so at most 31)."""
 MOD_BITS = 62
 """Sums are taken modulo ``2^MOD_BITS`` in 64-bit integers."""
 MODULUS = 1 << MOD_BITS
+LIMBS = 2
+"""Each coordinate travels as two quantized integers, the second the first's
+rounding residual, so the sum's error is ``2^-QUANT_BITS`` of one coarse step."""
 SEED_BYTES = 32
+
+
+def majority(n_sites: int) -> int:
+    """The smallest threshold a site accepts for ``n_sites``: a majority, at
+    least 2 (below a majority, two disjoint groups of sites could each unmask)."""
+    return max(2, n_sites // 2 + 1)
 
 
 class SecAggError(ValueError):
@@ -201,10 +213,26 @@ def _pairwise(
     return total
 
 
-def quantize_vector(vector: np.ndarray, clip: float) -> np.ndarray:
-    """Flower's stochastic quantization of ``vector`` over ``[-clip, clip]``."""
-    q = quantize([np.asarray(vector, dtype=np.float64)], clip, 1 << QUANT_BITS)[0]
-    return q.astype(np.uint64)
+def quantize_vector(
+    vector: np.ndarray, clip: float, seed: Sequence[int] | None = None
+) -> np.ndarray:
+    """Flower's stochastic quantization of ``vector`` over ``[-clip, clip]``, in
+    two limbs (:data:`LIMBS`): the coarse integers, then the rounding residual's
+    over one coarse step; twice the length of ``vector``. It draws its
+    rounding from numpy's global generator: ``seed`` (the rounding is not
+    secret) makes it repeatable, and the generator's state is kept."""
+    saved = np.random.get_state()
+    if seed is not None:
+        np.random.seed(np.random.SeedSequence(list(seed)).generate_state(4))
+    try:
+        v = np.asarray(vector, dtype=np.float64)
+        levels, step = 1 << QUANT_BITS, 2.0 * clip / (1 << QUANT_BITS)
+        coarse = quantize([v], clip, levels)[0].astype(np.int64)
+        residual = v - (coarse * step - clip)
+        fine = quantize([residual], step, levels)[0].astype(np.int64)
+    finally:
+        np.random.set_state(saved)
+    return np.concatenate([coarse, fine]).astype(np.uint64)
 
 
 def masked_input(
@@ -214,11 +242,12 @@ def masked_input(
     mask_peers: Mapping[int, bytes],
     vector: np.ndarray,
     clip: float,
+    rounding_seed: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Stage 3 at site ``me``: its quantized vector plus its self mask and the
     pairwise masks with every peer in ``mask_peers`` (peer -> public mask key;
     the sites whose shares it received)."""
-    q = quantize_vector(vector, clip)
+    q = quantize_vector(vector, clip, rounding_seed)
     size = q.size
     out = (q + _stream(self_seed, size)) % np.uint64(MODULUS)
     return (out + _pairwise(me, keys.mask_private, mask_peers, size)) % np.uint64(
@@ -299,11 +328,22 @@ def _combine(
 
 
 def dequantize_sum(total: np.ndarray, clip: float, n_sites: int) -> np.ndarray:
-    """The float sum of ``n_sites`` quantized vectors from their integer sum."""
+    """The float sum of ``n_sites`` quantized vectors from their integer sum
+    (both limbs; half the length of ``total``)."""
+    d = total.size // LIMBS
     step = 2.0 * clip / (1 << QUANT_BITS)
-    return total.astype(np.float64) * step - n_sites * clip
+    fine = 2.0 * step / (1 << QUANT_BITS)
+    coarse_sum = total[:d].astype(np.float64) * step - n_sites * clip
+    return coarse_sum + (total[d:].astype(np.float64) * fine - n_sites * step)
 
 
 def quantization_bound(clip: float, n_sites: int) -> float:
-    """Largest error per coordinate of the dequantized sum."""
-    return n_sites * 2.0 * clip / (1 << QUANT_BITS)
+    """Largest error per coordinate of the dequantized sum (for coordinates
+    within ``[-clip, clip]``): one fine step per site, plus float64 rounding."""
+    step = 2.0 * clip / (1 << QUANT_BITS)
+    return n_sites * 2.0 * step / (1 << QUANT_BITS) + 1e-15 * n_sites * clip
+
+
+def masked_size(size: int) -> int:
+    """The length of a masked vector for a packed vector of ``size``."""
+    return LIMBS * size

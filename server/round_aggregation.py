@@ -77,7 +77,20 @@ def aggregate_updates(
         )
     outcome.bounds = {"aggregation": fed.aggregation, **report.to_record()}
     _log_scaled(server_round, report)
-    if parts.server_optimizer != "adam":
+    return server_step(fed, groups, state, current, mean, outcome)
+
+
+def server_step(
+    fed: FederationConfig,
+    groups: Mapping[str, list[str]],
+    state: StrategyState,
+    current: dict[str, np.ndarray],
+    mean: dict[str, np.ndarray],
+    outcome: RoundOutcome,
+) -> dict[str, np.ndarray]:
+    """Step 3: the aggregate is the new model, or FedAdam moves the groups
+    ``outcome`` says were updated."""
+    if fed.strategy_parts.server_optimizer != "adam":
         return mean
     moved = [n for g, res in outcome.groups.items() if res.updated for n in groups[g]]
     return fedadam_step(

@@ -28,6 +28,7 @@ class RoundOutcome:
     bounds: dict[str, Any] | None = None
     updated: bool = False
     flags: dict[str, list[str]] = field(default_factory=dict)
+    secure: dict[str, Any] | None = None  # a secure round's waves and choices
 
 
 def round_entry(
@@ -60,6 +61,8 @@ def round_entry(
         entry["bounds"] = outcome.bounds
     if outcome.flags:
         entry["flags"] = outcome.flags
+    if outcome.secure is not None:
+        entry["secure_aggregation"] = outcome.secure
     return entry
 
 

@@ -18,6 +18,7 @@ from server.identity import (
     round_identities,
 )
 from server.round_entry import learn_sites
+from server.run_folder import RunFolder, StrategyState, expert_support
 from shared_model.messages import RoundRequest
 from shared_model.model_config import ModelConfig
 from shared_model.plan import Plan
@@ -86,3 +87,29 @@ def opening_record(
     if roster is not None:
         record["roster"] = dict(roster)
     return record
+
+
+def save_round(
+    folder: RunFolder,
+    rnd: int,
+    arrays: dict[str, np.ndarray],
+    state: StrategyState,
+    start: RunStart,
+    record: dict[str, Any],
+) -> None:
+    """Round ``rnd``'s checkpoint: weights, the strategy's state (a snapshot),
+    the run record (with the declared counts and expert support), latest model."""
+    record["declared_counts"] = state.declared
+    record["expert_support"] = expert_support(record["rounds"])
+    folder.save_round(
+        rnd,
+        arrays,
+        state,
+        record,
+        start.model_cfg,
+        start.plan,
+        extra_config={
+            "expert_support": record["expert_support"],
+            **({"backbone": start.backbone} if start.backbone else {}),
+        },
+    )

@@ -5,24 +5,22 @@ is ours: replies are untrusted input, checked one by one
 (:mod:`server.reply_checks`), and anything wrong with one (an error reply, a
 wrong dtype or shape, NaN/Inf, an unknown key or record, a partial DP
 account, a metric that is not a finite number, a count above what the site
-declared when it joined or outside its enrolment, a node that cannot be
-attributed to a site, or any exception while reading it) excludes that site
-for the round with a reason; the round goes on. A site is named by its node
+declared or outside its enrolment, a node that cannot be attributed to a
+site, or any exception while reading it) excludes that site for the round
+with a reason; the round goes on. A site is named by its node
 (:mod:`server.identity`), never by its own claim or its Flower node id.
 
-The ``strategy`` run-config key names three separate things
+The ``strategy`` run-config key names three parts
 (:class:`shared_model.federation_config.StrategyParts`): the sites' proximal
-term (FedProx, applied at the site), the server optimiser, and the
-aggregation rule. Here a round's valid replies are bounded
-(:mod:`shared_model.robust`: each update scaled to the round's bound, then
-clipped to ``client-dp-clip`` by :func:`shared_model.robust.clip_update`),
-sorted by site name and folded by group under the aggregation rule
-(:data:`shared_model.robust.AGGREGATION_RULES`, with the ``max-site-share``
-cap), or, under client-level DP, by the noised mean of the clipped updates
-(:func:`shared_model.aggregation.central_dp_mean`); the server optimiser
-(FedAdam) then moves the trained groups. Replies are read through
-:mod:`wire.records`; :meth:`GroupedStrategy.aggregate_replies` takes typed
-replies, which is what a loop without Flower's runtime calls.
+term, the server optimiser, and the aggregation rule. A round's valid replies
+are bounded (:mod:`shared_model.robust`), sorted by site name and folded by
+group under the aggregation rule (:data:`shared_model.robust.AGGREGATION_RULES`,
+with the ``max-site-share`` cap), or, under client-level DP, by the noised mean
+of the clipped updates; FedAdam then moves the trained groups. With
+``secure-aggregation`` a training round is the four waves of
+:mod:`server.secure_round` and the coordinator sees only sums
+(:mod:`server.secure_aggregation`). :meth:`GroupedStrategy.aggregate_replies`
+takes typed replies, which is what a loop without Flower's runtime calls.
 
 :meth:`GroupedStrategy.run` is the round loop: it resumes from the run
 folder's last complete round (:class:`server.run_folder.StrategyState`: the
@@ -58,8 +56,10 @@ from server.reply_checks import (
 from server.roster import Roster
 from server.round_aggregation import aggregate_updates, client_dp_epsilon
 from server.round_entry import RoundOutcome, round_entry, round_line
-from server.round_loop import RunStart, SiteTracker
+from server.round_loop import RunStart, SiteTracker, save_round
 from server.run_folder import RunFolder, StrategyState, expert_support
+from server.secure_aggregation import secure_train_round
+from server.secure_round import SecureContext
 from shared_model.federation_config import FederationConfig
 from shared_model.messages import SiteTrainReply
 from shared_model.policy import supported_regimens
@@ -164,7 +164,7 @@ class GroupedStrategy(FedAvg):
                 )
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             record["rounds"].append(entry)
-            self._save(rnd, arrays, start, folder, record)
+            save_round(folder, rnd, arrays, self.snapshot(), start, record)
             log.info(round_line(rnd, self.fed.total_rounds, stage, outcome, entry))
         return arrays
 
@@ -194,30 +194,6 @@ class GroupedStrategy(FedAvg):
         log.info("resuming %s after round %d", folder.path, resumed.round)
         return resumed.arrays
 
-    def _save(
-        self,
-        rnd: int,
-        arrays: dict[str, np.ndarray],
-        start: RunStart,
-        folder: RunFolder,
-        record: dict[str, Any],
-    ) -> None:
-        """Round ``rnd``'s checkpoint: weights, state, record, latest model."""
-        record["declared_counts"] = self._state.declared
-        record["expert_support"] = expert_support(record["rounds"])
-        folder.save_round(
-            rnd,
-            arrays,
-            self.snapshot(),
-            record,
-            start.model_cfg,
-            start.plan,
-            extra_config={
-                "expert_support": record["expert_support"],
-                **({"backbone": start.backbone} if start.backbone else {}),
-            },
-        )
-
     def train_round(
         self,
         grid: Grid,
@@ -232,9 +208,21 @@ class GroupedStrategy(FedAvg):
         messages = list(
             self.configure_train(rnd, arrays_to_record(arrays), config, grid)
         )
-        replies = list(grid.send_and_receive(messages, timeout=self.fed.round_timeout))
-        identities = sites()
-        missing = sites.missing(messages, replies, identities)
+        if self.fed.secure_aggregation:
+            identities = sites()
+            ctx = SecureContext(
+                grid, self.fed, rnd, identities, self.roster, RoundOutcome(arrays)
+            )
+            outcome, missing = secure_train_round(
+                self.fed, self._groups, self._state, ctx, arrays, messages
+            )
+        else:
+            replies = list(
+                grid.send_and_receive(messages, timeout=self.fed.round_timeout)
+            )
+            identities = sites()
+            missing = sites.missing(messages, replies, identities)
+            outcome = self.aggregate_round(rnd, replies, arrays, identities)
         if missing:
             log.warning(
                 "round %d: no reply within %.0f s from %s",
@@ -242,7 +230,6 @@ class GroupedStrategy(FedAvg):
                 self.fed.round_timeout,
                 ", ".join(missing),
             )
-        outcome = self.aggregate_round(rnd, replies, arrays, identities)
         bytes_down = int(sum(a.nbytes for a in arrays.values()))
         for site in outcome.sites.values():
             site["bytes_down"] = bytes_down

@@ -24,3 +24,8 @@ class DataError(MoeflError, ValueError):
 class PlanRefused(ConfigError):
     """A site refuses the federation's plan: under it, its data would be
     unusable (names the axis, the plan's value and the site's)."""
+
+
+class SecureAggregationRequired(ConfigError):
+    """A site whose YAML sets ``secure_aggregation: required`` refuses a
+    training round that is not securely aggregated."""

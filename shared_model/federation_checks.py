@@ -36,6 +36,7 @@ def check_config(cfg: Any) -> None:
         _scoring,
         _heads,
         _robustness,
+        _secure_aggregation,
         _posterior_and_advice,
     ):
         for ok, key, expected in table(cfg):
@@ -215,6 +216,38 @@ def _robustness(cfg: Any) -> list[Check]:
             "0 (off) or a multiple from 1 to 1000000",
         ),
         (0 < cfg.max_site_share <= 1, "max-site-share", "in (0, 1]"),
+    ]
+
+
+def _secure_aggregation(cfg: Any) -> list[Check]:
+    """Secure aggregation: the sites clip, and the coordinator can only sum."""
+    on = cfg.secure_aggregation
+    return [
+        (
+            not on or cfg.client_dp_clip > 0,
+            "client-dp-clip",
+            "> 0 with secure-aggregation (each site clips its update to it)",
+        ),
+        (
+            not on or cfg.aggregation == "mean",
+            "aggregation",
+            "mean with secure-aggregation (the coordinator sees only sums)",
+        ),
+        (
+            cfg.secagg_threshold == 0 or 2 <= cfg.secagg_threshold <= 10_000,
+            "secagg-threshold",
+            "0 (a majority of the round's sites) or 2..10000",
+        ),
+        (
+            1 <= cfg.secagg_max_patients <= 1_000_000,
+            "secagg-max-patients",
+            "1..1000000",
+        ),
+        (
+            2 <= cfg.secagg_min_group_sites <= 10_000,
+            "secagg-min-group-sites",
+            "2..10000",
+        ),
     ]
 
 

@@ -106,6 +106,16 @@ keys and out-of-range values are errors that name the key.
   switching) with the best doubly robust value on the federated validation split |
 | guideline-regimen | TNT | switch: the reference unless another regimen is better with
   confidence on the validation split |
+| secure-aggregation | false | training rounds by secure aggregation
+  (:mod:`server.secure_round`): the coordinator learns only each group's sums; needs
+  `client-dp-clip` (each site clips its own update); with `client-dp-noise-multiplier`
+  the noise is added by the sites (distributed DP) |
+| secagg-threshold | 0 | secure aggregation: the sites whose shares unmask a round; 0 is a
+  majority of the round's sites (at least 2) |
+| secagg-max-patients | 1000 | secure aggregation: the largest weight a site's update
+  carries (its patients, capped here), which sets the quantization range |
+| secagg-min-group-sites | 2 | secure aggregation: a group trained by fewer sites is a small
+  group; each of its sites applies its YAML's `secure_aggregation.small_groups` |
 """
 
 from __future__ import annotations
@@ -229,6 +239,10 @@ class FederationConfig:
     advice_rule: str = "switch"
     gain_threshold: str = "choose"
     guideline_regimen: str = GUIDELINE
+    secure_aggregation: bool = False
+    secagg_threshold: int = 0
+    secagg_max_patients: int = 1000
+    secagg_min_group_sites: int = 2
 
     @property
     def fits_posterior(self) -> bool:

@@ -61,6 +61,56 @@ def read_request(msg: Message) -> tuple[RoundRequest, dict[str, np.ndarray]]:
     return request, record_to_arrays(content.array_records[ARRAYS])
 
 
+def read_request_config(msg: Message) -> RoundRequest:
+    """A site reads the round's request from a message without weights."""
+    if CONFIG not in msg.content.config_records:
+        raise ConfigError("the message lacks the round's config")
+    return RoundRequest.from_values(dict(msg.content.config_records[CONFIG]))
+
+
+def masked_reply_content(reply: SiteTrainReply, records: dict[str, Any]) -> RecordDict:
+    """A securely aggregated training reply: ``records`` (the masked vector and
+    the small-group releases), the site's name, its DP accounting and its
+    seconds; no counts, steps or losses (they would describe its data)."""
+    info: dict[str, Any] = {SITE: reply.site}
+    if reply.declined is not None:
+        info[DECLINED] = reply.declined
+    meta = TrainReply(
+        counts={}, seconds=reply.reply.seconds, privacy=reply.reply.privacy
+    )
+    return RecordDict(
+        {
+            **records,
+            METRICS: MetricRecord(meta.to_values()),
+            INFO: ConfigRecord(info),
+        }
+    )
+
+
+def read_masked_reply_meta(msg: Message) -> SiteTrainReply:
+    """The server reads a masked reply's name, accounting and seconds (the
+    caller reads its masked records); ValueError says what is wrong."""
+    if msg.has_error():
+        raise ValueError(f"site reported an error: {error_text(msg)}")
+    site = claimed_site(msg)
+    if site is None:
+        raise ValueError(f"the reply names no valid site (`{INFO}` record, `{SITE}`)")
+    info = msg.content.config_records[INFO]
+    extra = sorted(set(info.keys()) - {SITE, DECLINED})
+    if extra:
+        raise ValueError(f"unexpected key `{extra[0][:40]}` in the `{INFO}` record")
+    if METRICS not in msg.content.metric_records:
+        raise ValueError("the reply lacks its metrics")
+    reply = TrainReply.from_values(dict(msg.content.metric_records[METRICS]))
+    if any(reply.counts.values()) or reply.steps is not None or reply.losses:
+        raise ValueError("a masked reply carries counts, steps or losses")
+    declined = info.get(DECLINED)
+    if declined is not None and not isinstance(declined, str):
+        raise ValueError(f"`{DECLINED}` is not a text")
+    reason = None if declined is None else _printable(declined, MAX_DECLINE_REASON)
+    return SiteTrainReply(site, reply, declined=reason)
+
+
 def train_reply_content(reply: SiteTrainReply) -> RecordDict:
     """A site's training reply as the content of a Flower message."""
     info: dict[str, Any] = {SITE: reply.site}

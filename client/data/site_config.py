@@ -21,6 +21,8 @@ Schema (documented for sites in ``site_configs/README.md``)::
       public_backbones: []         # SHA-256 of the backbones the site accepts
                                    # (empty: the one the federation declares)
       release_evaluation: false    # send validation counts (not DP) to the server
+    secure_aggregation: required   # optional; refuse rounds not securely aggregated
+                                   # (client/data/secure_config.py: small groups)
     approved_apps:                 # optional; the apps this site runs under app
       - "<64 hex: moefl app-hash>" # pinning (client/node/app_pinning.py), by SHA-256
 
@@ -37,6 +39,10 @@ from typing import Any
 import yaml
 
 from client.data.privacy_config import PrivacyConfig, parse_privacy
+from client.data.secure_config import (
+    SecureAggregationConfig,
+    parse_secure_aggregation,
+)
 from client.data.site_access import parse_approved_apps as parse_approved_apps
 from client.data.site_access import parse_image_roots as parse_image_roots
 from client.problem import Problem, yaml_number, yaml_problem
@@ -62,6 +68,7 @@ OPTIONAL_KEYS = (
     "privacy",
     "approved_apps",
     "image_roots",
+    "secure_aggregation",
 )
 
 
@@ -83,6 +90,7 @@ class SiteConfig:
     privacy: PrivacyConfig | None
     approved_apps: tuple[str, ...] = ()
     image_roots: tuple[Path, ...] = ()  # folders images may resolve into
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
     @property
     def adc_scale(self) -> float:
@@ -113,6 +121,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
         privacy = parse_privacy(raw["privacy"], problems)
     approved_apps = parse_approved_apps(raw.get("approved_apps"), problems)
     image_roots = parse_image_roots(raw.get("image_roots"), base, problems)
+    secure = parse_secure_aggregation(raw.get("secure_aggregation"), problems)
 
     if problems or dataset_dir is None:
         return None, problems
@@ -131,6 +140,7 @@ def parse_site_yaml(path: Path) -> tuple[SiteConfig | None, list[Problem]]:
         privacy=privacy,
         approved_apps=approved_apps,
         image_roots=image_roots,
+        secure_aggregation=secure,
     ), []
 
 

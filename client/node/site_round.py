@@ -51,7 +51,7 @@ from client.training.feature_cache import eval_view, load_or_build
 from client.training.heads import HeadConfig, train_heads, train_heads_private
 from shared_model.backbone import backbone_digest
 from shared_model.clinical import REGIMENS
-from shared_model.errors import ConfigError
+from shared_model.errors import ConfigError, SecureAggregationRequired
 from shared_model.federation_config import FederationConfig
 from shared_model.layout import FEATURE_CACHE
 from shared_model.loss import LossConfig
@@ -78,15 +78,24 @@ def train_round(
     request: RoundRequest,
     arrays: Mapping[str, np.ndarray],
     node_config: Mapping[str, Any],
+    *,
+    secure: bool = False,
 ) -> SiteTrainReply:
     """Local training on the site's split; upload only the groups it trained.
 
     What trains depends on the round's stage (:meth:`FederationConfig.stage_of`):
     everything (joint), the backbone on segmentation alone, or the pCR heads
-    over the site's cached tumour features.
+    over the site's cached tumour features. A site whose YAML sets
+    ``secure_aggregation: required`` refuses a round that is not ``secure``
+    (:class:`shared_model.errors.SecureAggregationRequired`), before training.
     """
     t0 = time.perf_counter()
     r = prepare_round(request, arrays, node_config)
+    if r.site.config.secure_aggregation.required and not secure:
+        raise SecureAggregationRequired(
+            f"{r.site.config.site_name}: the site's YAML sets `secure_aggregation: "
+            "required` and this round is not securely aggregated"
+        )
     stage = r.fed.stage_of(request.server_round)
     if r.site.config.privacy is not None and r.fed.training == "staged":
         check_public_backbone(r)
