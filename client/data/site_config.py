@@ -20,7 +20,11 @@ Schema (documented for sites in ``site_configs/README.md``)::
       secure_mode: false           # opacus noise robust to floating-point attacks
       public_backbones: []         # SHA-256 of the backbones the site accepts
                                    # (empty: the one the federation declares)
-      release_evaluation: false    # send validation counts (not DP) to the server
+      release_evaluation: false    # validation counts: false withholds them, dp
+                                   # sends them noised at evaluation_epsilon per
+                                   # round (charged to the budget), true sends
+                                   # them exactly (NOT DP)
+      # evaluation_epsilon: 1.0    # with release_evaluation: dp only
     approved_apps:                 # optional; the apps this site runs under app
       - "<64 hex: moefl app-hash>" # pinning (client/node/app_pinning.py), by SHA-256
 
