@@ -6,8 +6,9 @@ A site's contribution is :class:`SiteEvaluation`: score counts per regimen
 the policy sums (:class:`shared_model.policy.PolicySums`). :func:`combine`
 adds the sites up and computes the report; :func:`combine_by_cohort` does so
 for a validation cohort and the cohorts scored at its operating point
-(prospective, and the held-out test cohort); :func:`compare_models` gives
-paired McNemar tests. Scoring patients (torch, images) lives in :mod:`client.scoring.evaluation`.
+(prospective, and the held-out test cohort); paired McNemar tests are in
+:mod:`shared_model.model_comparison`. Scoring patients (torch, images) lives in
+:mod:`client.scoring.evaluation`.
 
 The report ``moefl evaluate`` writes is the folder's :data:`EVALUATION`, written
 by :func:`write_evaluation` and read (by the report and the benchmarks) with
@@ -29,7 +30,6 @@ from shared_model.federated_metrics import (
     ScoreCounts,
     auc_from_histograms,
     binary_report,
-    mcnemar,
     net_benefit,
     threshold_for_sensitivity,
 )
@@ -306,53 +306,4 @@ def combine_by_cohort(
                 target_sensitivity=target_sensitivity,
                 choose_threshold=not val and cohort == "prospective",
             )
-    return out
-
-
-def paired_counts(
-    a: SiteEvaluation, b: SiteEvaluation, threshold_a: float, threshold_b: float
-) -> tuple[int, int]:
-    """At a site: patients only model A classifies right, and only model B."""
-    if a.local_scores is None or b.local_scores is None:
-        raise ValueError("paired counts need the site's local scores")
-    y = a.local_scores[:, 1]
-    right_a = (a.local_scores[:, 0] >= threshold_a) == (y == 1)
-    right_b = (b.local_scores[:, 0] >= threshold_b) == (y == 1)
-    return int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
-
-
-def compare_models(
-    ours: list[SiteEvaluation],
-    theirs: list[SiteEvaluation],
-    report_ours: dict[str, Any],
-    report_theirs: dict[str, Any],
-) -> dict[str, Any]:
-    """Exact McNemar per cohort and operating point, from the sites' discordant
-    counts (each model at its own threshold: 0.5, and the one its validation
-    chose for the target sensitivity)."""
-    out: dict[str, Any] = {}
-    for cohort in COHORTS:
-        if cohort not in report_ours or cohort not in report_theirs:
-            continue
-        pairs = [
-            (a, b)
-            for a in ours
-            for b in theirs
-            if a.site == b.site and a.cohort == b.cohort == cohort
-        ]
-        th_a = report_ours[cohort]["thresholds"]
-        th_b = report_theirs[cohort]["thresholds"]
-        out[cohort] = {}
-        for name in th_a:
-            if name not in th_b:
-                continue
-            b_total = c_total = 0
-            for a, b in pairs:
-                n_b, n_c = paired_counts(a, b, th_a[name], th_b[name])
-                b_total, c_total = b_total + n_b, c_total + n_c
-            out[cohort][name] = {
-                "threshold": th_a[name],
-                "threshold_against": th_b[name],
-                **mcnemar(b_total, c_total),
-            }
     return out
