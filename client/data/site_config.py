@@ -300,10 +300,14 @@ def _parse_resources(
     return min_cases, device, num_workers
 
 
+DEFAULT_VAL_FRACTION = 0.2
+"""The validation share of a site's split when its YAML sets none."""
+
+
 def _parse_split(raw: dict[Any, Any], problems: list[Problem]) -> tuple[Any, Any]:
     """``val_fraction`` (strictly between 0 and 1) and ``split_seed``."""
     val_fraction = yaml_number(
-        raw.get("val_fraction", 0.2),
+        raw.get("val_fraction", DEFAULT_VAL_FRACTION),
         "val_fraction",
         problems,
         kind=float,
