@@ -21,6 +21,7 @@ from shared_model.clinical import REGIMENS
 from shared_model.errors import ConfigError, DataError
 from shared_model.layout import COHORT_RECORD, POTENTIAL_OUTCOMES
 from shared_model.model import UNetMoECli
+from shared_model.model_comparison import compare_models
 from shared_model.plan import Plan
 from shared_model.policy import (
     RecommendationRule,
@@ -30,7 +31,6 @@ from shared_model.site_evaluation import (
     COHORTS,
     SiteEvaluation,
     combine_by_cohort,
-    compare_models,
     write_evaluation,
 )
 

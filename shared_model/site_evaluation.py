@@ -6,8 +6,9 @@ A site's contribution is :class:`SiteEvaluation`: score counts per regimen
 the policy sums (:class:`shared_model.policy.PolicySums`). :func:`combine`
 adds the sites up and computes the report; :func:`combine_by_cohort` does so
 for a validation cohort and the cohorts scored at its operating point
-(prospective, and the held-out test cohort); :func:`compare_models` gives
-paired McNemar tests. Scoring patients (torch, images) lives in :mod:`client.scoring.evaluation`.
+(prospective, and the held-out test cohort); paired McNemar tests are in
+:mod:`shared_model.model_comparison`. Scoring patients (torch, images) lives in
+:mod:`client.scoring.evaluation`.
 
 The report ``moefl evaluate`` writes is the folder's :data:`EVALUATION`, written
 by :func:`write_evaluation` and read (by the report and the benchmarks) with
@@ -29,11 +30,21 @@ from shared_model.federated_metrics import (
     ScoreCounts,
     auc_from_histograms,
     binary_report,
-    mcnemar,
     net_benefit,
     threshold_for_sensitivity,
 )
 from shared_model.messages import SECONDS
+from shared_model.noised_counts import (
+    DICE_WEIGHT,
+    EPSILON,
+    NOISE_STD,
+    coarse_histogram,
+    counts_of_histograms,
+    read_noised,
+    usable,
+    widen_for_noise,
+    widened_auc,
+)
 from shared_model.policy import DIRECTIONS
 from shared_model.policy_value import OracleSums, PolicySums, policy_value
 from shared_model.reply_values import finite_number, whole_count
@@ -84,7 +95,7 @@ class SiteEvaluation:
     cohort: str  # one of COHORTS
     counts: dict[str, ScoreCounts]  # per regimen received
     dice_sum: float
-    dice_n: int
+    dice_n: float  # a whole count, unless DP-noised
     policy: PolicySums
     oracle: OracleSums | None = None  # simulation only, never serialised
     loss_sum: float = 0.0
@@ -96,9 +107,25 @@ class SiteEvaluation:
     local_scores: np.ndarray | None = None
     # the candidate rules' sums, when the federation is choosing its rule
     candidates: list[CandidateSums] | None = None
+    # a DP release (shared_model.noised_counts): the histograms' noise std and
+    # the epsilon the release spent; 0 and None for exact counts
+    noise_std: float = 0.0
+    epsilon: float | None = None
 
     def to_values(self) -> dict[str, Any]:
         """Flat values for a Flower MetricRecord (what the site sends)."""
+        if self.noise_std:
+            return {
+                "dice-sum": self.dice_sum,
+                "dice-n": self.dice_n,
+                NOISE_STD: self.noise_std,
+                EPSILON: self.epsilon,
+                **{
+                    f"{r}-{k}": getattr(c, k).tolist()
+                    for r, c in self.counts.items()
+                    for k in ("pos", "neg")
+                },
+            }
         out: dict[str, Any] = {
             "dice-sum": self.dice_sum,
             "dice-n": self.dice_n,
@@ -128,8 +155,35 @@ class SiteEvaluation:
             finite_number(values[SECONDS], SECONDS)
         return out
 
+    def noised(
+        self, std: float, epsilon: float, rng: np.random.Generator
+    ) -> SiteEvaluation:
+        """Site side: what a DP release sends (:mod:`shared_model.noised_counts`):
+        the histograms coarsened and noised at ``std``, the Dice sum and count
+        at ``std / DICE_WEIGHT``, nothing of :data:`NOT_RELEASED`."""
+        counts = {
+            r: counts_of_histograms(
+                coarse_histogram(c.pos, std, rng), coarse_histogram(c.neg, std, rng)
+            )
+            for r, c in self.counts.items()
+        }
+        dice = np.array([self.dice_sum, self.dice_n], np.float64)
+        dice += rng.normal(0.0, std / DICE_WEIGHT, 2)
+        return SiteEvaluation(
+            self.site, self.cohort, counts, float(dice[0]), float(dice[1]),
+            PolicySums(), noise_std=float(std), epsilon=float(epsilon),
+        )  # fmt: skip
+
     @classmethod
     def _read(cls, site: str, cohort: str, values: dict[str, Any]) -> SiteEvaluation:
+        if NOISE_STD in values:
+            return cls(
+                site, cohort, {r: read_noised(values, f"{r}-") for r in REGIMENS},
+                finite_number(values["dice-sum"], "dice-sum"),
+                finite_number(values["dice-n"], "dice-n"),
+                PolicySums(), noise_std=_positive(values[NOISE_STD], NOISE_STD),
+                epsilon=_positive(values[EPSILON], EPSILON),
+            )  # fmt: skip
         dice_n = whole_count(values["dice-n"], "dice-n")
         loss_n = whole_count(values["loss-n"], "loss-n")
         dice_sum = finite_number(values["dice-sum"], "dice-sum")
@@ -157,6 +211,13 @@ class SiteEvaluation:
         )
 
 
+def _positive(value: Any, key: str) -> float:
+    number = finite_number(value, key)
+    if not 0 < number <= 1e6:
+        raise ValueError(f"`{key}` is {number:g}; expected above 0")
+    return number
+
+
 def _candidates(values: dict[str, Any]) -> list[CandidateSums] | None:
     """The candidate rules' sums, ``cand-0-...`` onwards (consecutive)."""
     out: list[CandidateSums] = []
@@ -182,7 +243,9 @@ def combine(
         choose_threshold: False for a test cohort whose validation gave no
             threshold (choosing one on the test patients would flatter it).
     """
-    by_regimen, policy = _pooled_sums(sites)
+    released, policy = _pooled_sums(sites)
+    noised = [s for s in sites if s.noise_std]
+    by_regimen = {r: usable(c) for r, c in released.items()} if noised else released
     overall = sum(by_regimen.values(), ScoreCounts.empty())
     chosen_here = threshold_sensitivity is None and choose_threshold
     if chosen_here:
@@ -218,7 +281,11 @@ def combine(
         "policy_value": value,
         "sites": _site_reports(sites, thresholds),
     }
-    candidates = _candidate_values(sites)
+    if noised:
+        widen_for_noise(
+            out, released, {s.site: (s.noise_std, s.epsilon) for s in noised}
+        )
+    candidates = _candidate_values([s for s in sites if not s.noise_std])
     if candidates is not None:
         out["candidates"] = candidates
     with_dfs = [s.survival for s in sites if s.survival is not None]
@@ -248,15 +315,27 @@ def _pooled_sums(
 def _site_reports(
     sites: list[SiteEvaluation], thresholds: dict[str, float]
 ) -> dict[str, Any]:
-    """Each site's own metrics, Dice and policy value, by site name."""
-    return {
-        s.site: {
-            **binary_report(sum(s.counts.values(), ScoreCounts.empty()), thresholds),
-            "dice": s.dice_sum / s.dice_n if s.dice_n else None,
+    """Each site's own metrics, Dice and policy value, by site name (a DP
+    site's from its clamped counts, its AUC interval widened for its noise)."""
+    out = {}
+    for s in sorted(sites, key=lambda s: s.site):
+        counts = sum(s.counts.values(), ScoreCounts.empty())
+        out[s.site] = {
+            **binary_report(usable(counts) if s.noise_std else counts, thresholds),
+            "dice": _dice(s.dice_sum, s.dice_n, bool(s.noise_std)),
             "policy_value": policy_value(s.policy),
         }
-        for s in sorted(sites, key=lambda s: s.site)
-    }
+        if s.noise_std:
+            noise_var = len(s.counts) * s.noise_std**2
+            out[s.site]["auc"] = widened_auc(counts, noise_var)
+    return out
+
+
+def _dice(total: float, n: float, noised: bool) -> float | None:
+    """Mean Dice; clipped to [0, 1] when noised (None without labelled cases)."""
+    if not noised:
+        return total / n if n else None
+    return min(max(total / n, 0.0), 1.0) if n >= 1 else None
 
 
 def _candidate_values(sites: list[SiteEvaluation]) -> list[Any] | None:
@@ -306,53 +385,4 @@ def combine_by_cohort(
                 target_sensitivity=target_sensitivity,
                 choose_threshold=not val and cohort == "prospective",
             )
-    return out
-
-
-def paired_counts(
-    a: SiteEvaluation, b: SiteEvaluation, threshold_a: float, threshold_b: float
-) -> tuple[int, int]:
-    """At a site: patients only model A classifies right, and only model B."""
-    if a.local_scores is None or b.local_scores is None:
-        raise ValueError("paired counts need the site's local scores")
-    y = a.local_scores[:, 1]
-    right_a = (a.local_scores[:, 0] >= threshold_a) == (y == 1)
-    right_b = (b.local_scores[:, 0] >= threshold_b) == (y == 1)
-    return int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
-
-
-def compare_models(
-    ours: list[SiteEvaluation],
-    theirs: list[SiteEvaluation],
-    report_ours: dict[str, Any],
-    report_theirs: dict[str, Any],
-) -> dict[str, Any]:
-    """Exact McNemar per cohort and operating point, from the sites' discordant
-    counts (each model at its own threshold: 0.5, and the one its validation
-    chose for the target sensitivity)."""
-    out: dict[str, Any] = {}
-    for cohort in COHORTS:
-        if cohort not in report_ours or cohort not in report_theirs:
-            continue
-        pairs = [
-            (a, b)
-            for a in ours
-            for b in theirs
-            if a.site == b.site and a.cohort == b.cohort == cohort
-        ]
-        th_a = report_ours[cohort]["thresholds"]
-        th_b = report_theirs[cohort]["thresholds"]
-        out[cohort] = {}
-        for name in th_a:
-            if name not in th_b:
-                continue
-            b_total = c_total = 0
-            for a, b in pairs:
-                n_b, n_c = paired_counts(a, b, th_a[name], th_b[name])
-                b_total, c_total = b_total + n_b, c_total + n_c
-            out[cohort][name] = {
-                "threshold": th_a[name],
-                "threshold_against": th_b[name],
-                **mcnemar(b_total, c_total),
-            }
     return out

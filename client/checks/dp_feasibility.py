@@ -149,10 +149,17 @@ def describe_feasibility(f: Feasibility, config: SiteConfig) -> list[str]:
         )
     lines.append(
         "  not covered by DP: the patient counts per regimen sent with each round"
-        + (
-            "; validation counts (sent WITHOUT DP: privacy.release_evaluation is true)"
-            if privacy.release_evaluation
-            else "; validation counts are withheld (privacy.release_evaluation)"
-        )
+        + {
+            "exact": "; validation counts (sent WITHOUT DP: privacy.release_evaluation "
+            "is true)",
+            "withhold": "; validation counts are withheld (privacy.release_evaluation)",
+            "dp": "",
+        }[privacy.release_evaluation]
     )
+    if privacy.release_evaluation == "dp":
+        lines.append(
+            "  validation counts: released under DP at epsilon "
+            f"{privacy.evaluation_epsilon:g} per evaluation round, charged to the "
+            "budget (score histograms and Dice only)"
+        )
     return lines

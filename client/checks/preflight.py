@@ -294,13 +294,15 @@ def _check_dp(
                 "warning",
             )
         )  # fmt: skip
-    if config.privacy is not None and config.privacy.release_evaluation:
+    if config.privacy is not None and config.privacy.release_evaluation == "exact":
         report.add(
             Problem(
                 "privacy-evaluation-not-dp", where,
                 "privacy.release_evaluation is true: the validation counts this "
                 "site sends each evaluation round are NOT differentially private",
-                "set it to false to withhold them, unless the site accepts that",
+                "set it to false to withhold them, or to dp (with "
+                "`privacy.evaluation_epsilon`) to send them noised, unless the site "
+                "accepts that",
                 "warning",
             )
         )  # fmt: skip

@@ -14,7 +14,12 @@ PRIVACY_OPTIONAL_KEYS = (
     "public_backbones",
     "release_evaluation",
     "fingerprint_epsilon",
+    "evaluation_epsilon",
 )
+EVALUATION_RELEASES = ("withhold", "exact", "dp")
+"""What a DP site does with its validation counts: withholds them (YAML
+``release_evaluation: false``), sends them exactly, NOT under DP (``true``), or
+sends them through the Gaussian mechanism at ``evaluation_epsilon`` (``dp``)."""
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -27,9 +32,14 @@ class PrivacyConfig:
     max_grad_norm: float
     secure_mode: bool = False
     public_backbones: tuple[str, ...] = ()
-    release_evaluation: bool = False
+    release_evaluation: str = "withhold"
+    """One of :data:`EVALUATION_RELEASES`."""
     fingerprint_epsilon: float = 1.0
     """What the dataset fingerprint's release (federated planning) may spend."""
+    evaluation_epsilon: float | None = None
+    """What one DP release of the validation counts may spend (each evaluation
+    round is one release, charged to the same budget); set with
+    ``release_evaluation: dp`` only."""
 
 
 def parse_privacy(raw: Any, problems: list[Problem]) -> PrivacyConfig | None:
@@ -81,18 +91,19 @@ def parse_privacy(raw: Any, problems: list[Problem]) -> PrivacyConfig | None:
             low=0.01,
             high=10.0,
         )
-    for key in ("secure_mode", "release_evaluation"):
-        if key in raw:
-            if not isinstance(raw[key], bool):
-                problems.append(
-                    yaml_problem(
-                        f"privacy.{key}",
-                        f"`privacy.{key}` is {raw[key]!r}; expected true or false",
-                        f"set `privacy.{key}` to true or false",
-                    )
+    _parse_release(raw, values, problems)
+    if "secure_mode" in raw:
+        if not isinstance(raw["secure_mode"], bool):
+            problems.append(
+                yaml_problem(
+                    "privacy.secure_mode",
+                    f"`privacy.secure_mode` is {raw['secure_mode']!r}; expected true "
+                    "or false",
+                    "set `privacy.secure_mode` to true or false",
                 )
-            else:
-                values[key] = raw[key]
+            )
+        else:
+            values["secure_mode"] = raw["secure_mode"]
     if "public_backbones" in raw:
         hashes = raw["public_backbones"] or []
         if not isinstance(hashes, list) or not all(
@@ -111,3 +122,56 @@ def parse_privacy(raw: Any, problems: list[Problem]) -> PrivacyConfig | None:
     if len(problems) > n_before:
         return None
     return PrivacyConfig(**values)
+
+
+def _parse_release(
+    raw: dict[str, Any], values: dict[str, Any], problems: list[Problem]
+) -> None:
+    """``release_evaluation`` (true, false or dp) and ``evaluation_epsilon``,
+    which a DP release needs and nothing else takes."""
+    release = raw.get("release_evaluation", False)
+    if release is True or release is False or release == "dp":
+        values["release_evaluation"] = {True: "exact", False: "withhold"}.get(
+            release, "dp"
+        )
+    else:
+        problems.append(
+            yaml_problem(
+                "privacy.release_evaluation",
+                f"`privacy.release_evaluation` is {release!r}; expected true, false "
+                "or dp",
+                "false withholds the validation counts, dp sends them noised at "
+                "`privacy.evaluation_epsilon`, true sends them exactly (not DP)",
+            )
+        )
+        return
+    if "evaluation_epsilon" in raw:
+        if release != "dp":
+            problems.append(
+                yaml_problem(
+                    "privacy.evaluation_epsilon",
+                    "`privacy.evaluation_epsilon` is set but "
+                    f"`privacy.release_evaluation` is {release!r}",
+                    "set `privacy.release_evaluation: dp` or remove "
+                    "`privacy.evaluation_epsilon`",
+                )
+            )
+            return
+        values["evaluation_epsilon"] = yaml_number(
+            raw["evaluation_epsilon"],
+            "privacy.evaluation_epsilon",
+            problems,
+            kind=float,
+            low=0.01,
+            high=10.0,
+        )
+    elif release == "dp":
+        problems.append(
+            yaml_problem(
+                "privacy.evaluation_epsilon",
+                "`privacy.release_evaluation` is dp but "
+                "`privacy.evaluation_epsilon` is missing",
+                "give the epsilon one evaluation round's release may spend, e.g. "
+                "`evaluation_epsilon: 1.0` (each round spends it again)",
+            )
+        )

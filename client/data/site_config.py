@@ -20,7 +20,11 @@ Schema (documented for sites in ``site_configs/README.md``)::
       secure_mode: false           # opacus noise robust to floating-point attacks
       public_backbones: []         # SHA-256 of the backbones the site accepts
                                    # (empty: the one the federation declares)
-      release_evaluation: false    # send validation counts (not DP) to the server
+      release_evaluation: false    # validation counts: false withholds them, dp
+                                   # sends them noised at evaluation_epsilon per
+                                   # round (charged to the budget), true sends
+                                   # them exactly (NOT DP)
+      # evaluation_epsilon: 1.0    # with release_evaluation: dp only
     secure_aggregation: required   # optional; refuse rounds not securely aggregated
                                    # (client/data/secure_config.py: small groups)
     approved_apps:                 # optional; the apps this site runs under app
@@ -306,10 +310,14 @@ def _parse_resources(
     return min_cases, device, num_workers
 
 
+DEFAULT_VAL_FRACTION = 0.2
+"""The validation share of a site's split when its YAML sets none."""
+
+
 def _parse_split(raw: dict[Any, Any], problems: list[Problem]) -> tuple[Any, Any]:
     """``val_fraction`` (strictly between 0 and 1) and ``split_seed``."""
     val_fraction = yaml_number(
-        raw.get("val_fraction", 0.2),
+        raw.get("val_fraction", DEFAULT_VAL_FRACTION),
         "val_fraction",
         problems,
         kind=float,

@@ -16,7 +16,8 @@ over its feature cache (:func:`client.training.heads.train_heads_private`).
 :func:`evaluate_round` scores the validation split into counts and sums only
 (:class:`shared_model.site_evaluation.SiteEvaluation`), never per-patient
 scores; a DP site withholds them unless its YAML sets
-``privacy.release_evaluation`` (they are not DP).
+``privacy.release_evaluation`` (``dp``: noised and charged to its ledger;
+``true``: exact, not DP).
 
 :func:`fingerprint_round` answers the planning query with the site's dataset
 fingerprint (:mod:`client.checks.fingerprint`): aggregate counts, noised and charged
@@ -43,6 +44,7 @@ from client.checks.fingerprint import released_fingerprint
 from client.data.site_config import load_site_config
 from client.node.site_state import RoundSetup, prepare_round, site_yaml_for
 from client.privacy.dp_sgd import PrivateRound
+from client.privacy.evaluation_release import released_evaluation
 from client.privacy.rounds import RoundPlan, RoundShape, describe
 from client.privacy.site_privacy import SitePrivacy
 from client.scoring.evaluation import evaluate_dataset
@@ -323,13 +325,15 @@ def evaluate_round(
     request's candidate rules add their doubly robust sums.
 
     A site with a ``privacy`` section withholds them unless its YAML sets
-    ``privacy.release_evaluation``: the counts are not differentially private,
-    so sending them is the site's explicit choice.
+    ``privacy.release_evaluation``: ``dp`` sends them noised, charged to its
+    ledger first (:mod:`client.privacy.evaluation_release`; ConfigError when
+    the budget cannot pay); ``true`` sends them exactly, NOT differentially
+    private, the site's explicit choice.
     """
     t0 = time.perf_counter()
     r = prepare_round(request, arrays, node_config)
     site, privacy = r.site, r.site.config.privacy
-    if privacy is not None and not privacy.release_evaluation:
+    if privacy is not None and privacy.release_evaluation == "withhold":
         return site.config.site_name, WITHHELD
     allowed = REGIMENS if request.allowed_regimens is None else request.allowed_regimens
     try:
@@ -353,6 +357,14 @@ def evaluate_round(
         rule=rule,
         candidates=candidates,
     )
+    if privacy is not None and privacy.release_evaluation == "dp":
+        seed = None
+        if r.fed.dp_reproducible:
+            name = zlib.crc32(site.config.site_name.encode())
+            seed = [r.fed.seed, name, request.server_round]
+        dp = SitePrivacy.of(site.config, r.fed.dp_accountant)
+        assert dp is not None  # the site has a privacy section
+        result, _ = released_evaluation(result, dp, n_cases=len(site.val), seed=seed)
     return site.config.site_name, {
         **result.to_values(),
         SECONDS: time.perf_counter() - t0,

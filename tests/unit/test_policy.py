@@ -172,7 +172,8 @@ def test_combine_chooses_the_threshold_on_validation_and_applies_it_unchanged() 
 
 
 def test_paired_mcnemar_counts_from_the_sites() -> None:
-    from shared_model.site_evaluation import SiteEvaluation, compare_models
+    from shared_model.model_comparison import compare_models
+    from shared_model.site_evaluation import SiteEvaluation
 
     y = np.array([1, 1, 0, 0, 1, 0], float)
     a_scores = np.array([0.9, 0.2, 0.1, 0.7, 0.6, 0.3])  # right: T F T F T T
