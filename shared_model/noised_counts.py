@@ -35,6 +35,7 @@ from shared_model.federated_metrics import (
     auc_from_histograms,
     delong,
 )
+from shared_model.messages import PRIVACY_PREFIX
 from shared_model.reply_values import MAX_SITE_PATIENTS, finite_number
 
 DP_SCORE_BINS = 5
@@ -50,9 +51,9 @@ NOT_RELEASED = ("loss", "policy", "candidates", "survival")
 """What a DP release leaves out: the loss is unbounded per patient, the policy
 and candidate sums weigh patients by a propensity model fitted (without DP) on
 the site's training patients, and one patient sits in many at-risk counts."""
-NOISE_STD = "dp-noise-std"
+NOISE_STD = f"{PRIVACY_PREFIX}noise-std"
 """The key of the released values' noise standard deviation (histogram counts)."""
-EPSILON = "dp-epsilon"
+EPSILON = f"{PRIVACY_PREFIX}epsilon"
 """The key of the epsilon one release spends (the site's ``evaluation_epsilon``)."""
 AUC_DRAWS = 400
 """Noise re-draws behind a widened AUC interval."""
