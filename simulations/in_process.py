@@ -68,8 +68,9 @@ class InProcessGrid:
 def _round(msg: Message) -> int:
     for record in msg.content.config_records.values():
         for key in ("server-round", "round"):
-            if isinstance(record.get(key), int):
-                return int(record[key])
+            value = record.get(key)
+            if isinstance(value, int):
+                return value
     return 0
 
 
