@@ -212,7 +212,12 @@ class MaskedQuery:
         counts = v.get("contributors")
         if not isinstance(counts, list) or len(counts) != len(groups):
             raise ValueError("`contributors` does not match `groups`")
-        contributors = dict(zip(groups, _ints(counts, "contributors"), strict=True))
+        if not all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= MAX_SITES
+            for c in counts
+        ):
+            raise ValueError("`contributors` is not a list of site counts")
+        contributors = dict(zip(groups, counts, strict=True))
         return cls(
             _int(v, "round"),
             _int(v, "me"),

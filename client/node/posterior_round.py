@@ -9,7 +9,8 @@ backbone; plus the sums and sums of squares of those
 features (the pooled standardisation). Only sums leave the site, the same kind
 of aggregate its evaluation already sends; they are exact, not noised, so a
 site with a ``privacy`` section refuses the query (its heads train by DP-SGD
-rounds instead, and advice uses the margin rule).
+rounds instead, and advice uses the margin rule), and so does a site whose YAML
+sets ``secure_aggregation: required`` (the sums are not securely aggregated).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from client.node.site_state import RoundSetup, prepare_round
 from client.training.feature_cache import FeatureSet, eval_view, load_or_build
 from shared_model.clinical import REGIMENS
-from shared_model.errors import ConfigError
+from shared_model.errors import ConfigError, SecureAggregationRequired
 from shared_model.layout import FEATURE_CACHE
 from shared_model.messages import RoundRequest
 from shared_model.newton_messages import NewtonReply
@@ -42,6 +43,11 @@ def newton_round(
     """The site's sums at each candidate's coefficients ``beta`` ``(K, 4, P)``."""
     r = prepare_round(request, arrays, node_config)
     name = r.site.config.site_name
+    if r.site.config.secure_aggregation.required:
+        raise SecureAggregationRequired(
+            f"site {name} requires secure aggregation: the Newton fit's per-site "
+            "sums would leave in the clear (use head-fit rounds)"
+        )
     if r.site.config.privacy is not None:
         raise ConfigError(
             f"site {name} has a `privacy` section: it does not release exact "

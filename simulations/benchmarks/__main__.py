@@ -54,6 +54,7 @@ def commands(quick: bool, cohort: Path | None, out: Path) -> dict[str, list[str]
         ],
         "scale": ["scale", *q, *co, "--out", str(out / "scale")],
         "hostile": ["hostile", "--quick", "--out", str(out / "hostile")],
+        "secure": ["secure", *q, *co, "--out", str(out / "secure")],
         "model_step": ["model_step"],
     }
     return {

@@ -31,7 +31,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,14 @@ SITES = ("sah_sysu", "sysucc", "west_china")
 
 
 def _run_config(
-    cohort: Path, run_dir: Path, rounds: int, quick: bool
+    cohort: Path,
+    run_dir: Path,
+    rounds: int,
+    quick: bool,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
+        **(extra or {}),
         "num-server-rounds": rounds,
         "training": "joint",
         "local-steps": 2,
@@ -120,10 +125,11 @@ def run_deployed(
     pinned: bool,
     runs: int = 1,
     site_threads: int = 0,
+    extra: Mapping[str, Any] | None = None,
     echo: Echo = print,
 ) -> list[list[float]]:
     """``runs`` runs of one deployment on one copy of the sites; each run's
-    round seconds."""
+    round seconds. ``extra``: more run-config keys."""
     from client.node.app_approval import app_hash
     from server.deploy import make_site_key
     from simulations.local_deployment import ROOT, LocalDeployment
@@ -144,7 +150,7 @@ def run_deployed(
             dep.supernode(site, root / "keys" / f"{site}.key", site_yaml, pinned=pinned)
         for k in range(runs):
             run_dir = root / f"run{k}"
-            config = _flower_config(_run_config(cohort, run_dir, rounds, quick))
+            config = _flower_config(_run_config(cohort, run_dir, rounds, quick, extra))
             launcher = subprocess.run(
                 [str(Path(dep.env["PATH"].split(":")[0]) / "flwr"), "run", str(ROOT)]
                 + ["test", "--run-config", config, "--stream"],

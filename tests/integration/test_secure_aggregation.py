@@ -274,3 +274,17 @@ def test_a_small_group_released_with_dp_or_withheld(cohort: Path) -> None:
     assert noise.size > 40
     assert abs(np.std(noise) / CLIP - 1) < 0.3  # noise 1 x clip; 43 draws: se 11 %
     assert _max_diff(_round1(withheld_run), b, skip="nCT") < 1e-6
+
+
+def test_a_required_site_refuses_the_newton_fits_clear_sums(cohort: Path) -> None:
+    _set_site(cohort, "sysucc", secure_aggregation="required")
+    record, _, _ = _run(
+        cohort,
+        "staged",
+        training="staged",
+        **{"secure-aggregation": True, "min-sites": 2, "newton-rounds": 2},
+    )
+    assert record["status"] == "finished"
+    assert "sysucc" in record["rounds"][0]["sites"]  # its secure round
+    excluded = record["advice"]["fit"]["excluded"]
+    assert "sysucc" in excluded and "1005" in excluded["sysucc"]
