@@ -53,6 +53,7 @@ def secure_aggregate(
     z = fed.client_dp_noise_multiplier
     new = {k: np.array(v, copy=True) for k, v in current.items()}
     noise: dict[str, float] = {}
+    contributed: dict[str, int] = {}
     for group, names in groups.items():
         trained = [s for s in survivors if group in waves.keys[s].groups]
         need = 1 if group == SHARED else fed.min_sites_per_expert
@@ -61,7 +62,7 @@ def secure_aggregate(
         if announced.get(group, 0) >= fed.secagg_min_group_sites:
             mean, result = _summed(fed, group, sums[group], announced[group], waves)
             if mean is not None and z > 0:
-                k = sums[group].sites
+                k = contributed[group] = sums[group].sites
                 share = min(announced[group], waves.threshold)
                 noise[group] = z * fed.client_dp_clip * math.sqrt(k / share) / k
         else:
@@ -83,6 +84,7 @@ def secure_aggregate(
             "releases": state.client_dp_releases,
             **client_dp_epsilon(fed, state.client_dp_releases),
             "noise_std": noise,
+            "contributing_sites": contributed,
         }
     return server_step(fed, groups, state, current, new, outcome)
 

@@ -20,9 +20,8 @@ import numpy as np
 from client.checks.volume_checks import MAX_VOXELS
 from client.data.site_config import SiteConfig
 from client.data.site_data import CaseFiles, list_cases
-from client.privacy.site_privacy import SitePrivacy
-from shared_model.accounting import release_noise
-from shared_model.errors import ConfigError, DataError, PlanRefused
+from client.privacy.site_privacy import SitePrivacy, noise_for
+from shared_model.errors import DataError, PlanRefused
 from shared_model.fingerprint import PERCENTILES, SENSITIVITY_ROWS, Fingerprint
 from shared_model.messages import PrivacyAccount
 from shared_model.plan import Plan
@@ -93,12 +92,8 @@ def site_fingerprint(config: SiteConfig, *, intensities: bool = True) -> Fingerp
 
 
 def fingerprint_noise(epsilon: float, delta: float, accountant: str = "rdp") -> float:
-    """The smallest noise multiplier whose one Gaussian release costs at most
-    ``epsilon`` at ``delta``."""
-    noise = release_noise(epsilon, delta, accountant)
-    if noise is None:
-        raise ConfigError(f"privacy.fingerprint_epsilon {epsilon:g} is too small")
-    return noise
+    """The noise multiplier of one release at ``epsilon`` (``privacy.fingerprint_epsilon``)."""
+    return noise_for(epsilon, delta, accountant, "privacy.fingerprint_epsilon")
 
 
 def released_fingerprint(

@@ -15,8 +15,7 @@ import secrets
 
 import numpy as np
 
-from client.privacy.site_privacy import SitePrivacy
-from shared_model.accounting import release_noise
+from client.privacy.site_privacy import SitePrivacy, noise_for
 from shared_model.errors import ConfigError
 from shared_model.messages import PrivacyAccount
 from shared_model.noised_counts import RELEASE_SENSITIVITY
@@ -24,12 +23,8 @@ from shared_model.site_evaluation import SiteEvaluation
 
 
 def evaluation_noise(epsilon: float, delta: float, accountant: str = "rdp") -> float:
-    """The smallest noise multiplier whose one Gaussian release costs at most
-    ``epsilon`` at ``delta``."""
-    noise = release_noise(epsilon, delta, accountant)
-    if noise is None:
-        raise ConfigError(f"privacy.evaluation_epsilon {epsilon:g} is too small")
-    return noise
+    """The noise multiplier of one release at ``epsilon`` (``privacy.evaluation_epsilon``)."""
+    return noise_for(epsilon, delta, accountant, "privacy.evaluation_epsilon")
 
 
 def released_evaluation(

@@ -25,7 +25,7 @@ from client.data.site_config import SiteConfig
 from client.privacy.dp_sgd import PrivateRound, dp_generator
 from client.privacy.ledger import PrivacyLedger
 from client.privacy.rounds import DPRound, RoundPlan, RoundShape, describe, plan_round
-from shared_model.accounting import ACCOUNTANTS, epsilon_of
+from shared_model.accounting import ACCOUNTANTS, epsilon_of, release_noise
 from shared_model.errors import ConfigError
 from shared_model.messages import PrivacyAccount
 
@@ -139,3 +139,12 @@ class SitePrivacy:
     def describe(self, plan: RoundPlan) -> PrivacyAccount:
         """The round's accounting for the reply (epsilon cumulative, after it)."""
         return describe(plan, self.budget)
+
+
+def noise_for(epsilon: float, delta: float, accountant: str, key: str) -> float:
+    """The smallest noise multiplier whose one Gaussian release costs at most
+    ``epsilon`` at ``delta``; ConfigError naming the YAML ``key`` when none does."""
+    noise = release_noise(epsilon, delta, accountant)
+    if noise is None:
+        raise ConfigError(f"{key} {epsilon:g} is too small")
+    return noise

@@ -209,6 +209,7 @@ def test_distributed_dp_noise_matches_the_central_noise_it_replaces(
     dist, dist_run, _ = _run(cohort, "dist", **noise, **{"secure-aggregation": True})
     dp = dist["rounds"][0]["client_dp"]
     assert dp["distributed"] and dp["releases"] == 1
+    assert dp["contributing_sites"]["shared"] == 3
     assert dp["epsilon"] == central["rounds"][0]["client_dp"]["epsilon"]
     # shared group: 3 sites, threshold 2; each site adds (z C)^2 / 2, so the
     # sum's noise is 3/2 of the central (z C)^2; on the mean, both over 3
