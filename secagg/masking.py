@@ -28,11 +28,14 @@ a 256-bit key to a stream cipher cannot be.)
 Vectors are quantized to integers in ``[0, 2^QUANT_BITS]`` over a clipping range
 ``[-clip, clip]`` with Flower's stochastic rounding, in two limbs (the coarse
 integer, then its rounding residual over one coarse step), and added modulo
-``2^MOD_BITS``: up to ``2^(MOD_BITS - QUANT_BITS - 1)`` sites sum without
-wrapping. The error of the dequantized sum is at most ``n * 4 * clip /
-2^(2 QUANT_BITS)`` per coordinate (:func:`quantization_bound`): a range fit for
-the worst case (a whole update on one coordinate, weighted by a thousand
-patients) still leaves the sum within 1e-6 of the plain one, relative.
+``2^MOD_BITS`` (2^32: a coordinate's two limbs travel as two unsigned 32-bit
+integers, twice a float32's bytes): up to ``2^(MOD_BITS - QUANT_BITS) - 1``
+sites sum without wrapping. The error of the dequantized sum is at most ``n * 4
+* clip / 2^(2 QUANT_BITS)`` per coordinate plus float64's rounding
+(:func:`quantization_bound`): 48 bits, against float32's 24 bits of mantissa, so a
+range fit for the worst case (a whole update on one coordinate, weighted by a
+thousand patients) still leaves the sum within float32's resolution of the plain
+one.
 """
 
 from __future__ import annotations
@@ -60,11 +63,15 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-QUANT_BITS = 30
-"""Quantization levels ``2^QUANT_BITS`` over ``[-clip, clip]`` (Flower's
+QUANT_BITS = 24
+"""Quantization levels ``2^QUANT_BITS`` over ``[-clip, clip]`` per limb (Flower's
 stochastic rounding casts to int32, so at most 31)."""
-MOD_BITS = 62
-"""Sums are taken modulo ``2^MOD_BITS`` in 64-bit integers."""
+MOD_BITS = 32
+"""Sums are taken modulo ``2^MOD_BITS``: a masked coordinate travels as one
+unsigned 32-bit integer per limb, and up to ``2^(MOD_BITS - QUANT_BITS) - 1``
+(255) sites sum without wrapping."""
+WIRE_DTYPE = np.uint32
+"""The masked vector's type on the wire."""
 MODULUS = 1 << MOD_BITS
 LIMBS = 2
 """Each coordinate travels as two quantized integers, the second the first's
@@ -126,11 +133,12 @@ def _agree(private: bytes, public: bytes) -> bytes:
 
 
 def _stream(seed: bytes, size: int) -> np.ndarray:
-    """``size`` pseudo-random integers modulo ``MODULUS`` from a 32-byte seed."""
+    """``size`` pseudo-random integers modulo ``MODULUS`` (2^32) from a 32-byte
+    seed, as 64-bit integers for the arithmetic."""
     key = seed[:SEED_BYTES].ljust(SEED_BYTES, b"\0")
     cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-    raw = cipher.update(bytes(8 * size))
-    return np.frombuffer(raw, dtype=np.uint64).astype(np.uint64) % np.uint64(MODULUS)
+    raw = cipher.update(bytes(4 * size))
+    return np.frombuffer(raw, dtype=np.uint32).astype(np.uint64)
 
 
 def _pair_seed(private: bytes, public: bytes) -> bytes:
@@ -250,9 +258,10 @@ def masked_input(
     q = quantize_vector(vector, clip, rounding_seed)
     size = q.size
     out = (q + _stream(self_seed, size)) % np.uint64(MODULUS)
-    return (out + _pairwise(me, keys.mask_private, mask_peers, size)) % np.uint64(
+    out = (out + _pairwise(me, keys.mask_private, mask_peers, size)) % np.uint64(
         MODULUS
     )
+    return out.astype(WIRE_DTYPE)
 
 
 def reveal_shares(

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from secagg.masking import MODULUS, PublicKeys
+from secagg.masking import MODULUS, WIRE_DTYPE, PublicKeys
 
 SECAGG = "secagg"
 """The config record every secure-aggregation message carries."""
@@ -266,9 +266,9 @@ class MaskedReply:
         if list(masked) != [VECTOR]:
             raise ValueError("the masked record holds something besides its vector")
         vector = masked[VECTOR].numpy()
-        if vector.dtype != np.uint64 or vector.shape != (size,):
+        if vector.dtype != WIRE_DTYPE or vector.shape != (size,):
             raise ValueError(
-                f"the masked vector is not {size} unsigned 64-bit integers"
+                f"the masked vector is not {size} unsigned 32-bit integers"
             )
         if vector.size and int(vector.max()) >= MODULUS:
             raise ValueError("the masked vector holds values past the modulus")

@@ -105,12 +105,12 @@ def _masked(vector: np.ndarray, **config: Any) -> RecordDict:
 
 
 def test_a_masked_reply_is_read_strictly() -> None:
-    good = np.arange(8, dtype=np.uint64)
+    good = np.arange(8, dtype=np.uint32)
     assert MaskedReply.read(_masked(good), 8).vector.tolist() == list(range(8))
     for bad, why in (
         (good.astype(np.float64), "unsigned"),
         (good[:7], "unsigned"),
-        (np.full(8, MODULUS, dtype=np.uint64), "modulus"),
+        (np.full(8, MODULUS, dtype=np.uint64), "unsigned 32-bit"),
     ):
         with pytest.raises(ValueError, match=why):
             MaskedReply.read(_masked(bad), 8)
