@@ -207,11 +207,12 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     from simulations.synth import synthesize
 
-    parser = benchmark_parser(
-        __doc__, "secure", "tiny cohort, joint rounds, and deployed"
-    )
+    parser = benchmark_parser(__doc__, "secure", "tiny cohort, joint rounds")
     parser.add_argument(
         "--rounds", type=int, default=0, help="default: 4 quick, 8 full"
+    )
+    parser.add_argument(
+        "--deployed", action="store_true", help="with --quick: deployed too"
     )
     args = parser.parse_args(argv)
     rounds = args.rounds or (4 if args.quick else 8)
