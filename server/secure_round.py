@@ -270,12 +270,13 @@ def _masked_wave(
         )
         content = {**dict(train[s].content.items()), SECAGG: query.record()}
         asked.append(_message(content, waves.nodes[s], MASKED_TRAIN))
+    size = masked_size(layout.size)
     got = _ask(
         ctx,
         waves,
         "masked training",
         asked,
-        lambda m: (read_masked_reply_meta(m), MaskedReply.read(m.content, masked_size(layout.size))),
+        lambda m: (read_masked_reply_meta(m), MaskedReply.read(m.content, size)),
     )
     waves.meta = {s: v[0] for s, v in got.items()}
     waves.masked = {s: v[1] for s, v in got.items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,6 +29,7 @@ from shared_model.federated_metrics import ScoreCounts, auc_from_histograms
 from shared_model.noised_counts import RELEASE_SENSITIVITY, widened_auc
 from shared_model.policy_value import PolicySums
 from shared_model.site_evaluation import SiteEvaluation
+from simulations.benchmarks.common import machine, write_json
 from simulations.cohort import build_cohort
 from simulations.sites import PRESETS
 
@@ -98,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--scale", type=int, nargs="*", default=[1, 10, 25])
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    rows: list[dict[str, Any]] = []
     t0 = time.process_time()
     print(
         "stand-in model: each validation patient's true pCR probability under the "
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{label}: {n} patients over {len(sites)} sites")
         for eps in (0.5, 1.0, 2.0):
             r = released_errors(sites, eps, args.delta, args.draws)
+            rows.append({"scale": scale, "patients": n, "sites": len(sites), **r})
             w = r["first_release"]
             ci = (
                 "n/a"
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"one release's widened 95% CI {ci}"
             )
     print(f"\nCPU {time.process_time() - t0:.0f} s")
+    if args.json:
+        write_json(args.json, {"machine": machine(), "result": rows})
 
 
 if __name__ == "__main__":

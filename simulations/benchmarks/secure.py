@@ -4,8 +4,8 @@ in the local TLS deployment.
 A benchmark, not a test: it prints what it measured and writes JSON.
 
     python -m simulations.benchmarks.secure --quick     # tiny cohort, 1 minute
-    python -m simulations.benchmarks.secure --quick --deployed   # and deployed, 15 min
-    python -m simulations.benchmarks.secure             # demo cohort, ~25 min
+    python -m simulations.benchmarks.secure --quick --deployed   # and deployed, 12 min
+    python -m simulations.benchmarks.secure             # demo cohort, 18 min
 
 Three runs with the same settings on their own copies of one cohort: plain,
 secure aggregation (``secure-aggregation``), and secure aggregation with
