@@ -188,6 +188,9 @@ def gather(
     request), one per sampled node. :attr:`Waves.skipped` says why nothing was
     unmasked."""
     waves = Waves()
+    if not train:
+        waves.skipped = "no site was sampled: nothing was unmasked"
+        return waves
     config = {CONFIG: train[0].content.config_records[CONFIG]}
     named = [g for g, names in groups.items() if names]
     query = KeysQuery(ctx.rnd, tuple(named)).record()
