@@ -289,3 +289,20 @@ def test_a_required_site_refuses_the_newton_fits_clear_sums(cohort: Path) -> Non
     assert "sysucc" in record["rounds"][0]["sites"]  # its secure round
     excluded = record["advice"]["fit"]["excluded"]
     assert "sysucc" in excluded and "1005" in excluded["sysucc"]
+
+
+def test_head_rounds_are_securely_aggregated_too(cohort: Path) -> None:
+    record, _, grid = _run(
+        cohort,
+        "heads",
+        training="staged",
+        **{"secure-aggregation": True, "head-fit": "rounds", "head-rounds": 1},
+    )
+    stages = [(r["stage"], r["updated"]) for r in record["rounds"]]
+    assert stages == [("segmentation", True), ("heads", True)]
+    heads = record["rounds"][1]
+    assert heads["groups"]["expert/TNT"]["updated"]
+    assert heads["secure_aggregation"]["small_groups"] == {
+        NCT_SITE: {"expert/nCT": "withhold"}
+    }
+    assert grid.sent.count(MASKED_TRAIN) == 6 and "train" not in grid.sent
