@@ -69,24 +69,18 @@ def parse_secure_aggregation(
                     f"allowed: {', '.join(_KEYS)}",
                 )
             )
-    mode = raw.get("mode", "optional")
-    if mode not in MODES:
-        problems.append(
-            yaml_problem(
-                "secure_aggregation.mode",
-                f"`secure_aggregation.mode` is {mode!r}",
-                f"one of {', '.join(MODES)}",
+    for key, allowed in (("mode", MODES), ("small_groups", SMALL_GROUP_CHOICES)):
+        value = raw.get(key, allowed[0])
+        if value not in allowed:
+            problems.append(
+                yaml_problem(
+                    f"secure_aggregation.{key}",
+                    f"`secure_aggregation.{key}` is {value!r}",
+                    f"one of {', '.join(allowed)}",
+                )
             )
-        )
-    small = raw.get("small_groups", "withhold")
-    if small not in SMALL_GROUP_CHOICES:
-        problems.append(
-            yaml_problem(
-                "secure_aggregation.small_groups",
-                f"`secure_aggregation.small_groups` is {small!r}",
-                f"one of {', '.join(SMALL_GROUP_CHOICES)}",
-            )
-        )
+    mode = raw.get("mode", MODES[0])
+    small = raw.get("small_groups", SMALL_GROUP_CHOICES[0])
     noise = 1.0
     if "small_group_noise" in raw:
         noise = yaml_number(
