@@ -89,6 +89,15 @@ class GroupSum:
     patients: float
     sites: int
 
+    def mean(self, *, unweighted: bool = False) -> dict[str, np.ndarray] | None:
+        """The mean update: the weighted sum over the patients, or (
+        ``unweighted``: each site weighed 1) over the sites; None when no site
+        (or no patient) is in the sum."""
+        over = self.sites if unweighted else self.patients
+        if self.sites < 1 or over < 0.5:
+            return None
+        return {name: w / over for name, w in self.weighted.items()}
+
 
 def unpack(layout: Layout, total: np.ndarray) -> dict[str, GroupSum]:
     """The summed vector read back per group."""
@@ -119,11 +128,11 @@ def secure_group_means(
     trained = {}
     for group, s in sums.items():
         trained[group] = s.sites
-        if s.sites < min_sites or s.patients < 0.5:
+        mean = s.mean()
+        if s.sites < min_sites or mean is None:
             continue
-        for name, w in s.weighted.items():
-            mean = w / s.patients
-            out[name] = (current[name] + mean).astype(current[name].dtype)
+        for name, m in mean.items():
+            out[name] = (current[name] + m).astype(current[name].dtype)
     return out, trained
 
 

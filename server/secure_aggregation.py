@@ -95,12 +95,10 @@ def _summed(
     """The mean update of a summed group, or None (too few sites or patients)."""
     result = GroupResult(n=int(round(s.patients)))
     if fed.client_dp_noise_multiplier > 0:
-        if s.sites < min(announced, waves.threshold) or s.sites < 1:
+        if s.sites < min(announced, waves.threshold):
             return None, result  # too few noise shares arrived
-        return {n: w / s.sites for n, w in s.weighted.items()}, result
-    if s.sites < 1 or s.patients < 0.5:
-        return None, result
-    return {n: w / s.patients for n, w in s.weighted.items()}, result
+        return s.mean(unweighted=True), result
+    return s.mean(), result
 
 
 def _released(

@@ -181,7 +181,9 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     """Wave 1: the site's public keys and the groups it will train."""
     try:
         request = read_request_config(msg)
-        reply, state = keys_round(KeysQuery.read(msg.content), request, node(context))
+        reply, state = keys_round(
+            KeysQuery.read(msg.content), request, dict(context.node_config)
+        )
         _keep(context, state)
         return _named(msg, state, reply.record())
     except Exception as e:
@@ -208,7 +210,7 @@ def secagg_train(msg: Message, context: Context) -> Message:
         request, arrays = read_request(msg)
         query = MaskedQuery.read(msg.content)
         trained, masked, state = masked_round(
-            query, request, arrays, node(context), _state(context)
+            query, request, arrays, dict(context.node_config), _state(context)
         )
         _keep(context, state)
         return Message(masked_reply_content(trained, masked.records()), reply_to=msg)
@@ -225,7 +227,3 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
         return _named(msg, state, unmask_reply(revealed))
     except Exception as e:
         return error_reply(msg, e, "secure aggregation's unmasking")
-
-
-def node(context: Context) -> dict[str, Any]:
-    return dict(context.node_config)

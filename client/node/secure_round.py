@@ -29,6 +29,7 @@ import numpy as np
 from client.data.secure_config import SecureAggregationConfig
 from client.node.site_round import train_round
 from client.node.site_state import load_site
+from client.privacy.site_privacy import release_seed
 from secagg.grouped import Layout, pack, quantization_range
 from secagg.masking import (
     PublicKeys,
@@ -184,9 +185,7 @@ def _site_seed(fed: FederationConfig, site: str, rnd: int, kind: int) -> list[in
 
 def _noise_rng(fed: FederationConfig, site: str, rnd: int) -> np.random.Generator:
     """DP noise: OS entropy, unless ``dp-reproducible`` (simulation)."""
-    if fed.dp_reproducible:
-        return np.random.default_rng(_site_seed(fed, site, rnd, 2))
-    return np.random.default_rng()
+    return np.random.default_rng(release_seed(fed, site, rnd, 2))
 
 
 def _pack_update(

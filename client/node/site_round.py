@@ -46,7 +46,7 @@ from client.node.site_state import RoundSetup, prepare_round, site_yaml_for
 from client.privacy.dp_sgd import PrivateRound
 from client.privacy.evaluation_release import released_evaluation
 from client.privacy.rounds import RoundPlan, RoundShape, describe
-from client.privacy.site_privacy import SitePrivacy
+from client.privacy.site_privacy import SitePrivacy, release_seed
 from client.scoring.evaluation import evaluate_dataset
 from client.training.engine import TrainConfig, TrainResult, train_local
 from client.training.feature_cache import eval_view, load_or_build
@@ -358,10 +358,7 @@ def evaluate_round(
         candidates=candidates,
     )
     if privacy is not None and privacy.release_evaluation == "dp":
-        seed = None
-        if r.fed.dp_reproducible:
-            name = zlib.crc32(site.config.site_name.encode())
-            seed = [r.fed.seed, name, request.server_round]
+        seed = release_seed(r.fed, site.config.site_name, request.server_round)
         dp = SitePrivacy.of(site.config, r.fed.dp_accountant)
         assert dp is not None  # the site has a privacy section
         result, _ = released_evaluation(result, dp, n_cases=len(site.val), seed=seed)
@@ -378,10 +375,6 @@ def fingerprint_round(
     ``privacy`` section noised, and charged to its ledger first)."""
     fed = FederationConfig.from_run_config(dict(run_config))
     config = load_site_config(site_yaml_for(node_config, fed))
-    seed = (
-        [fed.seed, zlib.crc32(config.site_name.encode())]
-        if fed.dp_reproducible
-        else None
-    )
+    seed = release_seed(fed, config.site_name)
     fp, privacy = released_fingerprint(config, fed.dp_accountant, seed=seed)
     return FingerprintReply(config.site_name, fp.to_values(), privacy)

@@ -16,6 +16,7 @@ accountant's name in each ledger entry.
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from client.privacy.ledger import PrivacyLedger
 from client.privacy.rounds import DPRound, RoundPlan, RoundShape, describe, plan_round
 from shared_model.accounting import ACCOUNTANTS, epsilon_of, release_noise
 from shared_model.errors import ConfigError
+from shared_model.federation_config import FederationConfig
 from shared_model.messages import PrivacyAccount
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,15 @@ class SitePrivacy:
     def describe(self, plan: RoundPlan) -> PrivacyAccount:
         """The round's accounting for the reply (epsilon cumulative, after it)."""
         return describe(plan, self.budget)
+
+
+def release_seed(fed: FederationConfig, site: str, *more: int) -> list[int] | None:
+    """The seed of a site's noise for a release (``more``: the round, a kind):
+    from the run's seed and the site's name under ``dp-reproducible``
+    (simulation only), else None (the operating system's entropy)."""
+    if not fed.dp_reproducible:
+        return None
+    return [fed.seed, zlib.crc32(site.encode()), *more]
 
 
 def noise_for(epsilon: float, delta: float, accountant: str, key: str) -> float:
